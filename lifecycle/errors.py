@@ -1,0 +1,88 @@
+"""The errors DLM raises, one tree for all layers.
+
+DLMError                      anything DLM reports to a user (one clear line)
++-- UserInputError            bad input: nothing was changed
+|   +-- InvalidNameError      a name or path that escapes its root, NUL, control chars
+|   +-- InvalidFilterError    a malformed --where expression
+|   +-- InvalidMetadataError  bad --meta / --meta-json
+|   +-- InvalidValueError     a bad phase, lifetime, size, tier, kind...
++-- NotFoundError
+|   +-- ItemNotFoundError
+|   +-- StorageNotFoundError
+|   +-- DatasetNotFoundError
+|   +-- SourceNotFoundError   a file to ingest that does not exist
++-- ConflictError             a duplicate name, a state that forbids the action
++-- PolicyViolationError      the action would break the lifecycle invariant
++-- StorageError              a storage refused or failed an operation (permanent)
+|   +-- CredentialsError      missing or wrong credentials
++-- TransientError            what a retry may fix: timeouts, a storage briefly gone
+    +-- StorageUnavailableError
+"""
+
+
+class DLMError(Exception):
+    """Base of every error DLM reports; its message is one line for the user."""
+
+
+class UserInputError(DLMError):
+    pass
+
+
+class InvalidNameError(UserInputError):
+    pass
+
+
+class InvalidFilterError(UserInputError):
+    pass
+
+
+class InvalidMetadataError(UserInputError):
+    pass
+
+
+class InvalidValueError(UserInputError):
+    pass
+
+
+class NotFoundError(DLMError):
+    pass
+
+
+class ItemNotFoundError(NotFoundError):
+    pass
+
+
+class StorageNotFoundError(NotFoundError):
+    pass
+
+
+class DatasetNotFoundError(NotFoundError):
+    pass
+
+
+class SourceNotFoundError(NotFoundError):
+    pass
+
+
+class ConflictError(DLMError):
+    pass
+
+
+class PolicyViolationError(DLMError):
+    pass
+
+
+class StorageError(DLMError):
+    pass
+
+
+class CredentialsError(StorageError):
+    pass
+
+
+class TransientError(DLMError):
+    pass
+
+
+class StorageUnavailableError(TransientError):
+    pass

