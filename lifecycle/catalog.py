@@ -149,7 +149,8 @@ def get_storage(session: Session, name: str) -> Storage:
 
 def storage_public(session: Session, storage: Storage) -> StoragePublic:
     loc = session.get(Location, storage.location_id) if storage.location_id else None
-    return StoragePublic.model_validate({**storage.model_dump(), "location": loc.name if loc else None})
+    fields = {k: getattr(storage, k) for k in StoragePublic.model_fields if k != "location"}
+    return StoragePublic.model_validate({**fields, "location": loc.name if loc else None})
 
 
 def list_storages(session: Session) -> list[StoragePublic]:

@@ -196,6 +196,7 @@ class Replica(SQLModel, table=True):
         Index("ix_replica_storage_state", "storage_id", "state"),
         Index("ix_replica_state_expires", "state", "expires_at"),
         Index("ix_replica_verified", "verified_at"),
+        Index("ix_replica_storage_path", "storage_id", "path"),
         # At most one live copy of an item on a storage.
         Index(
             "uq_replica_live",

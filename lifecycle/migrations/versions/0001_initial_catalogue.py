@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-21 23:57:42.108318
+Create Date: 2026-11-22 00:05:20.839181
 """
 
 from alembic import op
@@ -113,6 +113,7 @@ def upgrade() -> None:
     )
     op.create_index('ix_replica_item', 'replica', ['item_oid'], unique=False)
     op.create_index('ix_replica_state_expires', 'replica', ['state', 'expires_at'], unique=False)
+    op.create_index('ix_replica_storage_path', 'replica', ['storage_id', 'path'], unique=False)
     op.create_index('ix_replica_storage_state', 'replica', ['storage_id', 'state'], unique=False)
     op.create_index('ix_replica_verified', 'replica', ['verified_at'], unique=False)
     op.create_index('uq_replica_live', 'replica', ['item_oid', 'storage_id'], unique=True, sqlite_where=sa.text("(state NOT IN ('DELETED', 'LOST'))"), postgresql_where=sa.text("(state NOT IN ('DELETED', 'LOST'))"))
@@ -151,6 +152,7 @@ def downgrade() -> None:
     op.drop_index('uq_replica_live', table_name='replica', sqlite_where=sa.text("(state NOT IN ('DELETED', 'LOST'))"), postgresql_where=sa.text("(state NOT IN ('DELETED', 'LOST'))"))
     op.drop_index('ix_replica_verified', table_name='replica')
     op.drop_index('ix_replica_storage_state', table_name='replica')
+    op.drop_index('ix_replica_storage_path', table_name='replica')
     op.drop_index('ix_replica_state_expires', table_name='replica')
     op.drop_index('ix_replica_item', table_name='replica')
     op.drop_table('replica')
