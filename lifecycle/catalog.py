@@ -86,7 +86,7 @@ def _normalise_root(data: StorageCreate) -> str:
 def _location_id(session: Session, name: str | None) -> uuid.UUID | None:
     if not name:
         return None
-    loc = session.exec(select(Location).where(Location.name == name)).scalars().first()
+    loc = session.execute(select(Location).where(col(Location.name) == name)).scalars().first()
     if loc is None:
         loc = Location(name=name)
         session.add(loc)
@@ -100,7 +100,7 @@ def add_storage(session: Session, data: StorageCreate, *, check: bool = True, ac
     Raises ConflictError (name taken), InvalidValueError (bad root or options),
     CredentialsError / StorageUnavailableError / StorageError (the check failed).
     """
-    if session.exec(select(Storage.id).where(Storage.name == data.name)).first() is not None:
+    if session.execute(select(col(Storage.id)).where(col(Storage.name) == data.name)).first() is not None:
         raise ConflictError(f"storage {data.name!r} already exists")
     kind = StorageKind(data.kind)
     if data.credentials_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", data.credentials_env):
@@ -140,9 +140,12 @@ def add_storage(session: Session, data: StorageCreate, *, check: bool = True, ac
 
 def get_storage(session: Session, name: str) -> Storage:
     """The storage of that name. Raises StorageNotFoundError."""
-    storage = session.exec(select(Storage).where(Storage.name == name)).scalars().first()
+    storage = session.scalars(select(Storage).where(col(Storage.name) == name)).first()
     if storage is None:
-        known = ", ".join(session.exec(select(Storage.name).order_by(Storage.name)).scalars()) or "none"
+        known = (
+            ", ".join(session.execute(select(col(Storage.name)).order_by(col(Storage.name))).scalars())
+            or "none"
+        )
         raise StorageNotFoundError(f"unknown storage {name!r} (known: {known})")
     return storage
 
@@ -154,13 +157,15 @@ def storage_public(session: Session, storage: Storage) -> StoragePublic:
 
 
 def list_storages(session: Session) -> list[StoragePublic]:
-    rows = session.exec(select(Storage).order_by(Storage.name)).scalars().all()
+    rows = session.scalars(select(Storage).order_by(col(Storage.name))).all()
     return [storage_public(session, s) for s in rows]
 
 
 def storage_replica_counts(session: Session, storage_id: uuid.UUID) -> dict[str, int]:
-    rows = session.exec(
-        select(Replica.state, func.count()).where(Replica.storage_id == storage_id).group_by(Replica.state)
+    rows = session.execute(
+        select(col(Replica.state), func.count())
+        .where(col(Replica.storage_id) == storage_id)
+        .group_by(col(Replica.state))
     ).all()
     return {str(state): int(n) for state, n in rows}
 
@@ -173,10 +178,10 @@ def set_storage_state(session: Session, name: str, state: StorageState, *, actor
     """
     storage = get_storage(session, name)
     if state is StorageState.RETIRED:
-        live = session.exec(
+        live = session.execute(
             select(func.count())
             .select_from(Replica)
-            .where(Replica.storage_id == storage.id, col(Replica.state).in_(LIVE_REPLICA_STATES))
+            .where(col(Replica.storage_id) == storage.id, col(Replica.state).in_(LIVE_REPLICA_STATES))
         ).one()[0]
         if live:
             raise PolicyViolationError(
@@ -221,8 +226,10 @@ def _next_versions(session: Session, names: Iterable[str]) -> dict[str, int]:
     found: dict[str, int] = {}
     for i in range(0, len(names), 500):
         chunk = names[i : i + 500]
-        rows = session.exec(
-            select(Item.name, func.max(Item.version)).where(col(Item.name).in_(chunk)).group_by(Item.name)
+        rows = session.execute(
+            select(col(Item.name), func.max(col(Item.version)))
+            .where(col(Item.name).in_(chunk))
+            .group_by(col(Item.name))
         ).all()
         found.update({n: int(v) for n, v in rows})
     return {n: found.get(n, 0) + 1 for n in names}
@@ -278,11 +285,11 @@ def plan_ingest(
             raise ConflictError(f"item name {s.name!r} given twice")
         seen.add(s.name)
     if not upload:
-        taken = session.exec(
-            select(Replica.path, Item.name, Item.version)
-            .join(Item, col(Item.oid) == Replica.item_oid)
+        taken = session.execute(
+            select(col(Replica.path), col(Item.name), col(Item.version))
+            .join(Item, col(Item.oid) == col(Replica.item_oid))
             .where(
-                Replica.storage_id == storage.id,
+                col(Replica.storage_id) == storage.id,
                 col(Replica.path).in_([s.path for s in sources]),
                 col(Replica.state).in_(LIVE_REPLICA_STATES),
             )
@@ -401,7 +408,9 @@ def ingest(
             if progress is not None:
                 progress(size)
         session.execute(
-            update(Storage).where(col(Storage.id) == storage.id).values(used_bytes=Storage.used_bytes + total)
+            update(Storage)
+            .where(col(Storage.id) == storage.id)
+            .values(used_bytes=col(Storage.used_bytes) + total)
         )
         session.flush()
     except BaseException:
@@ -434,9 +443,9 @@ def get_item(session: Session, ref: str) -> Item:
         if item is not None:
             return item
     name, version = _parse_ref(ref)
-    stmt = select(Item).where(Item.name == name)
-    stmt = stmt.where(Item.version == version) if version else stmt.order_by(col(Item.version).desc())
-    found = session.exec(stmt).scalars().first()
+    stmt = select(Item).where(col(Item.name) == name)
+    stmt = stmt.where(col(Item.version) == version) if version else stmt.order_by(col(Item.version).desc())
+    found = session.scalars(stmt).first()
     if found is None:
         raise ItemNotFoundError(f"no item {ref!r}")
     return found
@@ -454,10 +463,10 @@ def list_items(
         from lifecycle.query import compile_filter
 
         stmt = stmt.where(compile_filter(where))
-    stmt = stmt.order_by(Item.name, Item.version).offset(offset)
+    stmt = stmt.order_by(col(Item.name), col(Item.version)).offset(offset)
     if limit is not None:
         stmt = stmt.limit(limit)
-    return list(session.exec(stmt).scalars().all())
+    return list(session.execute(stmt).scalars().all())
 
 
 def iter_items(session: Session, *, where: str | None = None, chunk: int = 5000) -> Iterator[Item]:
@@ -467,8 +476,8 @@ def iter_items(session: Session, *, where: str | None = None, chunk: int = 5000)
         from lifecycle.query import compile_filter
 
         stmt = stmt.where(compile_filter(where))
-    stmt = stmt.order_by(Item.name, Item.version).execution_options(yield_per=chunk)
-    yield from session.exec(stmt).scalars()
+    stmt = stmt.order_by(col(Item.name), col(Item.version)).execution_options(yield_per=chunk)
+    yield from session.execute(stmt).scalars()
 
 
 @dataclass
@@ -480,15 +489,15 @@ class ItemDetail:
 
 def item_detail(session: Session, ref: str, *, events: int = 50) -> ItemDetail:
     item = get_item(session, ref)
-    reps = session.exec(
-        select(Replica, Storage.name)
-        .join(Storage, col(Storage.id) == Replica.storage_id)
-        .where(Replica.item_oid == item.oid)
-        .order_by(Replica.created_at)
+    reps = session.execute(
+        select(Replica, col(Storage.name))
+        .join(Storage, col(Storage.id) == col(Replica.storage_id))
+        .where(col(Replica.item_oid) == item.oid)
+        .order_by(col(Replica.created_at))
     ).all()
     evs = (
-        session.exec(
-            select(Event).where(Event.item_oid == item.oid).order_by(col(Event.id).desc()).limit(events)
+        session.execute(
+            select(Event).where(col(Event.item_oid) == item.oid).order_by(col(Event.id).desc()).limit(events)
         )
         .scalars()
         .all()
@@ -555,7 +564,7 @@ def create_dataset(
 
     validate_slug(name, what="dataset name")
     compile_filter(where)
-    if session.exec(select(Dataset.id).where(Dataset.name == name)).first() is not None:
+    if session.execute(select(col(Dataset.id)).where(col(Dataset.name) == name)).first() is not None:
         raise ConflictError(f"dataset {name!r} already exists")
     ds = Dataset(name=name, where=where, description=description, owner=owner)
     session.add(ds)
@@ -565,14 +574,14 @@ def create_dataset(
 
 
 def get_dataset(session: Session, name: str) -> Dataset:
-    ds = session.exec(select(Dataset).where(Dataset.name == name)).scalars().first()
+    ds = session.scalars(select(Dataset).where(col(Dataset.name) == name)).first()
     if ds is None:
         raise DatasetNotFoundError(f"unknown dataset {name!r}")
     return ds
 
 
 def list_datasets(session: Session) -> list[Dataset]:
-    return list(session.exec(select(Dataset).order_by(Dataset.name)).scalars().all())
+    return list(session.scalars(select(Dataset).order_by(col(Dataset.name))).all())
 
 
 def delete_dataset(session: Session, name: str, *, actor: str = "user") -> None:
@@ -588,9 +597,9 @@ def required_copies_expr() -> Any:
     """SQL CASE giving the copies an item's target phase needs (from the policy settings)."""
     p = get_settings().policy
     return case(
-        (Item.target_phase == Phase.SOLID.value, p.copies_solid),
-        (Item.target_phase == Phase.LIQUID.value, p.copies_liquid),
-        (Item.target_phase == Phase.GAS.value, p.copies_gas),
+        (col(Item.target_phase) == Phase.SOLID.value, p.copies_solid),
+        (col(Item.target_phase) == Phase.LIQUID.value, p.copies_liquid),
+        (col(Item.target_phase) == Phase.GAS.value, p.copies_gas),
         else_=p.copies_plasma,
     )
 
@@ -598,13 +607,13 @@ def required_copies_expr() -> Any:
 def intact_counts_subquery() -> Any:
     """Per item, the number of READY replicas on storages that are not offline or retired."""
     return (
-        select(Replica.item_oid.label("item_oid"), func.count().label("n"))  # type: ignore[attr-defined]
-        .join(Storage, col(Storage.id) == Replica.storage_id)
+        select(col(Replica.item_oid).label("item_oid"), func.count().label("n"))
+        .join(Storage, col(Storage.id) == col(Replica.storage_id))
         .where(
-            Replica.state == ReplicaState.READY.value,
+            col(Replica.state) == ReplicaState.READY.value,
             col(Storage.state).in_([StorageState.ONLINE.value, StorageState.DRAINING.value]),
         )
-        .group_by(Replica.item_oid)
+        .group_by(col(Replica.item_oid))
         .subquery()
     )
 
@@ -633,14 +642,14 @@ class Status:
 def status(session: Session) -> Status:
     """Storages with usage, items by state and by target phase, items below their target."""
     rep_counts = dict(
-        session.exec(
-            select(Replica.storage_id, func.count())
+        session.execute(
+            select(col(Replica.storage_id), func.count())
             .where(col(Replica.state).in_(LIVE_REPLICA_STATES))
-            .group_by(Replica.storage_id)
+            .group_by(col(Replica.storage_id))
         ).all()
     )
     storages = []
-    for s in session.exec(select(Storage).order_by(Storage.name)).scalars():
+    for s in session.scalars(select(Storage).order_by(col(Storage.name))):
         loc = session.get(Location, s.location_id) if s.location_id else None
         storages.append(
             StorageUsage(
@@ -655,25 +664,26 @@ def status(session: Session) -> Status:
             )
         )
     by_state = {
-        str(k): int(v) for k, v in session.exec(select(Item.state, func.count()).group_by(Item.state)).all()
+        str(k): int(v)
+        for k, v in session.execute(select(col(Item.state), func.count()).group_by(col(Item.state))).all()
     }
     live = col(Item.state).in_(
         [ItemState.READY.value, ItemState.INITIALISED.value, ItemState.CORRUPTED.value]
     )
     by_phase = {
         str(k): int(v)
-        for k, v in session.exec(
-            select(Item.target_phase, func.count()).where(live).group_by(Item.target_phase)
+        for k, v in session.execute(
+            select(col(Item.target_phase), func.count()).where(live).group_by(col(Item.target_phase))
         ).all()
     }
     counts = intact_counts_subquery()
-    below = session.exec(
+    below = session.execute(
         select(func.count())
         .select_from(Item)
-        .outerjoin(counts, counts.c.item_oid == Item.oid)
+        .outerjoin(counts, counts.c.item_oid == col(Item.oid))
         .where(live, func.coalesce(counts.c.n, 0) < required_copies_expr())
     ).one()[0]
-    total = session.exec(select(func.coalesce(func.sum(Item.size), 0)).where(live)).one()[0]
+    total = session.execute(select(func.coalesce(func.sum(col(Item.size)), 0)).where(live)).one()[0]
     return Status(storages, by_state, by_phase, int(below), int(total))
 
 
@@ -681,7 +691,7 @@ def table_counts(session: Session) -> Mapping[str, int]:
     """Rows per catalogue table (used by tests and `dlm status --json`)."""
     out: dict[str, int] = {}
     for model in (Location, Storage, Item, Replica, Transfer, Event, Dataset):
-        out[model.__tablename__] = int(session.exec(select(func.count()).select_from(model)).one()[0])  # type: ignore[arg-type]
+        out[model.__tablename__] = int(session.execute(select(func.count()).select_from(model)).one()[0])
     return out
 
 

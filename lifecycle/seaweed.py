@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from lifecycle.errors import DLMError
 
@@ -77,9 +78,7 @@ class SeaweedServer:
                     "identities": [
                         {
                             "name": "dlm",
-                            "credentials": [
-                                {"accessKey": self.access_key, "secretKey": self.secret_key}
-                            ],
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                         }
                     ]
@@ -136,7 +135,7 @@ class SeaweedServer:
         except Exception:
             return False
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> Any:
         import boto3
         from botocore.config import Config
 
