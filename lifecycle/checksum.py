@@ -21,9 +21,7 @@ CHUNK = 1024 * 1024
 
 def new_hasher(algo: str) -> hashlib._Hash:
     if algo not in ALGORITHMS:
-        raise InvalidValueError(
-            f"unknown checksum algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}"
-        )
+        raise InvalidValueError(f"unknown checksum algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
     return hashlib.new(algo)
 
 

@@ -66,9 +66,7 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
             session.commit()
         except OperationalError as exc:
             session.rollback()
-            raise TransientError(
-                f"database error: {str(exc.orig).strip().splitlines()[0]}"
-            ) from exc
+            raise TransientError(f"database error: {str(exc.orig).strip().splitlines()[0]}") from exc
         except BaseException:
             session.rollback()
             raise

@@ -26,7 +26,9 @@ def _unavailable(what: str, why: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated_env(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     """Each test gets its own DLM_HOME and no leaked DLM_* settings."""
     for key in list(os.environ):
         if key.startswith("DLM_") and key != "DLM_TEST_POSTGRES_URL" and not key.startswith("DLM_SOAK"):
@@ -56,8 +58,7 @@ def _truncate_all(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                "TRUNCATE event, transfer, replica, item, dataset, storage, location "
-                "RESTART IDENTITY CASCADE"
+                "TRUNCATE event, transfer, replica, item, dataset, storage, location RESTART IDENTITY CASCADE"
             )
         )
 
