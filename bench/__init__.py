@@ -1,0 +1,1 @@
+"""Benchmarks of DLM's hot paths, each measured against a reference taken in the same run."""
