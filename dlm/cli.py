@@ -599,6 +599,61 @@ def datasets_delete(name: str) -> None:
     render.out.print(f"dataset {name} deleted")
 
 
+# --------------------------------------------------------------------------- pipelines
+
+PIPELINE_NAMES = ("replicate", "migrate", "expire", "rebalance")
+
+
+@app.command()
+def run(
+    pipeline: Annotated[str, typer.Argument(help="replicate, migrate, expire or rebalance")],
+    dry_run: Annotated[bool, typer.Option(help="print the plan and change nothing")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Run one pipeline now (plan, then apply in batches) and print what it did."""
+    if pipeline not in PIPELINE_NAMES:
+        raise InvalidValueError(f"unknown pipeline {pipeline!r}: use one of {', '.join(PIPELINE_NAMES)}")
+    with catalogue():
+        pass
+    from flows.pipelines import FLOWS
+
+    report = FLOWS[pipeline](dry_run=dry_run)
+    if json_:
+        render.print_json(report)
+        return
+    render_report(report)
+
+
+def render_report(report: dict[str, Any]) -> None:
+    p = report["plan"]
+    title = f"{report['pipeline']}" + (" (dry run: nothing changed)" if report["dry_run"] else "")
+    render.out.print(
+        f"[bold]{title}[/]: planned {p['copies']} copies ({render.size(p['copy_bytes'])}), "
+        f"{p['deletes']} deletions, {p['expired_items']} item expiries, {p['phase_changes']} phase changes, "
+        f"{p['refusals']} refused, {p['shortfalls']} shortfalls"
+    )
+    if report["dry_run"]:
+        render.table(
+            "Plan",
+            ["action", "item", "from", "to", "path", "bytes", "reason"],
+            [
+                (a["action"], a["item"][:8], a["from"], a["to"], a["path"], a["bytes"], a["reason"])
+                for a in report["actions"]
+            ],
+        )
+        return
+    if report["batches"]:
+        render.table(
+            "Batches",
+            ["kind", "from", "to", "planned", "done", "failed", "skipped", "bytes", "seconds", "first error"],
+            [tuple(b.values()) for b in report["batches"]],
+        )
+    render.out.print(
+        f"copied {report['copied']} ({render.size(report['bytes_moved'])}), deleted {report['deleted']}, "
+        f"failed {report['failed']}; items below target now: {report['below_target_after']}"
+    )
+
+
 # --------------------------------------------------------------------------- demo
 
 

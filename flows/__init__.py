@@ -1,0 +1,1 @@
+"""Prefect flows: one per pipeline; each plans, then applies in batches."""

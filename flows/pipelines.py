@@ -1,0 +1,260 @@
+"""The lifecycle flows: replicate, migrate, expire and rebalance, each plan-then-apply in batches.
+
+Every flow takes `dry_run` (plan, publish the plan, change nothing), writes Events through
+the lifecycle core, emits them as Prefect events, and publishes a table artifact of the
+batches it ran and a markdown summary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from sqlalchemy import select
+from sqlmodel import col
+
+from flows.events import enable_publishing
+from lifecycle import apply
+from lifecycle.catalog import status
+from lifecycle.db import session_scope
+from lifecycle.models import Storage
+from lifecycle.settings import get_settings
+from lifecycle.units import format_size
+from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue
+
+
+def _actor() -> str:
+    name = flow_run.get_flow_name() or "dlm"
+    run = flow_run.get_name() or ""
+    return f"flow:{name}/{run}" if run else f"flow:{name}"
+
+
+def _storage_names() -> dict[Any, str]:
+    with session_scope() as s:
+        return {sid: name for sid, name in s.execute(select(col(Storage.id), col(Storage.name)))}
+
+
+def _artifact_key(pipeline: str) -> str:
+    return f"dlm-{pipeline}"
+
+
+def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | None = None) -> dict[str, Any]:
+    """Plan `pipeline`, then (unless dry_run) apply it: catalogue-only actions, copy batches,
+    delete batches, in that order. Returns the run's report (also published as artifacts)."""
+    enable_publishing()
+    logger = get_run_logger()
+    settings = get_settings()
+    actor = _actor()
+    plan: apply.Plan = plan_pipeline(pipeline, items)
+    names = _storage_names()
+    report: dict[str, Any] = {
+        "pipeline": pipeline,
+        "dry_run": dry_run,
+        "plan": plan.summary(),
+        "counters": dict(plan.counters),
+        "batches": [],
+        "actions": _plan_rows(plan, names),
+    }
+    logger.info("%s plan: %s", pipeline, plan.summary())
+    if dry_run:
+        _publish(report)
+        return report
+    settled = settle_catalogue(plan, actor, "before")
+    t = settings.transfer
+    copy_batches = apply.batch_copies(plan.copies, max_files=t.batch_files, max_bytes=t.batch_bytes)
+    copy_futures = [
+        copy_batch.submit(
+            b,
+            (names.get(b.src_storage_id, "?"), names.get(b.dst_storage_id, "?")),
+            actor,
+            str(flow_run.get_id() or ""),
+            t.transfers,
+            t.checkers,
+        )
+        for b in copy_batches
+    ]
+    results: list[apply.BatchResult] = [f.result() for f in copy_futures]
+    expiring = [e.item_oid for e in plan.expires]
+    # An item EXPIRED by an earlier, killed run still gets all its copies deleted.
+    expiring += [d.item_oid for d in plan.deletes if d.reason == "item expired"]
+    delete_batches = apply.batch_deletes(plan.deletes, max_files=t.batch_files, expiring=expiring)
+    delete_futures = [delete_batch.submit(b, names.get(b.storage_id, "?"), actor) for b in delete_batches]
+    results += [f.result() for f in delete_futures]
+    settled.update(settle_catalogue(plan, actor, "after"))
+    with session_scope() as s:
+        below = status(s).below_target
+    report.update(
+        {
+            "batches": [r.row() for r in results],
+            "settled": settled,
+            "copied": sum(r.done for r in results if r.kind == "copy"),
+            "deleted": sum(r.done for r in results if r.kind == "delete"),
+            "failed": sum(r.failed for r in results),
+            "bytes_moved": sum(r.bytes for r in results if r.kind == "copy"),
+            "below_target_after": below,
+        }
+    )
+    logger.info(
+        "%s: copied %s (%s), deleted %s, failed %s, %s items still below target",
+        pipeline,
+        report["copied"],
+        format_size(report["bytes_moved"]),
+        report["deleted"],
+        report["failed"],
+        below,
+    )
+    _publish(report)
+    return report
+
+
+def _plan_rows(plan: apply.Plan, names: dict[Any, str], limit: int = 200) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for c in plan.copies[:limit]:
+        rows.append(
+            {
+                "action": "copy",
+                "item": str(c.item_oid),
+                "from": names.get(c.src_storage_id, "?"),
+                "to": names.get(c.dst_storage_id, "?"),
+                "path": c.dst_path,
+                "bytes": c.size,
+                "reason": c.reason,
+            }
+        )
+    for d in plan.deletes[:limit]:
+        rows.append(
+            {
+                "action": "delete",
+                "item": str(d.item_oid),
+                "from": names.get(d.storage_id, "?"),
+                "to": "",
+                "path": d.path,
+                "bytes": d.size,
+                "reason": d.reason,
+            }
+        )
+    for e in plan.expires[:limit]:
+        rows.append(
+            {
+                "action": "expire",
+                "item": str(e.item_oid),
+                "from": "",
+                "to": "",
+                "path": "",
+                "bytes": 0,
+                "reason": e.reason,
+            }
+        )
+    for p in plan.phases[:limit]:
+        rows.append(
+            {
+                "action": "set-phase",
+                "item": str(p.item_oid),
+                "from": "",
+                "to": p.phase.value,
+                "path": "",
+                "bytes": 0,
+                "reason": p.reason,
+            }
+        )
+    for r in plan.refusals[:limit]:
+        rows.append(
+            {
+                "action": "refused",
+                "item": str(r.item_oid),
+                "from": "",
+                "to": "",
+                "path": "",
+                "bytes": 0,
+                "reason": r.reason,
+            }
+        )
+    for s in plan.shortfalls[:limit]:
+        rows.append(
+            {
+                "action": "shortfall",
+                "item": str(s.item_oid),
+                "from": "",
+                "to": "",
+                "path": "",
+                "bytes": 0,
+                "reason": s.reason,
+            }
+        )
+    for dr in plan.drained:
+        rows.append(
+            {
+                "action": "drained",
+                "item": "",
+                "from": names.get(dr.storage_id, "?"),
+                "to": "",
+                "path": "",
+                "bytes": 0,
+                "reason": "no live copies left: the storage can be retired",
+            }
+        )
+    return rows
+
+
+def _publish(report: dict[str, Any]) -> None:
+    """A table artifact of the actions (or batches) and a markdown summary."""
+    key = _artifact_key(report["pipeline"])
+    rows = report["batches"] if not report["dry_run"] else report["actions"]
+    if rows:
+        create_table_artifact(rows, key=f"{key}-actions", description=f"{report['pipeline']} actions")
+    p = report["plan"]
+    lines = [
+        f"# {report['pipeline']}{' (dry run)' if report['dry_run'] else ''}",
+        "",
+        f"- planned: {p['copies']} copies ({format_size(p['copy_bytes'])}), {p['deletes']} deletions, "
+        f"{p['expired_items']} item expiries, {p['phase_changes']} phase changes",
+        f"- refused by policy: {p['refusals']}; shortfalls: {p['shortfalls']}; deferred to a later run: "
+        f"{p['deferred']}",
+    ]
+    if not report["dry_run"]:
+        lines += [
+            f"- copied: {report['copied']} ({format_size(report['bytes_moved'])}); "
+            f"deleted: {report['deleted']}; "
+            f"failures: {report['failed']}",
+            f"- items still below their target phase: {report['below_target_after']}",
+        ]
+    create_markdown_artifact(
+        "\n".join(lines), key=f"{key}-summary", description=f"{report['pipeline']} summary"
+    )
+
+
+@flow(name="replicate", log_prints=True)
+def replicate(
+    dry_run: bool = False, items: list[str] | None = None, item: str | None = None
+) -> dict[str, Any]:
+    """Add copies until each READY item meets its target phase (optionally only some items).
+
+    `item` takes one oid or a Prefect resource id `dlm.item.<oid>` (the event trigger's form).
+    """
+    chosen = list(items or [])
+    if item:
+        chosen.append(item.removeprefix("dlm.item."))
+    return run_pipeline("replicate", dry_run=dry_run, items=chosen or None)
+
+
+@flow(name="migrate", log_prints=True)
+def migrate(dry_run: bool = False) -> dict[str, Any]:
+    """Bring placement to what phases and aging rules ask; drop surplus copies once safe."""
+    return run_pipeline("migrate", dry_run=dry_run)
+
+
+@flow(name="expire", log_prints=True)
+def expire(dry_run: bool = False) -> dict[str, Any]:
+    """Delete expired copies the policy can spare, and expired items (leaving tombstones)."""
+    return run_pipeline("expire", dry_run=dry_run)
+
+
+@flow(name="rebalance", log_prints=True)
+def rebalance(dry_run: bool = False) -> dict[str, Any]:
+    """Move copies off storages above high water or draining, to storages below low water."""
+    return run_pipeline("rebalance", dry_run=dry_run)
+
+
+FLOWS = {"replicate": replicate, "migrate": migrate, "expire": expire, "rebalance": rebalance}

@@ -1,0 +1,802 @@
+"""Applies planned actions to storages and the catalogue, in batches, safely under concurrency.
+
+A copy batch (one source and one destination storage) is:
+1. *claimed*: one COPYING replica row per copy is inserted on the destination; the partial
+   unique index (one live copy of an item per storage) makes a concurrent run's claim of
+   the same copy a no-op, so two runs never copy the same thing twice;
+2. *moved* by ONE rclone process for the whole batch (`--files-from-raw`, `--checksum`);
+3. *verified*: the destination's checksums (one `rclone hashsum` call) are compared with
+   the catalogue's, so a copy is READY only if its bytes are the item's;
+4. *settled* in one transaction: READY rows, FAILED transfers, claims of failed copies
+   removed (the catalogue never claims a copy that is not there), one Event per change.
+
+A delete batch (one storage) claims its replicas (READY -> DELETING) after re-checking,
+with the item rows locked on PostgreSQL, that every item keeps its target phase and an
+intact copy without them (unless the item itself expired); then one rclone process
+deletes the files, and the rows become DELETED.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import Session, col
+
+from lifecycle import audit, rclone
+from lifecycle.db import session_scope
+from lifecycle.errors import DLMError
+from lifecycle.models import Event, Item, Replica, Storage, Transfer, utcnow
+from lifecycle.planner import (
+    Action,
+    Copy,
+    DeleteReplica,
+    Drained,
+    ExpireItem,
+    Refusal,
+    SetPhase,
+    Shortfall,
+)
+from lifecycle.policy import Policy, ReplicaView, StorageIndex, phase_satisfied
+from lifecycle.snapshot import _item_view, storage_views
+from lifecycle.states import (
+    LIVE_ITEM_STATES,
+    ItemState,
+    Phase,
+    ReplicaState,
+    StorageState,
+    TransferKind,
+    TransferState,
+)
+from lifecycle.storage import backend_for
+from lifecycle.storage.base import RcloneTarget
+
+SessionFactory = Callable[[], AbstractContextManager[Session]]
+
+
+def default_sessions() -> AbstractContextManager[Session]:
+    return session_scope()
+
+
+# --------------------------------------------------------------------------- plans and batches
+
+
+@dataclass
+class Plan:
+    """The actions of one planning run, sorted by kind, with the planner's counters."""
+
+    pipeline: str
+    copies: list[Copy] = field(default_factory=list)
+    deletes: list[DeleteReplica] = field(default_factory=list)
+    expires: list[ExpireItem] = field(default_factory=list)
+    phases: list[SetPhase] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    shortfalls: list[Shortfall] = field(default_factory=list)
+    drained: list[Drained] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def collect(
+        cls,
+        pipeline: str,
+        actions: Iterable[Action],
+        *,
+        max_items: int | None = None,
+        max_bytes: int | None = None,
+    ) -> Plan:
+        """Sort actions by kind; copies beyond the run's item or byte bound are left for later."""
+        plan = cls(pipeline)
+        copied_bytes = 0
+        for a in actions:
+            if isinstance(a, Copy):
+                if max_items is not None and len(plan.copies) >= max_items:
+                    plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
+                    continue
+                if max_bytes is not None and copied_bytes + a.size > max_bytes and plan.copies:
+                    plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
+                    continue
+                copied_bytes += a.size
+                plan.copies.append(a)
+            elif isinstance(a, DeleteReplica):
+                plan.deletes.append(a)
+            elif isinstance(a, ExpireItem):
+                plan.expires.append(a)
+            elif isinstance(a, SetPhase):
+                plan.phases.append(a)
+            elif isinstance(a, Refusal):
+                plan.refusals.append(a)
+            elif isinstance(a, Shortfall):
+                plan.shortfalls.append(a)
+            elif isinstance(a, Drained):
+                plan.drained.append(a)
+        return plan
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.copies or self.deletes or self.expires or self.phases or self.refusals or self.drained
+        )
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "copies": len(self.copies),
+            "copy_bytes": sum(c.size for c in self.copies),
+            "deletes": len(self.deletes),
+            "expired_items": len(self.expires),
+            "phase_changes": len(self.phases),
+            "refusals": len(self.refusals),
+            "shortfalls": len(self.shortfalls),
+            "drained": len(self.drained),
+            "deferred": self.counters.get("deferred", 0),
+        }
+
+
+@dataclass(frozen=True)
+class CopyBatch:
+    src_storage_id: uuid.UUID
+    dst_storage_id: uuid.UUID
+    copies: tuple[Copy, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.size for c in self.copies)
+
+
+@dataclass(frozen=True)
+class DeleteBatch:
+    storage_id: uuid.UUID
+    deletes: tuple[DeleteReplica, ...]
+    expiring: frozenset[uuid.UUID] = frozenset()
+
+
+def batch_copies(copies: Sequence[Copy], *, max_files: int, max_bytes: int) -> list[CopyBatch]:
+    """Group copies by (source, destination) storage, then cut at max_files or max_bytes."""
+    groups: dict[tuple[uuid.UUID, uuid.UUID], list[Copy]] = defaultdict(list)
+    for c in copies:
+        groups[(c.src_storage_id, c.dst_storage_id)].append(c)
+    batches: list[CopyBatch] = []
+    for (src, dst), group in groups.items():
+        current: list[Copy] = []
+        size = 0
+        for c in group:
+            if current and (len(current) >= max_files or size + c.size > max_bytes):
+                batches.append(CopyBatch(src, dst, tuple(current)))
+                current, size = [], 0
+            current.append(c)
+            size += c.size
+        if current:
+            batches.append(CopyBatch(src, dst, tuple(current)))
+    return batches
+
+
+def batch_deletes(
+    deletes: Sequence[DeleteReplica], *, max_files: int, expiring: Iterable[uuid.UUID] = ()
+) -> list[DeleteBatch]:
+    """Group deletions by storage, cut at max_files."""
+    exp = frozenset(expiring)
+    groups: dict[uuid.UUID, list[DeleteReplica]] = defaultdict(list)
+    for d in deletes:
+        groups[d.storage_id].append(d)
+    return [
+        DeleteBatch(sid, tuple(group[i : i + max_files]), exp)
+        for sid, group in groups.items()
+        for i in range(0, len(group), max_files)
+    ]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class BatchResult:
+    """What one batch did, for the run's summary and artifact."""
+
+    kind: str
+    src: str | None
+    dst: str | None
+    planned: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    duration_s: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "from": self.src or "-",
+            "to": self.dst or "-",
+            "planned": self.planned,
+            "done": self.done,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "bytes": self.bytes,
+            "seconds": round(self.duration_s, 2),
+            "first error": next(iter(self.errors.values()), ""),
+        }
+
+
+def _insert_ignore(session: Session, table: Any) -> Any:
+    name = session.get_bind().dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    raise DLMError(f"unsupported database {name}")
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+# --------------------------------------------------------------------------- copies
+
+
+@dataclass(frozen=True)
+class _Claim:
+    replica_uid: uuid.UUID
+    transfer_id: uuid.UUID
+    item_oid: uuid.UUID
+    path: str
+    size: int
+    checksum: str | None
+    algo: str | None
+
+
+def _claim_copies(
+    session: Session, batch: CopyBatch, *, kind: TransferKind, run_id: str | None
+) -> list[_Claim]:
+    """Insert COPYING rows for the copies whose source is still READY and that no other run
+    has claimed; returns the claims that are ours."""
+    copies = {c.item_oid: c for c in batch.copies}
+    claims: list[_Claim] = []
+    oids = list(copies)
+    now = utcnow()
+    for i in range(0, len(oids), 500):
+        chunk = oids[i : i + 500]
+        ok = session.execute(
+            select(col(Item.oid), col(Item.checksum), col(Item.checksum_algo), col(Replica.path))
+            .join(Replica, col(Replica.item_oid) == col(Item.oid))
+            .where(
+                col(Item.oid).in_(chunk),
+                col(Item.state) == ItemState.READY.value,
+                col(Replica.storage_id) == batch.src_storage_id,
+                col(Replica.state) == ReplicaState.READY.value,
+            )
+        ).all()
+        rows = []
+        meta: dict[uuid.UUID, tuple[str | None, str | None]] = {}
+        for oid, checksum, algo, src_path in ok:
+            c = copies[oid]
+            if src_path != c.src_path:
+                continue
+            meta[oid] = (checksum, algo)
+            rows.append(
+                {
+                    "uid": uuid.uuid4(),
+                    "item_oid": oid,
+                    "storage_id": batch.dst_storage_id,
+                    "path": c.dst_path,
+                    "state": ReplicaState.COPYING.value,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+        if not rows:
+            continue
+        stmt = _insert_ignore(session, Replica).returning(col(Replica.uid), col(Replica.item_oid))
+        inserted = session.execute(stmt.values(rows)).all()
+        transfers = []
+        for uid, oid in inserted:
+            c = copies[oid]
+            tid = uuid.uuid4()
+            transfers.append(
+                {
+                    "id": tid,
+                    "item_oid": oid,
+                    "replica_uid": uid,
+                    "kind": kind.value,
+                    "src_storage_id": batch.src_storage_id,
+                    "dst_storage_id": batch.dst_storage_id,
+                    "state": TransferState.RUNNING.value,
+                    "bytes": c.size,
+                    "duration_s": 0.0,
+                    "attempts": 1,
+                    "flow_run_id": run_id,
+                    "started_at": now,
+                }
+            )
+            checksum, algo = meta[oid]
+            claims.append(_Claim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
+        if transfers:
+            session.execute(insert(Transfer), transfers)
+    return claims
+
+
+def _verify_destination(
+    target: RcloneTarget, claims: Sequence[_Claim], paths_ok: set[str]
+) -> dict[str, str]:
+    """Compare destination checksums with the catalogue's; returns path -> error for mismatches."""
+    errors: dict[str, str] = {}
+    by_algo: dict[str, list[_Claim]] = defaultdict(list)
+    for c in claims:
+        if c.path in paths_ok and c.checksum and c.algo:
+            by_algo[c.algo].append(c)
+    for algo, group in by_algo.items():
+        if algo not in rclone.HASHES:
+            continue  # e.g. blake2b: rclone cannot hash it; the size check and verify cover it
+        try:
+            found = rclone.hashsum(target, [c.path for c in group], algo)
+        except DLMError as exc:
+            for c in group:
+                errors[c.path] = f"cannot read back the copy: {exc}"
+            continue
+        for c in group:
+            got = found.get(c.path)
+            if got is None:
+                errors[c.path] = "copy not found at the destination after transfer"
+            elif got.lower() != (c.checksum or "").lower():
+                errors[c.path] = f"checksum mismatch at destination ({algo} {got} != catalogue {c.checksum})"
+    return errors
+
+
+def apply_copy_batch(
+    batch: CopyBatch,
+    *,
+    sessions: SessionFactory = default_sessions,
+    actor: str = "dlm",
+    run_id: str | None = None,
+    transfers: int = 8,
+    checkers: int = 8,
+    kind: TransferKind = TransferKind.COPY,
+) -> BatchResult:
+    """Claim, copy (one rclone process), verify and settle one batch.
+
+    Per-file failures become FAILED transfers and `transfer.failed` events; the batch's other
+    files land. Raises TransientError only when the catalogue cannot be reached.
+    """
+    with sessions() as s:
+        src = s.get_one(Storage, batch.src_storage_id)
+        dst = s.get_one(Storage, batch.dst_storage_id)
+        claims = _claim_copies(s, batch, kind=kind, run_id=run_id)
+    result = BatchResult("copy", src.name, dst.name, planned=len(batch.copies))
+    result.skipped = len(batch.copies) - len(claims)
+    if not claims:
+        return result
+    started = time.monotonic()
+    src_target = backend_for(src).rclone_target()
+    dst_target = backend_for(dst).rclone_target()
+    report = rclone.copy_files(
+        src_target, dst_target, [c.path for c in claims], transfers=transfers, checkers=checkers
+    )
+    mismatches = _verify_destination(dst_target, claims, report.ok)
+    failed = dict(report.failed)
+    failed.update(mismatches)
+    for c in claims:
+        if c.path not in report.ok and c.path not in failed:
+            failed[c.path] = "rclone did not report this file"
+    if mismatches:  # a copy that is not the item's bytes must not stay behind
+        rclone.delete_files(dst_target, list(mismatches))
+    duration = time.monotonic() - started
+    good = [c for c in claims if c.path not in failed]
+    bad = [c for c in claims if c.path in failed]
+    _settle_copies(
+        s_factory=sessions,
+        batch=batch,
+        good=good,
+        bad=bad,
+        failed=failed,
+        duration=duration,
+        actor=actor,
+        src_name=src.name,
+        dst_name=dst.name,
+        result=result,
+    )
+    result.duration_s = duration
+    return result
+
+
+def _settle_copies(
+    *,
+    s_factory: SessionFactory,
+    batch: CopyBatch,
+    good: Sequence[_Claim],
+    bad: Sequence[_Claim],
+    failed: dict[str, str],
+    duration: float,
+    actor: str,
+    src_name: str,
+    dst_name: str,
+    result: BatchResult,
+) -> None:
+    now = utcnow()
+    events: list[dict[str, Any]] = []
+    with s_factory() as s:
+        for i in range(0, len(good), 500):
+            chunk = good[i : i + 500]
+            s.execute(
+                update(Replica)
+                .where(col(Replica.uid).in_([c.replica_uid for c in chunk]))
+                .values(state=ReplicaState.READY.value, verified_at=now, updated_at=now)
+            )
+            s.execute(
+                update(Transfer)
+                .where(col(Transfer.id).in_([c.transfer_id for c in chunk]))
+                .values(state=TransferState.DONE.value, duration_s=duration, finished_at=now)
+            )
+        for i in range(0, len(bad), 500):
+            chunk = bad[i : i + 500]
+            s.execute(delete(Replica).where(col(Replica.uid).in_([c.replica_uid for c in chunk])))
+        for c in bad:
+            s.execute(
+                update(Transfer)
+                .where(col(Transfer.id) == c.transfer_id)
+                .values(
+                    state=TransferState.FAILED.value,
+                    error=failed[c.path][:1000],
+                    duration_s=duration,
+                    finished_at=now,
+                    replica_uid=None,
+                )
+            )
+        moved = sum(c.size for c in good)
+        if moved:
+            s.execute(
+                update(Storage)
+                .where(col(Storage.id) == batch.dst_storage_id)
+                .values(used_bytes=col(Storage.used_bytes) + moved)
+            )
+        for c in good:
+            events.append(
+                {
+                    "kind": "replica.created",
+                    "item_oid": c.item_oid,
+                    "replica_uid": c.replica_uid,
+                    "storage_id": batch.dst_storage_id,
+                    "actor": actor,
+                    "details": {
+                        "from": src_name,
+                        "to": dst_name,
+                        "path": c.path,
+                        "transfer": str(c.transfer_id),
+                    },
+                }
+            )
+        for c in bad:
+            events.append(
+                {
+                    "kind": "transfer.failed",
+                    "item_oid": c.item_oid,
+                    "storage_id": batch.dst_storage_id,
+                    "actor": actor,
+                    "details": {
+                        "from": src_name,
+                        "to": dst_name,
+                        "path": c.path,
+                        "error": failed[c.path][:500],
+                    },
+                }
+            )
+        audit.record_many(s, events)
+    result.done = len(good)
+    result.failed = len(bad)
+    result.bytes = sum(c.size for c in good)
+    result.errors = {c.path: failed[c.path] for c in bad}
+
+
+# --------------------------------------------------------------------------- deletions
+
+
+def _lock_items(session: Session, oids: Sequence[uuid.UUID]) -> None:
+    """Serialise deciders on the same items (PostgreSQL row locks; SQLite has one writer)."""
+    if _is_postgres(session) and oids:
+        session.execute(
+            select(col(Item.oid))
+            .where(col(Item.oid).in_(list(oids)))
+            .order_by(col(Item.oid))
+            .with_for_update()
+        )
+
+
+def _safe_to_delete(
+    session: Session,
+    policy: Policy,
+    index: StorageIndex,
+    candidates: Sequence[tuple[uuid.UUID, uuid.UUID]],
+    expiring: frozenset[uuid.UUID],
+) -> tuple[set[uuid.UUID], dict[uuid.UUID, str]]:
+    """Of (replica_uid, item_oid) candidates, which may go now; the rest with a reason.
+
+    Checked against the catalogue as it is now (inside the locking transaction): an item that
+    is not expiring must keep its target phase and at least one intact copy without them.
+    """
+    intact_storages = {
+        s.id for s in index.storages if s.state in (StorageState.ONLINE, StorageState.DRAINING)
+    }
+    by_item: dict[uuid.UUID, set[uuid.UUID]] = defaultdict(set)
+    for uid, oid in candidates:
+        by_item[oid].add(uid)
+    allowed: set[uuid.UUID] = set()
+    refused: dict[uuid.UUID, str] = {}
+    oids = list(by_item)
+    items = {
+        r[0]: _item_view(r)
+        for r in session.execute(
+            select(
+                col(Item.oid),
+                col(Item.name),
+                col(Item.version),
+                col(Item.size),
+                col(Item.target_phase),
+                col(Item.state),
+                col(Item.expires_at),
+                col(Item.created_at),
+                col(Item.checksum),
+            ).where(col(Item.oid).in_(oids))
+        )
+    }
+    reps: dict[uuid.UUID, list[ReplicaView]] = defaultdict(list)
+    for r in session.execute(
+        select(
+            col(Replica.uid),
+            col(Replica.item_oid),
+            col(Replica.storage_id),
+            col(Replica.path),
+            col(Replica.state),
+        ).where(col(Replica.item_oid).in_(oids))
+    ):
+        reps[r[1]].append(ReplicaView(r[0], r[1], r[2], r[3], ReplicaState(r[4])))
+    for oid, uids in by_item.items():
+        item = items.get(oid)
+        if item is None:
+            continue
+        if oid in expiring or item.state in (ItemState.EXPIRED, ItemState.DELETED):
+            allowed |= uids
+            continue
+        remaining = [r for r in reps[oid] if r.uid not in uids and r.state == ReplicaState.READY]
+        intact = [r for r in remaining if r.storage_id in intact_storages]
+        if not intact and item.state in LIVE_ITEM_STATES:
+            for u in uids:
+                refused[u] = "it would remove the last intact copy of a live item"
+        elif not phase_satisfied(item, remaining, index, policy):
+            for u in uids:
+                refused[u] = f"the item would fall below its target phase {item.target_phase.value}"
+        else:
+            allowed |= uids
+    return allowed, refused
+
+
+def apply_delete_batch(
+    batch: DeleteBatch,
+    *,
+    policy: Policy,
+    sessions: SessionFactory = default_sessions,
+    actor: str = "dlm",
+) -> BatchResult:
+    """Claim (after the safety re-check), delete with one rclone process, and settle one batch."""
+    want = {d.replica_uid: d for d in batch.deletes}
+    with sessions() as s:
+        storage = s.get_one(Storage, batch.storage_id)
+        _lock_items(s, sorted({d.item_oid for d in batch.deletes}))
+        rows = s.execute(
+            select(col(Replica.uid), col(Replica.item_oid), col(Replica.state), col(Replica.path)).where(
+                col(Replica.uid).in_(list(want)),
+                col(Replica.state).in_(
+                    [ReplicaState.READY.value, ReplicaState.CORRUPTED.value, ReplicaState.DELETING.value]
+                ),
+            )
+        ).all()
+        index = StorageIndex(tuple(storage_views(s)))
+        allowed, refused = _safe_to_delete(s, policy, index, [(r[0], r[1]) for r in rows], batch.expiring)
+        claimed = [r for r in rows if r[0] in allowed]
+        previous = {r[0]: r[2] for r in claimed}
+        if claimed:
+            s.execute(
+                update(Replica)
+                .where(col(Replica.uid).in_([r[0] for r in claimed]))
+                .values(state=ReplicaState.DELETING.value, updated_at=utcnow())
+            )
+        audit.record_many(
+            s,
+            [
+                {
+                    "kind": "policy.refused",
+                    "item_oid": want[u].item_oid,
+                    "replica_uid": u,
+                    "storage_id": batch.storage_id,
+                    "actor": actor,
+                    "details": {"action": "delete", "reason": f"kept: {why}", "planned_for": want[u].reason},
+                }
+                for u, why in refused.items()
+            ],
+        )
+    result = BatchResult("delete", storage.name, None, planned=len(batch.deletes))
+    result.skipped = len(batch.deletes) - len(claimed)
+    if not claimed:
+        return result
+    started = time.monotonic()
+    paths = {r[3]: r[0] for r in claimed}
+    report = rclone.delete_files(backend_for(storage).rclone_target(), list(paths))
+    duration = time.monotonic() - started
+    now = utcnow()
+    with sessions() as s:
+        ok = [paths[p] for p in report.ok if p in paths]
+        bad = {paths[p]: err for p, err in report.failed.items() if p in paths}
+        for uid in paths.values():
+            if uid not in ok and uid not in bad:
+                bad[uid] = "rclone did not report this file"
+        freed = 0
+        for i in range(0, len(ok), 500):
+            chunk = ok[i : i + 500]
+            s.execute(
+                update(Replica)
+                .where(col(Replica.uid).in_(chunk))
+                .values(state=ReplicaState.DELETED.value, updated_at=now)
+            )
+        freed = sum(want[u].size for u in ok)
+        if freed:
+            s.execute(
+                update(Storage)
+                .where(col(Storage.id) == batch.storage_id)
+                .values(used_bytes=col(Storage.used_bytes) - freed)
+            )
+        for uid in bad:
+            s.execute(
+                update(Replica).where(col(Replica.uid) == uid).values(state=previous[uid], updated_at=now)
+            )
+        audit.record_many(
+            s,
+            [
+                {
+                    "kind": "replica.deleted",
+                    "item_oid": want[u].item_oid,
+                    "replica_uid": u,
+                    "storage_id": batch.storage_id,
+                    "actor": actor,
+                    "details": {"path": want[u].path, "reason": want[u].reason, "storage": storage.name},
+                }
+                for u in ok
+            ]
+            + [
+                {
+                    "kind": "replica.delete_failed",
+                    "item_oid": want[u].item_oid,
+                    "replica_uid": u,
+                    "storage_id": batch.storage_id,
+                    "actor": actor,
+                    "details": {"path": want[u].path, "error": err[:500]},
+                }
+                for u, err in bad.items()
+            ],
+        )
+    result.done = len(ok)
+    result.failed = len(bad)
+    result.bytes = freed
+    result.duration_s = duration
+    result.errors = {want[u].path: e for u, e in bad.items()}
+    return result
+
+
+# --------------------------------------------------------------------------- catalogue-only actions
+
+
+def mark_expired(session: Session, expires: Sequence[ExpireItem], *, actor: str) -> int:
+    """Live items whose expiry came go EXPIRED (their copies are deleted next)."""
+    oids = [e.item_oid for e in expires]
+    if not oids:
+        return 0
+    done = session.execute(
+        update(Item)
+        .where(col(Item.oid).in_(oids), col(Item.state).in_([s.value for s in LIVE_ITEM_STATES]))
+        .values(state=ItemState.EXPIRED.value, updated_at=utcnow())
+        .returning(col(Item.oid))
+    ).all()
+    reasons = {e.item_oid: e.reason for e in expires}
+    audit.record_many(
+        session,
+        [
+            {"kind": "item.expired", "item_oid": r[0], "actor": actor, "details": {"reason": reasons[r[0]]}}
+            for r in done
+        ],
+    )
+    return len(done)
+
+
+def finish_expired(session: Session, *, actor: str) -> int:
+    """EXPIRED items with no copy left become DELETED tombstones."""
+    live_copy = (
+        select(col(Replica.item_oid))
+        .where(col(Replica.state).notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]))
+        .where(col(Replica.item_oid) == col(Item.oid))
+        .exists()
+    )
+    done = session.execute(
+        update(Item)
+        .where(col(Item.state) == ItemState.EXPIRED.value, ~live_copy)
+        .values(state=ItemState.DELETED.value, updated_at=utcnow())
+        .returning(col(Item.oid), col(Item.name), col(Item.version))
+    ).all()
+    audit.record_many(
+        session,
+        [
+            {
+                "kind": "item.deleted",
+                "item_oid": r[0],
+                "actor": actor,
+                "details": {"name": r[1], "version": r[2]},
+            }
+            for r in done
+        ],
+    )
+    return len(done)
+
+
+def apply_phase_changes(session: Session, changes: Sequence[SetPhase], *, actor: str) -> int:
+    """Raise target phases as aging rules ask (never lowers one)."""
+    n = 0
+    for ch in changes:
+        lower = [p.value for p in Phase if p.rank < ch.phase.rank]
+        done = session.execute(
+            update(Item)
+            .where(col(Item.oid) == ch.item_oid, col(Item.target_phase).in_(lower))
+            .values(target_phase=ch.phase.value, updated_at=utcnow())
+            .returning(col(Item.oid))
+        ).all()
+        if done:
+            n += 1
+            audit.record(
+                session,
+                "item.phase_changed",
+                item_oid=ch.item_oid,
+                actor=actor,
+                details={"to": ch.phase.value, "reason": ch.reason},
+            )
+    return n
+
+
+def record_refusals(session: Session, refusals: Sequence[Refusal], *, actor: str) -> int:
+    """One `policy.refused` event per refused action (e.g. an expiry that would break the phase)."""
+    return audit.record_many(
+        session,
+        [
+            {
+                "kind": "policy.refused",
+                "item_oid": r.item_oid,
+                "replica_uid": r.replica_uid,
+                "actor": actor,
+                "details": {"reason": r.reason},
+            }
+            for r in refusals
+        ],
+    )
+
+
+def record_drained(session: Session, drained: Sequence[Drained], *, actor: str) -> list[str]:
+    """A `storage.drained` event for each draining storage that has just emptied (once)."""
+    names = []
+    for d in drained:
+        storage = session.get(Storage, d.storage_id)
+        if storage is None or storage.state != StorageState.DRAINING:
+            continue
+        last = session.scalars(
+            select(Event).where(col(Event.storage_id) == d.storage_id).order_by(col(Event.id).desc()).limit(1)
+        ).first()
+        if last is None or last.kind != "storage.drained":
+            audit.record(
+                session,
+                "storage.drained",
+                storage_id=d.storage_id,
+                actor=actor,
+                details={"name": storage.name},
+            )
+        names.append(storage.name)
+    return names

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over lifecycle calls, each on one batch."""

@@ -1,0 +1,104 @@
+"""The tasks of the lifecycle flows: plan, copy a batch, delete a batch, settle the catalogue.
+
+Each task wraps one lifecycle call on one batch (one rclone process), retries only on
+TransientError, and never caches (its inputs are large and its effects are not pure).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from lifecycle import apply
+from lifecycle.db import session_scope
+from lifecycle.errors import TransientError
+from lifecycle.pipelines import make_plan, policy_from
+from lifecycle.states import TransferKind
+
+
+def transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task only when it failed with a TransientError (a timeout, a storage briefly gone)."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(
+    name="plan",
+    task_run_name="plan-{pipeline}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=transient_only,
+)
+def plan_pipeline(pipeline: str, only: Sequence[str] | None = None) -> apply.Plan:
+    """Read the catalogue and plan the pipeline (changes nothing)."""
+    oids = [uuid.UUID(o) for o in only] if only else None
+    with session_scope() as s:
+        return make_plan(s, pipeline, only=oids)
+
+
+@task(
+    name="copy-batch",
+    task_run_name="copy-{names[0]}-to-{names[1]}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+)
+def copy_batch(
+    batch: apply.CopyBatch,
+    names: tuple[str, str],
+    actor: str,
+    run_id: str | None,
+    transfers: int,
+    checkers: int,
+    kind: str = TransferKind.COPY.value,
+) -> apply.BatchResult:
+    """One batch, one rclone process: claim, copy, verify, settle."""
+    return apply.apply_copy_batch(
+        batch, actor=actor, run_id=run_id, transfers=transfers, checkers=checkers, kind=TransferKind(kind)
+    )
+
+
+@task(
+    name="delete-batch",
+    task_run_name="delete-on-{name}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=transient_only,
+)
+def delete_batch(batch: apply.DeleteBatch, name: str, actor: str) -> apply.BatchResult:
+    """One batch of deletions on one storage, one rclone process, re-checked against policy."""
+    return apply.apply_delete_batch(batch, policy=policy_from(), actor=actor)
+
+
+@task(
+    name="settle-catalogue",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=transient_only,
+)
+def settle_catalogue(plan: apply.Plan, actor: str, stage: str) -> dict[str, Any]:
+    """Catalogue-only actions: expiries before deletion ('before'), tombstones, phase changes,
+    refusals and drained storages after ('after')."""
+    out: dict[str, Any] = {}
+    with session_scope() as s:
+        if stage == "before":
+            out["expired"] = apply.mark_expired(s, plan.expires, actor=actor)
+            out["phase_changes"] = apply.apply_phase_changes(s, plan.phases, actor=actor)
+        else:
+            out["deleted_items"] = apply.finish_expired(s, actor=actor)
+            out["refusals"] = apply.record_refusals(s, plan.refusals, actor=actor)
+            out["drained"] = apply.record_drained(s, plan.drained, actor=actor)
+    return out
