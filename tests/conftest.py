@@ -142,3 +142,21 @@ def rclone_path() -> str:
     except RcloneNotFoundError as exc:
         _unavailable("rclone", str(exc))
         raise
+
+
+# --------------------------------------------------------------------------- Prefect
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's test harness (a temporary API server), started once per session (~5 s)."""
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def flows_env(prefect_harness: None, rclone_path: str) -> None:
+    """Flows can run: the Prefect harness is up and rclone is there."""
