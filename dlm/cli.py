@@ -654,6 +654,32 @@ def render_report(report: dict[str, Any]) -> None:
     )
 
 
+@app.command()
+def checkout(
+    args: Annotated[list[str], typer.Argument(help="NAME... DEST (a directory or REMOTE:PATH)")],
+    dataset: Annotated[str | None, typer.Option(help="check out a dataset's members")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Copy items (or a dataset) to a local directory or an rclone remote, verified by checksum."""
+    from flows.checkout import checkout_now
+
+    *refs, dest = args
+    with catalogue():
+        pass
+    result = checkout_now(refs or None, dataset, dest, catalog.current_actor())
+    if json_:
+        render.print_json(result)
+    else:
+        render.out.print(
+            f"checked out {result['files']} files ({render.size(result['bytes'])}) to {dest} "
+            f"with {result['rclone_processes']} rclone calls"
+        )
+        for name, err in result["failed"].items():
+            render.err.print(f"failed: {name}: {err}", markup=False)
+    if result["failed"]:
+        raise SystemExit(1)
+
+
 # --------------------------------------------------------------------------- demo
 
 
