@@ -680,6 +680,34 @@ def checkout(
         raise SystemExit(1)
 
 
+@app.command()
+def serve(
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="local Prefect server port")] = None,
+    no_server: Annotated[
+        bool, typer.Option("--no-server", help="use the Prefect server PREFECT_API_URL names")
+    ] = False,
+) -> None:
+    """Serve the pipelines on their schedules and on item-ready events, with a local Prefect UI."""
+    from deployments.server import existing_server, local_server
+
+    with catalogue():
+        pass
+    settings = get_settings()
+    with existing_server() if no_server else local_server(settings.home, port) as url:
+        from deployments.serve import build_deployments, describe, serve_all
+
+        deployments = build_deployments(settings)
+        render.out.print(f"Prefect UI: {url.removesuffix('/api')}  (API {url})", markup=False)
+        render.table(
+            "Served deployments",
+            ["deployment", "runs"],
+            [(f"{d.flow_name}/{d.name}", describe(d)) for d in deployments],
+        )
+        render.out.print("Ctrl-C stops.", markup=False)
+        serve_all(deployments)
+    render.out.print("dlm serve stopped", markup=False)
+
+
 # --------------------------------------------------------------------------- demo
 
 

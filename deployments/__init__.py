@@ -1,0 +1,1 @@
+"""Serving the lifecycle flows as Prefect deployments, with their schedules and event triggers."""

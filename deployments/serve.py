@@ -1,0 +1,82 @@
+"""The lifecycle flows as Prefect deployments (cron schedules, the item-ready trigger) and serving them."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+from prefect.types.entrypoint import EntrypointType
+
+from flows.pipelines import FLOWS
+from lifecycle.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+READY_EVENT = "dlm.item.ready"
+ON_READY = "replicate-on-ready"
+TAGS = ["dlm"]
+# At most this many flow runs at once in one `dlm serve`: a bulk ingest announces many
+# items, and each event starts a run (a process of its own).
+RUN_LIMIT = 4
+
+
+def ready_trigger() -> DeploymentEventTrigger:
+    """Start one replicate run per `dlm.item.ready` event, for that item (`dlm.item.<oid>`)."""
+    return DeploymentEventTrigger(
+        name=f"dlm: {ON_READY}",
+        description="Replicate a newly READY item to its target phase at once.",
+        expect={READY_EVENT},
+        match={"prefect.resource.id": "dlm.item.*"},
+        parameters={"item": "{{ event.resource.id }}"},
+    )
+
+
+def build_deployments(settings: Settings | None = None) -> list[RunnerDeployment]:
+    """One deployment per pipeline on its cron schedule (DLM_SCHEDULES__<PIPELINE>), named after
+    the pipeline, and `replicate-on-ready` started by the `dlm.item.ready` event."""
+    crons = (settings or get_settings()).schedules
+    deployments = [
+        flow.to_deployment(
+            name=name,
+            cron=getattr(crons, name),
+            tags=TAGS,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        for name, flow in FLOWS.items()
+    ]
+    deployments.append(
+        FLOWS["replicate"].to_deployment(
+            name=ON_READY,
+            triggers=[ready_trigger()],
+            tags=[*TAGS, "event"],
+            description=f"Replicate one item when `{READY_EVENT}` announces it.",
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    )
+    return deployments
+
+
+def describe(deployment: RunnerDeployment) -> str:
+    """When a deployment runs, in a few words (`cron */5 * * * *`, `on dlm.item.ready`)."""
+    whens: list[str] = []
+    for s in deployment.schedules or []:
+        schedule: Any = s.schedule
+        whens.append(f"cron {schedule.cron}" if getattr(schedule, "cron", None) else str(schedule))
+    for t in deployment.triggers or []:
+        whens.append("on " + ", ".join(sorted(getattr(t, "expect", ()) or ())))
+    return "; ".join(whens) or "on demand"
+
+
+def serve_all(deployments: list[RunnerDeployment] | None = None, *, limit: int = RUN_LIMIT) -> None:
+    """Serve the deployments until interrupted (Ctrl-C or SIGTERM): runs each on its schedule or
+    trigger as a subprocess of this one, which inherits DLM_* and PREFECT_API_URL."""
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deps = deployments if deployments is not None else build_deployments()
+    url = os.environ.get("PREFECT_API_URL")
+    updates = {PREFECT_API_URL: url} if url else {}
+    with temporary_settings(updates=updates):
+        serve(*deps, limit=limit, print_starting_message=False)
