@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dlm import render
-from lifecycle.db import get_engine
+from lifecycle.db import dispose_engines
 from lifecycle.settings import reset_settings
 
 DEMO_CREDENTIALS = "DLM_DEMO_S3"
@@ -52,7 +52,7 @@ def run_demo(
     os.environ["DLM_HOME"] = str(base / "home")
     os.environ.pop("DLM_DATABASE_URL", None)
     reset_settings()
-    get_engine.cache_clear()
+    dispose_engines()
 
     def dlm(*args: str) -> None:
         render.out.print(f"\n[bold cyan]$ dlm {shlex.join(args)}[/]")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +50,25 @@ def make_engine(url: str) -> Engine:
     raise DLMError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite or postgresql")
 
 
-@lru_cache(maxsize=8)
+_ENGINES: dict[str, Engine] = {}
+
+
 def get_engine(url: str | None = None) -> Engine:
     """The engine for `url`, or for the configured catalogue; one per URL per process."""
-    return make_engine(url or get_settings().db_url)
+    key = url or get_settings().db_url
+    engine = _ENGINES.get(key)
+    if engine is None:
+        engine = _ENGINES[key] = make_engine(key)
+    return engine
+
+
+
+
+def dispose_engines() -> None:
+    """Close every cached engine's connections and forget the engines (tests, forked workers)."""
+    for engine in list(_ENGINES.values()):
+        engine.dispose()
+    _ENGINES.clear()
 
 
 @contextmanager

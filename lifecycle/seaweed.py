@@ -60,6 +60,7 @@ class SeaweedServer:
         self.access_key = access_key
         self.secret_key = secret_key or secrets.token_hex(16)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
         self.s3_port = 0
 
     @property
@@ -104,10 +105,13 @@ class SeaweedServer:
             f"-s3.port={s3}",
             f"-s3.port.grpc={s3 + 10000}",
             f"-s3.config={config}",
+            # fixed default ports of optional services would collide between servers
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=256",
             "-volume.max=0",
         ]
-        log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
+        log = self._log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir
         )
@@ -154,6 +158,15 @@ class SeaweedServer:
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds (weed stops slowly)."""
         proc, self.proc = self.proc, None
+        log, self._log = self._log, None
+        try:
+            self._terminate(proc, grace)
+        finally:
+            if log is not None:
+                log.close()
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
         if proc is None or proc.poll() is not None:
             return
         try:

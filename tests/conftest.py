@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from lifecycle import settings as settings_mod
-from lifecycle.db import get_engine, init_db
+from lifecycle.db import dispose_engines, get_engine, init_db
 from tests.rig import fresh_postgres_database, in_ci
 
 
@@ -77,7 +77,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
     yield url
     if request.param == "sqlite":
         get_engine(url).dispose()
-        get_engine.cache_clear()
+        dispose_engines()
 
 
 @pytest.fixture

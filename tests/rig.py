@@ -40,9 +40,9 @@ def fresh_postgres_database(prefix: str = "dlm_test") -> Iterator[str]:
     try:
         yield admin_url.set(database=name).render_as_string(hide_password=False)
     finally:
-        from lifecycle.db import get_engine
+        from lifecycle.db import dispose_engines
 
-        get_engine.cache_clear()
+        dispose_engines()
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
