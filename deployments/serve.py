@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -70,13 +71,25 @@ def describe(deployment: RunnerDeployment) -> str:
 
 
 def serve_all(deployments: list[RunnerDeployment] | None = None, *, limit: int = RUN_LIMIT) -> None:
-    """Serve the deployments until interrupted (Ctrl-C or SIGTERM): runs each on its schedule or
-    trigger as a subprocess of this one, which inherits DLM_* and PREFECT_API_URL."""
-    from prefect import serve
+    """Serve the deployments until Ctrl-C or SIGTERM: each runs on its schedule or trigger as a
+    subprocess of this one, which inherits DLM_* and PREFECT_API_URL. Returns after a clean stop
+    (schedules paused, the runs in flight told to stop)."""
+    import asyncio
+
+    from prefect.runner import Runner
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Runner(Runner):
+        # Prefect's own SIGTERM handler calls a coroutine without awaiting it (a RuntimeWarning)
+        # and exits at once; shut down the way Ctrl-C does instead.
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            raise KeyboardInterrupt
 
     deps = deployments if deployments is not None else build_deployments()
     url = os.environ.get("PREFECT_API_URL")
-    updates = {PREFECT_API_URL: url} if url else {}
-    with temporary_settings(updates=updates):
-        serve(*deps, limit=limit, print_starting_message=False)
+    with temporary_settings(updates={PREFECT_API_URL: url} if url else {}):
+        runner = _Runner(pause_on_shutdown=True, limit=limit)
+        for deployment in deps:
+            runner.add_deployment(deployment)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(runner.start())

@@ -133,6 +133,8 @@ def _announced(url: str) -> Iterator[str]:
         raise ConflictError(f"a `dlm serve` is already running for this DLM home, at {previous}")
     saved_env = os.environ.get("PREFECT_API_URL")
     saved_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Started in the background by a script, SIGINT may arrive ignored: make it stop us.
+    saved_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(url + "\n")
     os.environ["PREFECT_API_URL"] = url
@@ -142,6 +144,7 @@ def _announced(url: str) -> Iterator[str]:
         with suppress(OSError):
             path.unlink()
         signal.signal(signal.SIGTERM, saved_term)
+        signal.signal(signal.SIGINT, saved_int)
         if saved_env is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:

@@ -693,18 +693,21 @@ def serve(
     with catalogue():
         pass
     settings = get_settings()
-    with existing_server() if no_server else local_server(settings.home, port) as url:
-        from deployments.serve import build_deployments, describe, serve_all
+    try:
+        with existing_server() if no_server else local_server(settings.home, port) as url:
+            from deployments.serve import build_deployments, describe, serve_all
 
-        deployments = build_deployments(settings)
-        render.out.print(f"Prefect UI: {url.removesuffix('/api')}  (API {url})", markup=False)
-        render.table(
-            "Served deployments",
-            ["deployment", "runs"],
-            [(f"{d.flow_name}/{d.name}", describe(d)) for d in deployments],
-        )
-        render.out.print("Ctrl-C stops.", markup=False)
-        serve_all(deployments)
+            deployments = build_deployments(settings)
+            render.out.print(f"Prefect UI: {url.removesuffix('/api')}  (API {url})", markup=False)
+            render.table(
+                "Served deployments",
+                ["deployment", "runs"],
+                [(f"{d.flow_name}/{d.name}", describe(d)) for d in deployments],
+            )
+            render.out.print("Ctrl-C stops.", markup=False)
+            serve_all(deployments)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before serving began: the server is stopped
+        pass
     render.out.print("dlm serve stopped", markup=False)
 
 
