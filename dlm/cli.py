@@ -631,6 +631,7 @@ def render_report(report: dict[str, Any]) -> None:
         f"[bold]{title}[/]: planned {p['copies']} copies ({render.size(p['copy_bytes'])}), "
         f"{p['deletes']} deletions, {p['expired_items']} item expiries, {p['phase_changes']} phase changes, "
         f"{p['refusals']} refused, {p['shortfalls']} shortfalls"
+        + (f", {p['drained']} storages drained (can be retired)" if p.get("drained") else "")
     )
     if report["dry_run"]:
         render.table(
