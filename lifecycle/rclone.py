@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ _COMMON_FLAGS = (
     "--retries",
     "1",
     "--low-level-retries",
-    "3",
+    "2",
     "--contimeout",
     "10s",
     "--timeout",
@@ -175,31 +176,81 @@ def run(
 @dataclass
 class _Outcome:
     returncode: int
-    stdout: bytes
     stderr: bytes
     timed_out: bool
+    aborted: str | None  # why the circuit breaker stopped rclone, if it did
 
 
-def _run_partial(
-    args: Sequence[str], *, env: Mapping[str, str] | None, timeout: float | None
-) -> _Outcome:
-    """Like run(), but on timeout kill rclone and keep what it printed so far."""
+# A batch whose first failures, before anything succeeded, say the endpoint is dead or the
+# keys are wrong is failing as a whole: stop rclone instead of waiting for every file's
+# backed-off retries (minutes for a large batch). One such error suffices for a refused
+# connection, an unknown host or rejected keys; three for vaguer transient errors.
+_BREAKER_ERRORS = 3
+_DEAD_HINTS = re.compile(
+    r"connection refused|no such host|network is unreachable|InvalidAccessKeyId|"
+    r"SignatureDoesNotMatch|NoCredentialProviders",
+    re.IGNORECASE,
+)
+
+
+def _run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: float | None) -> _Outcome:
+    """Run an rclone batch command, reading its JSON log as it comes; kill it on timeout or
+    when the circuit breaker trips, keeping what it printed so far."""
     argv = [rclone_binary(), *args]
+    lines: list[bytes] = []
+    timed_out = False
+    aborted: str | None = None
+    successes = 0
+    systemic: list[str] = []
     with subprocess.Popen(
-        argv,
-        env=_environ(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        argv, env=_environ(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     ) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
+        assert proc.stderr is not None
+
+        def expire() -> None:
+            nonlocal timed_out
             timed_out = True
-    return _Outcome(proc.returncode, out, err, timed_out)
+            proc.kill()
+
+        timer = threading.Timer(timeout, expire) if timeout is not None else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            for raw in proc.stderr:
+                lines.append(raw)
+                if aborted is not None or not raw.startswith(b"{"):
+                    continue
+                try:
+                    entry = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(entry, dict) or "object" not in entry:
+                    continue
+                msg = str(entry.get("msg", ""))
+                if msg.startswith(("Copied", "Moved", "Deleted")):
+                    successes += 1
+                elif entry.get("level") in ("error", "critical"):
+                    if successes == 0 and error_class(msg) is not RcloneError:
+                        systemic.append(msg)
+                        if len(systemic) >= _BREAKER_ERRORS or _DEAD_HINTS.search(msg):
+                            aborted = _one_line(msg)
+                            proc.kill()
+                    else:
+                        successes += 1  # a file-specific error: the batch itself works
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if proc.poll() is None and (timed_out or aborted):
+                proc.kill()
+            proc.wait()
+    return _Outcome(proc.returncode, b"".join(lines), timed_out, aborted)
+
+
+def _dir(spec: str) -> str:
+    """A root spec with a trailing '/': rclone then takes it as a directory at once (without
+    it, an S3 remote that refuses a HEAD on the prefix is taken for a file)."""
+    return spec if spec.endswith((":", "/")) else spec + "/"
 
 
 def _one_line(text: str) -> str:
@@ -360,8 +411,8 @@ def copy_files(
         combined = Path(tmp) / "combined.txt"
         args = [
             "move" if move else "copy",
-            src.spec,
-            dst.spec,
+            _dir(src.spec),
+            _dir(dst.spec),
             "--files-from-raw",
             list_file,
             "--no-traverse",
@@ -374,7 +425,7 @@ def copy_files(
             str(combined),
             *_COMMON_FLAGS,
         ]
-        outcome = _run_partial(args, env=_merged_env(src, dst), timeout=timeout)
+        outcome = _run_batch(args, env=_merged_env(src, dst), timeout=timeout)
         marks = _parse_combined(combined)
     report.duration_s = time.monotonic() - started
     report.returncode = outcome.returncode
@@ -385,6 +436,8 @@ def copy_files(
     identical = {path for path, mark in marks.items() if mark == "="}
     if outcome.timed_out:
         reason = f"rclone timed out after {timeout:g}s"
+    elif outcome.aborted:
+        reason = outcome.aborted
     elif log.global_errors:
         reason = log.global_errors[-1]
     elif outcome.returncode != 0:
@@ -459,7 +512,7 @@ def delete_files(
         list_file = _write_list(tmp, listed)
         args = [
             "delete",
-            target.spec,
+            _dir(target.spec),
             "--files-from-raw",
             list_file,
             "--no-traverse",
@@ -467,13 +520,15 @@ def delete_files(
             str(checkers),
             *_COMMON_FLAGS,
         ]
-        outcome = _run_partial(args, env=target.env, timeout=timeout)
+        outcome = _run_batch(args, env=target.env, timeout=timeout)
     report.duration_s = time.monotonic() - started
     report.returncode = outcome.returncode
     log = _parse_log(outcome.stderr, set(listed))
     report.stderr_tail = log.tail
     if outcome.timed_out:
         reason = f"rclone timed out after {timeout:g}s"
+    elif outcome.aborted:
+        reason = outcome.aborted
     elif log.global_errors and (outcome.returncode != 0 or not log.deleted):
         reason = log.global_errors[-1]
     elif outcome.returncode != 0:
@@ -576,7 +631,7 @@ def lsjson(
     CredentialsError, StorageUnavailableError or RcloneError (e.g. directory not found,
     unknown remote; `is_not_found(str(exc))` tells the former).
     """
-    args = ["lsjson", target.spec, "--log-level", "ERROR"]
+    args = ["lsjson", _dir(target.spec), "--log-level", "ERROR"]
     if recursive:
         args.append("-R")
     if files_only:
@@ -607,9 +662,8 @@ def lsjson(
                 if not line.startswith(b"{"):
                     continue
                 entry = json.loads(line)
-                if isinstance(entry, dict):
-                    if not files_only or not entry.get("IsDir"):
-                        yield _object_info(entry)
+                if isinstance(entry, dict) and (not files_only or not entry.get("IsDir")):
+                    yield _object_info(entry)
             proc.wait()
         finally:
             if proc.poll() is None:
@@ -653,7 +707,7 @@ def _hashsum(
 ) -> dict[str, str]:
     with tempfile.TemporaryDirectory(prefix="dlm-rclone-") as tmp:
         list_file = _write_list(tmp, files)
-        args = ["hashsum", algo, target.spec, "--files-from-raw", list_file, "--log-level", "ERROR"]
+        args = ["hashsum", algo, _dir(target.spec), "--files-from-raw", list_file, "--log-level", "ERROR"]
         if download:
             args.append("--download")
         proc = run(args, env=target.env, timeout=timeout)

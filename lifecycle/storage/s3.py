@@ -1,0 +1,379 @@
+"""A storage that is a bucket (or a prefix in one) of an S3 service, through boto3."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, NoReturn, cast
+
+from lifecycle.checksum import checksum_file, checksum_stream
+from lifecycle.errors import (
+    CredentialsError,
+    InvalidNameError,
+    SourceNotFoundError,
+    StorageError,
+    StorageUnavailableError,
+)
+from lifecycle.names import validate_name
+from lifecycle.storage.base import ObjectInfo, RcloneTarget
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REGION = "us-east-1"
+# Objects up to this size are uploaded in one PUT, so their ETag is their MD5.
+MULTIPART_THRESHOLD = 256 * 1024**2
+# rclone's metadata key for the MD5 of a multipart object (base64); we write and read it too.
+MD5_META = "md5chksum"
+
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+    "403",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+
+
+class S3Storage:
+    """Objects under `bucket/prefix` of an S3 endpoint; credentials come from environment
+    variables `<credentials_env>_ACCESS_KEY_ID` / `_SECRET_ACCESS_KEY`, read at use time."""
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        credentials_env: str | None = None,
+    ) -> None:
+        self.name = name
+        root = root.removeprefix("s3://").strip("/")
+        bucket, _, prefix = root.partition("/")
+        if not bucket:
+            raise InvalidNameError(f"storage '{name}': S3 root {root!r} names no bucket")
+        self.bucket = bucket
+        self.prefix = validate_name(prefix, what="S3 prefix") if prefix else ""
+        self.endpoint = endpoint
+        self.region = region or DEFAULT_REGION
+        self.credentials_env = credentials_env or "AWS"
+        self._client: S3Client | None = None
+        self._client_key: tuple[str, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.name!r}, {self.bucket + ('/' + self.prefix if self.prefix else '')!r})"
+
+    # ----------------------------------------------------------------- plumbing
+
+    @property
+    def _key_vars(self) -> tuple[str, str]:
+        return (f"{self.credentials_env}_ACCESS_KEY_ID", f"{self.credentials_env}_SECRET_ACCESS_KEY")
+
+    def _credentials(self) -> tuple[str, str]:
+        """Raises CredentialsError naming the variables that are not set."""
+        names = self._key_vars
+        values = [os.environ.get(n, "") for n in names]
+        missing = [n for n, v in zip(names, values, strict=True) if not v]
+        if missing:
+            raise CredentialsError(
+                f"storage '{self.name}': set {' and '.join(missing)} to reach S3"
+                + (f" at {self.endpoint}" if self.endpoint else "")
+            )
+        return values[0], values[1]
+
+    def client(self) -> S3Client:
+        """A boto3 client with the current credentials: path-style, short timeouts, few
+        retries. Raises CredentialsError if the variables are not set."""
+        key = self._credentials()
+        if self._client is None or self._client_key != key:
+            import boto3
+            from botocore.config import Config
+
+            self.close()
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint or None,
+                region_name=self.region,
+                aws_access_key_id=key[0],
+                aws_secret_access_key=key[1],
+                config=Config(
+                    connect_timeout=3,
+                    read_timeout=30,
+                    retries={"max_attempts": 2, "mode": "standard"},
+                    s3={"addressing_style": "path"},
+                    signature_version="s3v4",
+                    # Checksums only where S3 requires them: other vendors' servers may
+                    # reject the newer default CRC headers.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                ),
+            )
+            self._client_key = key
+        return self._client
+
+    def close(self) -> None:
+        """Close the client's connections (reopened on next use)."""
+        client, self._client, self._client_key = self._client, None, None
+        if client is not None:
+            client.close()
+
+    def _key(self, path: str) -> str:
+        name = validate_name(path, what="path")
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _where(self) -> str:
+        return self.endpoint or "AWS S3"
+
+    def _fail(self, exc: Exception, path: str | None = None) -> NoReturn:
+        """Raise the DLM error for a boto3/botocore exception (one line naming the cause)."""
+        from botocore import exceptions as bx
+
+        what = f"storage '{self.name}'"
+        if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+            raise CredentialsError(f"{what}: no S3 credentials: set {' and '.join(self._key_vars)}") from exc
+        if isinstance(
+            exc,
+            bx.EndpointConnectionError
+            | bx.ConnectTimeoutError
+            | bx.ReadTimeoutError
+            | bx.ConnectionClosedError
+            | bx.ProxyConnectionError
+            | bx.HTTPClientError,
+        ):
+            raise StorageUnavailableError(
+                f"{what}: S3 endpoint {self._where()} is unreachable ({type(exc).__name__})"
+            ) from exc
+        if isinstance(exc, bx.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            message = str(err.get("Message", "")) or code
+            if code in _CREDENTIAL_CODES or status == 403:
+                raise CredentialsError(
+                    f"{what}: S3 at {self._where()} rejected the credentials from "
+                    f"{'/'.join(self._key_vars)} ({code or status}"
+                    + (f": {message}" if message and message != code else "")
+                    + ")"
+                ) from exc
+            if code == "NoSuchBucket" or (path is None and code in ("404", "NotFound")):
+                raise StorageError(
+                    f"{what}: bucket {self.bucket!r} does not exist at {self._where()}"
+                ) from exc
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise SourceNotFoundError(f"{path!r} not found on storage '{self.name}'") from exc
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                raise StorageUnavailableError(
+                    f"{what}: S3 at {self._where()} is unavailable ({code}: {message})"
+                ) from exc
+            raise StorageError(f"{what}: S3 error {code}: {message}") from exc
+        if isinstance(exc, bx.BotoCoreError | ValueError):
+            raise StorageError(f"{what}: {exc}") from exc
+        raise exc
+
+    @contextlib.contextmanager
+    def _errors(self, path: str | None = None) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            self._fail(exc, path)
+
+    # ----------------------------------------------------------------- names
+
+    def resolve(self, user_path: str) -> str:
+        """The root-relative name of `s3://bucket/key` (same bucket, key under the prefix) or
+        of a key relative to the prefix. Raises InvalidNameError."""
+        if user_path.startswith("s3://"):
+            bucket, _, key = user_path[len("s3://") :].partition("/")
+            if bucket != self.bucket:
+                raise InvalidNameError(
+                    f"{user_path!r} is in bucket {bucket!r}, not in storage '{self.name}' "
+                    f"(bucket {self.bucket!r})"
+                )
+            if self.prefix:
+                if not key.startswith(self.prefix + "/"):
+                    raise InvalidNameError(
+                        f"{user_path!r} is outside storage '{self.name}' (s3://{self.bucket}/{self.prefix}/)"
+                    )
+                key = key[len(self.prefix) + 1 :]
+            user_path = key
+        try:
+            return validate_name(user_path, what="path")
+        except InvalidNameError as exc:
+            raise InvalidNameError(f"storage '{self.name}': {exc}") from exc
+
+    def _name_of(self, key: str) -> str | None:
+        rel = key[len(self.prefix) + 1 :] if self.prefix else key
+        try:
+            return validate_name(rel, what="path")
+        except InvalidNameError:
+            log.warning("storage %r: skipping object with an invalid name %r", self.name, key)
+            return None
+
+    # ----------------------------------------------------------------- operations
+
+    def check(self) -> None:
+        """HEAD the bucket. Raises CredentialsError, StorageUnavailableError, StorageError."""
+        client = self.client()
+        with self._errors():
+            client.head_bucket(Bucket=self.bucket)
+
+    def stat(self, path: str) -> ObjectInfo:
+        """Size, mtime, MD5 (single-part ETag, or rclone's md5chksum) and user metadata.
+        Raises SourceNotFoundError, CredentialsError, StorageUnavailableError, StorageError."""
+        client = self.client()
+        with self._errors(path):
+            head = client.head_object(Bucket=self.bucket, Key=self._key(path))
+        meta = dict(head.get("Metadata", {}))
+        md5 = _md5_of(str(head.get("ETag", "")), meta)
+        meta.pop(MD5_META, None)
+        return ObjectInfo(
+            path=validate_name(path, what="path"),
+            size=int(head.get("ContentLength", 0)),
+            mtime=head.get("LastModified"),
+            checksum=md5,
+            checksum_algo="md5" if md5 else None,
+            metadata=meta,
+        )
+
+    def open(self, path: str) -> BinaryIO:
+        """The object's body as a stream (close it). Raises SourceNotFoundError,
+        CredentialsError, StorageUnavailableError, StorageError."""
+        client = self.client()
+        with self._errors(path):
+            response = client.get_object(Bucket=self.bucket, Key=self._key(path))
+        return cast(BinaryIO, response["Body"])
+
+    def put(
+        self, path: str, src: Path | BinaryIO, *, metadata: Mapping[str, str] | None = None
+    ) -> ObjectInfo:
+        """Upload a file or a stream with user metadata. Raises SourceNotFoundError (src file
+        missing), CredentialsError, StorageUnavailableError, StorageError."""
+        from boto3.s3.transfer import TransferConfig
+
+        client = self.client()
+        key = self._key(path)
+        extra: dict[str, object] = {"Metadata": dict(metadata or {})}
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, use_threads=False)
+        with self._errors(path):
+            if isinstance(src, Path):
+                try:
+                    size = src.stat().st_size
+                except FileNotFoundError as exc:
+                    raise SourceNotFoundError(f"source file {src} not found") from exc
+                if size >= MULTIPART_THRESHOLD:
+                    # A multipart ETag is no MD5: record it as rclone does.
+                    digest = checksum_file(src, "md5")[0]
+                    md5_b64 = base64.b64encode(bytes.fromhex(digest)).decode()
+                    extra["Metadata"] = {**extra["Metadata"], MD5_META: md5_b64}  # type: ignore[dict-item]
+                client.upload_file(str(src), self.bucket, key, ExtraArgs=extra, Config=config)
+            else:
+                client.upload_fileobj(src, self.bucket, key, ExtraArgs=extra, Config=config)
+        return self.stat(path)
+
+    def delete(self, path: str) -> None:
+        """Absent is fine. Raises CredentialsError, StorageUnavailableError, StorageError."""
+        client = self.client()
+        with self._errors(path):
+            client.delete_object(Bucket=self.bucket, Key=self._key(path))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under the directory `prefix`, page by page (no user metadata: that
+        needs a HEAD per object). Raises CredentialsError, StorageUnavailableError,
+        StorageError."""
+        client = self.client()
+        parts = [p for p in (self.prefix, validate_name(prefix, what="path") if prefix else "") if p]
+        key_prefix = "/".join(parts) + "/" if parts else ""
+        paginator = client.get_paginator("list_objects_v2")
+        with self._errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix):
+                for obj in page.get("Contents", []):
+                    key = obj.get("Key", "")
+                    name = None if key.endswith("/") else self._name_of(key)
+                    if name is None:
+                        continue
+                    md5 = _md5_of(str(obj.get("ETag", "")), {})
+                    yield ObjectInfo(
+                        path=name,
+                        size=int(obj.get("Size", 0)),
+                        mtime=obj.get("LastModified"),
+                        checksum=md5,
+                        checksum_algo="md5" if md5 else None,
+                    )
+
+    def checksum(self, path: str, algo: str) -> str:
+        """Hex digest of the object's bytes, streamed. Raises SourceNotFoundError,
+        InvalidValueError, CredentialsError, StorageUnavailableError, StorageError."""
+        body = self.open(path)
+        try:
+            with self._errors(path):
+                return checksum_stream(body, algo)[0]
+        finally:
+            body.close()
+
+    def url(self, path: str, expires_s: int = 3600) -> str:
+        """A presigned GET URL valid for `expires_s` seconds. Raises CredentialsError."""
+        client = self.client()
+        with self._errors(path):
+            return client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self._key(path)},
+                ExpiresIn=expires_s,
+            )
+
+    def rclone_target(self) -> RcloneTarget:
+        """Remote `dlm_<name>:<bucket>/<prefix>` defined by RCLONE_CONFIG_DLM_<NAME>_* variables
+        (credentials copied from the environment now). Raises CredentialsError."""
+        access, secret = self._credentials()
+        remote = "dlm_" + self.name.replace("-", "_")
+        var = "RCLONE_CONFIG_" + remote.upper() + "_"
+        env = {
+            var + "TYPE": "s3",
+            var + "PROVIDER": "Other",
+            var + "ENV_AUTH": "false",
+            var + "ACCESS_KEY_ID": access,
+            var + "SECRET_ACCESS_KEY": secret,
+            var + "REGION": self.region,
+            var + "FORCE_PATH_STYLE": "true",
+            # DLM checks buckets itself (check()); rclone must not try to create them.
+            var + "NO_CHECK_BUCKET": "true",
+        }
+        if self.endpoint:
+            env[var + "ENDPOINT"] = self.endpoint
+        path = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return RcloneTarget(spec=f"{remote}:{path}", env=env)
+
+
+def _md5_of(etag: str, metadata: Mapping[str, str]) -> str | None:
+    """The MD5 an object's ETag or rclone's md5chksum metadata gives, if any."""
+    etag = etag.strip('"').lower()
+    if etag and "-" not in etag and len(etag) == 32:
+        return etag
+    value = metadata.get(MD5_META)
+    if value:
+        with contextlib.suppress(binascii.Error, ValueError):
+            raw = base64.b64decode(value, validate=True)
+            if len(raw) == 16:
+                return raw.hex()
+    return None
