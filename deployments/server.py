@@ -59,9 +59,10 @@ def start_local_server(
 ) -> tuple[str, subprocess.Popen[bytes]]:
     """Start `prefect server start` on 127.0.0.1 with its state under `home/prefect`.
 
-    Returns the API URL (`http://127.0.0.1:PORT/api`) and the server process, once its
-    health check answers. Raises ServerError (with the end of its log) if it exits or does
-    not answer within `timeout` seconds; the process is stopped in that case.
+    Returns the API URL (`http://127.0.0.1:PORT/api`) and the server process once its health
+    check answers; its pid goes to `home/prefect/server.pid` and its log to `server.log`.
+    Raises ServerError (with the end of its log) if it exits or does not answer within
+    `timeout` seconds; the process is stopped in that case.
     """
     prefect_home = home / "prefect"
     prefect_home.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,8 @@ def start_local_server(
             env=env,
             start_new_session=True,
         )
+    # For an operator (or a test) to find a server left behind by a `dlm serve` killed hard.
+    (prefect_home / "server.pid").write_text(f"{process.pid}\n")
     deadline = time.monotonic() + timeout
     while not healthy(url):
         if process.poll() is not None:
@@ -167,6 +170,8 @@ def local_server(home: Path, port: int | None = None) -> Iterator[str]:
             yield url
     finally:
         stop_local_server(process)
+        with suppress(OSError):
+            (home / "prefect" / "server.pid").unlink()
         if saved_home is None:
             os.environ.pop("PREFECT_HOME", None)
         else:
