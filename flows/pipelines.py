@@ -7,12 +7,15 @@ batches it ran and a markdown summary.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 from sqlmodel import col
 
 from flows.events import enable_publishing
@@ -22,7 +25,7 @@ from lifecycle.db import session_scope
 from lifecycle.models import Storage
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
-from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue
+from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue, settle_in_flight
 
 
 def _actor() -> str:
@@ -36,6 +39,26 @@ def _storage_names() -> dict[Any, str]:
         return {sid: name for sid, name in s.execute(select(col(Storage.id), col(Storage.name)))}
 
 
+SQLITE_WRITER_LIMIT = "dlm-sqlite-writer"
+
+
+@contextmanager
+def catalogue_writer() -> Iterator[None]:
+    """On SQLite, one pipeline run applies at a time (a Prefect global concurrency limit of 1,
+    shared by every process of the same Prefect server); PostgreSQL runs split work by row
+    locks instead (lifecycle.apply claims with FOR UPDATE SKIP LOCKED)."""
+    if make_url(get_settings().db_url).get_backend_name() != "sqlite":
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(SQLITE_WRITER_LIMIT, 1)
+    with concurrency(SQLITE_WRITER_LIMIT, occupy=1, strict=True):
+        yield
+
+
 def _artifact_key(pipeline: str) -> str:
     return f"dlm-{pipeline}"
 
@@ -44,9 +67,17 @@ def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | Non
     """Plan `pipeline`, then (unless dry_run) apply it: catalogue-only actions, copy batches,
     delete batches, in that order. Returns the run's report (also published as artifacts)."""
     enable_publishing()
+    actor = _actor()
+    if dry_run:
+        return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor)
+    with catalogue_writer():
+        return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor)
+
+
+def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, actor: str) -> dict[str, Any]:
     logger = get_run_logger()
     settings = get_settings()
-    actor = _actor()
+    recovered = settle_in_flight(actor) if not dry_run else {}
     plan: apply.Plan = plan_pipeline(pipeline, items)
     names = _storage_names()
     report: dict[str, Any] = {
@@ -56,6 +87,7 @@ def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | Non
         "counters": dict(plan.counters),
         "batches": [],
         "actions": _plan_rows(plan, names),
+        "recovered": recovered,
     }
     logger.info("%s plan: %s", pipeline, plan.summary())
     if dry_run:

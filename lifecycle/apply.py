@@ -18,6 +18,8 @@ deletes the files, and the rows become DELETED.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 from collections import defaultdict
@@ -26,7 +28,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import String, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
@@ -59,6 +61,11 @@ from lifecycle.storage import backend_for
 from lifecycle.storage.base import RcloneTarget
 
 SessionFactory = Callable[[], AbstractContextManager[Session]]
+
+
+def worker_id() -> str:
+    """host:pid of this process, written on the rows it holds in flight (see lifecycle.recovery)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def default_sessions() -> AbstractContextManager[Session]:
@@ -261,8 +268,23 @@ def _claim_copies(
     claims: list[_Claim] = []
     oids = list(copies)
     now = utcnow()
+    me = worker_id()
     for i in range(0, len(oids), 500):
         chunk = oids[i : i + 500]
+        if _is_postgres(session):
+            # A copy another run is claiming right now is left to it: a transaction-scoped
+            # advisory lock per (item, destination) is taken without waiting (skip-locked
+            # semantics for a row that does not exist yet); the unique index settles the rest.
+            key = func.hashtextextended(
+                func.concat(cast(col(Item.oid), String), str(batch.dst_storage_id)), 0
+            )
+            chunk = list(
+                session.scalars(
+                    select(col(Item.oid)).where(col(Item.oid).in_(chunk), func.pg_try_advisory_xact_lock(key))
+                )
+            )
+            if not chunk:
+                continue
         ok = session.execute(
             select(col(Item.oid), col(Item.checksum), col(Item.checksum_algo), col(Replica.path))
             .join(Replica, col(Replica.item_oid) == col(Item.oid))
@@ -287,6 +309,7 @@ def _claim_copies(
                     "storage_id": batch.dst_storage_id,
                     "path": c.dst_path,
                     "state": ReplicaState.COPYING.value,
+                    "claimed_by": me,
                     "created_at": now,
                     "updated_at": now,
                 }
@@ -322,9 +345,7 @@ def _claim_copies(
     return claims
 
 
-def _verify_destination(
-    target: RcloneTarget, claims: Sequence[_Claim], paths_ok: set[str]
-) -> dict[str, str]:
+def _verify_destination(target: RcloneTarget, claims: Sequence[_Claim], paths_ok: set[str]) -> dict[str, str]:
     """Compare destination checksums with the catalogue's; returns path -> error for mismatches."""
     errors: dict[str, str] = {}
     by_algo: dict[str, list[_Claim]] = defaultdict(list)
@@ -426,7 +447,7 @@ def _settle_copies(
             s.execute(
                 update(Replica)
                 .where(col(Replica.uid).in_([c.replica_uid for c in chunk]))
-                .values(state=ReplicaState.READY.value, verified_at=now, updated_at=now)
+                .values(state=ReplicaState.READY.value, verified_at=now, updated_at=now, claimed_by=None)
             )
             s.execute(
                 update(Transfer)
@@ -497,7 +518,8 @@ def _settle_copies(
 
 
 def _lock_items(session: Session, oids: Sequence[uuid.UUID]) -> None:
-    """Serialise deciders on the same items (PostgreSQL row locks; SQLite has one writer)."""
+    """Serialise the deciders on the same items (PostgreSQL row locks, taken in oid order so two
+    runs cannot deadlock; SQLite has one writer at a time)."""
     if _is_postgres(session) and oids:
         session.execute(
             select(col(Item.oid))
@@ -586,15 +608,17 @@ def apply_delete_batch(
     want = {d.replica_uid: d for d in batch.deletes}
     with sessions() as s:
         storage = s.get_one(Storage, batch.storage_id)
-        _lock_items(s, sorted({d.item_oid for d in batch.deletes}))
-        rows = s.execute(
-            select(col(Replica.uid), col(Replica.item_oid), col(Replica.state), col(Replica.path)).where(
-                col(Replica.uid).in_(list(want)),
-                col(Replica.state).in_(
-                    [ReplicaState.READY.value, ReplicaState.CORRUPTED.value, ReplicaState.DELETING.value]
-                ),
-            )
-        ).all()
+        # Replicas another run is deleting right now are skipped (FOR UPDATE SKIP LOCKED), then
+        # the items of the rest are locked so the safety check below sees a settled catalogue.
+        stmt = select(col(Replica.uid), col(Replica.item_oid), col(Replica.state), col(Replica.path)).where(
+            col(Replica.uid).in_(list(want)),
+            # not DELETING: another run holds those (a dead run's are settled by lifecycle.recovery)
+            col(Replica.state).in_([ReplicaState.READY.value, ReplicaState.CORRUPTED.value]),
+        )
+        if _is_postgres(s):
+            stmt = stmt.with_for_update(skip_locked=True)
+        rows = s.execute(stmt).all()
+        _lock_items(s, sorted({r[1] for r in rows}))
         index = StorageIndex(tuple(storage_views(s)))
         allowed, refused = _safe_to_delete(s, policy, index, [(r[0], r[1]) for r in rows], batch.expiring)
         claimed = [r for r in rows if r[0] in allowed]
@@ -603,7 +627,7 @@ def apply_delete_batch(
             s.execute(
                 update(Replica)
                 .where(col(Replica.uid).in_([r[0] for r in claimed]))
-                .values(state=ReplicaState.DELETING.value, updated_at=utcnow())
+                .values(state=ReplicaState.DELETING.value, updated_at=utcnow(), claimed_by=worker_id())
             )
         audit.record_many(
             s,
@@ -640,7 +664,7 @@ def apply_delete_batch(
             s.execute(
                 update(Replica)
                 .where(col(Replica.uid).in_(chunk))
-                .values(state=ReplicaState.DELETED.value, updated_at=now)
+                .values(state=ReplicaState.DELETED.value, updated_at=now, claimed_by=None)
             )
         freed = sum(want[u].size for u in ok)
         if freed:
@@ -651,7 +675,9 @@ def apply_delete_batch(
             )
         for uid in bad:
             s.execute(
-                update(Replica).where(col(Replica.uid) == uid).values(state=previous[uid], updated_at=now)
+                update(Replica)
+                .where(col(Replica.uid) == uid)
+                .values(state=previous[uid], updated_at=now, claimed_by=None)
             )
         audit.record_many(
             s,
@@ -788,7 +814,10 @@ def record_drained(session: Session, drained: Sequence[Drained], *, actor: str) 
         if storage is None or storage.state != StorageState.DRAINING:
             continue
         last = session.scalars(
-            select(Event).where(col(Event.storage_id) == d.storage_id).order_by(col(Event.id).desc()).limit(1)
+            select(Event)
+            .where(col(Event.storage_id) == d.storage_id, col(Event.item_oid).is_(None))
+            .order_by(col(Event.id).desc())
+            .limit(1)
         ).first()
         if last is None or last.kind != "storage.drained":
             audit.record(

@@ -168,7 +168,14 @@ class Item(ItemBase, table=True):
         CheckConstraint(check_constraint("state", ItemState), name="ck_item_state"),
         CheckConstraint(check_constraint("target_phase", Phase), name="ck_item_phase"),
         CheckConstraint(check_constraint("item_type", ItemType), name="ck_item_type"),
-        Index("ix_item_state_expires", "state", "expires_at"),
+        # partial: most items never expire, so bulk loads do not pay for this index
+        Index(
+            "ix_item_state_expires",
+            "state",
+            "expires_at",
+            sqlite_where=Column("expires_at").isnot(None),
+            postgresql_where=Column("expires_at").isnot(None),
+        ),
         Index("ix_item_created", "created_at"),
     )
 
@@ -193,8 +200,13 @@ class Replica(SQLModel, table=True):
     __table_args__ = (
         CheckConstraint(check_constraint("state", ReplicaState), name="ck_replica_state"),
         Index("ix_replica_item", "item_oid"),
-        Index("ix_replica_storage_state", "storage_id", "state"),
-        Index("ix_replica_state_expires", "state", "expires_at"),
+        Index(
+            "ix_replica_state_expires",
+            "state",
+            "expires_at",
+            sqlite_where=Column("expires_at").isnot(None),
+            postgresql_where=Column("expires_at").isnot(None),
+        ),
         Index("ix_replica_verified", "verified_at"),
         Index("ix_replica_storage_path", "storage_id", "path"),
         # At most one live copy of an item on a storage.
@@ -215,6 +227,9 @@ class Replica(SQLModel, table=True):
     state: ReplicaState = Field(default=ReplicaState.PENDING, sa_type=String(16))
     expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     verified_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # host:pid of the process that holds an in-flight row (PENDING/COPYING/DELETING), so the
+    # next run can tell a dead claim from a live one.
+    claimed_by: str | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
@@ -268,7 +283,14 @@ class Event(SQLModel, table=True):
     __table_args__ = (
         Index("ix_event_item", "item_oid"),
         Index("ix_event_ts", "ts"),
-        Index("ix_event_kind", "kind"),
+        # storage-level events only (item events carry an item_oid), for "last state change"
+        Index(
+            "ix_event_storage",
+            "storage_id",
+            "id",
+            sqlite_where=Column("item_oid").is_(None),
+            postgresql_where=Column("item_oid").is_(None),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BigIntType)

@@ -29,6 +29,9 @@ class TransferSettings(BaseModel):
     max_items_per_run: int = 100_000
     max_bytes_per_run: int = 1024**4
     retries: int = 2
+    # An in-flight row (COPYING, DELETING) untouched this long is taken as left by a dead run
+    # on another host; on this host a dead claimer's pid is noticed at once.
+    stale_after_s: int = 3600
 
 
 class RebalanceSettings(BaseModel):

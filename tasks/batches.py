@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from prefect import task
@@ -17,6 +18,8 @@ from lifecycle import apply
 from lifecycle.db import session_scope
 from lifecycle.errors import TransientError
 from lifecycle.pipelines import make_plan, policy_from
+from lifecycle.recovery import settle_in_flight as settle
+from lifecycle.settings import get_settings
 from lifecycle.states import TransferKind
 
 
@@ -29,6 +32,20 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return False
     return False
+
+
+@task(
+    name="settle-in-flight",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=transient_only,
+)
+def settle_in_flight(actor: str) -> dict[str, Any]:
+    """Settle the rows a dead run left in flight, before planning (crash recovery)."""
+    with session_scope() as s:
+        rep = settle(s, stale_after=timedelta(seconds=get_settings().transfer.stale_after_s), actor=actor)
+    return vars(rep)
 
 
 @task(

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 00:05:20.839181
+Create Date: 2026-11-22
 """
 
 from alembic import op
@@ -41,7 +41,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index('ix_event_item', 'event', ['item_oid'], unique=False)
-    op.create_index('ix_event_kind', 'event', ['kind'], unique=False)
+    op.create_index('ix_event_storage', 'event', ['storage_id', 'id'], unique=False, sqlite_where=sa.text('item_oid IS NULL'), postgresql_where=sa.text('item_oid IS NULL'))
     op.create_index('ix_event_ts', 'event', ['ts'], unique=False)
     op.create_table('item',
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(), nullable=False),
@@ -66,7 +66,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('name', 'version', name='uq_item_name_version')
     )
     op.create_index('ix_item_created', 'item', ['created_at'], unique=False)
-    op.create_index('ix_item_state_expires', 'item', ['state', 'expires_at'], unique=False)
+    op.create_index('ix_item_state_expires', 'item', ['state', 'expires_at'], unique=False, sqlite_where=sa.text('expires_at IS NOT NULL'), postgresql_where=sa.text('expires_at IS NOT NULL'))
     op.create_table('location',
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=False),
@@ -104,6 +104,7 @@ def upgrade() -> None:
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('expires_at', lifecycle.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('verified_at', lifecycle.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('claimed_by', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('created_at', lifecycle.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('updated_at', lifecycle.models.UTCDateTime(timezone=True), nullable=False),
     sa.CheckConstraint("state IN ('PENDING', 'COPYING', 'READY', 'DELETING', 'DELETED', 'CORRUPTED', 'LOST')", name='ck_replica_state'),
@@ -112,9 +113,8 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('uid')
     )
     op.create_index('ix_replica_item', 'replica', ['item_oid'], unique=False)
-    op.create_index('ix_replica_state_expires', 'replica', ['state', 'expires_at'], unique=False)
+    op.create_index('ix_replica_state_expires', 'replica', ['state', 'expires_at'], unique=False, sqlite_where=sa.text('expires_at IS NOT NULL'), postgresql_where=sa.text('expires_at IS NOT NULL'))
     op.create_index('ix_replica_storage_path', 'replica', ['storage_id', 'path'], unique=False)
-    op.create_index('ix_replica_storage_state', 'replica', ['storage_id', 'state'], unique=False)
     op.create_index('ix_replica_verified', 'replica', ['verified_at'], unique=False)
     op.create_index('uq_replica_live', 'replica', ['item_oid', 'storage_id'], unique=True, sqlite_where=sa.text("(state NOT IN ('DELETED', 'LOST'))"), postgresql_where=sa.text("(state NOT IN ('DELETED', 'LOST'))"))
     op.create_table('transfer',
@@ -151,18 +151,17 @@ def downgrade() -> None:
     op.drop_table('transfer')
     op.drop_index('uq_replica_live', table_name='replica', sqlite_where=sa.text("(state NOT IN ('DELETED', 'LOST'))"), postgresql_where=sa.text("(state NOT IN ('DELETED', 'LOST'))"))
     op.drop_index('ix_replica_verified', table_name='replica')
-    op.drop_index('ix_replica_storage_state', table_name='replica')
     op.drop_index('ix_replica_storage_path', table_name='replica')
-    op.drop_index('ix_replica_state_expires', table_name='replica')
+    op.drop_index('ix_replica_state_expires', table_name='replica', sqlite_where=sa.text('expires_at IS NOT NULL'), postgresql_where=sa.text('expires_at IS NOT NULL'))
     op.drop_index('ix_replica_item', table_name='replica')
     op.drop_table('replica')
     op.drop_table('storage')
     op.drop_table('location')
-    op.drop_index('ix_item_state_expires', table_name='item')
+    op.drop_index('ix_item_state_expires', table_name='item', sqlite_where=sa.text('expires_at IS NOT NULL'), postgresql_where=sa.text('expires_at IS NOT NULL'))
     op.drop_index('ix_item_created', table_name='item')
     op.drop_table('item')
     op.drop_index('ix_event_ts', table_name='event')
-    op.drop_index('ix_event_kind', table_name='event')
+    op.drop_index('ix_event_storage', table_name='event', sqlite_where=sa.text('item_oid IS NULL'), postgresql_where=sa.text('item_oid IS NULL'))
     op.drop_index('ix_event_item', table_name='event')
     op.drop_table('event')
     op.drop_table('dataset')
