@@ -11,6 +11,9 @@ from lifecycle.errors import InvalidNameError
 MAX_NAME_LENGTH = 1024
 MAX_SEGMENT_LENGTH = 255
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Slashes that NFKC does not map to '/' or '\\' but that look like one (fraction, division, big
+# solidus, box-drawing diagonals): a name holding one would read as a different path.
+_SLASH_LOOKALIKES = frozenset("\u2044\u2215\u2571\u2572\u29f5\u29f8\u29f9")
 
 
 def validate_slug(value: str, *, what: str = "name") -> str:
@@ -26,8 +29,9 @@ def validate_name(name: str, *, what: str = "item name") -> str:
     """A relative, normalised, path-like name; raises InvalidNameError if it could escape a root.
 
     Refuses: empty names, absolute paths, '..' or '.' segments, empty segments, backslashes,
-    NUL and other control characters, names over 1024 characters or segments over 255, and
-    names that are not in Unicode NFC form (lookalike spellings of the same name).
+    NUL and other control characters, names over 1024 characters or segments over 255,
+    names that are not in Unicode NFC form (lookalike spellings of the same name), and
+    lookalikes of path syntax: slashes such as U+FF0F or U+2215, segments such as U+FF0E U+FF0E.
     """
     shown = repr(name[:80]) + ("..." if len(name) > 80 else "")
     if not name:
@@ -41,6 +45,12 @@ def validate_name(name: str, *, what: str = "item name") -> str:
             )
     if unicodedata.normalize("NFC", name) != name:
         raise InvalidNameError(f"invalid {what} {shown}: not in Unicode NFC form")
+    if not name.isascii():
+        for ch in name:
+            if ch in _SLASH_LOOKALIKES or (
+                not ch.isascii() and {"/", "\\"} & set(unicodedata.normalize("NFKC", ch))
+            ):
+                raise InvalidNameError(f"invalid {what} {shown}: U+{ord(ch):04X} looks like a path separator")
     if "\\" in name:
         raise InvalidNameError(f"invalid {what} {shown}: contains a backslash")
     if name.startswith("/"):
@@ -50,6 +60,11 @@ def validate_name(name: str, *, what: str = "item name") -> str:
         if part in ("", ".", ".."):
             raise InvalidNameError(
                 f"invalid {what} {shown}: '..', '.' and empty path segments are not allowed"
+            )
+        if not part.isascii() and unicodedata.normalize("NFKC", part) in (".", ".."):
+            raise InvalidNameError(
+                f"invalid {what} {shown}: segment {part!r} looks like "
+                f"{unicodedata.normalize('NFKC', part)!r} (U+{ord(part[0]):04X})"
             )
         if len(part) > MAX_SEGMENT_LENGTH:
             raise InvalidNameError(
