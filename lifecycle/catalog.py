@@ -269,16 +269,19 @@ def plan_ingest(
                 files = sorted(p for p in base.rglob("*") if p.is_file())
                 if not files:
                     raise SourceNotFoundError(f"directory {raw} holds no files")
-                prefix = name or base.name
+                prefix = name if name is not None else base.name
                 for f in files:
                     rel = f.relative_to(base).as_posix()
                     sources.append(IngestSource(validate_name(f"{prefix}/{rel}"), "", f))
+            elif not local.is_file():  # a FIFO or a device: reading it would block or never end
+                raise InvalidValueError(f"{raw} is not a regular file")
             else:
-                sources.append(IngestSource(validate_name(name or local.name), "", local.resolve()))
+                name_v = validate_name(name if name is not None else local.name)
+                sources.append(IngestSource(name_v, "", local.resolve()))
         else:
             rel = backend.resolve(raw)
             backend.stat(rel)  # raises SourceNotFoundError
-            sources.append(IngestSource(validate_name(name or rel), rel))
+            sources.append(IngestSource(validate_name(name if name is not None else rel), rel))
     seen: set[str] = set()
     for s in sources:
         if s.name in seen:
@@ -459,7 +462,7 @@ def list_items(
     Raises InvalidFilterError.
     """
     stmt = select(Item)
-    if where:
+    if where is not None:  # "" is an empty filter (an error), not "no filter"
         from lifecycle.query import compile_filter
 
         stmt = stmt.where(compile_filter(where))
@@ -472,7 +475,7 @@ def list_items(
 def iter_items(session: Session, *, where: str | None = None, chunk: int = 5000) -> Iterator[Item]:
     """Every matching item, streamed. Raises InvalidFilterError."""
     stmt = select(Item)
-    if where:
+    if where is not None:
         from lifecycle.query import compile_filter
 
         stmt = stmt.where(compile_filter(where))
@@ -641,13 +644,14 @@ class Status:
 
 def status(session: Session) -> Status:
     """Storages with usage, items by state and by target phase, items below their target."""
-    rep_counts = dict(
-        session.execute(
+    rep_counts: dict[uuid.UUID, int] = {
+        sid: int(n)
+        for sid, n in session.execute(
             select(col(Replica.storage_id), func.count())
             .where(col(Replica.state).in_(LIVE_REPLICA_STATES))
             .group_by(col(Replica.storage_id))
         ).all()
-    )
+    }
     storages = []
     for s in session.scalars(select(Storage).order_by(col(Storage.name))):
         loc = session.get(Location, s.location_id) if s.location_id else None
