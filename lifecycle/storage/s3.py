@@ -192,12 +192,19 @@ class S3Storage:
 
     @contextlib.contextmanager
     def _errors(self, path: str | None = None) -> Iterator[None]:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             yield
         except (BotoCoreError, ClientError) as exc:
             self._fail(exc, path)
+        except S3UploadFailedError as exc:
+            # boto3's transfer manager re-raises a failed upload's ClientError as this.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, BotoCoreError | ClientError):
+                self._fail(cause, path)
+            raise StorageError(f"storage '{self.name}': {exc}") from exc
 
     # ----------------------------------------------------------------- names
 
