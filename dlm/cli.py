@@ -99,9 +99,11 @@ def parse_meta(pairs: list[str] | None, meta_json: Path | None) -> dict[str, Any
         if len(raw) > MAX_META_BYTES:
             raise InvalidMetadataError(f"--meta-json {meta_json} is larger than 1 MiB")
         try:
-            doc = json.loads(raw)
+            doc = json.loads(raw, parse_constant=_no_constant)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidMetadataError(f"--meta-json {meta_json} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidMetadataError(f"--meta-json {meta_json} is nested too deeply") from None
         if not isinstance(doc, dict):
             raise InvalidMetadataError(
                 f"--meta-json {meta_json} must hold a JSON object, not {type(doc).__name__}"
@@ -114,7 +116,27 @@ def parse_meta(pairs: list[str] | None, meta_json: Path | None) -> dict[str, Any
                 f"invalid --meta {pair[:80]!r}: use key=value with a key of letters, digits, _ . -"
             )
         meta[key] = _scalar(value)
+    _check_text(meta)
     return meta
+
+
+def _no_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
+def _check_text(meta: dict[str, Any]) -> None:
+    """Refuse NUL and unpaired surrogates in metadata keys and text: the catalogue cannot store them."""
+    stack: list[Any] = [meta]
+    while stack:  # not recursive: a document may nest as deep as json.loads allows
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack += list(value) + list(value.values())
+        elif isinstance(value, list):
+            stack += value
+        elif isinstance(value, str):
+            bad = next((c for c in value if c == "\x00" or "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:
+                raise InvalidMetadataError(f"invalid metadata text {value[:40]!r}: contains U+{ord(bad):04X}")
 
 
 def _fail(message: str, code: int) -> None:
@@ -206,7 +228,7 @@ def storage_add(
         endpoint=endpoint,
         region=region,
         credentials_env=credentials_env,
-        capacity_bytes=parse_size(capacity) if capacity else None,
+        capacity_bytes=parse_size(capacity) if capacity is not None else None,
         tier=_enum(tier, Tier, "tier"),
         location=location,
         trust_stored_checksums=trust_checksums,
@@ -334,7 +356,7 @@ def ingest(
     if not storage:
         raise InvalidValueError("--storage is required")
     phase_v = _enum(phase, Phase, "phase")
-    life = parse_duration(lifetime) if lifetime else None
+    life = parse_duration(lifetime) if lifetime is not None else None
     meta_v = parse_meta(meta, meta_json)
     who = owner or catalog.current_actor()
     if from_list is not None:
@@ -524,7 +546,12 @@ def items_set_expiry(
 
     if sum(x is not None and x is not False for x in (lifetime, at, never or None)) != 1:
         raise InvalidValueError("give exactly one of --lifetime, --at or --never")
-    expires = None if never else parse_timestamp(at) if at else utcnow() + parse_duration(lifetime or "")
+    if never:
+        expires = None
+    elif at is not None:
+        expires = parse_timestamp(at)
+    else:
+        expires = utcnow() + parse_duration(lifetime or "")
     with catalogue() as s:
         item = catalog.set_expiry(s, ref, expires, actor=catalog.current_actor())
         label = f"{item.name} v{item.version}"
@@ -620,8 +647,10 @@ def run(
     report = FLOWS[pipeline](dry_run=dry_run)
     if json_:
         render.print_json(report)
-        return
-    render_report(report)
+    else:
+        render_report(report)
+    if report.get("failed"):
+        raise SystemExit(1)  # some transfers or deletions failed: the next run retries them
 
 
 def render_report(report: dict[str, Any]) -> None:

@@ -71,17 +71,18 @@ def announce_items_ready(oids: Sequence[str]) -> bool:
     if not url or not oids:
         return False
     try:
-        from prefect.events import emit_event
-        from prefect.events.worker import EventsWorker
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        import httpx
+        from prefect.events import Event
 
-        with temporary_settings({PREFECT_API_URL: url}):
-            for oid in oids[:MAX_PER_COMMIT]:
-                emit_event(
-                    event="dlm.item.ready",
-                    resource={"prefect.resource.id": f"dlm.item.{oid}", "dlm.item.oid": oid},
-                )
-            EventsWorker.drain_all(timeout=10)
-        return True
+        events = [
+            Event(
+                event="dlm.item.ready",
+                resource={"prefect.resource.id": f"dlm.item.{oid}", "dlm.item.oid": oid},
+            ).model_dump(mode="json")
+            for oid in oids[:MAX_PER_COMMIT]
+        ]
+        # one HTTP request for all of them: the websocket events client needs seconds to drain
+        response = httpx.post(f"{url.rstrip('/')}/events", json=events, timeout=10)
+        return response.status_code < 300
     except Exception:
         return False

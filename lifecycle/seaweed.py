@@ -61,6 +61,7 @@ class SeaweedServer:
         self.secret_key = secret_key or secrets.token_hex(16)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+        self._ports: list[int] = []
         self.s3_port = 0
 
     @property
@@ -86,7 +87,9 @@ class SeaweedServer:
                 }
             )
         )
-        ports = [_free_port_pair() for _ in range(4)]
+        # a restart keeps its ports, so catalogued endpoints stay valid
+        ports = self._ports or [_free_port_pair() for _ in range(4)]
+        self._ports = ports
         master, volume, filer, s3 = ports
         self.s3_port = s3
         args = [
