@@ -1,0 +1,417 @@
+"""Reconcile compares what a storage holds with the catalogue: unknown objects, lost and resized copies.
+
+The catalogue side (path -> size, replica, state of every tracked copy on the storage) is
+loaded into one dict; the storage's listing (ONE `rclone lsjson -R`, streamed) is matched
+against it entry by entry and never held, so memory is one catalogue dict whatever the
+storage holds. Then:
+
+- an object nobody tracks is *unknown*: reported, and with `adopt` registered in bulk
+  (lifecycle.bulk, one Event each) as a READY item named after its path, with its size, its
+  MD5 (the storage's own where it keeps one, else computed by reading it) and the object's
+  user metadata as the item's metadata (the object is the source of truth; rclone's system
+  keys such as mtime or content-type are dropped);
+- a READY or CORRUPTED copy whose object is absent from a complete listing is LOST
+  (`replica.lost`); a READY copy whose object has another size is CORRUPTED
+  (`replica.corrupted`); both are returned for repair (lifecycle.verify's repair path);
+- DLM's own temporary objects (rclone `.partial` files, `.dlm-tmp-*`, `.dlm-checkout-*`) and
+  objects of in-flight rows are left alone.
+
+Nothing is marked LOST unless the listing completed: a listing that fails raises and changes
+no copy's state.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlmodel import col
+
+from lifecycle import bulk, rclone
+from lifecycle.apply import SessionFactory, default_sessions
+from lifecycle.catalog import get_storage
+from lifecycle.errors import ConflictError, InvalidNameError, StorageError
+from lifecycle.models import Item, Replica, Storage, utcnow
+from lifecycle.names import validate_name
+from lifecycle.states import ItemState, Phase, ReplicaState, StorageState
+from lifecycle.storage import backend_for
+from lifecycle.storage.base import ObjectInfo, RcloneTarget
+from lifecycle.verify import (
+    Check,
+    ReplicaChange,
+    apply_replica_changes,
+    list_files,
+    native_hashes,
+    settle_items,
+)
+
+__all__ = [
+    "SYSTEM_METADATA",
+    "ReconcileResult",
+    "UnknownObject",
+    "is_temporary",
+    "reconcile_storage",
+    "user_metadata",
+]
+
+# Metadata rclone reports for local files and S3 objects that is the system's, not the user's.
+SYSTEM_METADATA = frozenset(
+    {
+        "atime",
+        "mtime",
+        "btime",
+        "mode",
+        "uid",
+        "gid",
+        "rdev",
+        "content-type",
+        "content-encoding",
+        "content-language",
+        "content-disposition",
+        "cache-control",
+        "tier",
+        "md5chksum",
+    }
+)
+_TEMPORARY = re.compile(r"(^|/)\.dlm-(tmp|checkout)-|\.partial$")
+_JUDGED = (ReplicaState.READY.value, ReplicaState.CORRUPTED.value)
+_TRACKED = (
+    ReplicaState.PENDING.value,
+    ReplicaState.COPYING.value,
+    ReplicaState.READY.value,
+    ReplicaState.DELETING.value,
+    ReplicaState.CORRUPTED.value,
+)
+_CHUNK = 500
+
+
+def is_temporary(path: str) -> bool:
+    """Whether an object is one of DLM's (or rclone's) temporary files."""
+    return bool(_TEMPORARY.search(path))
+
+
+def user_metadata(metadata: dict[str, Any]) -> dict[str, str]:
+    """The user's keys of an object's rclone metadata (S3 x-amz-meta-* keys come without prefix)."""
+    return {str(k): str(v) for k, v in metadata.items() if str(k).lower() not in SYSTEM_METADATA}
+
+
+@dataclass
+class UnknownObject:
+    """An object on the storage that no catalogue copy tracks."""
+
+    path: str
+    size: int
+    checksum: str | None = None  # MD5 as the listing gave it, if it did
+    item_oid: uuid.UUID | None = None  # set once adopted
+    note: str = ""  # why it was not adopted
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "size": self.size,
+            "md5": self.checksum or "",
+            "adopted as": str(self.item_oid) if self.item_oid else "",
+            "note": self.note,
+        }
+
+
+@dataclass
+class ReconcileResult:
+    """What one reconcile of one storage found and did."""
+
+    storage: str
+    dry_run: bool = False
+    adopt: bool = False
+    listed: int = 0
+    listed_bytes: int = 0
+    matched: int = 0  # tracked copies found with the right size
+    in_flight: int = 0  # objects of PENDING/COPYING/DELETING rows
+    reappeared: int = 0  # objects back at LOST copies' paths (verify checks them)
+    ignored: int = 0  # DLM's temporary files
+    unknown: int = 0
+    unknown_bytes: int = 0
+    unknown_objects: list[UnknownObject] = field(default_factory=list)  # the first report_limit
+    adopted: int = 0
+    lost: int = 0
+    corrupted: int = 0
+    items_corrupted: int = 0
+    missing: int = 0  # tracked copies absent (dry run: would be LOST)
+    resized: int = 0  # tracked copies of another size (dry run: would be CORRUPTED)
+    damaged: list[uuid.UUID] = field(default_factory=list)  # LOST or CORRUPTED now: repair them
+    duration_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("unknown_objects", "damaged")}
+
+
+def _load_catalogue(sessions: SessionFactory, storage_id: uuid.UUID) -> dict[str, tuple[int, uuid.UUID, str]]:
+    """path -> (item size, replica uid, state) of every tracked copy on the storage, plus the
+    LOST copies of live items whose path no tracked copy uses."""
+    known: dict[str, tuple[int, uuid.UUID, str]] = {}
+    with sessions() as s:
+        result = s.execute(
+            select(col(Replica.path), col(Item.size), col(Replica.uid), col(Replica.state))
+            .join(Item, col(Item.oid) == col(Replica.item_oid))
+            .where(
+                col(Replica.storage_id) == storage_id,
+                col(Replica.state).in_([*_TRACKED, ReplicaState.LOST.value]),
+            )
+            .execution_options(yield_per=10_000)
+        )
+        for path, size, uid, state in result:
+            if state == ReplicaState.LOST.value and path in known:
+                continue
+            known[path] = (int(size), uid, str(state))
+    return known
+
+
+def reconcile_storage(
+    name: str,
+    *,
+    sessions: SessionFactory = default_sessions,
+    actor: str = "dlm",
+    adopt: bool = False,
+    dry_run: bool = False,
+    phase: Phase = Phase.GAS,
+    report_limit: int = 1000,
+    chunk: int = 1000,
+    timeout: float | None = None,
+) -> ReconcileResult:
+    """List storage `name` and compare it with the catalogue (see the module docstring).
+
+    With dry_run nothing changes: unknown objects are reported, lost and resized copies
+    counted. Adopted items get target phase `phase`.
+
+    Raises StorageNotFoundError; ConflictError if the storage is offline or retired;
+    CredentialsError, StorageUnavailableError or RcloneError if the listing fails (then no
+    copy changed state; objects adopted before the failure stay adopted).
+    """
+    started = time.monotonic()
+    with sessions() as s:
+        storage = get_storage(s, name)
+        s.expunge(storage)
+    if storage.state in (StorageState.OFFLINE, StorageState.RETIRED):
+        raise ConflictError(f"storage {name!r} is {storage.state}: it cannot be listed")
+    result = ReconcileResult(storage.name, dry_run=dry_run, adopt=adopt)
+    target = backend_for(storage).rclone_target()
+    known = _load_catalogue(sessions, storage.id)
+    resized: list[tuple[uuid.UUID, int, int]] = []  # uid, catalogue size, found size
+    pending: list[ObjectInfo] = []
+    listing = rclone.lsjson(target, hash=bool(native_hashes(storage)), hash_types=("md5",), timeout=timeout)
+    for info in listing:
+        result.listed += 1
+        result.listed_bytes += info.size
+        if is_temporary(info.path):
+            result.ignored += 1
+            continue
+        entry = known.pop(info.path, None)
+        if entry is None:
+            pending.append(info)
+            if len(pending) >= chunk:
+                _unknown(
+                    sessions,
+                    storage,
+                    target,
+                    pending,
+                    result,
+                    actor,
+                    adopt and not dry_run,
+                    phase,
+                    report_limit,
+                )
+                pending = []
+            continue
+        size, uid, state = entry
+        if state == ReplicaState.LOST.value:
+            result.reappeared += 1
+        elif state not in _JUDGED:
+            result.in_flight += 1
+        elif info.size != size and state == ReplicaState.READY.value:
+            resized.append((uid, size, info.size))
+        else:
+            result.matched += 1
+    if pending:
+        _unknown(
+            sessions, storage, target, pending, result, actor, adopt and not dry_run, phase, report_limit
+        )
+    missing = [uid for _, (_, uid, state) in known.items() if state in _JUDGED]
+    known.clear()
+    result.missing, result.resized = len(missing), len(resized)
+    if not dry_run and (missing or resized):
+        _settle(sessions, storage, missing, resized, result, actor)
+    result.duration_s = time.monotonic() - started
+    return result
+
+
+def _settle(
+    sessions: SessionFactory,
+    storage: Storage,
+    missing: Sequence[uuid.UUID],
+    resized: Sequence[tuple[uuid.UUID, int, int]],
+    result: ReconcileResult,
+    actor: str,
+) -> None:
+    """Missing copies LOST, resized ones CORRUPTED (guarded by the state they were listed in)."""
+    found_size = {uid: (want, got) for uid, want, got in resized}
+    uids = [*missing, *found_size]
+    base = {"storage": storage.name, "found_by": "reconcile"}
+    for i in range(0, len(uids), _CHUNK):
+        chunk = uids[i : i + _CHUNK]
+        with sessions() as s:
+            rows = s.execute(
+                select(
+                    col(Replica.uid),
+                    col(Replica.item_oid),
+                    col(Replica.path),
+                    col(Replica.state),
+                    col(Item.size),
+                    col(Item.checksum),
+                    col(Item.checksum_algo),
+                )
+                .join(Item, col(Item.oid) == col(Replica.item_oid))
+                .where(col(Replica.uid).in_(chunk), col(Replica.state).in_(_JUDGED))
+            ).all()
+            changes: list[ReplicaChange] = []
+            for uid, oid, path, state, size, checksum, algo in rows:
+                check = Check(
+                    uid, oid, storage.id, path, int(size), checksum or "", algo or "md5", ReplicaState(state)
+                )
+                if uid in found_size:
+                    if state != ReplicaState.READY.value:
+                        continue
+                    want, got = found_size[uid]
+                    details = {**base, "path": path, "expected_size": want, "found_size": got}
+                    changes.append(ReplicaChange(check, ReplicaState.CORRUPTED, "replica.corrupted", details))
+                else:
+                    changes.append(
+                        ReplicaChange(
+                            check, ReplicaState.LOST, "replica.lost", {**base, "path": path}, -int(size)
+                        )
+                    )
+            applied = apply_replica_changes(s, changes, storage_id=storage.id, actor=actor, now=utcnow())
+            for ch in applied:
+                if ch.to == ReplicaState.LOST:
+                    result.lost += 1
+                else:
+                    result.corrupted += 1
+                result.damaged.append(ch.check.replica_uid)
+            corrupted, _ = settle_items(s, {ch.check.item_oid for ch in applied}, actor=actor)
+            result.items_corrupted += corrupted
+
+
+def _unknown(
+    sessions: SessionFactory,
+    storage: Storage,
+    target: RcloneTarget,
+    objects: Sequence[ObjectInfo],
+    result: ReconcileResult,
+    actor: str,
+    adopt: bool,
+    phase: Phase,
+    report_limit: int,
+) -> None:
+    """Report one chunk of unknown objects; with adopt, register the adoptable ones in bulk."""
+    found = [UnknownObject(o.path, o.size, o.checksum if o.checksum_algo == "md5" else None) for o in objects]
+    result.unknown += len(found)
+    result.unknown_bytes += sum(o.size for o in found)
+    room = max(0, report_limit - len(result.unknown_objects))
+    result.unknown_objects += found[:room]
+    if adopt:
+        _adopt(sessions, storage, target, found, result, actor, phase)
+
+
+def _adopt(
+    sessions: SessionFactory,
+    storage: Storage,
+    target: RcloneTarget,
+    objects: Sequence[UnknownObject],
+    result: ReconcileResult,
+    actor: str,
+    phase: Phase,
+) -> None:
+    """Register unknown objects as READY items: ONE lsjson (metadata and MD5) for the chunk,
+    one `hashsum --download` for objects whose MD5 the storage does not keep, one bulk insert."""
+    by_path: dict[str, UnknownObject] = {}
+    for o in objects:
+        try:
+            validate_name(o.path, what="item name")
+        except InvalidNameError as exc:
+            o.note = f"not adoptable: {exc}"
+            continue
+        by_path[o.path] = o
+    if not by_path:
+        return
+    with sessions() as s:  # a copy may have been claimed at one of these paths since the listing
+        taken = set(
+            s.execute(
+                select(col(Replica.path)).where(
+                    col(Replica.storage_id) == storage.id,
+                    col(Replica.path).in_(list(by_path)),
+                    col(Replica.state) != ReplicaState.DELETED.value,
+                )
+            ).scalars()
+        )
+    for path in taken:
+        by_path.pop(path).note = "tracked since the listing"
+    try:
+        entries = list_files(target, list(by_path), metadata=True, hash_type="md5")
+        md5 = {p: str((e.get("Hashes") or {}).get("md5") or "") for p, e in entries.items()}
+        unhashed = [p for p, h in md5.items() if not h]
+        if unhashed:
+            md5.update(rclone.hashsum(target, unhashed, "md5", download=True))
+    except StorageError as exc:
+        for o in by_path.values():
+            o.note = f"not adopted: {exc}"
+        return
+    lines = []
+    for path, o in by_path.items():
+        entry = entries.get(path)
+        if entry is None or not md5.get(path):
+            o.note = "gone, or unreadable, since the listing"
+            continue
+        size = entry.get("Size")
+        o.size = size if isinstance(size, int) and size >= 0 else o.size
+        o.checksum = md5[path].lower()
+        meta = entry.get("Metadata")
+        lines.append(
+            orjson.dumps(
+                {
+                    "name": path,
+                    "path": path,
+                    "size": o.size,
+                    "checksum": o.checksum,
+                    "checksum_algo": "md5",
+                    "metadata": user_metadata(meta if isinstance(meta, dict) else {}),
+                }
+            )
+        )
+    if not lines:
+        return
+    source = io.StringIO(b"\n".join(lines).decode() + "\n")
+    with sessions() as s:
+        row = s.get_one(Storage, storage.id)
+        done = bulk.register_from_list(s, storage=row, source=source, fmt="jsonl", phase=phase, actor=actor)
+        adopted: dict[str, uuid.UUID] = {
+            path: oid
+            for path, oid in s.execute(
+                select(col(Replica.path), col(Replica.item_oid))
+                .join(Item, col(Item.oid) == col(Replica.item_oid))
+                .where(
+                    col(Replica.storage_id) == storage.id,
+                    col(Replica.path).in_(list(by_path)),
+                    col(Replica.state) == ReplicaState.READY.value,
+                    col(Item.state) == ItemState.READY.value,
+                )
+            )
+        }
+    result.adopted += done.count
+    for path, o in by_path.items():
+        if path in adopted and not o.note:
+            o.item_oid = adopted[path]
