@@ -151,6 +151,9 @@ _IN_FLIGHT = frozenset({ReplicaState.PENDING, ReplicaState.COPYING})
 _TIER_PREFERENCE = {Tier.HOT: 3, Tier.WARM: 2, Tier.COLD: 1, Tier.ARCHIVE: 0}
 _SOURCE_TIER_RANK = {Tier.HOT: 0, Tier.WARM: 1, Tier.COLD: 2, Tier.ARCHIVE: 3}
 _NO_ACTIONS: tuple[Action, ...] = ()
+# Members bound once: the hot loops compare against these (enum attribute lookups cost).
+_READY = ReplicaState.READY
+_ITEM_READY = ItemState.READY
 
 
 def _due(when: datetime | None, now: datetime | None) -> bool:
@@ -279,7 +282,7 @@ class _Planner:
         occupied: set[int] = set()
         for r in replicas:
             st = r.state
-            if st == ReplicaState.DELETED or st == ReplicaState.LOST:
+            if st in _GONE:
                 continue
             p = pos_get(r.storage_id)
             if p is None:
@@ -287,10 +290,10 @@ class _Planner:
             occupied.add(p)
             if exclude_tiers and storages[p].tier in exclude_tiers:
                 continue
-            if st == ReplicaState.READY:
+            if st == _READY:
                 if intact[p]:
                     have.add(p)
-            elif (st == ReplicaState.PENDING or st == ReplicaState.COPYING) and online[p]:
+            elif st in _IN_FLIGHT and online[p]:
                 have.add(p)
         return have, occupied
 
@@ -392,7 +395,10 @@ class _Planner:
 
 
 def _live_unexpired(item: ItemView, now: datetime | None) -> bool:
-    return item.state == ItemState.READY and not _due(item.expires_at, now)
+    if item.state != _ITEM_READY:
+        return False
+    expires_at = item.expires_at
+    return expires_at is None or now is None or expires_at > now
 
 
 # --------------------------------------------------------------------------- replicate
@@ -478,8 +484,10 @@ class MigratePlanner(_Planner):
                 actions.append(SetPhase(item.oid, target, f"aging rule [{raised_by}] matured"))
         keep, occupied = self._have_and_occupied(group.replicas, drop)
         online = index.online
-        if not all(online[p] for p in keep):
-            keep = {p for p in keep if online[p]}
+        for p in keep:
+            if not online[p]:
+                keep = {p for p in keep if online[p]}
+                break
         sources: list[tuple[int, ReplicaView]] | None = None
         if not index.meets(policy, target, keep):
             sources = self._sources(group.replicas)
