@@ -1,0 +1,106 @@
+"""Times DLM's replicate flow on 4 files of 256 MiB, posix to S3, against bare rclone with its flags."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.cases.replicate_small import (
+    CREDS,
+    bare_rclone,
+    build_catalogue,
+    environ,
+    make_files,
+    prefect_server,
+    ready_on,
+    run_replicate,
+    s3_server,
+    s3_target,
+    same_bytes,
+)
+
+FILES = 4
+FILE_SIZE = 256 * 1024 * 1024
+TARGET_VS_RCLONE = 1.1
+
+
+def run(scale: float) -> list[dict[str, Any]]:
+    from lifecycle.settings import get_settings, reset_settings
+    from tests.rig import fresh_postgres_database
+
+    size = max(1 << 20, int(FILE_SIZE * scale))
+    with tempfile.TemporaryDirectory(prefix="dlm-bench-large-") as tmp_name:
+        tmp = Path(tmp_name)
+        src_root = tmp / "src"
+        payloads = make_files(src_root, FILES, size)
+        names = [p.name for p in payloads]
+        with (
+            s3_server(tmp / "weed") as server,
+            fresh_postgres_database("dlm_bench") as url,
+            environ(
+                {
+                    "DLM_DATABASE_URL": url,
+                    "DLM_HOME": str(tmp / "home"),
+                    f"{CREDS}_ACCESS_KEY_ID": server.access_key,
+                    f"{CREDS}_SECRET_ACCESS_KEY": server.secret_key,
+                }
+            ),
+        ):
+            reset_settings()
+            t = get_settings().transfer
+            estate = build_catalogue(url, server, src_root, "bench-dlm", "dlm", payloads)
+            server.create_bucket("bench-ref")
+            # The flags DLM's copy_files passes that change what is moved or how (its logging
+            # and report flags aside); DLM also hashes the copies afterwards, bare rclone does not.
+            flags = [
+                "--no-traverse",
+                "--checksum",
+                "--transfers",
+                str(t.transfers),
+                "--checkers",
+                str(t.checkers),
+            ]
+            bare_rclone(src_root, s3_target(server, "bench-ref", "warmup"), names[:1], flags)
+            bare_before = bare_rclone(src_root, s3_target(server, "bench-ref", "bare1"), names, flags)
+            with prefect_server() as startup_s:
+                dlm_s, _, report = run_replicate()
+            bare_after = bare_rclone(src_root, s3_target(server, "bench-ref", "bare2"), names, flags)
+            ready = ready_on(url, estate.s3_storage_id)
+            intact = same_bytes(server, estate, payloads)
+        reset_settings()
+
+    bare = (bare_before + bare_after) / 2
+    total = FILES * size
+    err = next((b["first error"] for b in report["batches"] if b.get("first error")), "")
+    copy_s = max((b["seconds"] for b in report["batches"] if b["kind"] == "copy"), default=0.0)
+    return [
+        {
+            "case": "replicate_large",
+            "backend": "dlm-flow",
+            "metrics": {
+                "files": FILES,
+                "mib_each": size / 2**20,
+                "seconds": dlm_s,
+                "mib_per_s": total / 2**20 / dlm_s,
+                "copy_and_verify_s": copy_s,
+                "prefect_startup_s": startup_s,
+                "ready_s3_replicas": ready,
+                "failed_copies": report.get("failed", 0),
+            },
+            "reference": (
+                f"bare `rclone copy SRC DST --files-from LIST {' '.join(flags)}` (DLM's copy flags) of the "
+                f"same files to a fresh prefix, mean of one run before DLM's and one after "
+                f"({bare_before:.2f} s, {bare_after:.2f} s); copy_and_verify_s is DLM's batch (rclone copy "
+                f"+ hashsum); Prefect start-up ({startup_s:.1f} s) is not in DLM's time"
+            ),
+            "reference_value": bare,
+            "ratio": dlm_s / bare,
+            "targets": {
+                f"DLM / bare rclone <= {TARGET_VS_RCLONE}": dlm_s / bare <= TARGET_VS_RCLONE,
+                "no failed copies" + (f" (first error: {err})" if err else ""): not report.get("failed"),
+                f"all {FILES} items have a READY S3 replica": ready == FILES,
+                "every object matches byte for byte": intact,
+            },
+        }
+    ]
