@@ -36,6 +36,9 @@ MIN_VERSION = (1, 65)
 # rclone's names of the hashes DLM can ask for (lifecycle.checksum.ALGORITHMS minus blake2b).
 HASHES = ("md5", "sha1", "sha256")
 _TAIL_CHARS = 4000
+# "Copied (new)", "Moved ...", and for files over rclone's multi-thread cutoff (256 MiB)
+# "Multi-thread Copied (new)".
+_DONE = re.compile(r"^(Multi-thread )?(Copied|Moved)")
 _MAX_REASON = 500
 
 # Flags every batch command shares: fail fast on a dead endpoint, no high-level retries
@@ -228,7 +231,7 @@ def _run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: f
                 if not isinstance(entry, dict) or "object" not in entry:
                     continue
                 msg = str(entry.get("msg", ""))
-                if msg.startswith(("Copied", "Moved", "Deleted")):
+                if _DONE.match(msg) or msg.startswith("Deleted"):
                     successes += 1
                 elif entry.get("level") in ("error", "critical"):
                     if successes == 0 and error_class(msg) is not RcloneError:
@@ -326,7 +329,7 @@ def _parse_log(stderr: bytes, listed: set[str]) -> _Log:
         if isinstance(obj, str) and obj in listed:
             if level in ("error", "critical"):
                 log.errors.setdefault(obj, _one_line(msg))
-            elif msg.startswith(("Copied", "Moved")):
+            elif _DONE.match(msg):
                 size = entry.get("size")
                 log.done[obj] = size if isinstance(size, int) else 0
             elif msg.startswith("Deleted"):

@@ -303,3 +303,15 @@ def test_rclone_storage_on_an_s3_remote_defined_by_env(
     assert remote.checksum("seed.bin", "md5") == hashlib.md5(b"seed").hexdigest()
     remote.delete("seed.bin")
     assert [o.path for o in s3.list()] == ["new/obj.bin"]
+
+
+def test_copy_files_large_file_multi_thread_copy_is_reported(tmp_path: Path, rclone_path: str) -> None:
+    """Over rclone's multi-thread cutoff (256 MiB) the log says 'Multi-thread Copied': still a success."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    with open(src / "big.bin", "wb") as f:
+        f.truncate(300 * 1024 * 1024)
+    report = rclone.copy_files(RcloneTarget(str(src)), RcloneTarget(str(dst)), ["big.bin"])
+    assert report.ok == {"big.bin"} and not report.failed
+    assert (dst / "big.bin").stat().st_size == 300 * 1024 * 1024
