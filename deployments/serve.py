@@ -47,6 +47,16 @@ def build_deployments(settings: Settings | None = None) -> list[RunnerDeployment
         )
         for name, flow in FLOWS.items()
     ]
+    from flows.integrity import verify
+
+    deployments.append(
+        verify.to_deployment(
+            name="verify",
+            cron=crons.verify,
+            tags=TAGS,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+    )
     deployments.append(
         FLOWS["replicate"].to_deployment(
             name=ON_READY,

@@ -628,29 +628,73 @@ def datasets_delete(name: str) -> None:
 
 # --------------------------------------------------------------------------- pipelines
 
-PIPELINE_NAMES = ("replicate", "migrate", "expire", "rebalance")
+PIPELINE_NAMES = ("replicate", "migrate", "expire", "rebalance", "verify", "reconcile")
 
 
 @app.command()
 def run(
-    pipeline: Annotated[str, typer.Argument(help="replicate, migrate, expire or rebalance")],
+    pipeline: Annotated[
+        str, typer.Argument(help="replicate, migrate, expire, rebalance, verify or reconcile")
+    ],
     dry_run: Annotated[bool, typer.Option(help="print the plan and change nothing")] = False,
+    storage: Annotated[
+        str | None, typer.Option(help="verify: only this storage; reconcile: the storage (required)")
+    ] = None,
+    budget: Annotated[str | None, typer.Option(help="verify: bytes to re-read, e.g. 10GiB")] = None,
+    adopt: Annotated[bool, typer.Option(help="reconcile: register unknown objects as items")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Run one pipeline now (plan, then apply in batches) and print what it did."""
     if pipeline not in PIPELINE_NAMES:
         raise InvalidValueError(f"unknown pipeline {pipeline!r}: use one of {', '.join(PIPELINE_NAMES)}")
-    with catalogue():
-        pass
-    from flows.pipelines import FLOWS
+    if pipeline not in ("verify", "reconcile") and (storage or budget or adopt):
+        raise InvalidValueError("--storage, --budget and --adopt apply to verify and reconcile only")
+    if budget is not None:
+        parse_size(budget)
+    with catalogue() as s:
+        if storage:
+            catalog.get_storage(s, storage)
+    if pipeline == "verify":
+        from flows.integrity import verify
 
-    report = FLOWS[pipeline](dry_run=dry_run)
+        report = verify(storage=storage, budget=budget, dry_run=dry_run)
+        failed = bool(report.get("repair_failed") or report.get("unreadable"))
+    elif pipeline == "reconcile":
+        if not storage:
+            raise InvalidValueError("reconcile needs --storage NAME")
+        from flows.integrity import reconcile
+
+        report = reconcile(storage=storage, adopt=adopt, dry_run=dry_run)
+        failed = bool(report.get("repair_failed"))
+    else:
+        from flows.pipelines import FLOWS
+
+        report = FLOWS[pipeline](dry_run=dry_run)
+        failed = bool(report.get("failed"))
     if json_:
         render.print_json(report)
+    elif pipeline in ("verify", "reconcile"):
+        render_integrity(pipeline, report)
     else:
         render_report(report)
-    if report.get("failed"):
-        raise SystemExit(1)  # some transfers or deletions failed: the next run retries them
+    if failed:
+        raise SystemExit(1)  # some transfers, deletions or reads failed: the next run retries them
+
+
+def render_integrity(pipeline: str, report: dict[str, Any]) -> None:
+    """Counters, batches, repairs and unknown objects of a verify or reconcile run."""
+    skip = {"batches", "repairs", "unknown_objects", "pipeline", "dry_run"}
+    counters = {k: v for k, v in report.items() if k not in skip and isinstance(v, int | float | str | bool)}
+    title = pipeline + (" (dry run: nothing changed)" if report.get("dry_run") else "")
+    render.out.print(f"[bold]{title}[/]: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    for key, heading in (
+        ("batches", "Batches"),
+        ("repairs", "Repairs"),
+        ("unknown_objects", "Unknown objects"),
+    ):
+        rows = report.get(key) or []
+        if rows and isinstance(rows[0], dict):
+            render.table(heading, list(rows[0]), [tuple(r.values()) for r in rows])
 
 
 def render_report(report: dict[str, Any]) -> None:

@@ -16,8 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.events import enable_publishing
-from flows.pipelines import _actor, _storage_names
-from lifecycle import audit
+from flows.pipelines import run_actor, storage_names
 from lifecycle import verify as verify_core
 from lifecycle.apply import BatchResult
 from lifecycle.catalog import status
@@ -33,20 +32,9 @@ from tasks.integrity import (
     verify_replicas,
 )
 
-# Integrity events that lifecycle.audit.PUBLISHED_KINDS does not list yet (see the report to
-# the lead): without them an automation could not react to a repair.
-_INTEGRITY_KINDS = {
-    "replica.corrupted",
-    "replica.lost",
-    "replica.repaired",
-    "item.corrupted",
-    "item.repaired",
-}
-
 
 def _enable_publishing() -> None:
     enable_publishing()
-    audit.PUBLISHED_KINDS.update(_INTEGRITY_KINDS)
 
 
 def _budget(budget: int | str | None) -> int:
@@ -125,10 +113,10 @@ def verify(
     `repair`, copy intact bytes over them. `dry_run` only says what would be read."""
     _enable_publishing()
     logger = get_run_logger()
-    actor = _actor()
+    actor = run_actor()
     budget_bytes = _budget(budget)
     t = get_settings().transfer
-    names = _storage_names()
+    names = storage_names()
     selection, batches = select_replicas(
         budget_bytes, [storage] if storage else None, t.batch_files, t.batch_bytes
     )
@@ -233,8 +221,8 @@ def reconcile(
     nothing."""
     _enable_publishing()
     logger = get_run_logger()
-    actor = _actor()
-    names = _storage_names()
+    actor = run_actor()
+    names = storage_names()
     found = reconcile_storage(storage, actor, adopt, dry_run)
     failures: list[str] = []
     report: dict[str, Any] = {"pipeline": "reconcile", **found.summary()}

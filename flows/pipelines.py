@@ -28,13 +28,13 @@ from lifecycle.units import format_size
 from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue, settle_in_flight
 
 
-def _actor() -> str:
+def run_actor() -> str:
     name = flow_run.get_flow_name() or "dlm"
     run = flow_run.get_name() or ""
     return f"flow:{name}/{run}" if run else f"flow:{name}"
 
 
-def _storage_names() -> dict[Any, str]:
+def storage_names() -> dict[Any, str]:
     with session_scope() as s:
         return {sid: name for sid, name in s.execute(select(col(Storage.id), col(Storage.name)))}
 
@@ -67,7 +67,7 @@ def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | Non
     """Plan `pipeline`, then (unless dry_run) apply it: catalogue-only actions, copy batches,
     delete batches, in that order. Returns the run's report (also published as artifacts)."""
     enable_publishing()
-    actor = _actor()
+    actor = run_actor()
     if dry_run:
         return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor)
     with catalogue_writer():
@@ -79,7 +79,7 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
     settings = get_settings()
     recovered = settle_in_flight(actor) if not dry_run else {}
     plan: apply.Plan = plan_pipeline(pipeline, items)
-    names = _storage_names()
+    names = storage_names()
     report: dict[str, Any] = {
         "pipeline": pipeline,
         "dry_run": dry_run,

@@ -29,6 +29,8 @@ PUBLISHED_KINDS = {
     "replica.deleted",
     "replica.corrupted",
     "replica.lost",
+    "replica.repaired",
+    "item.repaired",
     "transfer.failed",
     "storage.drained",
 }

@@ -39,6 +39,10 @@ class RebalanceSettings(BaseModel):
     low_water: float = 0.70
 
 
+class VerifySettings(BaseModel):
+    budget_bytes: int = 100 * 1024**3  # bytes re-read per verify run
+
+
 class ScheduleSettings(BaseModel):
     replicate: str = "*/5 * * * *"
     expire: str = "0 * * * *"
@@ -58,6 +62,7 @@ class Settings(BaseSettings):
     transfer: TransferSettings = Field(default_factory=TransferSettings)
     rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
+    verify: VerifySettings = Field(default_factory=VerifySettings)
 
     @property
     def db_url(self) -> str:

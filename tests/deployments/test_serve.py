@@ -30,6 +30,7 @@ SERVED = {
     "migrate/migrate",
     "expire/expire",
     "rebalance/rebalance",
+    "verify/verify",
     f"replicate/{ON_READY}",
 }
 TEMPLATE = "{{ event.resource.id }}"
@@ -52,10 +53,13 @@ def test_build_deployments_has_every_pipeline_on_its_configured_cron(monkeypatch
         "migrate/migrate": ["0 3 * * *"],
         "expire/expire": ["15 */2 * * *"],
         "rebalance/rebalance": ["30 * * * *"],
+        "verify/verify": ["0 4 * * *"],
         f"replicate/{ON_READY}": [],
     }
     # Module entrypoints: the runs import the installed package, whatever the working directory.
-    assert {d.entrypoint for d in deps.values()} == {f"flows.pipelines.{n}" for n in FLOWS}
+    assert {d.entrypoint for d in deps.values()} == {f"flows.pipelines.{n}" for n in FLOWS} | {
+        "flows.integrity.verify"
+    }
     assert all(not d.triggers for name, d in deps.items() if name != f"replicate/{ON_READY}")
 
 
@@ -135,7 +139,7 @@ def test_prefect_yaml_loads_in_prefect_and_its_entrypoints_are_the_flows(
         flow = load_flow_from_entrypoint(d["entrypoint"])
         assert isinstance(flow, Flow)
         assert flow.name == d["entrypoint"].rsplit(":", 1)[1]
-        assert flow.name in FLOWS
+        assert flow.name in FLOWS or flow.name == "verify"
 
 
 # --------------------------------------------------------------------------- dlm serve, end to end
