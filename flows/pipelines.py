@@ -39,24 +39,27 @@ def storage_names() -> dict[Any, str]:
         return {sid: name for sid, name in s.execute(select(col(Storage.id), col(Storage.name)))}
 
 
-SQLITE_WRITER_LIMIT = "dlm-sqlite-writer"
-
-
 @contextmanager
 def catalogue_writer() -> Iterator[None]:
-    """On SQLite, one pipeline run applies at a time (a Prefect global concurrency limit of 1,
-    shared by every process of the same Prefect server); PostgreSQL runs split work by row
-    locks instead (lifecycle.apply claims with FOR UPDATE SKIP LOCKED)."""
-    if make_url(get_settings().db_url).get_backend_name() != "sqlite":
+    """On SQLite, one pipeline run applies at a time: an exclusive lock on `<catalogue>.writer`
+    (fcntl.flock) that the kernel releases when the run ends or dies, so a killed run never
+    blocks the next one. PostgreSQL runs split the work by row locks instead (lifecycle.apply).
+
+    (A Prefect global concurrency limit was the first choice, but a killed run's slot stays
+    leased until the server's repossessor frees it, and Prefect's test server never does.)
+    """
+    url = make_url(get_settings().db_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         yield
         return
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
+    import fcntl
 
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(SQLITE_WRITER_LIMIT, 1)
-    with concurrency(SQLITE_WRITER_LIMIT, occupy=1, strict=True):
-        yield
+    with open(f"{url.database}.writer", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _artifact_key(pipeline: str) -> str:

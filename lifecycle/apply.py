@@ -290,6 +290,7 @@ def _claim_copies(
             .join(Replica, col(Replica.item_oid) == col(Item.oid))
             .where(
                 col(Item.oid).in_(chunk),
+                col(Replica.item_oid).in_(chunk),  # keeps the plan good without statistics
                 col(Item.state) == ItemState.READY.value,
                 col(Replica.storage_id) == batch.src_storage_id,
                 col(Replica.state) == ReplicaState.READY.value,

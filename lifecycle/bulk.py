@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel
 
@@ -58,6 +58,8 @@ _EVENT_COLUMNS = "ts, kind, item_oid, replica_uid, storage_id, actor, details"
 _Row = tuple[
     str, str, int, str | None, str | None, str | None, datetime | None, str | None, dict[str, Any] | None, int
 ]
+
+ANALYZE_AFTER = 10_000  # rows registered in one call before the tables are re-analyzed
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,11 @@ def register_from_list(
         )
         if storage in session:
             session.expire(storage, ["used_bytes"])
+    if writer.count >= ANALYZE_AFTER and session.get_bind().dialect.name == "postgresql":
+        # Fresh statistics, so the first pipeline run after a big load gets good plans even
+        # where autovacuum is slow or off (ANALYZE is allowed inside the transaction).
+        session.execute(text("ANALYZE item"))
+        session.execute(text("ANALYZE replica"))
     return BulkResult(
         count=writer.count,
         ready=writer.ready,

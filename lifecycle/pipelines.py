@@ -32,6 +32,7 @@ from lifecycle.snapshot import (
     shedding_storages,
     storage_views,
 )
+from lifecycle.states import StorageState
 
 PIPELINES = ("replicate", "migrate", "expire", "rebalance")
 
@@ -67,7 +68,7 @@ def make_plan(
     max_bytes = max_bytes if max_bytes is not None else settings.transfer.max_bytes_per_run
     storages = storage_views(session)
     index = StorageIndex(storages)
-    paths = PathIndex()
+    paths = PathIndex(storages=[s.id for s in storages if s.state == StorageState.ONLINE])
     if pipeline == "replicate":
         planner: ReplicatePlanner | MigratePlanner | ExpirePlanner | RebalancePlanner = ReplicatePlanner(
             policy, now=now, path_owner=paths

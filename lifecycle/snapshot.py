@@ -83,6 +83,8 @@ class PathIndex:
     """(storage_id, path) -> oid of the live replica there, for the chunk being planned."""
 
     owners: dict[tuple[uuid.UUID, str], uuid.UUID] = field(default_factory=dict)
+    # the storages a copy may go to (only their paths can collide)
+    storages: list[uuid.UUID] = field(default_factory=list)
 
     def __call__(self, storage_id: uuid.UUID, path: str) -> uuid.UUID | None:
         return self.owners.get((storage_id, path))
@@ -137,7 +139,10 @@ def stream_groups(
             path_index.owners.clear()
             for sid, path, oid in session.execute(
                 select(col(Replica.storage_id), col(Replica.path), col(Replica.item_oid)).where(
-                    col(Replica.path).in_(paths), col(Replica.state).in_(LIVE_REPLICA_STATES)
+                    # (storage_id, path) leads the index ix_replica_storage_path
+                    col(Replica.storage_id).in_(path_index.storages),
+                    col(Replica.path).in_(paths),
+                    col(Replica.state).in_(LIVE_REPLICA_STATES),
                 )
             ):
                 path_index.owners[(sid, path)] = oid
@@ -154,31 +159,45 @@ def _required(policy: Policy) -> Any:
     )
 
 
-def _copy_stats() -> Any:
-    """Per item: copies that count (READY on online/draining, or in flight to online storages),
-    distinct locations among them, and whether one is on a cold or archive tier."""
-    counts = and_(
-        col(Storage.state).in_(_INTACT_STORAGE),
-        or_(
-            col(Replica.state) == ReplicaState.READY.value,
-            and_(
-                col(Replica.state).in_([ReplicaState.PENDING.value, ReplicaState.COPYING.value]),
-                col(Storage.state) == StorageState.ONLINE.value,
-            ),
+def _copy_stats(storages: Sequence[StorageView]) -> Any:
+    """Per item: copies that count (READY on online/draining storages, or in flight to online
+    ones), distinct locations among them, and whether one is on a cold or archive tier.
+
+    The storages are few, so their facts go into the query as literal id lists and a CASE
+    (no join with the storage table): one hash aggregate over the replica rows."""
+    intact = [s.id for s in storages if s.state in (StorageState.ONLINE, StorageState.DRAINING)]
+    online = [s.id for s in storages if s.state == StorageState.ONLINE]
+    cold = [s.id for s in intact_views(storages) if s.tier in COLD_TIERS]
+    sid = col(Replica.storage_id)
+    counts = or_(
+        and_(col(Replica.state) == ReplicaState.READY.value, sid.in_(intact)),
+        and_(
+            col(Replica.state).in_([ReplicaState.PENDING.value, ReplicaState.COPYING.value]),
+            sid.in_(online),
         ),
     )
+    located = [(sid == s.id, s.location) for s in storages if s.location is not None]
+    location = case(*located, else_=None) if located else literal(None)
     return (
         select(
             col(Replica.item_oid).label("item_oid"),
             func.count().label("n"),
-            func.count(func.distinct(col(Storage.location_id))).label("n_loc"),
-            func.max(case((col(Storage.tier).in_([t.value for t in COLD_TIERS]), 1), else_=0)).label("cold"),
+            func.count(func.distinct(location)).label("n_loc"),
+            func.max(case((sid.in_(cold), 1), else_=0)).label("cold") if cold else literal(0).label("cold"),
         )
-        .join(Storage, col(Storage.id) == col(Replica.storage_id))
-        .where(counts)
+        .where(
+            col(Replica.state).in_(
+                [ReplicaState.READY.value, ReplicaState.PENDING.value, ReplicaState.COPYING.value]
+            ),
+            counts,
+        )
         .group_by(col(Replica.item_oid))
         .subquery()
     )
+
+
+def intact_views(storages: Sequence[StorageView]) -> list[StorageView]:
+    return [s for s in storages if s.state in (StorageState.ONLINE, StorageState.DRAINING)]
 
 
 def replicate_groups(
@@ -193,7 +212,7 @@ def replicate_groups(
 ) -> Iterator[ItemGroup]:
     """READY, unexpired items whose counted copies are fewer than their phase needs, or SOLID
     items short of a second location or a cold copy (where those exist)."""
-    stats = _copy_stats()
+    stats = _copy_stats(index.storages)
     n = func.coalesce(stats.c.n, 0)
     below: ColumnElement[bool] = n < _required(policy)
     solid_extra = []
@@ -257,12 +276,17 @@ def migrate_groups(
         and_(compile_rule(rule.where), col(Item.created_at) <= now - rule.older_than) for rule in policy.rules
     ]
     ready = (
-        select(func.count())
-        .select_from(Replica)
-        .where(col(Replica.item_oid) == col(Item.oid), col(Replica.state) == ReplicaState.READY.value)
-        .scalar_subquery()
+        select(col(Replica.item_oid).label("item_oid"), func.count().label("n"))
+        .where(col(Replica.state) == ReplicaState.READY.value)
+        .group_by(col(Replica.item_oid))
+        .subquery()
     )
-    candidates = [ready > _required(policy), *matchers]
+    surplus = col(Item.oid).in_(
+        select(ready.c.item_oid)
+        .join(Item, col(Item.oid) == ready.c.item_oid)
+        .where(ready.c.n > _required(policy))
+    )
+    candidates = [surplus, *matchers]
     where = and_(col(Item.state) == ItemState.READY.value, or_(*candidates))
     return stream_groups(session, where, rule_matchers=matchers, limit=limit, path_index=path_index)
 
