@@ -72,8 +72,6 @@ def get_engine(url: str | None = None) -> Engine:
     return engine
 
 
-
-
 def dispose_engines() -> None:
     """Close every cached engine's connections and forget the engines (tests, forked workers)."""
     for engine in list(_ENGINES.values()):
