@@ -558,6 +558,46 @@ def items_set_expiry(
     render.out.print(f"{label}: expires {render.when(expires) if expires else 'never'}")
 
 
+@items_app.command("delete")
+def items_delete(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@vN or OID")],
+    yes: Annotated[bool, typer.Option("--yes", help="confirm: every copy is deleted now")] = False,
+) -> None:
+    """Delete an item now: every copy goes, the item stays as a DELETED tombstone."""
+    from lifecycle.apply import delete_item_now
+    from lifecycle.pipelines import policy_from
+
+    with catalogue() as s:
+        item = catalog.get_item(s, ref)
+        oid, label = item.oid, f"{item.name} v{item.version}"
+    if not yes:
+        raise InvalidValueError(f"deleting {label} removes every copy: add --yes to confirm")
+    results = delete_item_now(oid, policy=policy_from(), actor=catalog.current_actor())
+    failed = sum(r.failed for r in results)
+    render.out.print(
+        f"{label}: deleted {sum(r.done for r in results)} copies" + (f", {failed} failed" if failed else "")
+    )
+    if failed:
+        raise SystemExit(1)
+
+
+@app.command()
+def url(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@vN or OID")],
+    expires: Annotated[str, typer.Option(help="how long a presigned URL is valid, e.g. 1h")] = "1h",
+) -> None:
+    """A URL to fetch an item's best intact copy (presigned for S3)."""
+    from lifecycle.checkout import best_sources
+    from lifecycle.storage import backend_for
+
+    seconds = int(parse_duration(expires).total_seconds())
+    with catalogue() as s:
+        item = catalog.get_item(s, ref)
+        [src] = best_sources(s, [item])
+        link = backend_for(src.storage).url(src.path, seconds)
+    render.out.print(link, markup=False, soft_wrap=True)
+
+
 # --------------------------------------------------------------------------- datasets
 
 

@@ -830,3 +830,41 @@ def record_drained(session: Session, drained: Sequence[Drained], *, actor: str) 
             )
         names.append(storage.name)
     return names
+
+
+def delete_item_now(
+    oid: uuid.UUID,
+    *,
+    policy: Policy,
+    sessions: SessionFactory = default_sessions,
+    actor: str = "user",
+    reason: str = "deleted by user",
+) -> list[BatchResult]:
+    """An explicit delete: the item goes EXPIRED, every copy is deleted (one rclone process per
+    storage), and the item row stays as a DELETED tombstone once no copy is left.
+
+    Raises ItemNotFoundError, PolicyViolationError (already deleted).
+    """
+    from lifecycle.errors import ItemNotFoundError, PolicyViolationError
+
+    with sessions() as s:
+        item = s.get(Item, oid)
+        if item is None:
+            raise ItemNotFoundError(f"no item {oid}")
+        if item.state == ItemState.DELETED:
+            raise PolicyViolationError(f"{item.name} v{item.version} is already deleted")
+        mark_expired(s, [ExpireItem(oid, reason)], actor=actor)
+        reps = s.scalars(
+            select(Replica).where(
+                col(Replica.item_oid) == oid,
+                col(Replica.state).in_([ReplicaState.READY.value, ReplicaState.CORRUPTED.value]),
+            )
+        ).all()
+        deletes = [DeleteReplica(r.uid, oid, r.storage_id, r.path, item.size, reason) for r in reps]
+    results = [
+        apply_delete_batch(b, policy=policy, sessions=sessions, actor=actor)
+        for b in batch_deletes(deletes, max_files=1000, expiring=[oid])
+    ]
+    with sessions() as s:
+        finish_expired(s, actor=actor)
+    return results

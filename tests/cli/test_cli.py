@@ -194,6 +194,27 @@ def test_set_phase_and_expiry(dlm, estate: Path) -> None:
     assert [e["kind"] for e in shown["events"]][-2:] == ["item.phase_changed", "item.expiry_changed"]
 
 
+def test_delete_item_leaves_tombstone_and_url(dlm, estate: Path) -> None:
+    import urllib.request
+
+    dlm("ingest", "-s", "disk-a", "--upload", str(estate / "src" / "f1.dat"), "--name", "gone.dat")
+    link = dlm("url", "gone.dat").out.strip()
+    assert link.startswith("file://")
+    with urllib.request.urlopen(link) as f:
+        assert f.read() == (estate / "src" / "f1.dat").read_bytes()
+    r = dlm("items", "delete", "gone.dat", "--yes")
+    assert r.code == 0, r.err
+    assert "deleted 1 copies" in r.out
+    assert not (estate / "disk-a" / "gone.dat").exists()
+    shown = json.loads(dlm("items", "show", "gone.dat", "--json").out)
+    assert shown["state"] == "DELETED"
+    assert [x["state"] for x in shown["replicas"]] == ["DELETED"]
+    assert {"item.expired", "replica.deleted", "item.deleted"} <= {e["kind"] for e in shown["events"]}
+    assert json.loads(dlm("storage", "show", "disk-a", "--json").out)["used_bytes"] == 0
+    again = dlm("items", "delete", "gone.dat", "--yes")
+    assert again.code != 0 and "already deleted" in again.err
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -229,6 +250,8 @@ BAD = [
     (["items", "set-phase", "nothing-here", "GAS"], "no item"),
     (["datasets", "create", "d", "--where", "size >"], "invalid filter"),
     (["datasets", "show", "nope"], "unknown dataset"),
+    (["items", "delete", "existing"], "--yes"),
+    (["url", "nothing-here"], "no item"),
 ]
 
 
