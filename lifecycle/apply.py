@@ -33,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
 from lifecycle import audit, rclone
+from lifecycle.batching import cut
 from lifecycle.db import session_scope
 from lifecycle.errors import DLMError
 from lifecycle.models import Event, Item, Replica, Storage, Transfer, utcnow
@@ -47,7 +48,7 @@ from lifecycle.planner import (
     Shortfall,
 )
 from lifecycle.policy import Policy, ReplicaView, StorageIndex, phase_satisfied
-from lifecycle.snapshot import _item_view, storage_views
+from lifecycle.snapshot import ITEM_COLUMNS, _item_view, storage_views
 from lifecycle.states import (
     LIVE_ITEM_STATES,
     ItemState,
@@ -165,22 +166,16 @@ class DeleteBatch:
 
 def batch_copies(copies: Sequence[Copy], *, max_files: int, max_bytes: int) -> list[CopyBatch]:
     """Group copies by (source, destination) storage, then cut at max_files or max_bytes."""
-    groups: dict[tuple[uuid.UUID, uuid.UUID], list[Copy]] = defaultdict(list)
-    for c in copies:
-        groups[(c.src_storage_id, c.dst_storage_id)].append(c)
-    batches: list[CopyBatch] = []
-    for (src, dst), group in groups.items():
-        current: list[Copy] = []
-        size = 0
-        for c in group:
-            if current and (len(current) >= max_files or size + c.size > max_bytes):
-                batches.append(CopyBatch(src, dst, tuple(current)))
-                current, size = [], 0
-            current.append(c)
-            size += c.size
-        if current:
-            batches.append(CopyBatch(src, dst, tuple(current)))
-    return batches
+    return [
+        CopyBatch(src, dst, batch)
+        for (src, dst), batch in cut(
+            copies,
+            key=lambda c: (c.src_storage_id, c.dst_storage_id),
+            size=lambda c: c.size,
+            max_files=max_files,
+            max_bytes=max_bytes,
+        )
+    ]
 
 
 def batch_deletes(
@@ -552,20 +547,7 @@ def _safe_to_delete(
     refused: dict[uuid.UUID, str] = {}
     oids = list(by_item)
     items = {
-        r[0]: _item_view(r)
-        for r in session.execute(
-            select(
-                col(Item.oid),
-                col(Item.name),
-                col(Item.version),
-                col(Item.size),
-                col(Item.target_phase),
-                col(Item.state),
-                col(Item.expires_at),
-                col(Item.created_at),
-                col(Item.checksum),
-            ).where(col(Item.oid).in_(oids))
-        )
+        r[0]: _item_view(r) for r in session.execute(select(*ITEM_COLUMNS).where(col(Item.oid).in_(oids)))
     }
     reps: dict[uuid.UUID, list[ReplicaView]] = defaultdict(list)
     for r in session.execute(

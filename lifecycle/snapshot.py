@@ -59,7 +59,7 @@ def storage_views(session: Session) -> list[StorageView]:
     ]
 
 
-_ITEM_COLS = (
+ITEM_COLUMNS = (
     col(Item.oid),
     col(Item.name),
     col(Item.version),
@@ -106,7 +106,7 @@ def stream_groups(
     are loaded into it before the chunk is yielded (the planners ask it for collisions).
     """
     rule_cols = [case((m, literal(True)), else_=literal(False)) for m in rule_matchers]
-    stmt = select(*_ITEM_COLS, *rule_cols)
+    stmt = select(*ITEM_COLUMNS, *rule_cols)
     if where is not None:
         stmt = stmt.where(where)
     stmt = stmt.order_by(*order_by, col(Item.oid))

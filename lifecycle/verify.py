@@ -38,6 +38,7 @@ from sqlmodel import Session, col
 
 from lifecycle import audit, rclone
 from lifecycle.apply import BatchResult, SessionFactory, default_sessions
+from lifecycle.batching import cut
 from lifecycle.catalog import get_storage
 from lifecycle.errors import DLMError, InvalidValueError, StorageError
 from lifecycle.models import Item, Replica, Storage, Transfer, utcnow
@@ -224,22 +225,16 @@ def select_checks(
 
 def batch_checks(checks: Sequence[Check], *, max_files: int, max_bytes: int) -> list[VerifyBatch]:
     """Group checks by (storage, algorithm), then cut at max_files or max_bytes."""
-    groups: dict[tuple[uuid.UUID, str], list[Check]] = defaultdict(list)
-    for c in checks:
-        groups[(c.storage_id, c.algo)].append(c)
-    batches: list[VerifyBatch] = []
-    for (sid, algo), group in groups.items():
-        current: list[Check] = []
-        size = 0
-        for c in group:
-            if current and (len(current) >= max_files or size + c.size > max_bytes):
-                batches.append(VerifyBatch(sid, algo, tuple(current)))
-                current, size = [], 0
-            current.append(c)
-            size += c.size
-        if current:
-            batches.append(VerifyBatch(sid, algo, tuple(current)))
-    return batches
+    return [
+        VerifyBatch(sid, algo, batch)
+        for (sid, algo), batch in cut(
+            checks,
+            key=lambda c: (c.storage_id, c.algo),
+            size=lambda c: c.size,
+            max_files=max_files,
+            max_bytes=max_bytes,
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- rclone helpers

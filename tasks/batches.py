@@ -11,36 +11,16 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from lifecycle import apply
 from lifecycle.db import session_scope
-from lifecycle.errors import TransientError
 from lifecycle.pipelines import make_plan, policy_from
 from lifecycle.recovery import settle_in_flight as settle
 from lifecycle.settings import get_settings
 from lifecycle.states import TransferKind
+from tasks.common import dlm_task
 
 
-def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a task only when it failed with a TransientError (a timeout, a storage briefly gone)."""
-    try:
-        state.result()
-    except TransientError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@task(
-    name="settle-in-flight",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("settle-in-flight", retry_delay_seconds=2)
 def settle_in_flight(actor: str) -> dict[str, Any]:
     """Settle the rows a dead run left in flight, before planning (crash recovery)."""
     with session_scope() as s:
@@ -48,14 +28,7 @@ def settle_in_flight(actor: str) -> dict[str, Any]:
     return vars(rep)
 
 
-@task(
-    name="plan",
-    task_run_name="plan-{pipeline}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("plan", task_run_name="plan-{pipeline}", retry_delay_seconds=2)
 def plan_pipeline(pipeline: str, only: Sequence[str] | None = None) -> apply.Plan:
     """Read the catalogue and plan the pipeline (changes nothing)."""
     oids = [uuid.UUID(o) for o in only] if only else None
@@ -63,14 +36,7 @@ def plan_pipeline(pipeline: str, only: Sequence[str] | None = None) -> apply.Pla
         return make_plan(s, pipeline, only=oids)
 
 
-@task(
-    name="copy-batch",
-    task_run_name="copy-{names[0]}-to-{names[1]}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("copy-batch", task_run_name="copy-{names[0]}-to-{names[1]}")
 def copy_batch(
     batch: apply.CopyBatch,
     names: tuple[str, str],
@@ -86,26 +52,13 @@ def copy_batch(
     )
 
 
-@task(
-    name="delete-batch",
-    task_run_name="delete-on-{name}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("delete-batch", task_run_name="delete-on-{name}")
 def delete_batch(batch: apply.DeleteBatch, name: str, actor: str) -> apply.BatchResult:
     """One batch of deletions on one storage, one rclone process, re-checked against policy."""
     return apply.apply_delete_batch(batch, policy=policy_from(), actor=actor)
 
 
-@task(
-    name="settle-catalogue",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("settle-catalogue", retry_delay_seconds=2)
 def settle_catalogue(plan: apply.Plan, actor: str, stage: str) -> dict[str, Any]:
     """Catalogue-only actions: expiries before deletion ('before'), tombstones, phase changes,
     refusals and drained storages after ('after')."""

@@ -9,22 +9,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from lifecycle import reconcile, verify
 from lifecycle.apply import BatchResult
 from lifecycle.db import session_scope
-from tasks.batches import transient_only
+from tasks.common import dlm_task
 
 
-@task(
-    name="select-replicas",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("select-replicas", retry_delay_seconds=2)
 def select_replicas(
     budget_bytes: int, storages: Sequence[str] | None, max_files: int, max_bytes: int
 ) -> tuple[verify.Selection, list[verify.VerifyBatch]]:
@@ -34,26 +25,13 @@ def select_replicas(
     return selection, verify.batch_checks(selection.checks, max_files=max_files, max_bytes=max_bytes)
 
 
-@task(
-    name="verify-replicas",
-    task_run_name="verify-on-{name}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("verify-replicas", task_run_name="verify-on-{name}")
 def verify_replicas(batch: verify.VerifyBatch, name: str, actor: str) -> verify.VerifyResult:
     """One batch, one `rclone hashsum`: compare, then settle matches, corruptions and losses."""
     return verify.verify_batch(batch, actor=actor)
 
 
-@task(
-    name="plan-repairs",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("plan-repairs", retry_delay_seconds=2)
 def plan_repairs(
     replica_uids: Sequence[uuid.UUID], max_files: int, max_bytes: int
 ) -> tuple[list[verify.RepairBatch], dict[uuid.UUID, str]]:
@@ -62,14 +40,7 @@ def plan_repairs(
         return verify.plan_repairs(s, replica_uids, max_files=max_files, max_bytes=max_bytes)
 
 
-@task(
-    name="repair-replicas",
-    task_run_name="repair-{names[0]}-to-{names[1]}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("repair-replicas", task_run_name="repair-{names[0]}-to-{names[1]}")
 def repair_replicas(
     batch: verify.RepairBatch,
     names: tuple[str, str],
@@ -82,14 +53,7 @@ def repair_replicas(
     return verify.repair_batch(batch, actor=actor, run_id=run_id, transfers=transfers, checkers=checkers)
 
 
-@task(
-    name="reconcile-storage",
-    task_run_name="reconcile-{name}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=5,
-    retry_condition_fn=transient_only,
-)
+@dlm_task("reconcile-storage", task_run_name="reconcile-{name}")
 def reconcile_storage(name: str, actor: str, adopt: bool, dry_run: bool) -> reconcile.ReconcileResult:
     """List one storage (one streamed rclone lsjson) against the catalogue; adopt if asked."""
     return reconcile.reconcile_storage(name, actor=actor, adopt=adopt, dry_run=dry_run)

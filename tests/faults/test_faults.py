@@ -44,9 +44,10 @@ def test_s3_server_stopped_mid_run_then_restart_completes(db_url, tmp_path: Path
     server.start()
     try:
         server.create_bucket("outage")
-        names = make_estate(tmp_path, s3=server, bucket="outage", n=120, size=64 * 1024)
-        p = dlm_proc("run", "replicate", env=SLOW)
-        wait_for(lambda: ready_on("dst") >= 40, 120, "some copies on S3", proc=p)
+        names = make_estate(tmp_path, s3=server, bucket="outage", n=60, size=256 * 1024)
+        p = dlm_proc("run", "replicate", env={**SLOW, "DLM_TRANSFER__BATCH_FILES": "20"})
+        wait_for(lambda: in_flight() > 0, 120, "copies in flight", proc=p)
+        time.sleep(2)  # a few files are on S3, most are not
         server.stop(grace=0)  # the S3 server dies mid-run
         out, err = p.communicate(timeout=300)
         assert p.returncode == 1, err.decode()[-2000:]  # the run reports failures, cleanly
