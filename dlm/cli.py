@@ -45,7 +45,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 storage_app = typer.Typer(help="Storage volumes: add, list, show, drain, retire.", no_args_is_help=True)
-items_app = typer.Typer(help="Items: list, show, set-phase, set-expiry.", no_args_is_help=True)
+items_app = typer.Typer(help="Items: list, show, set-phase, set-expiry, delete.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Datasets: named, saved filters.", no_args_is_help=True)
 app.add_typer(storage_app, name="storage")
 app.add_typer(items_app, name="items")
