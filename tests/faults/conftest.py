@@ -83,7 +83,9 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
 
 
-def make_estate(tmp: Path, *, s3: Any, bucket: str, n: int, size: int, phase: Phase = Phase.LIQUID) -> list[str]:
+def make_estate(
+    tmp: Path, *, s3: Any, bucket: str, n: int, size: int, phase: Phase = Phase.LIQUID
+) -> list[str]:
     """A posix storage 'src' holding n files (ingested at `phase`) and an S3 storage 'dst'."""
     (tmp / "src").mkdir()
     with session_scope() as s:
@@ -92,8 +94,15 @@ def make_estate(tmp: Path, *, s3: Any, bucket: str, n: int, size: int, phase: Ph
         )
         catalog.add_storage(
             s,
-            StorageCreate(name="dst", kind=StorageKind.S3, root=bucket, endpoint=s3.endpoint,
-                          credentials_env="DLM_TEST_S3", tier=Tier.COLD, location="b"),
+            StorageCreate(
+                name="dst",
+                kind=StorageKind.S3,
+                root=bucket,
+                endpoint=s3.endpoint,
+                credentials_env="DLM_TEST_S3",
+                tier=Tier.COLD,
+                location="b",
+            ),
         )
         names = []
         for i in range(n):
@@ -141,19 +150,30 @@ def assert_truthful(s3: Any, bucket: str, root: Path) -> None:
             objects[o["Key"]] = o["ETag"].strip('"')
     with session_scope() as s:
         assert in_flight() == 0
-        assert s.execute(
-            select(func.count()).select_from(Transfer).where(col(Transfer.state) == "RUNNING")
-        ).one()[0] == 0
+        assert (
+            s.execute(
+                select(func.count()).select_from(Transfer).where(col(Transfer.state) == "RUNNING")
+            ).one()[0]
+            == 0
+        )
         rows = s.execute(
-            select(col(Item.oid), col(Item.state), col(Item.checksum), col(Item.size), col(Replica.path),
-                   col(Replica.state), col(Storage.name), col(Storage.kind))
+            select(
+                col(Item.oid),
+                col(Item.state),
+                col(Item.checksum),
+                col(Item.size),
+                col(Replica.path),
+                col(Replica.state),
+                col(Storage.name),
+                col(Storage.kind),
+            )
             .join(Replica, col(Replica.item_oid) == col(Item.oid))
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
         ).all()
         per_item: dict[Any, int] = {}
         live_pairs: set[tuple[Any, str]] = set()
         used: dict[str, int] = {}
-        for oid, istate, checksum, size, path, rstate, sname, kind in rows:
+        for oid, _istate, checksum, size, path, rstate, sname, kind in rows:
             if rstate == ReplicaState.READY:
                 if kind == StorageKind.S3:
                     assert objects.get(path) == checksum, f"S3 copy of {path} missing or wrong"
@@ -171,5 +191,7 @@ def assert_truthful(s3: Any, bucket: str, root: Path) -> None:
         for st in s.scalars(select(Storage)):
             assert st.used_bytes == used.get(st.name, 0), f"used_bytes of {st.name} drifted"
         # S3 holds nothing the catalogue does not know (no orphans of killed runs)
-        known = {path for *_, path, rstate, sname, kind in rows if kind == StorageKind.S3 and rstate == "READY"}
+        known = {
+            path for *_, path, rstate, sname, kind in rows if kind == StorageKind.S3 and rstate == "READY"
+        }
         assert set(objects) == known

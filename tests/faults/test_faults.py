@@ -26,7 +26,9 @@ def test_kill_9_mid_batch_then_rerun_converges(db_url, tmp_path: Path, s3_env, s
 
     names = make_estate(tmp_path, s3=s3_env, bucket=s3_bucket, n=160, size=64 * 1024)
     p = dlm_proc("run", "replicate", env=SLOW)
-    wait_for(lambda: ready_on("dst") >= 40 and in_flight() > 0, 120, "a finished batch and one in flight", proc=p)
+    wait_for(
+        lambda: ready_on("dst") >= 40 and in_flight() > 0, 120, "a finished batch and one in flight", proc=p
+    )
     kill_group(p)
     assert in_flight() > 0  # the crash left claims behind
     report = replicate()
@@ -34,7 +36,9 @@ def test_kill_9_mid_batch_then_rerun_converges(db_url, tmp_path: Path, s3_env, s
     assert ready_on("dst") == len(names)
     assert_truthful(s3_env, s3_bucket, tmp_path)
     with session_scope() as s:
-        assert s.execute(select(func.count()).select_from(Transfer).where(col(Transfer.state) == "DONE")).one()[0] == len(names)
+        assert s.execute(
+            select(func.count()).select_from(Transfer).where(col(Transfer.state) == "DONE")
+        ).one()[0] == len(names)
 
 
 def test_s3_server_stopped_mid_run_then_restart_completes(db_url, tmp_path: Path, s3_env, dlm_proc) -> None:  # type: ignore[no-untyped-def]
@@ -49,12 +53,16 @@ def test_s3_server_stopped_mid_run_then_restart_completes(db_url, tmp_path: Path
         wait_for(lambda: in_flight() > 0, 120, "copies in flight", proc=p)
         time.sleep(2)  # a few files are on S3, most are not
         server.stop(grace=0)  # the S3 server dies mid-run
-        out, err = p.communicate(timeout=300)
+        _out, err = p.communicate(timeout=300)
         assert p.returncode == 1, err.decode()[-2000:]  # the run reports failures, cleanly
         assert "Traceback" not in err.decode()
         with session_scope() as s:
-            failed = s.execute(select(func.count()).select_from(Transfer).where(col(Transfer.state) == "FAILED")).one()[0]
-            deleted = s.execute(select(func.count()).select_from(Event).where(col(Event.kind) == "replica.deleted")).one()[0]
+            failed = s.execute(
+                select(func.count()).select_from(Transfer).where(col(Transfer.state) == "FAILED")
+            ).one()[0]
+            deleted = s.execute(
+                select(func.count()).select_from(Event).where(col(Event.kind) == "replica.deleted")
+            ).one()[0]
             states = set(s.scalars(select(Item.state)))
         assert failed > 0 and deleted == 0 and states == {"READY"}
         assert ready_on("src") == len(names)  # every item keeps its phase-1 copy
@@ -69,7 +77,9 @@ def test_s3_server_stopped_mid_run_then_restart_completes(db_url, tmp_path: Path
 
 
 @pytest.mark.postgres
-def test_two_expire_and_two_replicate_runs_at_once(pg_db_url, tmp_path: Path, s3_env, s3_bucket, dlm_proc) -> None:  # type: ignore[no-untyped-def]
+def test_two_expire_and_two_replicate_runs_at_once(
+    pg_db_url, tmp_path: Path, s3_env, s3_bucket, dlm_proc
+) -> None:  # type: ignore[no-untyped-def]
     names = make_estate(tmp_path, s3=s3_env, bucket=s3_bucket, n=120, size=8 * 1024)
     expired = names[:40]
     with session_scope() as s:
@@ -77,7 +87,7 @@ def test_two_expire_and_two_replicate_runs_at_once(pg_db_url, tmp_path: Path, s3
             catalog.set_expiry(s, name, utcnow())
     procs = [dlm_proc("run", p) for p in ("expire", "replicate", "expire", "replicate")]
     for p in procs:
-        out, err = p.communicate(timeout=600)
+        _out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err.decode()[-2000:]
     # a second round settles whatever the first round's races left for later
     for p in [dlm_proc("run", "replicate"), dlm_proc("run", "expire")]:
@@ -118,7 +128,7 @@ def test_database_connection_dropped_mid_run(pg_db_url, tmp_path: Path, s3_env, 
     finally:
         admin.dispose()
     assert killed and killed > 0
-    out, err = p.communicate(timeout=300)
+    _out, err = p.communicate(timeout=300)
     text = err.decode()
     assert "Traceback" not in text.split("dlm: error:")[-1]
     report = replicate()
@@ -137,7 +147,11 @@ def test_recovery_leaves_live_claims_alone(db_url, tmp_path: Path, s3_env, s3_bu
     with session_scope() as s:
         item = catalog.get_item(s, name)
         dst = catalog.get_storage(s, "dst")
-        s.add(Replica(item_oid=item.oid, storage_id=dst.id, path=name, state="COPYING", claimed_by="elsewhere:1"))
+        s.add(
+            Replica(
+                item_oid=item.oid, storage_id=dst.id, path=name, state="COPYING", claimed_by="elsewhere:1"
+            )
+        )
     with session_scope() as s:
         rep = settle_in_flight(s, stale_after=timedelta(hours=1))
     assert rep.skipped_live == 1 and in_flight() == 1

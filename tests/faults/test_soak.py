@@ -37,12 +37,22 @@ def _storages(tmp: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-de
         for name, tier, loc in (("a", Tier.HOT, "x"), ("b", Tier.WARM, "x"), ("c", Tier.WARM, "y")):
             (tmp / name).mkdir()
             catalog.add_storage(
-                s, StorageCreate(name=name, kind=StorageKind.POSIX, root=str(tmp / name), tier=tier, location=loc)
+                s,
+                StorageCreate(
+                    name=name, kind=StorageKind.POSIX, root=str(tmp / name), tier=tier, location=loc
+                ),
             )
         catalog.add_storage(
             s,
-            StorageCreate(name="s3", kind=StorageKind.S3, root=bucket, endpoint=s3.endpoint,
-                          credentials_env="DLM_TEST_S3", tier=Tier.COLD, location="y"),
+            StorageCreate(
+                name="s3",
+                kind=StorageKind.S3,
+                root=bucket,
+                endpoint=s3.endpoint,
+                credentials_env="DLM_TEST_S3",
+                tier=Tier.COLD,
+                location="y",
+            ),
         )
 
 
@@ -56,8 +66,17 @@ def _ingest(tmp: Path, start: int, n: int, rng: random.Random) -> None:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
         phase = rng.choice(["GAS", "LIQUID", "LIQUID", "SOLID"])
-        lines.append(json.dumps({"name": name, "size": len(data), "checksum": hashlib.md5(data).hexdigest(),
-                                 "phase": phase, "metadata": {"round": start}}))
+        lines.append(
+            json.dumps(
+                {
+                    "name": name,
+                    "size": len(data),
+                    "checksum": hashlib.md5(data).hexdigest(),
+                    "phase": phase,
+                    "metadata": {"round": start},
+                }
+            )
+        )
     listing = tmp / f"list-{start}.jsonl"
     listing.write_text("\n".join(lines) + "\n")
     with session_scope() as s:
@@ -114,7 +133,9 @@ def test_soak(pg_db_url: str, tmp_path: Path, s3_env, s3_bucket, dlm_proc) -> No
         if rnd:
             _random_ops(tmp_path, rng, log)
         if rnd % 3 == 1:  # a replicate run killed at a random moment
-            p = dlm_proc("run", "replicate", env={"RCLONE_BWLIMIT": "200k", "DLM_TRANSFER__BATCH_FILES": "25"})
+            p = dlm_proc(
+                "run", "replicate", env={"RCLONE_BWLIMIT": "200k", "DLM_TRANSFER__BATCH_FILES": "25"}
+            )
             time.sleep(rng.uniform(2.0, 8.0))
             kill_group(p)
             figures["kills"] += 1
@@ -130,12 +151,14 @@ def test_soak(pg_db_url: str, tmp_path: Path, s3_env, s3_bucket, dlm_proc) -> No
         with session_scope() as s:
             corrupted = s.scalars(select(Item).where(col(Item.state) == ItemState.CORRUPTED)).all()
             figures["items_lost"] = len(corrupted)
-            assert not corrupted, f"round {rnd}: items lost their last intact copy: {[i.name for i in corrupted]}"
+            assert not corrupted, (
+                f"round {rnd}: items lost their last intact copy: {[i.name for i in corrupted]}"
+            )
             below = catalog.status(s).below_target
         for name in ("a", "b", "c", "s3"):
             rec = reconcile(storage=name, dry_run=True)
             assert rec["unknown"] == 0 and rec["missing"] == 0, (rnd, name, rec)
-        print(f"round {rnd}: {'; '.join(log)}; below target {below}")  # noqa: T201
+        print(f"round {rnd}: {'; '.join(log)}; below target {below}")
     figures["seconds"] = round(time.monotonic() - started)
-    print("SOAK", json.dumps({"items": ITEMS, "rounds": ROUNDS, **figures}))  # noqa: T201
+    print("SOAK", json.dumps({"items": ITEMS, "rounds": ROUNDS, **figures}))
     assert figures["items_lost"] == 0
