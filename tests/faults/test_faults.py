@@ -25,10 +25,10 @@ def test_kill_9_mid_batch_then_rerun_converges(db_url, tmp_path: Path, s3_env, s
     from flows.pipelines import replicate
 
     names = make_estate(tmp_path, s3=s3_env, bucket=s3_bucket, n=160, size=64 * 1024)
-    p = dlm_proc("run", "replicate", env=SLOW)
-    wait_for(
-        lambda: ready_on("dst") >= 40 and in_flight() > 0, 120, "a finished batch and one in flight", proc=p
-    )
+    # batches run in parallel and each takes ~6 s at 400 KB/s: kill in the middle of them
+    p = dlm_proc("run", "replicate", env={**SLOW, "RCLONE_BWLIMIT": "400k"})
+    wait_for(lambda: in_flight() > 0, 120, "copies in flight", proc=p)
+    time.sleep(2.5)
     kill_group(p)
     assert in_flight() > 0  # the crash left claims behind
     report = replicate()
