@@ -19,15 +19,7 @@ from lifecycle.storage.posix import PosixStorage
 from lifecycle.storage.rclone import RcloneStorage
 from lifecycle.storage.s3 import S3Storage
 
-# lifecycle/seaweed.py (not this module's) leaves the server's log file object to the
-# garbage collector; ignore only that one ResourceWarning until it closes it.
-pytestmark = [
-    pytest.mark.rclone,
-    pytest.mark.filterwarnings(
-        r"ignore:Exception ignored in. <_io.FileIO name='[^']*weed\.log'"
-        ":pytest.PytestUnraisableExceptionWarning"
-    ),
-]
+pytestmark = [pytest.mark.rclone]
 
 
 def _payload(i: int) -> bytes:

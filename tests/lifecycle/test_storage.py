@@ -28,14 +28,6 @@ from lifecycle.storage.s3 import S3Storage
 
 PAYLOAD = b"spectra " * 1000
 
-# lifecycle/seaweed.py (not this module's) leaves the server's log file object to the
-# garbage collector; ignore only that one ResourceWarning until it closes it.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in. <_io.FileIO name='[^']*weed\.log'"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
-
-
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
