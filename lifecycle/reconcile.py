@@ -43,6 +43,7 @@ from lifecycle.names import validate_name
 from lifecycle.states import ItemState, Phase, ReplicaState, StorageState
 from lifecycle.storage import backend_for
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
+from lifecycle.storage.rclone import SYSTEM_METADATA
 from lifecycle.verify import (
     Check,
     ReplicaChange,
@@ -61,25 +62,6 @@ __all__ = [
     "user_metadata",
 ]
 
-# Metadata rclone reports for local files and S3 objects that is the system's, not the user's.
-SYSTEM_METADATA = frozenset(
-    {
-        "atime",
-        "mtime",
-        "btime",
-        "mode",
-        "uid",
-        "gid",
-        "rdev",
-        "content-type",
-        "content-encoding",
-        "content-language",
-        "content-disposition",
-        "cache-control",
-        "tier",
-        "md5chksum",
-    }
-)
 _TEMPORARY = re.compile(r"(^|/)\.dlm-(tmp|checkout)-|\.partial$")
 _JUDGED = (ReplicaState.READY.value, ReplicaState.CORRUPTED.value)
 _TRACKED = (

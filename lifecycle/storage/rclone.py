@@ -150,7 +150,7 @@ class RcloneStorage:
         if not isinstance(entry, dict) or entry.get("IsDir"):
             raise SourceNotFoundError(f"{path!r} on storage '{self.name}' is not a file")
         info = rclone._object_info(entry)
-        meta = {k: v for k, v in info.metadata.items() if k not in _SYSTEM_METADATA}
+        meta = {k: v for k, v in info.metadata.items() if k not in SYSTEM_METADATA}
         return ObjectInfo(
             path=validate_name(path, what="path"),
             size=info.size,
@@ -272,7 +272,7 @@ class RcloneStorage:
 
 
 # Metadata rclone reports for local files and S3 objects that is not the user's.
-_SYSTEM_METADATA = frozenset(
+SYSTEM_METADATA = frozenset(
     {
         "atime",
         "mtime",
