@@ -28,6 +28,7 @@ from lifecycle.storage.s3 import S3Storage
 
 PAYLOAD = b"spectra " * 1000
 
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
