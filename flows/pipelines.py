@@ -7,6 +7,7 @@ batches it ran and a markdown summary.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlmodel import col
@@ -62,6 +64,19 @@ def catalogue_writer() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+class _Stopwatch:
+    """Seconds per stage of a run, for its report."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, stage: str) -> None:
+        now = time.monotonic()
+        self.laps[stage] = round(now - self._last, 3)
+        self._last = now
+
+
 def _artifact_key(pipeline: str) -> str:
     return f"dlm-{pipeline}"
 
@@ -80,8 +95,11 @@ def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | Non
 def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, actor: str) -> dict[str, Any]:
     logger = get_run_logger()
     settings = get_settings()
+    clock = _Stopwatch()
     recovered = settle_in_flight(actor) if not dry_run else {}
+    clock.lap("recover")
     plan: apply.Plan = plan_pipeline(pipeline, items)
+    clock.lap("plan")
     names = storage_names()
     report: dict[str, Any] = {
         "pipeline": pipeline,
@@ -91,35 +109,48 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
         "batches": [],
         "actions": _plan_rows(plan, names),
         "recovered": recovered,
+        "stages": clock.laps,
     }
     logger.info("%s plan: %s", pipeline, plan.summary())
     if dry_run:
         _publish(report)
         return report
-    settled = settle_catalogue(plan, actor, "before")
+    # quote(): Prefect would otherwise walk every action of a large plan or batch looking for
+    # futures in the task's inputs
+    settled = settle_catalogue(quote(plan), actor, "before")
+    clock.lap("settle-before")
     t = settings.transfer
     copy_batches = apply.batch_copies(plan.copies, max_files=t.batch_files, max_bytes=t.batch_bytes)
-    copy_futures = [
-        copy_batch.submit(
-            b,
-            (names.get(b.src_storage_id, "?"), names.get(b.dst_storage_id, "?")),
-            actor,
-            str(flow_run.get_id() or ""),
-            t.transfers,
-            t.checkers,
+    copy_futures: list[Any] = []
+    for i, b in enumerate(copy_batches):
+        if i >= t.parallel_batches:  # at most parallel_batches at once, started in order
+            copy_futures[i - t.parallel_batches].wait()
+        copy_futures.append(
+            copy_batch.submit(
+                quote(b),
+                (names.get(b.src_storage_id, "?"), names.get(b.dst_storage_id, "?")),
+                actor,
+                str(flow_run.get_id() or ""),
+                t.transfers,
+                t.checkers,
+            )
         )
-        for b in copy_batches
-    ]
     results: list[apply.BatchResult] = [f.result() for f in copy_futures]
+    clock.lap("copy")
     expiring = [e.item_oid for e in plan.expires]
     # An item EXPIRED by an earlier, killed run still gets all its copies deleted.
     expiring += [d.item_oid for d in plan.deletes if d.reason == "item expired"]
     delete_batches = apply.batch_deletes(plan.deletes, max_files=t.batch_files, expiring=expiring)
-    delete_futures = [delete_batch.submit(b, names.get(b.storage_id, "?"), actor) for b in delete_batches]
+    delete_futures = [
+        delete_batch.submit(quote(b), names.get(b.storage_id, "?"), actor) for b in delete_batches
+    ]
     results += [f.result() for f in delete_futures]
-    settled.update(settle_catalogue(plan, actor, "after"))
+    clock.lap("delete")
+    settled.update(settle_catalogue(quote(plan), actor, "after"))
+    clock.lap("settle-after")
     with session_scope() as s:
         below = status(s).below_target
+    clock.lap("status")
     report.update(
         {
             "batches": [r.row() for r in results],

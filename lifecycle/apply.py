@@ -23,7 +23,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +51,7 @@ from lifecycle.policy import Policy, ReplicaView, StorageIndex, phase_satisfied
 from lifecycle.snapshot import ITEM_COLUMNS, _item_view, storage_views
 from lifecycle.states import (
     LIVE_ITEM_STATES,
+    LIVE_REPLICA_STATES,
     ItemState,
     Phase,
     ReplicaState,
@@ -209,6 +210,8 @@ class BatchResult:
     skipped: int = 0
     bytes: int = 0
     duration_s: float = 0.0
+    # seconds spent per stage (claim, rclone, verify, settle) for copies
+    stages: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -223,6 +226,7 @@ class BatchResult:
             "skipped": self.skipped,
             "bytes": self.bytes,
             "seconds": round(self.duration_s, 2),
+            **{f"{k} s": round(v, 2) for k, v in self.stages.items()},
             "first error": next(iter(self.errors.values()), ""),
         }
 
@@ -312,8 +316,10 @@ def _claim_copies(
             )
         if not rows:
             continue
-        stmt = _insert_ignore(session, Replica).returning(col(Replica.uid), col(Replica.item_oid))
-        inserted = session.execute(stmt.values(rows)).all()
+        # Core executemany (insertmanyvalues): one cached statement, pages of VALUES
+        replica = Replica.__table__  # type: ignore[attr-defined]
+        stmt = _insert_ignore(session, replica).returning(replica.c.uid, replica.c.item_oid)
+        inserted = session.connection().execute(stmt, rows).all()
         transfers = []
         for uid, oid in inserted:
             c = copies[oid]
@@ -337,17 +343,37 @@ def _claim_copies(
             checksum, algo = meta[oid]
             claims.append(_Claim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
         if transfers:
-            session.execute(insert(Transfer), transfers)
+            session.connection().execute(insert(Transfer.__table__), transfers)  # type: ignore[attr-defined]
     return claims
 
 
-def _verify_destination(target: RcloneTarget, claims: Sequence[_Claim], paths_ok: set[str]) -> dict[str, str]:
-    """Compare destination checksums with the catalogue's; returns path -> error for mismatches."""
+def _verify_destination(
+    target: RcloneTarget,
+    claims: Sequence[_Claim],
+    paths_ok: set[str],
+    checked: Mapping[str, tuple[str, str]] | None = None,
+) -> dict[str, str]:
+    """Compare destination checksums with the catalogue's; returns path -> error for mismatches.
+
+    `checked` holds the digests rclone itself found equal at both ends right after copying
+    (path -> (hash, hex)): where that hash is the catalogue's, comparing it with the catalogue
+    settles the copy without reading the destination again. The others are hashed at the
+    destination (one `rclone hashsum` per algorithm)."""
     errors: dict[str, str] = {}
+    checked = checked or {}
     by_algo: dict[str, list[_Claim]] = defaultdict(list)
     for c in claims:
-        if c.path in paths_ok and c.checksum and c.algo:
-            by_algo[c.algo].append(c)
+        if c.path not in paths_ok or not c.checksum or not c.algo:
+            continue
+        seen = checked.get(c.path)
+        if seen is not None and seen[0] == c.algo:
+            if seen[1].lower() != c.checksum.lower():
+                errors[c.path] = (
+                    f"checksum mismatch: the copy's {c.algo} {seen[1]} != catalogue {c.checksum} "
+                    "(the source no longer holds the item's bytes)"
+                )
+            continue
+        by_algo[c.algo].append(c)
     for algo, group in by_algo.items():
         if algo not in rclone.HASHES:
             continue  # e.g. blake2b: rclone cannot hash it; the size check and verify cover it
@@ -366,6 +392,26 @@ def _verify_destination(target: RcloneTarget, claims: Sequence[_Claim], paths_ok
     return errors
 
 
+# Listing a destination costs about one request per 1000 objects, looking files up one by
+# one a request each: list when the destination holds fewer than this many objects per file.
+_LIST_PER_FILE = 100
+
+
+def _small_destination(session: Session, storage_id: uuid.UUID, files: int) -> bool:
+    """Whether the storage holds few enough live copies that rclone should list it rather
+    than look each file up (a bounded count: it stops at the threshold)."""
+    limit = files * _LIST_PER_FILE
+    held = session.execute(
+        select(func.count()).select_from(
+            select(col(Replica.uid))
+            .where(col(Replica.storage_id) == storage_id, col(Replica.state).in_(LIVE_REPLICA_STATES))
+            .limit(limit)
+            .subquery()
+        )
+    ).scalar_one()
+    return int(held) < limit
+
+
 def apply_copy_batch(
     batch: CopyBatch,
     *,
@@ -381,11 +427,14 @@ def apply_copy_batch(
     Per-file failures become FAILED transfers and `transfer.failed` events; the batch's other
     files land. Raises TransientError only when the catalogue cannot be reached.
     """
+    t0 = time.monotonic()
     with sessions() as s:
         src = s.get_one(Storage, batch.src_storage_id)
         dst = s.get_one(Storage, batch.dst_storage_id)
         claims = _claim_copies(s, batch, kind=kind, run_id=run_id)
+        traverse = bool(claims) and _small_destination(s, batch.dst_storage_id, len(claims))
     result = BatchResult("copy", src.name, dst.name, planned=len(batch.copies))
+    result.stages["claim"] = time.monotonic() - t0
     result.skipped = len(batch.copies) - len(claims)
     if not claims:
         return result
@@ -393,9 +442,17 @@ def apply_copy_batch(
     src_target = backend_for(src).rclone_target()
     dst_target = backend_for(dst).rclone_target()
     report = rclone.copy_files(
-        src_target, dst_target, [c.path for c in claims], transfers=transfers, checkers=checkers
+        src_target,
+        dst_target,
+        [c.path for c in claims],
+        transfers=transfers,
+        checkers=checkers,
+        traverse=traverse,
     )
-    mismatches = _verify_destination(dst_target, claims, report.ok)
+    t1 = time.monotonic()
+    result.stages["rclone"] = t1 - started
+    mismatches = _verify_destination(dst_target, claims, report.ok, report.hashes)
+    result.stages["verify"] = time.monotonic() - t1
     failed = dict(report.failed)
     failed.update(mismatches)
     for c in claims:
@@ -406,6 +463,7 @@ def apply_copy_batch(
     duration = time.monotonic() - started
     good = [c for c in claims if c.path not in failed]
     bad = [c for c in claims if c.path in failed]
+    t2 = time.monotonic()
     _settle_copies(
         s_factory=sessions,
         batch=batch,
@@ -419,6 +477,7 @@ def apply_copy_batch(
         result=result,
     )
     result.duration_s = duration
+    result.stages["settle"] = time.monotonic() - t2
     return result
 
 

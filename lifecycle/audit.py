@@ -90,7 +90,8 @@ def record_many(session: Session, rows: Iterable[dict[str, Any]]) -> int:
     ]
     if not batch:
         return 0
-    session.execute(insert(Event), batch)
+    # Core executemany: pages of VALUES, no per-row ORM bookkeeping
+    session.connection().execute(insert(Event.__table__), batch)  # type: ignore[attr-defined]
     if _publishers:
         pending = session.info.setdefault(_PENDING, [])
         pending.extend(b for b in batch if b["kind"] in PUBLISHED_KINDS)

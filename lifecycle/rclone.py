@@ -8,6 +8,7 @@ Remotes are defined by `RCLONE_CONFIG_<NAME>_*` environment variables from each 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -46,8 +47,6 @@ _MAX_REASON = 500
 # machine-readable logs on stderr.
 _COMMON_FLAGS = (
     "--use-json-log",
-    "--log-level",
-    "INFO",
     "--stats",
     "0",
     "--retries",
@@ -67,6 +66,13 @@ class RcloneNotFoundError(DLMError):
 
 class RcloneError(StorageError):
     """An rclone command failed."""
+
+
+# After each transfer rclone compares the source's hash with the destination's and, at DEBUG
+# level, logs "<hash> = <hex> OK" on the file: the digest both sides agreed on.
+_HASH_OK = re.compile(r"^([a-z0-9]+) = ([0-9a-f]+) OK$")
+_LOG_INFO = ("--log-level", "INFO")
+_LOG_DEBUG = ("--log-level", "DEBUG")
 
 
 # --------------------------------------------------------------------------- binary
@@ -222,7 +228,7 @@ def _run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: f
         try:
             for raw in proc.stderr:
                 lines.append(raw)
-                if aborted is not None or not raw.startswith(b"{"):
+                if aborted is not None or not raw.startswith(b"{") or b'"level":"debug"' in raw:
                     continue
                 try:
                     entry = json.loads(raw)
@@ -298,6 +304,8 @@ class _Log:
     """What rclone's JSON log on stderr said, file by file."""
 
     done: dict[str, int] = field(default_factory=dict)  # path -> bytes transferred
+    # path -> (hash name, hex digest) that rclone found equal at source and destination
+    hashes: dict[str, tuple[str, str]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     global_errors: list[str] = field(default_factory=list)
     deleted: set[str] = field(default_factory=set)
@@ -310,9 +318,19 @@ _ATTEMPT = re.compile(r"^Attempt \d+/\d+ failed with \d+ errors? and: ")
 def _parse_log(stderr: bytes, listed: set[str]) -> _Log:
     log = _Log()
     text = stderr.decode("utf-8", "replace")
-    log.tail = text[-_TAIL_CHARS:]
+    kept: list[str] = []  # what the tail shows: everything but DEBUG chatter
     for line in text.splitlines():
         line = line.strip()
+        if '"level":"debug"' in line:
+            if '" OK"' in line or ' OK","' in line:
+                with contextlib.suppress(json.JSONDecodeError):
+                    entry = json.loads(line)
+                    obj = entry.get("object") if isinstance(entry, dict) else None
+                    found = _HASH_OK.match(str(entry.get("msg", ""))) if isinstance(obj, str) else None
+                    if found and obj in listed:
+                        log.hashes[obj] = (found.group(1), found.group(2))
+            continue
+        kept.append(line)
         if not line.startswith("{"):
             if "ERROR" in line or "CRITICAL" in line:
                 log.global_errors.append(_one_line(line))
@@ -336,6 +354,7 @@ def _parse_log(stderr: bytes, listed: set[str]) -> _Log:
                 log.deleted.add(obj)
         elif level in ("error", "critical"):
             log.global_errors.append(_one_line(_ATTEMPT.sub("", msg)))
+    log.tail = "\n".join(kept)[-_TAIL_CHARS:]
     return log
 
 
@@ -383,6 +402,8 @@ class CopyReport:
     duration_s: float = 0.0
     returncode: int = 0
     stderr_tail: str = ""
+    # path -> (hash name, hex digest) rclone checked equal at both ends after the transfer
+    hashes: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def copy_files(
@@ -395,6 +416,7 @@ def copy_files(
     checksum: bool = True,
     timeout: float | None = None,
     move: bool = False,
+    traverse: bool = False,
 ) -> CopyReport:
     """Copy (or with move=True, move) `files` (paths relative to src's root, kept relative at
     dst) in ONE rclone process, and report per file.
@@ -418,7 +440,9 @@ def copy_files(
             _dir(dst.spec),
             "--files-from-raw",
             list_file,
-            "--no-traverse",
+            # traverse: list the destination directories of the listed files (a page per
+            # 1000 objects) instead of one lookup per file; cheaper unless they are huge
+            *(() if traverse else ("--no-traverse",)),
             "--checksum" if checksum else "--size-only",
             "--transfers",
             str(transfers),
@@ -426,7 +450,9 @@ def copy_files(
             str(checkers),
             "--combined",
             str(combined),
+            *dst.upload_flags,
             *_COMMON_FLAGS,
+            *_LOG_DEBUG,  # for the "<hash> = <hex> OK" lines
         ]
         outcome = _run_batch(args, env=_merged_env(src, dst), timeout=timeout)
         marks = _parse_combined(combined)
@@ -436,6 +462,7 @@ def copy_files(
     log = _parse_log(outcome.stderr, wanted)
     report.stderr_tail = log.tail
     report.bytes = sum(log.done.values())
+    report.hashes = {p: h for p, h in log.hashes.items() if p in log.done}
     identical = {path for path, mark in marks.items() if mark == "="}
     if outcome.timed_out:
         reason = f"rclone timed out after {timeout:g}s"
@@ -522,6 +549,7 @@ def delete_files(
             "--checkers",
             str(checkers),
             *_COMMON_FLAGS,
+            *_LOG_INFO,
         ]
         outcome = _run_batch(args, env=target.env, timeout=timeout)
     report.duration_s = time.monotonic() - started

@@ -112,7 +112,10 @@ class SeaweedServer:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=256",
-            "-volume.max=0",
+            # a fixed number of volume slots (volumes grow as written, nothing is preallocated):
+            # with 0 weed derives it from free disk, and on a fuller disk a new bucket then
+            # gets no volume at all (PutObject: InternalError)
+            "-volume.max=200",
         ]
         log = self._log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(

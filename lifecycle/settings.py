@@ -26,6 +26,9 @@ class TransferSettings(BaseModel):
     checkers: int = 8  # rclone --checkers
     batch_files: int = 2000  # files per batch (one task, one rclone process)
     batch_bytes: int = 8 * 1024**3
+    # copy batches running at once in one run (each is one rclone process with `transfers`
+    # transfers): two keep rclone busy while the other batch claims, verifies and settles
+    parallel_batches: int = Field(default=2, ge=1)
     max_items_per_run: int = 100_000
     max_bytes_per_run: int = 1024**4
     retries: int = 2

@@ -112,14 +112,16 @@ def stream_groups(
     stmt = stmt.order_by(*order_by, col(Item.oid))
     if limit is not None:
         stmt = stmt.limit(limit)
-    result = session.execute(stmt.execution_options(yield_per=chunk))
+    # Core rows (session.connection()): the ORM's per-row processing costs more than the planning
+    conn = session.connection()
+    result = conn.execute(stmt.execution_options(yield_per=chunk))
     n_rules = len(rule_cols)
     for rows in result.partitions():
         items = [(_item_view(r), frozenset(i for i in range(n_rules) if r[9 + i])) for r in rows]
         oids = [iv.oid for iv, _ in items]
         reps: dict[uuid.UUID, list[ReplicaView]] = {o: [] for o in oids}
         paths: set[str] = set()
-        for r in session.execute(
+        for r in conn.execute(
             select(
                 col(Replica.uid),
                 col(Replica.item_oid),
@@ -137,7 +139,7 @@ def stream_groups(
             paths.add(r[3])
         if path_index is not None:
             path_index.owners.clear()
-            for sid, path, oid in session.execute(
+            for sid, path, oid in conn.execute(
                 select(col(Replica.storage_id), col(Replica.path), col(Replica.item_oid)).where(
                     # (storage_id, path) leads the index ix_replica_storage_path
                     col(Replica.storage_id).in_(path_index.storages),

@@ -18,6 +18,7 @@ from bench.cases.replicate_small import (
     s3_server,
     s3_target,
     same_bytes,
+    stage_summary,
 )
 
 FILES = 4
@@ -92,7 +93,8 @@ def run(scale: float) -> list[dict[str, Any]]:
                 f"bare `rclone copy SRC DST --files-from LIST {' '.join(flags)}` (DLM's copy flags) of the "
                 f"same files to a fresh prefix, mean of one run before DLM's and one after "
                 f"({bare_before:.2f} s, {bare_after:.2f} s); copy_and_verify_s is DLM's batch (rclone copy "
-                f"+ hashsum); Prefect start-up ({startup_s:.1f} s) is not in DLM's time"
+                f"+ hashsum); Prefect start-up ({startup_s:.1f} s) is not in DLM's time. "
+                f"{stage_summary(report)}"
             ),
             "reference_value": bare,
             "ratio": dlm_s / bare,

@@ -245,6 +245,18 @@ def same_bytes(server: Any, estate: Estate, sample: Sequence[Payload]) -> bool:
     return True
 
 
+def stage_summary(report: Mapping[str, Any]) -> str:
+    """Where DLM's time went: the run's stages and, summed over its copy batches, theirs."""
+    run = ", ".join(f"{k} {v:.2f}" for k, v in report.get("stages", {}).items())
+    sums: dict[str, float] = {}
+    for b in report["batches"]:
+        for key, value in b.items():
+            if key.endswith(" s") and isinstance(value, int | float):
+                sums[key[:-2]] = sums.get(key[:-2], 0.0) + value
+    per_batch = ", ".join(f"{k} {v:.2f}" for k, v in sums.items())
+    return f"DLM run stages (s): {run}; copy batches, summed (s): {per_batch}"
+
+
 # --------------------------------------------------------------------------- this case
 
 
@@ -326,7 +338,8 @@ def run(scale: float) -> list[dict[str, Any]]:
             "reference": (
                 f"bare `rclone copy SRC DST --files-from LIST --transfers {transfers}` of the same files "
                 f"to a fresh prefix, mean of one run before DLM's and one after ({bare_before:.2f} s, "
-                f"{bare_after:.2f} s); Prefect start-up ({startup_s:.1f} s) is not in DLM's time"
+                f"{bare_after:.2f} s); Prefect start-up ({startup_s:.1f} s) is not in DLM's time. "
+                f"{stage_summary(report)}"
             ),
             "reference_value": bare,
             "ratio": dlm_s / bare,

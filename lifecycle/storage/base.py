@@ -32,6 +32,8 @@ class RcloneTarget:
 
     spec: str
     env: Mapping[str, str] = field(default_factory=dict)
+    # Flags rclone needs when this storage is the destination of a copy.
+    upload_flags: tuple[str, ...] = ()
 
 
 @runtime_checkable

@@ -369,7 +369,16 @@ class S3Storage:
         if self.endpoint:
             env[var + "ENDPOINT"] = self.endpoint
         path = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        return RcloneTarget(spec=f"{remote}:{path}", env=env)
+        return RcloneTarget(spec=f"{remote}:{path}", env=env, upload_flags=S3_UPLOAD_FLAGS)
+
+
+# rclone's generic multi-thread upload (used above --multi-thread-cutoff, 256 MiB) leaves a
+# multipart object with no MD5 at all, so its copy could only be checked by reading it back.
+# The S3 backend's own multipart upload (--multi-thread-streams 0) is as fast (parts go up
+# --s3-upload-concurrency at a time), has the server check each part's Content-MD5, and
+# stores the source's MD5 as md5chksum metadata, which rclone compares after the copy and
+# `rclone hashsum` reads without downloading.
+S3_UPLOAD_FLAGS = ("--multi-thread-streams", "0")
 
 
 def _md5_of(etag: str, metadata: Mapping[str, str]) -> str | None:
