@@ -26,6 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import String, cast, delete, func, insert, select, update
@@ -316,10 +317,7 @@ def _claim_copies(
             )
         if not rows:
             continue
-        # Core executemany (insertmanyvalues): one cached statement, pages of VALUES
-        replica = Replica.__table__  # type: ignore[attr-defined]
-        stmt = _insert_ignore(session, replica).returning(replica.c.uid, replica.c.item_oid)
-        inserted = session.connection().execute(stmt, rows).all()
+        inserted = _insert_claims(session, rows, storage_id=batch.dst_storage_id, me=me, now=now)
         transfers = []
         for uid, oid in inserted:
             c = copies[oid]
@@ -343,8 +341,65 @@ def _claim_copies(
             checksum, algo = meta[oid]
             claims.append(_Claim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
         if transfers:
-            session.connection().execute(insert(Transfer.__table__), transfers)  # type: ignore[attr-defined]
+            _insert_transfers(session, transfers)
     return claims
+
+
+def _insert_claims(
+    session: Session, rows: list[dict[str, Any]], *, storage_id: uuid.UUID, me: str, now: datetime
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Insert COPYING replica rows, skipping any (storage, path) already taken; returns the
+    (uid, item_oid) of the rows inserted."""
+    if _is_postgres(session):
+        # one statement over arrays: no per-row parameters to render or convert
+        result = session.connection().exec_driver_sql(
+            "INSERT INTO replica "
+            "(uid, item_oid, storage_id, path, state, claimed_by, created_at, updated_at) "
+            "SELECT u, o, %(sid)s, p, %(state)s, %(me)s, %(now)s, %(now)s "
+            "FROM unnest(%(uids)s::uuid[], %(oids)s::uuid[], %(paths)s::text[]) AS t(u, o, p) "
+            "ON CONFLICT DO NOTHING RETURNING uid, item_oid",
+            {
+                "sid": storage_id,
+                "state": ReplicaState.COPYING.value,
+                "me": me,
+                "now": now,
+                "uids": [r["uid"] for r in rows],
+                "oids": [r["item_oid"] for r in rows],
+                "paths": [r["path"] for r in rows],
+            },
+        )
+        return [(uid, oid) for uid, oid in result]
+    # Core executemany (insertmanyvalues): one cached statement, pages of VALUES
+    replica = Replica.__table__  # type: ignore[attr-defined]
+    stmt = _insert_ignore(session, replica).returning(replica.c.uid, replica.c.item_oid)
+    return [(uid, oid) for uid, oid in session.connection().execute(stmt, rows)]
+
+
+def _insert_transfers(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert RUNNING Transfer rows of one batch (same kind, storages, run and start)."""
+    if _is_postgres(session):
+        first = rows[0]
+        session.connection().exec_driver_sql(
+            "INSERT INTO transfer (id, item_oid, replica_uid, kind, src_storage_id, dst_storage_id, "
+            "state, bytes, duration_s, attempts, flow_run_id, started_at) "
+            "SELECT i, o, r, %(kind)s, %(src)s, %(dst)s, %(state)s, b, 0, 1, %(run)s, %(now)s "
+            "FROM unnest(%(ids)s::uuid[], %(oids)s::uuid[], %(rids)s::uuid[], %(bytes)s::bigint[]) "
+            "AS t(i, o, r, b)",
+            {
+                "kind": first["kind"],
+                "src": first["src_storage_id"],
+                "dst": first["dst_storage_id"],
+                "state": first["state"],
+                "run": first["flow_run_id"],
+                "now": first["started_at"],
+                "ids": [r["id"] for r in rows],
+                "oids": [r["item_oid"] for r in rows],
+                "rids": [r["replica_uid"] for r in rows],
+                "bytes": [r["bytes"] for r in rows],
+            },
+        )
+        return
+    session.connection().execute(insert(Transfer.__table__), rows)  # type: ignore[attr-defined]
 
 
 def _verify_destination(
