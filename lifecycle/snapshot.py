@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, literal, or_, select
+from sqlalchemy import Connection, and_, bindparam, case, exists, func, literal, or_, select, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col
 
@@ -131,10 +132,10 @@ def stream_groups(
                 col(Replica.expires_at),
                 col(Replica.created_at),
             ).where(
-                col(Replica.item_oid).in_(oids),
+                _one_of(conn, col(Replica.item_oid), oids),
                 col(Replica.state).notin_([ReplicaState.DELETED.value]),
             )
-        ):
+        ).all():
             reps[r[1]].append(ReplicaView(r[0], r[1], r[2], r[3], ReplicaState(r[4]), r[5], r[6]))
             paths.add(r[3])
         if path_index is not None:
@@ -143,13 +144,24 @@ def stream_groups(
                 select(col(Replica.storage_id), col(Replica.path), col(Replica.item_oid)).where(
                     # (storage_id, path) leads the index ix_replica_storage_path
                     col(Replica.storage_id).in_(path_index.storages),
-                    col(Replica.path).in_(paths),
+                    _one_of(conn, col(Replica.path), list(paths)),
                     col(Replica.state).in_(LIVE_REPLICA_STATES),
                 )
-            ):
+            ).all():
                 path_index.owners[(sid, path)] = oid
         for iv, matched in items:
             yield ItemGroup(iv, tuple(reps[iv.oid]), matched)
+
+
+def _one_of(conn: Connection, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
+    """`column IN values`; on PostgreSQL `column = ANY(array)`: one parameter instead of
+    thousands for the driver to render per chunk."""
+    result: ColumnElement[bool]
+    if conn.dialect.name == "postgresql":
+        result = column == func.any(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    else:
+        result = column.in_(values)
+    return result
 
 
 def _required(policy: Policy) -> Any:
@@ -178,13 +190,22 @@ def _copy_stats(storages: Sequence[StorageView]) -> Any:
             sid.in_(online),
         ),
     )
-    located = [(sid == s.id, s.location) for s in storages if s.location is not None]
-    location = case(*located, else_=None) if located else literal(None)
+    # distinct locations as a sum of per-location "any copy there" flags: no DISTINCT, so the
+    # aggregate can run partially in parallel workers
+    sites: dict[str, list[uuid.UUID]] = {}
+    for s in storages:
+        if s.location is not None:
+            sites.setdefault(s.location, []).append(s.id)
+    n_loc = (
+        sum((func.max(case((sid.in_(ids), 1), else_=0)) for ids in sites.values()), literal(0))
+        if sites
+        else literal(0)
+    )
     return (
         select(
             col(Replica.item_oid).label("item_oid"),
             func.count().label("n"),
-            func.count(func.distinct(location)).label("n_loc"),
+            n_loc.label("n_loc"),
             func.max(case((sid.in_(cold), 1), else_=0)).label("cold") if cold else literal(0).label("cold"),
         )
         .where(
@@ -237,6 +258,11 @@ def replicate_groups(
         .where(where)
         .scalar_subquery()
     )
+    if session.get_bind().dialect.name == "postgresql":
+        # A parallel plan recomputes the per-item aggregate in every worker (EXPLAIN: loops=3,
+        # 2.9 s over 2M replicas); the serial plan merges item and replica by oid in one
+        # stream (1.6 s). For this planning transaction only.
+        session.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
     return stream_groups(session, col(Item.oid).in_(subq_oids), limit=limit, path_index=path_index)
 
 

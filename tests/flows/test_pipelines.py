@@ -273,6 +273,24 @@ def test_s3_refusing_writes_leaves_failed_transfers_and_no_ready_claim(
     assert again["copied"] == 3 and again["below_target_after"] == 0
 
 
+def test_a_source_that_lost_the_items_bytes_is_not_copied(estate: dict[str, object]) -> None:
+    """rclone's own hash check agrees at both ends, but with bytes that are not the item's: the
+    copy is refused against the catalogue and removed, the other item lands."""
+    from flows.pipelines import replicate
+
+    bad, good = ingest(estate["root"], "hot", 2, phase=Phase.LIQUID)  # type: ignore[arg-type]
+    source = estate["root"] / "hot" / bad  # type: ignore[operator]
+    source.write_bytes(b"x" * source.stat().st_size)  # same size, other bytes
+    report = replicate()
+    assert report["copied"] == 1 and report["failed"] == 1
+    assert replicas_of(bad) == {"hot": "READY"}
+    assert replicas_of(good) == {"hot": "READY", "warm": "READY"}
+    assert not (estate["root"] / "warm" / bad).exists()  # type: ignore[operator]
+    with session_scope() as s:
+        [failed] = s.scalars(select(Transfer).where(col(Transfer.state) == "FAILED")).all()
+    assert failed.error is not None and "no longer holds the item's bytes" in failed.error
+
+
 def test_checkout_verified(estate: dict[str, object], tmp_path: Path) -> None:
     from flows.checkout import checkout_flow
     from flows.pipelines import replicate

@@ -77,6 +77,9 @@ def test_copy_posix_to_s3_in_one_process(
         with body:
             assert body.read() == _payload(i)
     assert sum(1 for _ in s3.list()) == 200
+    # rclone's own end-to-end check: the digest both ends agreed on, per copied file
+    assert report.hashes[FILES[57]] == ("md5", hashlib.md5(_payload(57)).hexdigest())
+    assert set(report.hashes) == set(FILES)
 
     # A second run finds everything identical: all ok, nothing transferred.
     again = rclone.copy_files(src_tree.rclone_target(), s3.rclone_target(), FILES[:20])
@@ -307,3 +310,19 @@ def test_copy_files_large_file_multi_thread_copy_is_reported(tmp_path: Path, rcl
     report = rclone.copy_files(RcloneTarget(str(src)), RcloneTarget(str(dst)), ["big.bin"])
     assert report.ok == {"big.bin"} and not report.failed
     assert (dst / "big.bin").stat().st_size == 300 * 1024 * 1024
+
+
+@pytest.mark.s3
+def test_a_large_upload_to_s3_keeps_an_md5_readable_without_download(
+    tmp_path: Path, rclone_path: str, s3: S3Storage
+) -> None:
+    """Above the multi-thread cutoff, S3 uploads still carry the source's MD5 (md5chksum), so
+    the copy is checked by rclone and by `hashsum` without reading it back."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytes(range(256)) * (260 * 4096)  # 260 MiB
+    (src / "big.bin").write_bytes(data)
+    report = rclone.copy_files(RcloneTarget(str(src)), s3.rclone_target(), ["big.bin"])
+    md5 = hashlib.md5(data).hexdigest()
+    assert report.ok == {"big.bin"} and report.hashes == {"big.bin": ("md5", md5)}
+    assert rclone.hashsum(s3.rclone_target(), ["big.bin"], "md5", download=False) == {"big.bin": md5}
