@@ -115,7 +115,7 @@ class SeaweedServer:
             # a fixed number of volume slots (volumes grow as written, nothing is preallocated):
             # with 0 weed derives it from free disk, and on a fuller disk a new bucket then
             # gets no volume at all (PutObject: InternalError)
-            "-volume.max=200",
+            "-volume.max=1000",
         ]
         log = self._log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(
