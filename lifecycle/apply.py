@@ -35,7 +35,7 @@ from sqlmodel import Session, col
 
 from lifecycle import audit, rclone
 from lifecycle.batching import cut
-from lifecycle.db import session_scope
+from lifecycle.db import one_of, session_scope
 from lifecycle.errors import DLMError
 from lifecycle.models import Event, Item, Replica, Storage, Transfer, utcnow
 from lifecycle.planner import (
@@ -269,9 +269,12 @@ def _claim_copies(
     oids = list(copies)
     now = utcnow()
     me = worker_id()
-    for i in range(0, len(oids), 500):
-        chunk = oids[i : i + 500]
-        if _is_postgres(session):
+    dialect = session.get_bind().dialect.name
+    conn = session.connection()
+    step = 2000 if dialect == "postgresql" else 500  # arrays on PostgreSQL, IN lists on SQLite
+    for i in range(0, len(oids), step):
+        chunk = oids[i : i + step]
+        if dialect == "postgresql":
             # A copy another run is claiming right now is left to it: a transaction-scoped
             # advisory lock per (item, destination) is taken without waiting (skip-locked
             # semantics for a row that does not exist yet); the unique index settles the rest.
@@ -279,18 +282,20 @@ def _claim_copies(
                 func.concat(cast(col(Item.oid), String), str(batch.dst_storage_id)), 0
             )
             chunk = list(
-                session.scalars(
-                    select(col(Item.oid)).where(col(Item.oid).in_(chunk), func.pg_try_advisory_xact_lock(key))
-                )
+                conn.execute(
+                    select(col(Item.oid)).where(
+                        one_of(dialect, col(Item.oid), chunk), func.pg_try_advisory_xact_lock(key)
+                    )
+                ).scalars()
             )
             if not chunk:
                 continue
-        ok = session.execute(
+        ok = conn.execute(
             select(col(Item.oid), col(Item.checksum), col(Item.checksum_algo), col(Replica.path))
             .join(Replica, col(Replica.item_oid) == col(Item.oid))
             .where(
-                col(Item.oid).in_(chunk),
-                col(Replica.item_oid).in_(chunk),  # keeps the plan good without statistics
+                one_of(dialect, col(Item.oid), chunk),
+                one_of(dialect, col(Replica.item_oid), chunk),  # keeps the plan good without statistics
                 col(Item.state) == ItemState.READY.value,
                 col(Replica.storage_id) == batch.src_storage_id,
                 col(Replica.state) == ReplicaState.READY.value,
@@ -552,21 +557,25 @@ def _settle_copies(
     now = utcnow()
     events: list[dict[str, Any]] = []
     with s_factory() as s:
-        for i in range(0, len(good), 500):
-            chunk = good[i : i + 500]
-            s.execute(
+        dialect = s.get_bind().dialect.name
+        conn = s.connection()  # Core statements: no ORM session synchronisation to do
+        step = 5000 if dialect == "postgresql" else 500
+        for i in range(0, len(good), step):
+            chunk = good[i : i + step]
+            conn.execute(
                 update(Replica)
-                .where(col(Replica.uid).in_([c.replica_uid for c in chunk]))
+                .where(one_of(dialect, col(Replica.uid), [c.replica_uid for c in chunk]))
                 .values(state=ReplicaState.READY.value, verified_at=now, updated_at=now, claimed_by=None)
             )
-            s.execute(
+            conn.execute(
                 update(Transfer)
-                .where(col(Transfer.id).in_([c.transfer_id for c in chunk]))
+                .where(one_of(dialect, col(Transfer.id), [c.transfer_id for c in chunk]))
                 .values(state=TransferState.DONE.value, duration_s=duration, finished_at=now)
             )
-        for i in range(0, len(bad), 500):
-            chunk = bad[i : i + 500]
-            s.execute(delete(Replica).where(col(Replica.uid).in_([c.replica_uid for c in chunk])))
+        for i in range(0, len(bad), step):
+            chunk = bad[i : i + step]
+            uids = [c.replica_uid for c in chunk]
+            conn.execute(delete(Replica).where(one_of(dialect, col(Replica.uid), uids)))
         for c in bad:
             s.execute(
                 update(Transfer)

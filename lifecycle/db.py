@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, inspect
+from sqlalchemy import bindparam, event, func, inspect
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, create_engine
 
 from lifecycle.errors import DLMError, TransientError
@@ -126,3 +128,14 @@ def init_db(url: str | None = None) -> str:
 
 def schema_ready(engine: Engine) -> bool:
     return inspect(engine).has_table("item")
+
+
+def one_of(dialect: str, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
+    """`column IN values`; on PostgreSQL `column = ANY(array)`: one parameter instead of
+    thousands for the driver to render and convert per statement."""
+    result: ColumnElement[bool]
+    if dialect == "postgresql":
+        result = column == func.any(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    else:
+        result = column.in_(values)
+    return result

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, case, exists, func, literal, or_, select, text
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import and_, case, exists, func, literal, or_, select, text
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col
 
+from lifecycle.db import one_of
 from lifecycle.models import Item, Location, Replica, Storage
 from lifecycle.planner import ItemGroup
 from lifecycle.policy import COLD_TIERS, ItemView, Policy, ReplicaView, StorageIndex, StorageView
@@ -132,7 +132,7 @@ def stream_groups(
                 col(Replica.expires_at),
                 col(Replica.created_at),
             ).where(
-                _one_of(conn, col(Replica.item_oid), oids),
+                one_of(conn.dialect.name, col(Replica.item_oid), oids),
                 col(Replica.state).notin_([ReplicaState.DELETED.value]),
             )
         ).all():
@@ -144,24 +144,13 @@ def stream_groups(
                 select(col(Replica.storage_id), col(Replica.path), col(Replica.item_oid)).where(
                     # (storage_id, path) leads the index ix_replica_storage_path
                     col(Replica.storage_id).in_(path_index.storages),
-                    _one_of(conn, col(Replica.path), list(paths)),
+                    one_of(conn.dialect.name, col(Replica.path), list(paths)),
                     col(Replica.state).in_(LIVE_REPLICA_STATES),
                 )
             ).all():
                 path_index.owners[(sid, path)] = oid
         for iv, matched in items:
             yield ItemGroup(iv, tuple(reps[iv.oid]), matched)
-
-
-def _one_of(conn: Connection, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
-    """`column IN values`; on PostgreSQL `column = ANY(array)`: one parameter instead of
-    thousands for the driver to render per chunk."""
-    result: ColumnElement[bool]
-    if conn.dialect.name == "postgresql":
-        result = column == func.any(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
-    else:
-        result = column.in_(values)
-    return result
 
 
 def _required(policy: Policy) -> Any:
