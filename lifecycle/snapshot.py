@@ -18,7 +18,7 @@ from sqlalchemy import and_, case, exists, func, literal, or_, select, text
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col
 
-from lifecycle.db import one_of
+from lifecycle.db import none_of, one_of
 from lifecycle.models import Item, Location, Replica, Storage
 from lifecycle.planner import ItemGroup
 from lifecycle.policy import COLD_TIERS, ItemView, Policy, ReplicaView, StorageIndex, StorageView
@@ -81,7 +81,7 @@ def _item_view(row: Any) -> ItemView:
 
 @dataclass
 class PathIndex:
-    """(storage_id, path) -> oid of the live replica there, for the chunk being planned."""
+    """(storage_id, path) -> oid of another item's live replica there, for the chunk being planned."""
 
     owners: dict[tuple[uuid.UUID, str], uuid.UUID] = field(default_factory=dict)
     # the storages a copy may go to (only their paths can collide)
@@ -146,6 +146,8 @@ def stream_groups(
                     col(Replica.storage_id).in_(path_index.storages),
                     one_of(conn.dialect.name, col(Replica.path), list(paths)),
                     col(Replica.state).in_(LIVE_REPLICA_STATES),
+                    # an item's own copies never block it: only other items' rows matter
+                    none_of(conn.dialect.name, col(Replica.item_oid), oids),
                 )
             ).all():
                 path_index.owners[(sid, path)] = oid

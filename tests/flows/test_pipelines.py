@@ -291,6 +291,20 @@ def test_a_source_that_lost_the_items_bytes_is_not_copied(estate: dict[str, obje
     assert failed.error is not None and "no longer holds the item's bytes" in failed.error
 
 
+def test_a_path_taken_by_another_item_is_not_planned_as_a_destination(estate: dict[str, object]) -> None:
+    """Planning reads other items' live rows at the chunk's paths: the copy goes elsewhere."""
+    a, b = ingest(estate["root"], "hot", 2, phase=Phase.GAS)  # type: ignore[arg-type]
+    with session_scope() as s:
+        catalog.set_phase(s, a, Phase.LIQUID)
+        warm = catalog.get_storage(s, "warm")
+        other = catalog.get_item(s, b)
+        s.add(Replica(item_oid=other.oid, storage_id=warm.id, path=a, state=ReplicaState.READY))
+    with session_scope() as s:
+        plan = make_plan(s, "replicate")
+        names = {st.id: st.name for st in s.scalars(select(Storage))}
+    assert [(names[c.dst_storage_id], c.dst_path) for c in plan.copies] == [("cold", a)]
+
+
 def test_checkout_verified(estate: dict[str, object], tmp_path: Path) -> None:
     from flows.checkout import checkout_flow
     from flows.pipelines import replicate
