@@ -92,8 +92,9 @@ def run(scale: float) -> list[dict[str, Any]]:
             "reference": (
                 f"bare `rclone copy SRC DST --files-from LIST {' '.join(flags)}` (DLM's copy flags) of the "
                 f"same files to a fresh prefix, mean of one run before DLM's and one after "
-                f"({bare_before:.2f} s, {bare_after:.2f} s); copy_and_verify_s is DLM's batch (rclone copy "
-                f"+ hashsum); Prefect start-up ({startup_s:.1f} s) is not in DLM's time. "
+                f"({bare_before:.2f} s, {bare_after:.2f} s); copy_and_verify_s is DLM's batch "
+                f"(rclone copy, its hash check against the catalogue); Prefect start-up "
+                f"({startup_s:.1f} s) is not in DLM's time. "
                 f"{stage_summary(report)}"
             ),
             "reference_value": bare,
