@@ -374,10 +374,10 @@ class S3Storage:
 
 # rclone's generic multi-thread upload (used above --multi-thread-cutoff, 256 MiB) leaves a
 # multipart object with no MD5 at all, so its copy could only be checked by reading it back.
-# The S3 backend's own multipart upload (--multi-thread-streams 0) is as fast (parts go up
-# --s3-upload-concurrency at a time), has the server check each part's Content-MD5, and
-# stores the source's MD5 as md5chksum metadata, which rclone compares after the copy and
-# `rclone hashsum` reads without downloading.
+# The S3 backend's own multipart upload (--multi-thread-streams 0; parts go up
+# --s3-upload-concurrency at a time) hashes the source first and stores its MD5 as md5chksum
+# metadata, which rclone compares after the copy and `rclone hashsum` reads without
+# downloading. It is 10-20% slower here than the multi-thread upload, less than a read-back.
 S3_UPLOAD_FLAGS = ("--multi-thread-streams", "0")
 
 
