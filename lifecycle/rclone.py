@@ -322,7 +322,7 @@ def _parse_log(stderr: bytes, listed: set[str]) -> _Log:
     for line in text.splitlines():
         line = line.strip()
         if '"level":"debug"' in line:
-            if '" OK"' in line or ' OK","' in line:
+            if ' OK","' in line:  # a '"msg":"<hash> = <hex> OK",' line
                 with contextlib.suppress(json.JSONDecodeError):
                     entry = json.loads(line)
                     obj = entry.get("object") if isinstance(entry, dict) else None
