@@ -921,7 +921,11 @@ def record_drained(session: Session, drained: Sequence[Drained], *, actor: str) 
             continue
         last = session.scalars(
             select(Event)
-            .where(col(Event.storage_id) == d.storage_id, col(Event.item_oid).is_(None))
+            .where(
+                col(Event.storage_id) == d.storage_id,
+                col(Event.item_oid).is_(None),
+                col(Event.kind).startswith("storage."),  # not e.g. reconcile.link_skipped
+            )
             .order_by(col(Event.id).desc())
             .limit(1)
         ).first()

@@ -109,7 +109,7 @@ def destination_target(dest: str) -> tuple[RcloneTarget, Path | None]:
     if local.exists() and not local.is_dir():
         raise InvalidValueError(f"destination {dest} exists and is not a directory")
     local.mkdir(parents=True, exist_ok=True)
-    return RcloneTarget(str(local)), local
+    return RcloneTarget(str(local), local_root=str(local)), local  # no file lands through a link
 
 
 def checkout(
@@ -141,12 +141,14 @@ def checkout(
         if renamed and local is not None:
             staging = Path(tempfile.mkdtemp(prefix=".dlm-checkout-", dir=local))
             try:
-                res = rclone.copy_files(
-                    src_target, RcloneTarget(str(staging)), [s.path for s in renamed], transfers=transfers
-                )
+                stage = RcloneTarget(str(staging), local_root=str(staging))
+                res = rclone.copy_files(src_target, stage, [s.path for s in renamed], transfers=transfers)
                 report.rclone_processes += 1
+                links = rclone.refused_paths(target, [s.name for s in renamed])
                 for s in renamed:
-                    if s.path in res.ok:
+                    if s.name in links:
+                        report.failed[s.name] = f"destination {links[s.name]}"
+                    elif s.path in res.ok:
                         final = local / s.name
                         final.parent.mkdir(parents=True, exist_ok=True)
                         os.replace(staging / s.path, final)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ from lifecycle.errors import (
     StorageUnavailableError,
 )
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
+from lifecycle.storage.links import refused_paths as refused_paths_under
 
 MIN_VERSION = (1, 65)
 # rclone's names of the hashes DLM can ask for (lifecycle.checksum.ALGORITHMS minus blake2b).
@@ -144,12 +145,38 @@ def user_config() -> str:
     return ""
 
 
+# rclone's local backend must never follow symbolic links (-L) nor copy them as .rclonelink
+# files (-l), and must say when it skips one: these backend-wide variables win over the
+# user's config file and over same-named variables in the environment (only a flag on the
+# command line would beat them, and DLM passes none).
+_NO_LINKS = {
+    "RCLONE_LOCAL_COPY_LINKS": "false",
+    "RCLONE_COPY_LINKS": "false",
+    "RCLONE_LOCAL_LINKS": "false",
+    "RCLONE_LINKS": "false",
+    "RCLONE_LOCAL_SKIP_LINKS": "false",
+    "RCLONE_SKIP_LINKS": "false",
+}
+
+
 def _environ(env: Mapping[str, str] | None) -> dict[str, str]:
     merged = dict(os.environ)
     merged["RCLONE_CONFIG"] = user_config()
     if env:
         merged.update(env)
+    merged.update(_NO_LINKS)
     return merged
+
+
+def refused_paths(target: RcloneTarget, files: Sequence[str]) -> dict[str, str]:
+    """path -> why rclone must not be given it, for each of `files` (relative to target) that
+    is, or goes through, a symbolic link on a local target (`target.local_root`); {} for
+    remote targets. One lstat per path component, directories cached (no process)."""
+    if target.local_root is None:
+        return {}
+    found = refused_paths_under(target.local_root, files)
+    root = target.local_root
+    return {path: f"{path!r} {why} on {root} (DLM never follows links)" for path, why in found.items()}
 
 
 # --------------------------------------------------------------------------- running
@@ -422,12 +449,20 @@ def copy_files(
     dst) in ONE rclone process, and report per file.
 
     Files listed but absent at the source, and every file of a batch that rclone could not
-    run at all (unreachable endpoint, wrong credentials, timeout), come back in `failed`.
+    run at all (unreachable endpoint, wrong credentials, timeout), come back in `failed`;
+    so do files whose path is, or goes through, a symbolic link on a local source or
+    destination: they are left out of the rclone call, the rest of the batch proceeds.
     Raises RcloneNotFoundError and InvalidValueError (a name with a line break); storage
     failures are reported, not raised.
     """
     listed = list(dict.fromkeys(files))
     report = CopyReport()
+    refused = {
+        **{p: f"destination {why}" for p, why in refused_paths(dst, listed).items()},
+        **{p: f"source {why}" for p, why in refused_paths(src, listed).items()},
+    }
+    report.failed.update(refused)
+    listed = [p for p in listed if p not in refused]
     if not listed:
         return report
     started = time.monotonic()
@@ -532,9 +567,13 @@ def delete_files(
     timeout: float | None = None,
 ) -> DeleteReport:
     """Delete `files` (relative to target's root) in ONE rclone process; absent files count
-    as deleted. Raises RcloneNotFoundError; storage failures are reported per file."""
+    as deleted. A path that is, or goes through, a symbolic link on a local target is not
+    deleted: it is reported failed. Raises RcloneNotFoundError; storage failures are
+    reported per file."""
     listed = list(dict.fromkeys(files))
     report = DeleteReport()
+    report.failed.update(refused_paths(target, listed))
+    listed = [p for p in listed if p not in report.failed]
     if not listed:
         return report
     started = time.monotonic()
@@ -654,15 +693,21 @@ def lsjson(
     hash_types: Sequence[str] = ("md5",),
     metadata: bool = False,
     timeout: float | None = None,
+    links: list[str] | None = None,
 ) -> Iterator[ObjectInfo]:
     """Stream the objects under target (paths relative to it), parsed as rclone prints them.
 
     With hash=True each ObjectInfo carries the first of `hash_types` the remote gives
-    (computed by reading local files; native on S3). Raises, when rclone fails,
-    CredentialsError, StorageUnavailableError or RcloneError (e.g. directory not found,
-    unknown remote; `is_not_found(str(exc))` tells the former).
+    (computed by reading local files; native on S3). Symbolic links on a local target are
+    never followed nor listed; when the listing completes, their paths are appended to
+    `links` if given. Raises, when rclone fails, CredentialsError, StorageUnavailableError
+    or RcloneError (e.g. directory not found, unknown remote; `is_not_found(str(exc))`
+    tells the former).
     """
-    args = ["lsjson", _dir(target.spec), "--log-level", "ERROR"]
+    local = target.local_root is not None
+    # On a local target rclone's NOTICEs name the links it skipped: keep them, as JSON.
+    log = ("--use-json-log", "--log-level", "NOTICE") if local else ("--log-level", "ERROR")
+    args = ["lsjson", _dir(target.spec), *log]
     if recursive:
         args.append("-R")
     if files_only:
@@ -703,6 +748,21 @@ def lsjson(
         if proc.returncode != 0:
             errfile.seek(0)
             _raise_for(_stderr_message(errfile.read()), f"rclone could not list {target.spec}")
+        if local and links is not None:
+            errfile.seek(0)
+            links.extend(_skipped_links(errfile))
+
+
+def _skipped_links(stderr: Iterable[bytes]) -> Iterator[str]:
+    """The paths of the symbolic links rclone's local backend skipped, from its JSON log."""
+    for raw in stderr:
+        if b"symlink" not in raw or not raw.startswith(b"{"):
+            continue
+        with contextlib.suppress(json.JSONDecodeError):
+            entry = json.loads(raw)
+            obj = entry.get("object") if isinstance(entry, dict) else None
+            if isinstance(obj, str) and obj and entry.get("level") == "notice":
+                yield obj
 
 
 def hashsum(
@@ -715,7 +775,9 @@ def hashsum(
 ) -> dict[str, str]:
     """path -> hex digest of `algo` for each of `files` found under target, in one process
     (plus one `--download` pass for files whose remote keeps no such hash). Files absent at
-    the target are absent from the result. download=True always reads the bytes.
+    the target, and on a local target paths that are or go through a symbolic link (never
+    read: `refused_paths` tells them), are absent from the result. download=True always
+    reads the bytes.
 
     Raises InvalidValueError for an algorithm rclone lacks, CredentialsError,
     StorageUnavailableError or RcloneError when rclone fails as a whole.
@@ -723,6 +785,8 @@ def hashsum(
     if algo not in HASHES:
         raise InvalidValueError(f"rclone cannot compute {algo!r}: use one of {', '.join(HASHES)}")
     listed = list(dict.fromkeys(files))
+    refused = refused_paths(target, listed)
+    listed = [p for p in listed if p not in refused]
     if not listed:
         return {}
     result = _hashsum(target, listed, algo, bool(download), timeout)

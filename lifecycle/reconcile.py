@@ -14,7 +14,10 @@ storage holds. Then:
   (`replica.lost`); a READY copy whose object has another size is CORRUPTED
   (`replica.corrupted`); both are returned for repair (lifecycle.verify's repair path);
 - DLM's own temporary objects (rclone `.partial` files, `.dlm-tmp-*`, `.dlm-checkout-*`) and
-  objects of in-flight rows are left alone.
+  objects of in-flight rows are left alone;
+- a symbolic link on a local storage is never followed nor adopted: it is reported and
+  skipped (`reconcile.link_skipped`), and a tracked copy whose path is now a link is LOST
+  (its bytes are not the copy DLM wrote).
 
 Nothing is marked LOST unless the listing completed: a listing that fails raises and changes
 no copy's state.
@@ -34,7 +37,7 @@ import orjson
 from sqlalchemy import select
 from sqlmodel import col
 
-from lifecycle import bulk, rclone
+from lifecycle import audit, bulk, rclone
 from lifecycle.apply import SessionFactory, default_sessions
 from lifecycle.catalog import get_storage
 from lifecycle.errors import ConflictError, InvalidNameError, StorageError
@@ -120,6 +123,8 @@ class ReconcileResult:
     unknown: int = 0
     unknown_bytes: int = 0
     unknown_objects: list[UnknownObject] = field(default_factory=list)  # the first report_limit
+    links: int = 0  # symbolic links found (skipped, never followed nor adopted)
+    link_paths: list[str] = field(default_factory=list)  # the first report_limit
     adopted: int = 0
     lost: int = 0
     corrupted: int = 0
@@ -186,7 +191,10 @@ def reconcile_storage(
     known = _load_catalogue(sessions, storage.id)
     resized: list[tuple[uuid.UUID, int, int]] = []  # uid, catalogue size, found size
     pending: list[ObjectInfo] = []
-    listing = rclone.lsjson(target, hash=bool(native_hashes(storage)), hash_types=("md5",), timeout=timeout)
+    links: list[str] = []  # filled once the listing has completed
+    listing = rclone.lsjson(
+        target, hash=bool(native_hashes(storage)), hash_types=("md5",), timeout=timeout, links=links
+    )
     for info in listing:
         result.listed += 1
         result.listed_bytes += info.size
@@ -223,11 +231,12 @@ def reconcile_storage(
         _unknown(
             sessions, storage, target, pending, result, actor, adopt and not dry_run, phase, report_limit
         )
+    linked = _skip_links(sessions, storage, links, known, result, actor, dry_run, report_limit)
     missing = [uid for _, (_, uid, state) in known.items() if state in _JUDGED]
     known.clear()
     result.missing, result.resized = len(missing), len(resized)
     if not dry_run and (missing or resized):
-        _settle(sessions, storage, missing, resized, result, actor)
+        _settle(sessions, storage, missing, resized, result, actor, linked)
     result.duration_s = time.monotonic() - started
     return result
 
@@ -239,8 +248,11 @@ def _settle(
     resized: Sequence[tuple[uuid.UUID, int, int]],
     result: ReconcileResult,
     actor: str,
+    linked: dict[uuid.UUID, str] | None = None,
 ) -> None:
-    """Missing copies LOST, resized ones CORRUPTED (guarded by the state they were listed in)."""
+    """Missing copies LOST, resized ones CORRUPTED (guarded by the state they were listed in);
+    `linked`: the missing copies whose path is now a symbolic link, and why."""
+    linked = linked or {}
     found_size = {uid: (want, got) for uid, want, got in resized}
     uids = [*missing, *found_size]
     base = {"storage": storage.name, "found_by": "reconcile"}
@@ -272,11 +284,11 @@ def _settle(
                     details = {**base, "path": path, "expected_size": want, "found_size": got}
                     changes.append(ReplicaChange(check, ReplicaState.CORRUPTED, "replica.corrupted", details))
                 else:
-                    changes.append(
-                        ReplicaChange(
-                            check, ReplicaState.LOST, "replica.lost", {**base, "path": path}, -int(size)
-                        )
-                    )
+                    details = {**base, "path": path}
+                    if uid in linked:
+                        details["reason"] = linked[uid]
+                    lost = ReplicaChange(check, ReplicaState.LOST, "replica.lost", details, -int(size))
+                    changes.append(lost)
             applied = apply_replica_changes(s, changes, storage_id=storage.id, actor=actor, now=utcnow())
             for ch in applied:
                 if ch.to == ReplicaState.LOST:
@@ -286,6 +298,52 @@ def _settle(
                 result.damaged.append(ch.check.replica_uid)
             corrupted, _ = settle_items(s, {ch.check.item_oid for ch in applied}, actor=actor)
             result.items_corrupted += corrupted
+
+
+def _skip_links(
+    sessions: SessionFactory,
+    storage: Storage,
+    links: Sequence[str],
+    known: dict[str, tuple[int, uuid.UUID, str]],
+    result: ReconcileResult,
+    actor: str,
+    dry_run: bool,
+    report_limit: int,
+) -> dict[uuid.UUID, str]:
+    """Report the symbolic links the listing skipped, one `reconcile.link_skipped` event each
+    (none in a dry run); return the tracked copies at those paths (they stay in `known`, to
+    be judged missing), uid -> why."""
+    result.links = len(links)
+    result.link_paths = list(links[:report_limit])
+    why = "is a symbolic link, or goes through one (never followed)"
+    linked: dict[uuid.UUID, str] = {}
+    if links:
+        found = set(links)
+        for path, (_, uid, state) in known.items():
+            if state not in _JUDGED:
+                continue
+            parts = path.split("/")
+            ancestors = ("/".join(parts[:n]) for n in range(1, len(parts) + 1))
+            hit = next((a for a in ancestors if a in found), None)
+            if hit is not None:
+                linked[uid] = f"{path!r} {why} ({hit!r})" if hit != path else f"{path!r} {why}"
+    if dry_run or not links:
+        return linked
+    for i in range(0, len(links), _CHUNK):
+        with sessions() as s:
+            audit.record_many(
+                s,
+                [
+                    {
+                        "kind": "reconcile.link_skipped",
+                        "storage_id": storage.id,
+                        "actor": actor,
+                        "details": {"storage": storage.name, "path": p, "reason": why},
+                    }
+                    for p in links[i : i + _CHUNK]
+                ],
+            )
+    return linked
 
 
 def _unknown(

@@ -10,6 +10,8 @@ the state the copy had when it was read:
   (`replica.repaired`), and so is its item if it was CORRUPTED (`item.repaired`);
 - mismatch: the copy is CORRUPTED (`replica.corrupted`);
 - missing (confirmed by a listing, never inferred from a failed read): LOST (`replica.lost`);
+  so is a copy whose path on a local storage is, or goes through, a symbolic link (never
+  read through: the bytes there are not the copy DLM wrote);
 - an item left with no READY copy is CORRUPTED (`item.corrupted`); it never counts as intact.
 
 A repair batch (one source and one destination storage) copies the item's bytes from an
@@ -249,14 +251,16 @@ def list_files(
     timeout: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """path -> rclone's lsjson entry for each of `paths` present under target, in ONE process
-    (`--files-from-raw --no-traverse`); absent paths are absent from the result. With
+    (`--files-from-raw --no-traverse`); absent paths, and on a local target paths that are
+    or go through a symbolic link, are absent from the result. With
     metadata=True entries carry `Metadata`, with hash_type their `Hashes` (native on S3,
     computed by reading elsewhere).
 
     Raises InvalidValueError (a path with a line break), CredentialsError,
     StorageUnavailableError or RcloneError when rclone fails as a whole.
     """
-    wanted = list(dict.fromkeys(paths))
+    refused = rclone.refused_paths(target, paths)  # a link is never listed as the copy
+    wanted = [p for p in dict.fromkeys(paths) if p not in refused]
     if not wanted:
         return {}
     for p in wanted:
@@ -451,9 +455,11 @@ def verify_batch(
     result.trusted = trusted
     target = backend_for(storage).rclone_target()
     paths = [c.path for c in batch.checks]
+    # A copy whose path is (or goes through) a symbolic link is not DLM's bytes: it is LOST.
+    links = rclone.refused_paths(target, paths)
     try:
         found = rclone.hashsum(target, paths, batch.algo, download=None if trusted else True)
-        absent = [p for p in paths if p not in found]
+        absent = [p for p in paths if p not in found and p not in links]
         present = list_files(target, absent) if absent else {}
     except StorageError as exc:
         result.unreadable = len(batch.checks)
@@ -495,9 +501,10 @@ def verify_batch(
             result.damaged.append(c.replica_uid)
         else:
             delta = -c.size if c.state in (ReplicaState.READY, ReplicaState.CORRUPTED) else 0
-            changes.append(
-                ReplicaChange(c, ReplicaState.LOST, "replica.lost", {**base, "path": c.path}, delta)
-            )
+            details = {**base, "path": c.path}
+            if c.path in links:
+                details["reason"] = result.errors[c.path] = links[c.path]
+            changes.append(ReplicaChange(c, ReplicaState.LOST, "replica.lost", details, delta))
     now = utcnow()
     with sessions() as s:
         for chunk in _chunks([c.replica_uid for c in intact]):

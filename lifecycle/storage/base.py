@@ -34,6 +34,10 @@ class RcloneTarget:
     env: Mapping[str, str] = field(default_factory=dict)
     # Flags rclone needs when this storage is the destination of a copy.
     upload_flags: tuple[str, ...] = ()
+    # For a local directory (a posix storage, a local checkout destination): its real path.
+    # Every path rclone is given under it is first checked for symbolic links
+    # (lifecycle.storage.links); a path that is or goes through one is refused.
+    local_root: str | None = None
 
 
 @runtime_checkable

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat as stat_mod
 import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from lifecycle.checksum import checksum_file
+from lifecycle.checksum import checksum_stream, new_hasher
 from lifecycle.errors import InvalidNameError, SourceNotFoundError, StorageError
 from lifecycle.names import validate_name
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
+from lifecycle.storage.links import LinkGuard
 
 _TMP_PREFIX = ".dlm-tmp-"
 # User metadata is kept, where the file system allows, as extended attributes user.dlm.<key>.
@@ -38,41 +41,69 @@ class PosixStorage:
 
     # ----------------------------------------------------------------- paths
 
+    def _refusal(self, name: str) -> str | None:
+        """Why a validated root-relative name may not be used (it is, or goes through, a
+        symbolic link; said to lead outside the root when it does), or None."""
+        why = LinkGuard(self._real_root).why_refused(name)
+        if why is None:
+            return None
+        if not _inside(os.path.realpath(os.path.join(self._real_root, name)), self._real_root):
+            return f"leads outside storage '{self.name}' ({self.root}): it {why}"
+        return f"on storage '{self.name}' {why} (DLM never follows links below a storage root)"
+
     def _full(self, path: str) -> Path:
-        """The file of a root-relative name. Raises InvalidNameError if the name is invalid
-        or if, through a symlink, it would land outside the root."""
+        """The file of a root-relative name, under the root's real path. Raises
+        InvalidNameError if the name is invalid, or is or goes through a symbolic link."""
         name = validate_name(path, what="path")
-        full = self.root / name
-        if not _inside(os.path.realpath(full), self._real_root):
-            raise InvalidNameError(f"path {path!r} leads outside storage '{self.name}' ({self.root})")
-        return full
+        why = self._refusal(name)
+        if why is not None:
+            raise InvalidNameError(f"path {path!r} {why}")
+        return Path(self._real_root) / name
+
+    def _relative(self, user_path: str) -> str:
+        """The root-relative form of an absolute path under the root, or under an alias of the
+        root directory itself (a symlinked root). Raises InvalidNameError otherwise."""
+        lexical = os.path.normpath(user_path)
+        for base in (str(self.root), self._real_root):
+            if _inside(lexical, base) and lexical != base:
+                return os.path.relpath(lexical, base).replace(os.sep, "/")
+        head = lexical
+        tail: list[str] = []
+        while True:
+            head, last = os.path.split(head)
+            if not last:
+                break
+            tail.insert(0, last)
+            if os.path.realpath(head) == self._real_root:
+                return "/".join(tail)
+        real = os.path.realpath(lexical)
+        if _inside(real, self._real_root) and real != self._real_root:
+            raise InvalidNameError(
+                f"path {user_path!r} is a symbolic link, or goes through one, into storage "
+                f"'{self.name}' (root {self.root}): give the file's own path"
+            )
+        raise InvalidNameError(f"path {user_path!r} is outside storage '{self.name}' (root {self.root})")
 
     def resolve(self, user_path: str) -> str:
-        """The root-relative name of an absolute path inside the root (symlinks resolved) or
-        of a path relative to the root. Raises InvalidNameError if it lies outside."""
+        """The root-relative name of a path relative to the root, or of an absolute path inside
+        the root (reached through the root or through an alias of the root directory).
+
+        Raises InvalidNameError if it lies outside the root, or if it is or goes through a
+        symbolic link below the root (never registered as the file the link points to).
+        """
         if "\x00" in user_path:
             raise InvalidNameError(f"path {user_path[:80]!r} contains a NUL character")
-        if os.path.isabs(user_path):
-            real = os.path.realpath(user_path)
-            if not _inside(real, self._real_root) or real == self._real_root:
-                raise InvalidNameError(
-                    f"path {user_path!r} is outside storage '{self.name}' (root {self.root})"
-                )
-            lexical = os.path.normpath(user_path)
-            if _inside(lexical, str(self.root)) and lexical != str(self.root):
-                rel = os.path.relpath(lexical, self.root)
-            else:
-                rel = os.path.relpath(real, self._real_root)
-            rel = rel.replace(os.sep, "/")
-        else:
-            rel = user_path
+        rel = self._relative(user_path) if os.path.isabs(user_path) else user_path
         try:
-            self._full(rel)
+            name = validate_name(rel, what="path")
         except InvalidNameError as exc:
             raise InvalidNameError(
                 f"path {user_path!r} is not inside storage '{self.name}' (root {self.root}): {exc}"
             ) from exc
-        return validate_name(rel, what="path")
+        why = self._refusal(name)
+        if why is not None:
+            raise InvalidNameError(f"path {user_path!r} {why}")
+        return name
 
     # ----------------------------------------------------------------- operations
 
@@ -86,13 +117,16 @@ class PosixStorage:
             raise StorageError(f"storage '{self.name}': root {self.root} is not writable")
 
     def stat(self, path: str) -> ObjectInfo:
-        """Size, mtime and metadata of a file. Raises SourceNotFoundError, InvalidNameError."""
+        """Size, mtime and metadata of a file. Raises SourceNotFoundError, InvalidNameError
+        (a symbolic link, or a path through one)."""
         full = self._full(path)
         try:
-            st = full.stat()
+            st = os.lstat(full)
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise SourceNotFoundError(f"{path!r} not found on storage '{self.name}'") from exc
-        if not full.is_file():
+        if stat_mod.S_ISLNK(st.st_mode):  # planted since the check
+            raise InvalidNameError(f"path {path!r} on storage '{self.name}' is a symbolic link")
+        if not stat_mod.S_ISREG(st.st_mode):
             raise SourceNotFoundError(f"{path!r} on storage '{self.name}' is not a file")
         return ObjectInfo(
             path=validate_name(path, what="path"),
@@ -102,14 +136,21 @@ class PosixStorage:
         )
 
     def open(self, path: str) -> BinaryIO:
-        """The file opened for reading. Raises SourceNotFoundError, InvalidNameError."""
+        """The file opened for reading (never through a link: O_NOFOLLOW). Raises
+        SourceNotFoundError, InvalidNameError."""
         full = self._full(path)
         try:
-            if full.is_dir():
-                raise IsADirectoryError(path)
-            return open(full, "rb")
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise SourceNotFoundError(f"{path!r} not found on storage '{self.name}'") from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidNameError(f"path {path!r} on storage '{self.name}' is a symbolic link") from exc
+            raise StorageError(f"storage '{self.name}': cannot read {path!r}: {exc}") from exc
+        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SourceNotFoundError(f"{path!r} on storage '{self.name}' is not a file")
+        return os.fdopen(fd, "rb")
 
     def put(
         self, path: str, src: Path | BinaryIO, *, metadata: Mapping[str, str] | None = None
@@ -148,46 +189,60 @@ class PosixStorage:
         return self.stat(path)
 
     def delete(self, path: str) -> None:
-        """Remove the file; absent is fine. Raises InvalidNameError, StorageError."""
+        """Remove the file; absent is fine. Raises InvalidNameError (a path through a link),
+        StorageError."""
         full = self._full(path)
         try:
-            full.unlink()
+            full.unlink()  # unlink never follows a link in the last component
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise StorageError(f"storage '{self.name}': cannot delete {path!r}: {exc}") from exc
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every file under the directory `prefix`, recursively, in name order (temp files of
-        unfinished writes and symlinks leading outside the root are left out)."""
-        top = self._full(prefix) if prefix else self.root
-        for dirpath, dirnames, filenames in os.walk(top):
+        """Every file under the directory `prefix`, recursively, in name order. Symbolic links
+        (never followed), other non-regular files and temp files of unfinished writes are left
+        out. Raises InvalidNameError for a prefix that is or goes through a link."""
+        top = self._full(prefix) if prefix else Path(self._real_root)
+        for dirpath, dirnames, filenames in os.walk(top):  # does not descend into links
             dirnames.sort()
             for fname in sorted(filenames):
                 if fname.startswith(_TMP_PREFIX):
                     continue
                 full = os.path.join(dirpath, fname)
-                rel = os.path.relpath(full, self.root).replace(os.sep, "/")
                 try:
-                    yield self.stat(rel)
-                except (SourceNotFoundError, InvalidNameError):
+                    st = os.lstat(full)
+                except OSError:
                     continue
+                if not stat_mod.S_ISREG(st.st_mode):
+                    continue
+                rel = os.path.relpath(full, self._real_root).replace(os.sep, "/")
+                try:
+                    name = validate_name(rel, what="path")
+                except InvalidNameError:
+                    continue
+                yield ObjectInfo(
+                    path=name,
+                    size=st.st_size,
+                    mtime=datetime.fromtimestamp(st.st_mtime, tz=UTC),
+                    metadata=_read_xattrs(Path(full)),
+                )
 
     def checksum(self, path: str, algo: str) -> str:
-        """Hex digest read from the bytes. Raises SourceNotFoundError, InvalidValueError."""
-        full = self._full(path)
-        try:
-            return checksum_file(full, algo)[0]
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
-            raise SourceNotFoundError(f"{path!r} not found on storage '{self.name}'") from exc
+        """Hex digest read from the bytes (never through a link). Raises SourceNotFoundError,
+        InvalidNameError, InvalidValueError."""
+        new_hasher(algo)  # an unknown algorithm is refused before anything is opened
+        with self.open(path) as f:
+            return checksum_stream(f, algo)[0]
 
     def url(self, path: str, expires_s: int = 3600) -> str:
         """A file:// URL (it does not expire). Raises InvalidNameError."""
         return self._full(path).as_uri()
 
     def rclone_target(self) -> RcloneTarget:
-        """The absolute root path: rclone's local backend needs no config."""
-        return RcloneTarget(spec=str(self.root))
+        """The absolute root path: rclone's local backend needs no config. Paths given to rclone
+        under it are checked for symbolic links first (`local_root`)."""
+        return RcloneTarget(spec=str(self.root), local_root=self._real_root)
 
 
 def _write_xattrs(path: Path, metadata: Mapping[str, str]) -> None:

@@ -1,0 +1,79 @@
+"""The link guard: refuse root-relative paths that are, or go through, a symbolic link on a local root.
+
+DLM never reads, writes or deletes through a link below a storage root (the root itself may be
+a link: its real path is the root). A path is checked with one `lstat` per component, and the
+directories already checked are cached, so a batch of files in a few directories costs about
+one `lstat` per file. Paths are plain relative names (no '.', '..' or empty segment), so a path
+without a link cannot leave its root.
+
+The check is a snapshot: a link planted between the check and the use is not seen (see
+docs/design-notes.md, "No links, no escape").
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+
+_DIR, _ABSENT, _LINK = "dir", "absent", "link"
+
+
+class LinkGuard:
+    """Checks paths under one local root; remembers the directories it has looked at."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.realpath(root)
+        self._dirs: dict[str, str] = {}
+
+    def _dir_state(self, rel: str) -> str:
+        state = self._dirs.get(rel)
+        if state is None:
+            try:
+                mode = os.lstat(os.path.join(self.root, rel)).st_mode
+            except OSError:  # absent, a file in the way, unreadable: nothing below it to follow
+                state = _ABSENT
+            else:
+                if stat.S_ISLNK(mode):
+                    state = _LINK
+                elif stat.S_ISDIR(mode):
+                    state = _DIR
+                else:
+                    state = _ABSENT
+            self._dirs[rel] = state
+        return state
+
+    def why_refused(self, path: str) -> str | None:
+        """None if `path` (relative to the root) may be used; else why not, to follow the path
+        in a message ("is a symbolic link", "goes through a symbolic link ('run')")."""
+        parts = path.split("/")
+        if path.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            return "is not a plain path inside the root"
+        prefix = ""
+        for part in parts[:-1]:
+            prefix = f"{prefix}/{part}" if prefix else part
+            state = self._dir_state(prefix)
+            if state == _LINK:
+                return f"goes through a symbolic link ({prefix!r})"
+            if state == _ABSENT:
+                return None  # nothing exists below: nothing to follow
+        try:
+            mode = os.lstat(os.path.join(self.root, path)).st_mode
+        except OSError:
+            return None
+        return "is a symbolic link" if stat.S_ISLNK(mode) else None
+
+    def refused(self, paths: Iterable[str]) -> dict[str, str]:
+        """path -> why it is refused, for the paths that are refused."""
+        out: dict[str, str] = {}
+        for path in paths:
+            why = self.why_refused(path)
+            if why is not None:
+                out[path] = why
+        return out
+
+
+def refused_paths(root: str | os.PathLike[str], paths: Iterable[str]) -> dict[str, str]:
+    """path -> reason for each of `paths` (relative to the local `root`) that is, or goes
+    through, a symbolic link, or is not a plain relative path. Raises nothing."""
+    return LinkGuard(root).refused(paths)
