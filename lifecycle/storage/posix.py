@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from lifecycle.checksum import checksum_stream, new_hasher
+from lifecycle.checksum import checksum_file
 from lifecycle.errors import InvalidNameError, SourceNotFoundError, StorageError
 from lifecycle.names import validate_name
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
@@ -229,11 +229,13 @@ class PosixStorage:
                 )
 
     def checksum(self, path: str, algo: str) -> str:
-        """Hex digest read from the bytes (never through a link). Raises SourceNotFoundError,
-        InvalidNameError, InvalidValueError."""
-        new_hasher(algo)  # an unknown algorithm is refused before anything is opened
-        with self.open(path) as f:
-            return checksum_stream(f, algo)[0]
+        """Hex digest read from the bytes (of a path checked for links). Raises
+        SourceNotFoundError, InvalidNameError, InvalidValueError."""
+        full = self._full(path)
+        try:
+            return checksum_file(full, algo)[0]
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise SourceNotFoundError(f"{path!r} not found on storage '{self.name}'") from exc
 
     def url(self, path: str, expires_s: int = 3600) -> str:
         """A file:// URL (it does not expire). Raises InvalidNameError."""
