@@ -206,6 +206,9 @@ def _build(estate: Estate) -> None:
     # Traps inside disk-a's root: links that lead outside it, and a FIFO.
     (a / "evil-link.dat").symlink_to(base / "outside.dat")
     (a / "evil-dir").symlink_to(base / "secretdir", target_is_directory=True)
+    # ...and links that stay inside it (one more item on a registered file, if followed).
+    (a / "inner-link.dat").symlink_to("run/f0.dat")
+    (a / "run-alias").symlink_to(a / "run", target_is_directory=True)
     os.mkfifo(a / "pipe")
     estate.paths = {
         "base": str(base),

@@ -238,6 +238,12 @@ CASES = [
     Case("ingest-dotdot-relative", ("ingest", "-s", "disk-a", "../outside.dat"), "not inside storage"),
     Case("ingest-symlink-escape", ("ingest", "-s", "disk-a", "{a}/evil-link.dat"), "outside storage"),
     Case("ingest-symlinked-dir-escape", ("ingest", "-s", "disk-a", "evil-dir/secret.dat"), "outside storage"),
+    Case("ingest-symlink-in-root", ("ingest", "-s", "disk-a", "{a}/inner-link.dat"), "is a symbolic link"),
+    Case(
+        "ingest-through-linked-dir-inside-root",
+        ("ingest", "-s", "disk-a", "run-alias/f0.dat"),
+        "goes through a symbolic link ('run-alias')",
+    ),
     Case("ingest-missing-in-place", ("ingest", "-s", "disk-a", "nothere.dat"), "'nothere.dat' not found"),
     Case("ingest-already-registered", ("ingest", "-s", "disk-b", "obs/a.fits"), "already registered"),
     Case(
