@@ -9,6 +9,7 @@ after), link targets are neither read, rewritten nor deleted, and the real copie
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -242,20 +243,30 @@ def test_rclone_hashes_and_listings_never_follow_links_whatever_the_user_configu
 
 
 @pytest.mark.s3
-def test_a_posix_link_is_never_uploaded_to_s3(
-    rclone_path: str, disks: tuple[PosixStorage, PosixStorage], s3_env: SeaweedServer, s3_bucket: str
+def test_s3_copies_neither_read_a_posix_link_nor_land_through_one(
+    rclone_path: str,
+    disks: tuple[PosixStorage, PosixStorage],
+    s3_env: SeaweedServer,
+    s3_bucket: str,
+    outside: Path,
 ) -> None:
-    a, _ = disks
+    a, b = disks
+    before = tree_digest(outside)
     s3 = S3Storage("obj", f"{s3_bucket}/copies", endpoint=s3_env.endpoint)
     try:
-        report = rclone.copy_files(
-            a.rclone_target(), s3.rclone_target(), ["link.dat", "dirlink/o.dat", "real.dat"]
-        )
+        files = ["link.dat", "dirlink/o.dat", "real.dat"]
+        up = rclone.copy_files(a.rclone_target(), s3.rclone_target(), files)
         keys = sorted(o.path for o in s3.list())
+        s3.put("run/f0.dat", io.BytesIO(b"f0 from the object store\n"))
+        down = rclone.copy_files(s3.rclone_target(), b.rclone_target(), ["run/f0.dat", "real.dat"])
     finally:
         s3.close()
-    assert report.ok == {"real.dat"} and set(report.failed) == {"link.dat", "dirlink/o.dat"}
-    assert keys == ["real.dat"]
+
+    assert up.ok == {"real.dat"} and set(up.failed) == {"link.dat", "dirlink/o.dat"}
+    assert keys == ["real.dat"]  # no object holds bytes read through a link
+    assert down.ok == {"real.dat"} and "goes through a symbolic link ('run')" in down.failed["run/f0.dat"]
+    assert (b.root / "real.dat").read_bytes() == b"REAL.DAT"
+    assert tree_digest(outside) == before
 
 
 # --------------------------------------------------------------------------- catalogue helpers
