@@ -315,7 +315,7 @@ def _skip_links(
     be judged missing), uid -> why."""
     result.links = len(links)
     result.link_paths = list(links[:report_limit])
-    why = "is a symbolic link, or goes through one (never followed)"
+    why = "a symbolic link: never followed nor adopted"
     linked: dict[uuid.UUID, str] = {}
     if links:
         found = set(links)
@@ -326,7 +326,11 @@ def _skip_links(
             ancestors = ("/".join(parts[:n]) for n in range(1, len(parts) + 1))
             hit = next((a for a in ancestors if a in found), None)
             if hit is not None:
-                linked[uid] = f"{path!r} {why} ({hit!r})" if hit != path else f"{path!r} {why}"
+                linked[uid] = (
+                    f"{path!r} is a symbolic link (never followed)"
+                    if hit == path
+                    else f"{path!r} goes through a symbolic link ({hit!r}, never followed)"
+                )
     if dry_run or not links:
         return linked
     for i in range(0, len(links), _CHUNK):
