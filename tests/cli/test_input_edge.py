@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,26 +28,51 @@ def _env(url: str, home: Path) -> dict[str, str]:
 
 def test_three_concurrent_inits_on_a_fresh_postgres_all_succeed(tmp_path: Path) -> None:
     """Three real `dlm init` processes race on an empty database: the advisory lock serialises
-    the migrations, so all three exit 0 and the schema is migrated once."""
+    the migrations, so all three exit 0 and the schema is migrated once.
+
+    To make the race certain rather than a matter of process start-up timing, the test holds an
+    uncommitted CREATE TABLE alembic_version until all three processes wait on a lock, then
+    rolls it back: they all go at once (without the lock, two fail on duplicate tables).
+    """
     with fresh_postgres_database("dlm_init_race") as url:
         env = _env(url, tmp_path / "home")
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "dlm.cli", "init"],
-                env=env,
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(3)
-        ]
-        results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
-        for code, out, err in results:
-            assert code == 0, err
-            assert "catalogue ready" in out and err == ""
         engine = sa.create_engine(sa.engine.make_url(url).set(drivername="postgresql+psycopg"))
+        gate = engine.connect()
         try:
+            gate.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "dlm.cli", "init"],
+                    env=env,
+                    cwd=REPO,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(3)
+            ]
+            deadline = time.monotonic() + 90
+            with engine.connect() as watch:
+                while time.monotonic() < deadline:
+                    waiting = watch.execute(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                        )
+                    ).scalar_one()
+                    watch.rollback()
+                    if waiting >= 3 or any(p.poll() is not None for p in procs):
+                        break
+                    time.sleep(0.1)
+            assert waiting >= 3, "the three inits never all waited on the gate"
+        finally:
+            gate.rollback()
+            gate.close()
+        results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+        try:
+            for code, out, err in results:
+                assert code == 0, err
+                assert "catalogue ready" in out and err == ""
             with engine.connect() as conn:
                 assert conn.execute(sa.text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
                 assert conn.execute(sa.text("SELECT count(*) FROM item")).scalar_one() == 0
