@@ -77,7 +77,8 @@ def _scalar_ok(value: Any, where: str) -> None:
         bad = next((c for c in value if c == "\x00" or "\ud800" <= c <= "\udfff"), None)
         if bad is not None:
             raise InvalidMetadataError(
-                f"{where}invalid metadata text {value[:40]!r}: contains U+{ord(bad):04X}"
+                f"{where}invalid metadata text {value[:40]!r}: contains "
+                + ("NUL (U+0000)" if bad == "\x00" else f"an unpaired surrogate U+{ord(bad):04X}")
             )
     elif value is not None and not isinstance(value, bool | int | float):
         raise InvalidMetadataError(f"{where}invalid metadata value of type {type(value).__name__}")
