@@ -181,7 +181,12 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
         return
     import fcntl
 
-    with open(f"{database}.migrate.lock", "a+b") as lock:
+    try:
+        lock = open(f"{database}.migrate.lock", "a+b")  # noqa: SIM115 (closed below)
+    except OSError:  # a read-only directory: SQLite's own write lock is all there is
+        yield
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
