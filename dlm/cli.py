@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,15 +22,17 @@ from typer._click import exceptions as click_exc
 
 from dlm import render
 from lifecycle import catalog
-from lifecycle.db import get_engine, init_db, schema_ready, session_scope
+from lifecycle.db import check_schema_known, get_engine, init_db, schema_ready, session_scope
 from lifecycle.errors import (
     DLMError,
-    InvalidMetadataError,
     InvalidValueError,
     NotFoundError,
     UserInputError,
 )
+from lifecycle.metadata import parse_meta
 from lifecycle.models import StorageCreate
+from lifecycle.names import validate_owner
+from lifecycle.redact import install_log_redaction, redact
 from lifecycle.settings import get_settings
 from lifecycle.states import Phase, StorageKind, StorageState, Tier
 from lifecycle.units import parse_duration, parse_size, parse_timestamp
@@ -52,8 +53,6 @@ app.add_typer(items_app, name="items")
 app.add_typer(datasets_app, name="datasets")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
-MAX_META_BYTES = 1024 * 1024
-_META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 
 
 @contextmanager
@@ -62,6 +61,8 @@ def catalogue() -> Iterator[Session]:
     engine = get_engine()
     if not schema_ready(engine):
         init_db()
+    else:
+        check_schema_known(engine)
     with session_scope() as session:
         yield session
 
@@ -77,70 +78,9 @@ def _enum(value: str, enum: type[Any], what: str) -> Any:
     raise InvalidValueError(f"invalid {what} {value!r}: use one of {choices}")
 
 
-def _scalar(text: str) -> Any:
-    """`--meta k=v` values: integers, decimals, true/false become JSON numbers/booleans."""
-    if re.fullmatch(r"-?\d{1,18}", text):
-        return int(text)
-    if re.fullmatch(r"-?\d+\.\d+([eE][-+]?\d+)?", text):
-        return float(text)
-    if text in ("true", "false"):
-        return text == "true"
-    return text
-
-
-def parse_meta(pairs: list[str] | None, meta_json: Path | None) -> dict[str, Any]:
-    """Metadata from --meta-json FILE (an object) overlaid with --meta key=value pairs."""
-    meta: dict[str, Any] = {}
-    if meta_json is not None:
-        try:
-            raw = meta_json.read_bytes()
-        except OSError as exc:
-            raise InvalidMetadataError(f"cannot read --meta-json {meta_json}: {exc.strerror}") from None
-        if len(raw) > MAX_META_BYTES:
-            raise InvalidMetadataError(f"--meta-json {meta_json} is larger than 1 MiB")
-        try:
-            doc = json.loads(raw, parse_constant=_no_constant)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidMetadataError(f"--meta-json {meta_json} is not valid JSON: {exc}") from None
-        except RecursionError:
-            raise InvalidMetadataError(f"--meta-json {meta_json} is nested too deeply") from None
-        if not isinstance(doc, dict):
-            raise InvalidMetadataError(
-                f"--meta-json {meta_json} must hold a JSON object, not {type(doc).__name__}"
-            )
-        meta.update(doc)
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not _META_KEY.match(key):
-            raise InvalidMetadataError(
-                f"invalid --meta {pair[:80]!r}: use key=value with a key of letters, digits, _ . -"
-            )
-        meta[key] = _scalar(value)
-    _check_text(meta)
-    return meta
-
-
-def _no_constant(name: str) -> Any:
-    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
-
-
-def _check_text(meta: dict[str, Any]) -> None:
-    """Refuse NUL and unpaired surrogates in metadata keys and text: the catalogue cannot store them."""
-    stack: list[Any] = [meta]
-    while stack:  # not recursive: a document may nest as deep as json.loads allows
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack += list(value) + list(value.values())
-        elif isinstance(value, list):
-            stack += value
-        elif isinstance(value, str):
-            bad = next((c for c in value if c == "\x00" or "\ud800" <= c <= "\udfff"), None)
-            if bad is not None:
-                raise InvalidMetadataError(f"invalid metadata text {value[:40]!r}: contains U+{ord(bad):04X}")
-
-
 def _fail(message: str, code: int) -> None:
-    render.err.print(f"dlm: error: {message}", markup=False)
+    line = " ".join(redact(message).splitlines())  # one line, whatever the message held
+    render.err.print(f"dlm: error: {line}", markup=False)
     raise SystemExit(code)
 
 
@@ -151,7 +91,7 @@ def _fail(message: str, code: int) -> None:
 def init() -> None:
     """Create or upgrade the catalogue schema."""
     rev = init_db()
-    render.out.print(f"catalogue ready at {get_settings().db_url} (schema {rev})")
+    render.out.print(f"catalogue ready at {redact(get_settings().db_url)} (schema {rev})", markup=False)
 
 
 @app.command()
@@ -358,7 +298,7 @@ def ingest(
     phase_v = _enum(phase, Phase, "phase")
     life = parse_duration(lifetime) if lifetime is not None else None
     meta_v = parse_meta(meta, meta_json)
-    who = owner or catalog.current_actor()
+    who = validate_owner(owner, what="--owner") if owner is not None else catalog.current_actor()
     if from_list is not None:
         if paths or upload or name:
             raise InvalidValueError("--from-list takes no paths, --upload or --name")
@@ -869,6 +809,7 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; DLM errors and usage errors become one line on stderr and an exit code."""
+    install_log_redaction()
     try:
         result = app(args=argv, standalone_mode=False)
     except click_exc.NoArgsIsHelpError as exc:
@@ -888,6 +829,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except PermissionError as exc:  # the last net for a file the core did not expect to be closed to it
+        _fail(f"cannot access {exc.filename!r}: {exc.strerror}", 1)
     except Exception as exc:
         if os.environ.get("DLM_DEBUG"):
             raise

@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lifecycle.redact import redact
 from lifecycle.units import format_size
 
 out = Console(highlight=False, soft_wrap=True)
@@ -30,7 +31,8 @@ def _default(value: Any) -> Any:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, default=_default, indent=2, ensure_ascii=False) + "\n")
+    """JSON on stdout, with the password of any URL in it redacted."""
+    sys.stdout.write(redact(json.dumps(data, default=_default, indent=2, ensure_ascii=False)) + "\n")
 
 
 def when(ts: datetime | None) -> str:
@@ -46,5 +48,5 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for c in columns:
         t.add_column(c, overflow="fold")
     for r in rows:
-        t.add_row(*("-" if v is None else str(v) for v in r))
+        t.add_row(*("-" if v is None else redact(str(v)) for v in r))
     out.print(t)

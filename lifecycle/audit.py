@@ -13,6 +13,7 @@ from sqlalchemy import insert
 from sqlmodel import Session
 
 from lifecycle.models import Event, utcnow
+from lifecycle.redact import redact_value
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def record_many(session: Session, rows: Iterable[dict[str, Any]]) -> int:
             "replica_uid": r.get("replica_uid"),
             "storage_id": r.get("storage_id"),
             "actor": r.get("actor", "user"),
-            "details": r.get("details") or {},
+            "details": redact_value(r.get("details") or {}),  # error texts may quote a URL
         }
         for r in rows
     ]

@@ -28,8 +28,9 @@ from lifecycle.errors import (
     SourceNotFoundError,
     UserInputError,
 )
+from lifecycle.metadata import MAX_META_BYTES, validate_metadata
 from lifecycle.models import Storage, utcnow
-from lifecycle.names import MAX_SEGMENT_LENGTH, validate_name
+from lifecycle.names import MAX_SEGMENT_LENGTH, validate_name, validate_owner
 from lifecycle.states import ItemState, ItemType, Phase, ReplicaState, StorageState
 from lifecycle.units import MAX_BYTES, parse_timestamp
 
@@ -129,6 +130,7 @@ def register_from_list(
         raise ConflictError(f"storage {storage.name!r} is retired: nothing can be registered on it")
     if meta is not None and not isinstance(meta, dict):
         raise InvalidMetadataError("invalid metadata: must be a JSON object")
+    meta = validate_metadata(meta) if meta else meta
     phase_value = Phase(phase).value
     now = utcnow()
     default_expiry = now + lifetime if lifetime is not None else None
@@ -450,8 +452,14 @@ def _validated(
             expires_at = parse_timestamp(expires)
         except DLMError as exc:
             raise _RowError(InvalidValueError, str(exc)) from None
-    if owner is not None and (type(owner) is not str or not owner or not owner.isprintable()):
-        raise _RowError(InvalidValueError, "'owner' must be a non-empty string without control characters")
+    if owner is not None:
+        if type(owner) is not str:
+            raise _RowError(InvalidValueError, "'owner' must be a string without control characters")
+        if not (owner and owner.isascii() and owner.isprintable() and owner.strip() == owner):
+            try:
+                owner = validate_owner(owner)
+            except UserInputError as exc:
+                raise _RowError(type(exc), str(exc)) from None
     return (name, path, size, checksum, algo, phase, expires_at, owner, row_meta, lineno)
 
 
@@ -466,6 +474,10 @@ def _valid_name(name: str, what: str) -> str:
         and "\\" not in name
         and "//" not in name
         and "/." not in name
+        and (
+            what != "item name"  # item names: no '@', no whitespace at a segment's ends
+            or ("@" not in name and " " not in (name[0], name[-1]) and " /" not in name and "/ " not in name)
+        )
     ):
         return name
     try:
@@ -527,12 +539,17 @@ class _Writer:
         return out, again
 
     def json(self, meta: dict[str, Any], lineno: int) -> str:
-        """Metadata as JSON text; refuses NUL in strings (PostgreSQL's jsonb cannot hold it)."""
+        """Metadata as JSON text; see checked()."""
+        return self.checked(meta, lineno)[1]
+
+    def checked(self, meta: dict[str, Any], lineno: int) -> tuple[dict[str, Any], str]:
+        """Metadata (keys in NFC) and its JSON text, refused as lifecycle.metadata says (NUL,
+        control characters in keys, over 64 KiB); plain ASCII metadata skips the full walk."""
         data = orjson.dumps(meta)
-        if b"\\u0000" in data:
-            where = f"{self.label} line {lineno}: " if lineno else ""
-            raise InvalidMetadataError(f"{where}invalid metadata: strings must not contain NUL")
-        return data.decode()
+        if len(data) > MAX_META_BYTES or b"\\u" in data or b"\x7f" in data or not data.isascii():
+            meta = validate_metadata(meta, where=f"{self.label} line {lineno}: " if lineno else "")
+            data = orjson.dumps(meta)
+        return meta, data.decode()
 
     def merged_meta(self, row_meta: dict[str, Any] | None) -> dict[str, Any]:
         if row_meta is None:
@@ -664,7 +681,7 @@ class _SQLiteWriter(_Writer):
             nbytes += size
             meta = self.merged_meta(row_meta)
             if row_meta is not None:
-                self.json(meta, lineno)
+                meta = self.checked(meta, lineno)[0]
             if checksum is None:
                 state, rstate, kind = ItemState.INITIALISED, ReplicaState.PENDING, "item.registered"
             else:

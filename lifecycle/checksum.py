@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import BinaryIO
 
-from lifecycle.errors import InvalidValueError
+from lifecycle.errors import InvalidValueError, UnreadableFileError
 
 ALGORITHMS = ("md5", "sha1", "sha256", "blake2b")
 CHUNK = 1024 * 1024
@@ -36,6 +36,16 @@ def checksum_stream(stream: BinaryIO, algo: str) -> tuple[str, int]:
 
 
 def checksum_file(path: Path, algo: str) -> tuple[str, int]:
-    """(hex digest, size) of a local file."""
-    with open(path, "rb") as f:
-        return checksum_stream(f, algo)
+    """(hex digest, size) of a local file.
+
+    Raises FileNotFoundError, NotADirectoryError, IsADirectoryError as open() does (callers say
+    which storage or source is missing), UnreadableFileError for any other failure to read
+    (permission denied, an I/O error).
+    """
+    try:
+        with open(path, "rb") as f:
+            return checksum_stream(f, algo)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc

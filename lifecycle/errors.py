@@ -15,13 +15,22 @@ DLMError                      anything DLM reports to a user (one clear line)
 +-- PolicyViolationError      the action would break the lifecycle invariant
 +-- StorageError              a storage refused or failed an operation (permanent)
 |   +-- CredentialsError      missing or wrong credentials
+|   +-- RootNotFoundError     a storage's root (directory, bucket, remote path) does not exist;
+|                             also a NotFoundError: the name given points nowhere
++-- UnreadableFileError       a file DLM may not or cannot read (permission denied, I/O error)
 +-- TransientError            what a retry may fix: timeouts, a storage briefly gone
     +-- StorageUnavailableError
 """
 
+from lifecycle.redact import redact
+
 
 class DLMError(Exception):
-    """Base of every error DLM reports; its message is one line for the user."""
+    """Base of every error DLM reports; its message is one line for the user, with the password
+    of any URL in it redacted (lifecycle.redact)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class UserInputError(DLMError):
@@ -77,6 +86,14 @@ class StorageError(DLMError):
 
 
 class CredentialsError(StorageError):
+    pass
+
+
+class RootNotFoundError(StorageError, NotFoundError):
+    pass
+
+
+class UnreadableFileError(DLMError):
     pass
 
 

@@ -112,6 +112,13 @@ class StorageCreate(StorageBase):
 
         return validate_slug(value, what="storage name")
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        from lifecycle.names import validate_endpoint
+
+        return None if value is None else validate_endpoint(value)
+
     @field_validator("capacity_bytes")
     @classmethod
     def _capacity(cls, value: int | None) -> int | None:

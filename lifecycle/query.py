@@ -50,6 +50,9 @@ from lifecycle.units import parse_duration, parse_size, parse_timestamp
 
 MAX_LENGTH: Final = 4096
 MAX_DEPTH: Final = 50
+# Conditions in one filter (an `in` list counts one per value): SQLite refuses an expression
+# tree deeper than 1000 ("Expression tree is too large"), and `a or b or ...` nests one per term.
+MAX_TERMS: Final = 500
 
 FIELDS: Final[dict[str, str]] = {
     "name": "the item's name (text)",
@@ -275,6 +278,15 @@ class _Parser:
     def __init__(self, tokens: list[_Token]) -> None:
         self.tokens = tokens
         self.i = 0
+        self.terms = 0
+
+    def count_terms(self, n: int, pos: int) -> None:
+        self.terms += n
+        if self.terms > MAX_TERMS:
+            raise _error(
+                pos,
+                f"too many conditions: a filter holds at most {MAX_TERMS} (an 'in' list counts each value)",
+            )
 
     def peek(self, ahead: int = 0) -> _Token:
         return self.tokens[min(self.i + ahead, len(self.tokens) - 1)]
@@ -341,6 +353,7 @@ class _Parser:
             op = _OPERATORS[tok.text]
             _check_operator(field, spec, op, tok)
             value = _convert(field, spec, op, self.value_token(tok))
+            self.count_terms(1, field_tok.pos)
             return Compare(field, op, value, field_tok.pos)
         negated = tok.keyword("not") and self.peek(1).keyword("in")
         if negated or tok.keyword("in"):
@@ -348,6 +361,7 @@ class _Parser:
                 self.take()
             self.take()
             values = self.value_list(field, spec)
+            self.count_terms(len(values), field_tok.pos)
             any_of: Expr = (
                 Compare(field, "=", values[0], field_tok.pos)
                 if len(values) == 1

@@ -5,8 +5,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from lifecycle.errors import InvalidNameError, InvalidValueError
+from lifecycle.names import validate_owner
 
 
 class PolicySettings(BaseModel):
@@ -67,6 +71,16 @@ class Settings(BaseSettings):
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     verify: VerifySettings = Field(default_factory=VerifySettings)
 
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return validate_owner(value)
+        except InvalidNameError as exc:
+            raise ValueError(str(exc)) from None
+
     @property
     def db_url(self) -> str:
         """The catalogue's URL: DLM_DATABASE_URL, or a SQLite file under DLM_HOME."""
@@ -77,8 +91,21 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
-    return Settings()
+    """The process's settings, read once from the environment.
+
+    Raises InvalidValueError naming the DLM_* variable that is invalid (never its value, which
+    may be a secret).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        var = "DLM_" + "__".join(str(p) for p in first.get("loc", ())).upper()
+        msg = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        raise InvalidValueError(f"invalid setting {var}: {msg}") from None
+    except SettingsError as exc:  # a nested section that is not valid JSON
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
+        raise InvalidValueError(f"invalid setting DLM_{field.upper()}: not valid JSON") from None
 
 
 def reset_settings() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, timedelta
+from fractions import Fraction
 
 from lifecycle.errors import InvalidValueError
 
@@ -34,14 +35,19 @@ MAX_LIFETIME = timedelta(days=365 * 1000)
 
 
 def parse_size(text: str) -> int:
-    """Bytes from '10GiB', '1.5TB', '4096'; raises InvalidValueError."""
+    """Bytes from '10GiB', '1.5TB', '4096'; raises InvalidValueError (also for a size that is
+    not a whole number of bytes, such as '1.5B' or '0.3KiB')."""
     m = _SIZE.match(text)
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _SIZE_UNITS:
         raise InvalidValueError(
             f"invalid size {text!r}: use a number with B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
         )
-    value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    number = Fraction(m.group(1))  # exact: 0.3KiB is 307.2 bytes, not 307
+    exact = number * _SIZE_UNITS[unit]
+    if exact.denominator != 1:
+        raise InvalidValueError(f"invalid size {text!r}: not a whole number of bytes ({float(exact):g} B)")
+    value = int(exact)
     if value > MAX_BYTES:
         raise InvalidValueError(f"invalid size {text!r}: too large")
     return value

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lifecycle.checksum import checksum_file
-from lifecycle.errors import InvalidNameError, SourceNotFoundError, StorageError
+from lifecycle.errors import InvalidNameError, RootNotFoundError, SourceNotFoundError, StorageError
 from lifecycle.names import validate_name
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
 from lifecycle.storage.links import LinkGuard
@@ -110,7 +110,7 @@ class PosixStorage:
     def check(self) -> None:
         """Raises StorageError if the root is missing, not a directory, or not writable."""
         if not self.root.exists():
-            raise StorageError(f"storage '{self.name}': root {self.root} does not exist")
+            raise RootNotFoundError(f"storage '{self.name}': root {self.root} does not exist")
         if not self.root.is_dir():
             raise StorageError(f"storage '{self.name}': root {self.root} is not a directory")
         if not os.access(self.root, os.W_OK | os.X_OK):

@@ -17,6 +17,7 @@ from lifecycle import rclone
 from lifecycle.checksum import checksum_stream
 from lifecycle.errors import (
     InvalidNameError,
+    RootNotFoundError,
     SourceNotFoundError,
     StorageError,
 )
@@ -91,7 +92,7 @@ class RcloneStorage:
             raise SourceNotFoundError(f"{path!r} not found on storage '{self.name}'")
         cls = rclone.error_class(message)
         if cls is rclone.RcloneError and missing:
-            raise StorageError(
+            raise RootNotFoundError(
                 f"storage '{self.name}': root {self.root} does not exist"
                 + (f" ({message})" if message else "")
             )

@@ -15,6 +15,7 @@ from lifecycle.checksum import checksum_file, checksum_stream
 from lifecycle.errors import (
     CredentialsError,
     InvalidNameError,
+    RootNotFoundError,
     SourceNotFoundError,
     StorageError,
     StorageUnavailableError,
@@ -176,7 +177,7 @@ class S3Storage:
                     + ")"
                 ) from exc
             if code == "NoSuchBucket" or (path is None and code in ("404", "NotFound")):
-                raise StorageError(
+                raise RootNotFoundError(
                     f"{what}: bucket {self.bucket!r} does not exist at {self._where()}"
                 ) from exc
             if code in ("NoSuchKey", "404", "NotFound"):

@@ -124,6 +124,11 @@ def _write_inputs(base: Path) -> None:
         "surrogate.json": '{"note": "\\ud800"}',
         "latin1.json": b'{"note": "caf\xe9"}',
         "duplicate.json": '{"a": 1, "a": 2}',
+        "inf-1e400.json": '{"n": 1e400}',
+        "neg-inf.json": '{"n": {"deep": [-1e400]}}',
+        "key-escape.json": '{"a\\u001bb": 1}',
+        "key-newline.json": '{"note\\n": 1}',
+        "over-64kib.json": json.dumps({"blob": "x" * (64 * 1024)}),
     }
     for name, text in docs.items():
         p = meta / name
@@ -136,6 +141,20 @@ def _write_inputs(base: Path) -> None:
     (lists / "bad-name.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (lists / "bad-size.csv").write_text("name,path,size\nbulk/a.dat,bulk/a.dat,5\nbulk/b.dat,bulk/b.dat,-5\n")
     (lists / "bad-json.jsonl").write_text(json.dumps(good[0]) + "\n" + json.dumps(good[1]) + "\n{oops\n")
+    bad_rows = {
+        "at-name.jsonl": {**good[1], "name": "n@v2", "path": "bulk/n.dat"},
+        "blank-name.jsonl": {**good[1], "name": "bulk/ x.dat", "path": "bulk/x.dat"},
+        "wide-segment.jsonl": {**good[1], "name": "\u00e9" * 200, "path": "bulk/x.dat"},
+        "owner-escape.jsonl": {**good[1], "owner": "evil\x1b[2J"},
+        "meta-key-control.jsonl": {**good[1], "metadata": {"bell\x07": 1}},
+        "meta-over-64kib.jsonl": {**good[1], "metadata": {"blob": "x" * (64 * 1024)}},
+    }
+    for fname, row in bad_rows.items():
+        (lists / fname).write_text(json.dumps(good[0]) + "\n" + json.dumps(row) + "\n")
+    (lists / "meta-infinity.jsonl").write_text(
+        json.dumps(good[0]) + "\n" + json.dumps(good[1])[:-1] + ', "metadata": {"n": 1e400}}\n'
+    )
+    (lists / "good.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
     (lists / "bad-phase.jsonl").write_text(
         json.dumps(good[0]) + "\n" + json.dumps({**good[1], "phase": "VAPOUR"}) + "\n"
     )

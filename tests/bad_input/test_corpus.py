@@ -51,6 +51,7 @@ class Case:
     argv: tuple[str, ...]  # {base} {src} {a} {b} {meta} {lists} {closed} {endpoint} {bucket} {key}
     message: str  # what the error line must name
     s3: bool = False
+    code: int | None = None  # the exit code, where the case pins it (2: bad input, 1: a failure)
 
     def args(self, paths: dict[str, str]) -> list[str]:
         return [a.format(**paths) if "{" in a else a for a in self.argv]
@@ -58,6 +59,10 @@ class Case:
 
 def upload_as(name: str) -> tuple[str, ...]:
     return ("ingest", "-s", "disk-a", "--upload", "{src}/f0.dat", "--name", name)
+
+
+def from_list(name: str, *extra: str) -> tuple[str, ...]:
+    return ("ingest", "-s", "disk-a", "--from-list", "{lists}/" + name, *extra)
 
 
 def upload_with(*extra: str) -> tuple[str, ...]:
@@ -316,6 +321,53 @@ CASES = [
     Case("run-unknown-pipeline", ("run", "nope"), "unknown pipeline 'nope'"),
     Case("unknown-command", ("frobnicate",), "no such command"),
     Case("items-list-limit-zero", ("items", "list", "--limit", "0"), "--limit"),
+    # ------------------------------------------------------------------ issue 8: names
+    Case("name-version-separator", upload_as("n@v2"), "'@' is the version separator", code=2),
+    Case("name-version-separator-dir", upload_as("run@v1/f.dat"), "version separator", code=2),
+    Case("name-only-spaces", upload_as("   "), "blank", code=2),
+    Case("name-leading-space", upload_as(" a.dat"), "whitespace", code=2),
+    Case("name-trailing-space", upload_as("a.dat "), "whitespace", code=2),
+    Case("name-segment-trailing-space", upload_as("dir /a.dat"), "whitespace", code=2),
+    Case("name-segment-only-spaces", upload_as("dir/  /a.dat"), "blank", code=2),
+    Case("name-no-break-space-end", upload_as("a.dat\u00a0"), "whitespace", code=2),
+    Case("name-400-byte-segment", upload_as("\u00e9" * 200), "255 bytes in UTF-8", code=2),
+    Case("name-400-byte-segment-cjk", upload_as("d/" + "\u6f22" * 134), "255 bytes in UTF-8", code=2),
+    Case("name-from-list-at", from_list("at-name.jsonl"), "at-name.jsonl line 2", code=2),
+    Case("name-from-list-blank-segment", from_list("blank-name.jsonl"), "whitespace", code=2),
+    Case("name-from-list-wide-segment", from_list("wide-segment.jsonl"), "255 bytes", code=2),
+    # ------------------------------------------------------------------ issue 8: owners
+    Case("owner-escape", upload_with("--owner", "evil\x1b[2J"), "U+001B", code=2),
+    Case("owner-newline", upload_with("--owner", "alice\nroot"), "U+000A", code=2),
+    Case("owner-only-spaces", upload_with("--owner", "   "), "invalid --owner", code=2),
+    Case("owner-zero-width", upload_with("--owner", "al\u200bice"), "U+200B", code=2),
+    Case("owner-from-list-escape", from_list("owner-escape.jsonl"), "U+001B", code=2),
+    # ------------------------------------------------------------------ issue 8: metadata
+    Case("meta-value-1e999", upload_with("--meta", "n=1.0e999"), "finite", code=2),
+    Case("meta-value-minus-1e999", upload_with("--meta", "n=-1.0e999"), "finite", code=2),
+    Case("meta-json-1e400", upload_with("--meta-json", "{meta}/inf-1e400.json"), "finite", code=2),
+    Case("meta-json-nested-inf", upload_with("--meta-json", "{meta}/neg-inf.json"), "finite", code=2),
+    Case("meta-json-key-escape", upload_with("--meta-json", "{meta}/key-escape.json"), "U+001B", code=2),
+    Case("meta-json-key-newline", upload_with("--meta-json", "{meta}/key-newline.json"), "U+000A", code=2),
+    Case("meta-json-over-64kib", upload_with("--meta-json", "{meta}/over-64kib.json"), "64 KiB", code=2),
+    Case("meta-from-list-infinity", from_list("meta-infinity.jsonl"), "line 2", code=2),
+    Case("meta-from-list-key-control", from_list("meta-key-control.jsonl"), "U+0007", code=2),
+    Case("meta-from-list-over-64kib", from_list("meta-over-64kib.jsonl"), "64 KiB", code=2),
+    Case("meta-from-list-default-1e999", from_list("good.jsonl", "--meta", "n=1.0e999"), "finite", code=2),
+    # ------------------------------------------------------------------ issue 8: sizes, filters, roots
+    Case(
+        "capacity-1.5-bytes", add_storage("new", "posix", "{b}", "--capacity", "1.5B"), "whole number", code=2
+    ),
+    Case(
+        "capacity-0.3-kib", add_storage("new", "posix", "{b}", "--capacity", "0.3KiB"), "whole number", code=2
+    ),
+    Case("filter-1500-terms", where("size in (" + ",".join(["1"] * 1500) + ")"), "at most 500", code=2),
+    Case(
+        "filter-600-terms-in-two-lists",
+        where("size in (" + ",".join(["1"] * 300) + ") or meta.k in (" + ",".join(["2"] * 300) + ")"),
+        "at most 500",
+        code=2,
+    ),
+    Case("posix-root-missing-exit-2", add_storage("new", "posix", "{base}/nope"), "does not exist", code=2),
 ]
 
 
@@ -329,6 +381,8 @@ def test_bad_input_is_refused_and_changes_nothing(
     with unchanged(estate):
         r = dlm(*case.args(estate.paths))
     assert_refused(r, case.message)
+    if case.code is not None:
+        assert r.code == case.code, r.err
     assert not (estate.base / "out").exists(), "a failed checkout created its destination"
 
 
@@ -471,3 +525,97 @@ def test_second_upload_failing_removes_the_first(
         r = dlm("ingest", "-s", "disk-a", "--upload", str(src / "f1.dat"), str(src / "f2.dat"))
     assert_refused(r, "No space left on device")
     assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- issue 8: environment and secrets
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("DLM_TRANSFER__TRANSFERS", "eight", "invalid setting DLM_TRANSFER__TRANSFERS"),
+        ("DLM_TRANSFER__PARALLEL_BATCHES", "0", "invalid setting DLM_TRANSFER__PARALLEL_BATCHES"),
+        ("DLM_POLICY", "{not json", "invalid setting DLM_POLICY"),
+        ("DLM_OWNER", "evil\x1b[2J", "invalid setting DLM_OWNER"),
+        ("DLM_OWNER", "alice\nroot", "U+000A"),
+    ],
+)
+def test_invalid_setting_is_named_in_one_line(
+    estate: Estate, dlm, monkeypatch: pytest.MonkeyPatch, var: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with unchanged(estate):
+        r = dlm(*upload_with())
+    assert_refused(r, message)
+    assert r.code == 2
+
+
+def test_malformed_database_url_never_shows_its_password(
+    estate: Estate, dlm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DLM_DATABASE_URL", "postgresql://dlm:hunter2-secret@db.example:notaport/dlm")
+    with unchanged(estate):
+        r = dlm("items", "list")
+    assert_refused(r, "invalid database URL 'postgresql://dlm:***@db.example")
+    assert "hunter2" not in r.err + r.out
+    assert r.code == 2
+
+
+@pytest.mark.parametrize("where_", ["closed-port", "missing-database"])
+def test_unreachable_or_missing_database_is_one_line(
+    estate: Estate, dlm, monkeypatch: pytest.MonkeyPatch, where_: str
+) -> None:
+    if where_ == "closed-port":
+        port = estate.paths["closed"].rsplit(":", 1)[1]
+        url, message = f"postgresql://dlm:pw-secret@127.0.0.1:{port}/dlm", "cannot reach the catalogue"
+    else:
+        import sqlalchemy as sa
+
+        admin = sa.engine.make_url(
+            os.environ.get("DLM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1/x")
+        )
+        url = admin.set(database="dlm_no_such_db_corpus", password="pw-secret").render_as_string(
+            hide_password=False
+        )
+        message = "does not exist"
+    monkeypatch.setenv("DLM_DATABASE_URL", url)
+    for argv in (("init",), ("items", "list"), ("status",)):
+        with unchanged(estate):
+            r = dlm(*argv)
+        assert_refused(r, message)
+        assert r.code == 1
+        assert "pw-secret" not in r.err + r.out
+
+
+def test_catalogue_of_a_newer_schema_is_refused(estate: Estate, dlm) -> None:
+    """A catalogue migrated by a newer DLM: every command (init too) refuses it, nothing runs on it."""
+    import sqlalchemy as sa
+
+    from lifecycle.db import get_engine
+
+    engine = get_engine(estate.url)
+    with engine.begin() as conn:
+        rev = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    try:
+        for argv in (("init",), ("items", "list"), upload_with(), ("status",)):
+            with unchanged(estate):
+                r = dlm(*argv)
+            assert_refused(r, "catalogue schema 9999_from_the_future is newer than this DLM; upgrade DLM")
+            assert r.code == 1
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = :rev"), {"rev": rev})
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://admin:s3cr3t-value@127.0.0.1:8333", "http://AKIAEXAMPLE@127.0.0.1:8333"]
+)
+def test_s3_endpoint_with_credentials_is_refused_without_echoing_them(
+    estate: Estate, dlm, endpoint: str
+) -> None:
+    with unchanged(estate):
+        r = dlm(*add_storage("s3-new", "s3", "some-bucket", "--endpoint", endpoint, "--json"))
+    assert_refused(r, "use --credentials-env")
+    assert r.code == 2
+    assert "s3cr3t" not in r.err + r.out
