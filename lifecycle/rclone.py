@@ -582,6 +582,7 @@ def copy_files(
         reason = _one_line(last[0]) or f"rclone exited with code {outcome.returncode}"
     else:
         reason = ""
+    reason = _explain(reason)
     for path in listed:
         if path in log.done or (path in identical and path not in log.errors):
             report.ok.add(path)
@@ -681,6 +682,7 @@ def delete_files(
         reason = f"rclone exited with code {outcome.returncode}"
     else:
         reason = ""
+    reason = _explain(reason)
     for path in listed:
         if path in log.deleted:
             report.ok.add(path)
