@@ -207,14 +207,14 @@ def reconcile_storage(
     for info in listing:
         result.listed += 1
         result.listed_bytes += info.size
-        if is_temporary(info.path):
+        entry = known.pop(info.path, None)
+        if entry is None and is_temporary(info.path):  # a tracked copy is judged whatever its name
             result.ignored += 1
             result.temporary_bytes += info.size
             if len(result.temporary_objects) < report_limit:
                 modified = info.mtime.isoformat(timespec="seconds") if info.mtime else ""
                 result.temporary_objects.append(TemporaryObject(info.path, info.size, modified))
             continue
-        entry = known.pop(info.path, None)
         if entry is None:
             pending.append(info)
             if len(pending) >= chunk:

@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlmodel import col
 
 from lifecycle import catalog, rclone
@@ -269,6 +269,15 @@ def test_the_next_run_removes_dead_uploads_temp_files_and_keeps_live_ones(  # ty
         if mtime is not None:
             os.utime(path, (mtime, mtime))
     (tmp_path / "outside.txt").write_bytes(b"not ours")
+    # a user's file whose name looks like a dead writer's, registered in place: never removed
+    mine = a / f".dlm-tmp-otherhost.example-{dead}-mine"
+    mine.write_bytes(b"registered")
+    os.utime(mine, (hour_ago, hour_ago))
+    with session_scope() as s:
+        sources = catalog.plan_ingest(s, storage=catalog.get_storage(s, "a"), paths=[mine.name], upload=False)
+        catalog.ingest(
+            s, storage=catalog.get_storage(s, "a"), sources=sources, options=catalog.IngestOptions()
+        )
     report = replicate()
     rec = report["recovered"]
     gone = [rel for rel, (_, _, keep) in files.items() if not keep]
@@ -278,6 +287,7 @@ def test_the_next_run_removes_dead_uploads_temp_files_and_keeps_live_ones(  # ty
     for rel, (_, _, keep) in files.items():
         assert (a / rel).exists() == keep, rel
     assert (tmp_path / "outside.txt").read_bytes() == b"not ours"
+    assert mine.read_bytes() == b"registered"
     for i in range(2):  # the items' own files are untouched and replicated
         name = f"d/f{i:03d}.bin"
         assert (tmp_path / "b" / name).read_bytes() == (a / name).read_bytes()
@@ -311,6 +321,15 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
         )
     (b / "d").mkdir()
     (b / name).write_bytes(b"half")
+    # a user's own file whose name looks temporary, registered in place: judged like any copy
+    (b / "notes.partial").write_bytes(b"mine")
+    with session_scope() as s:
+        sources = catalog.plan_ingest(
+            s, storage=catalog.get_storage(s, "b"), paths=["notes.partial"], upload=False
+        )
+        catalog.ingest(
+            s, storage=catalog.get_storage(s, "b"), sources=sources, options=catalog.IngestOptions()
+        )
     (b / "d" / "f001.bin.4f2a91c0.partial").write_bytes(b"p" * 777)
     (b / f".dlm-tmp-{socket.gethostname()}-{os.getpid()}-up").write_bytes(b"q" * 33)
     report = reconcile(storage="b")
@@ -318,15 +337,15 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
     assert in_flight() == 0
     assert not (b / name).exists()  # the dead run's partial copy is gone, not adopted or judged
     assert report["unknown"] == 0 and report["in_flight"] == 0
+    assert report["matched"] == 1 and report["lost"] == 0  # notes.partial is not taken for missing
     assert report["ignored"] == 2 and report["temporary_bytes"] == 777 + 33
     assert sorted(o["path"] for o in report["temporary_objects"]) == sorted(
         ["d/f001.bin.4f2a91c0.partial", f".dlm-tmp-{socket.gethostname()}-{os.getpid()}-up"]
     )
     assert (b / "d" / "f001.bin.4f2a91c0.partial").exists()  # reported, not removed
-    with session_scope() as s:  # the claim is gone: b holds no copy of anything
-        assert (
-            s.scalar(select(func.count()).select_from(Replica).where(col(Replica.storage_id) == dst_id)) == 0
-        )
+    with session_scope() as s:  # the claim is gone: b holds no copy of f000
+        on_b = s.scalars(select(Replica.path).where(col(Replica.storage_id) == dst_id)).all()
+    assert on_b == ["notes.partial"]
 
 
 def test_temp_writer_names() -> None:
