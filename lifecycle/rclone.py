@@ -204,8 +204,9 @@ def _group_kwargs() -> dict[str, object]:
     return {"start_new_session": True, "preexec_fn": die_with_parent}
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL rclone's process group (rclone and anything it started)."""
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of an rclone started by popen() (rclone and anything it
+    started). Raises nothing."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -220,9 +221,6 @@ def popen(
     kill_group). Raises RcloneNotFoundError."""
     argv = [rclone_binary(), *args, *stall_flags()]
     return subprocess.Popen(argv, env=_environ(env), **_group_kwargs(), **kwargs)  # type: ignore[call-overload,no-any-return]
-
-
-kill_group = _kill_group
 
 
 # --------------------------------------------------------------------------- running
@@ -252,7 +250,7 @@ def run(
         try:
             out, err = proc.communicate(input, timeout=limit)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             proc.communicate()
             raise StorageUnavailableError(
                 f"the storage stalled: rclone {args[0]} did not finish within {limit:g}s and was stopped"
@@ -299,7 +297,7 @@ def _run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: f
         def expire() -> None:
             nonlocal timed_out
             timed_out = True
-            _kill_group(proc)
+            kill_group(proc)
 
         timer = threading.Timer(timeout, expire) if timeout is not None else None
         if timer is not None:
@@ -326,12 +324,12 @@ def _run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: f
                         systemic.append(msg)
                         if len(systemic) >= _BREAKER_ERRORS or _DEAD_HINTS.search(msg):
                             aborted = _explain(_one_line(msg))
-                            _kill_group(proc)
+                            kill_group(proc)
                     elif cls is StorageUnavailableError:
                         in_a_row.append(msg)
                         if len(in_a_row) >= _BREAKER_ERRORS:
                             aborted = _one_line(f"the storage stalled or went away mid-batch: {msg}")
-                            _kill_group(proc)
+                            kill_group(proc)
                     else:
                         successes += 1  # a file-specific error: the batch itself works
                         in_a_row.clear()
@@ -339,7 +337,7 @@ def _run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: f
             if timer is not None:
                 timer.cancel()
             if proc.poll() is None and (timed_out or aborted):
-                _kill_group(proc)
+                kill_group(proc)
             proc.wait()
     return _Outcome(proc.returncode, b"".join(lines), timed_out, aborted)
 
@@ -811,7 +809,7 @@ def lsjson(
                 since = waiting[0]
                 if since is not None and time.monotonic() - since > idle:
                     stalled.set()
-                    _kill_group(proc)
+                    kill_group(proc)
                     return
 
         watcher = threading.Thread(target=watch, name="dlm-lsjson-watchdog", daemon=True)
@@ -837,7 +835,7 @@ def lsjson(
         finally:
             done.set()
             if proc.poll() is None:
-                _kill_group(proc)
+                kill_group(proc)
                 proc.wait()
         if stalled.is_set():
             raise StorageUnavailableError(
