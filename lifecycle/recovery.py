@@ -41,6 +41,7 @@ IN_FLIGHT = (ReplicaState.PENDING.value, ReplicaState.COPYING.value, ReplicaStat
 # Temporary upload files on posix storages: `.dlm-tmp-<host>-<pid>-<random>` (old: `.dlm-tmp-<random>`).
 TEMP_PREFIX = ".dlm-tmp-"
 _TEMP_EVENT_PATHS = 20
+_CHUNK = 500
 
 
 @dataclass
@@ -146,15 +147,18 @@ def remove_dead_temp_files(
             report.errors[name] = f"cannot look for temporary files under {root}: {exc}"
             continue
         if found:
-            held = set(
-                session.execute(
-                    select(col(Replica.path)).where(
-                        col(Replica.storage_id) == storage_id,
-                        col(Replica.path).in_(list(found)),
-                        col(Replica.state) != ReplicaState.DELETED.value,
-                    )
-                ).scalars()
-            )
+            held: set[str] = set()
+            paths = list(found)
+            for i in range(0, len(paths), _CHUNK):
+                held.update(
+                    session.execute(
+                        select(col(Replica.path)).where(
+                            col(Replica.storage_id) == storage_id,
+                            col(Replica.path).in_(paths[i : i + _CHUNK]),
+                            col(Replica.state) != ReplicaState.DELETED.value,
+                        )
+                    ).scalars()
+                )
             removed: list[str] = []
             nbytes = 0
             for rel, (full, size) in sorted(found.items()):
