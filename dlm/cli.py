@@ -687,7 +687,7 @@ def _use_running_server() -> None:
 
 def render_integrity(pipeline: str, report: dict[str, Any]) -> None:
     """Counters, batches, repairs and unknown objects of a verify or reconcile run."""
-    skip = {"batches", "repairs", "unknown_objects", "pipeline", "dry_run"}
+    skip = {"batches", "repairs", "unknown_objects", "temporary_objects", "pipeline", "dry_run"}
     counters = {k: v for k, v in report.items() if k not in skip and isinstance(v, int | float | str | bool)}
     title = pipeline + (" (dry run: nothing changed)" if report.get("dry_run") else "")
     render.out.print(f"[bold]{title}[/]: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
@@ -695,6 +695,7 @@ def render_integrity(pipeline: str, report: dict[str, Any]) -> None:
         ("batches", "Batches"),
         ("repairs", "Repairs"),
         ("unknown_objects", "Unknown objects"),
+        ("temporary_objects", "Temporary files (left by interrupted writes)"),
     ):
         rows = report.get(key) or []
         if rows and isinstance(rows[0], dict):

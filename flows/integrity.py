@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from flows.events import enable_publishing
-from flows.pipelines import run_actor, storage_names
+from flows.pipelines import quiet_dlm_errors, run_actor, storage_names
 from lifecycle import verify as verify_core
 from lifecycle.apply import BatchResult
 from lifecycle.catalog import status
@@ -24,6 +24,7 @@ from lifecycle.db import session_scope
 from lifecycle.errors import DLMError, InvalidValueError
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size, parse_size
+from tasks.batches import settle_in_flight
 from tasks.integrity import (
     plan_repairs,
     reconcile_storage,
@@ -35,6 +36,7 @@ from tasks.integrity import (
 
 def _enable_publishing() -> None:
     enable_publishing()
+    quiet_dlm_errors()
 
 
 def _budget(budget: int | str | None) -> int:
@@ -116,6 +118,7 @@ def verify(
     actor = run_actor()
     budget_bytes = _budget(budget)
     t = get_settings().transfer
+    recovered = settle_in_flight(actor) if not dry_run else {}
     names = storage_names()
     selection, batches = select_replicas(
         budget_bytes, [storage] if storage else None, t.batch_files, t.batch_bytes
@@ -127,6 +130,7 @@ def verify(
         "selected": len(selection.checks),
         "selected_bytes": selection.bytes,
         "budget_reached": selection.budget_reached,
+        "recovered": recovered,
         "unsupported": selection.unsupported,
         "batches": [
             {
@@ -223,10 +227,14 @@ def reconcile(
     logger = get_run_logger()
     actor = run_actor()
     names = storage_names()
+    # like every pipeline, settle what dead runs left in flight first (their rows are then
+    # judged as what they became, their temporary files are gone)
+    recovered = settle_in_flight(actor) if not dry_run else {}
     found = reconcile_storage(storage, actor, adopt, dry_run)
     failures: list[str] = []
-    report: dict[str, Any] = {"pipeline": "reconcile", **found.summary()}
+    report: dict[str, Any] = {"pipeline": "reconcile", **found.summary(), "recovered": recovered}
     report["unknown_objects"] = [o.row() for o in found.unknown_objects]
+    report["temporary_objects"] = [o.row() for o in found.temporary_objects]
     if repair and not dry_run:
         report.update(_repair(found.damaged, actor, names, failures))
     report["below_target_after"] = _below_target()
@@ -241,6 +249,13 @@ def reconcile(
         found.corrupted,
         report.get("repaired", 0),
     )
+    if found.ignored:
+        logger.warning(
+            "reconcile %s: %s stray temporary files (%s) left by interrupted writes",
+            storage,
+            found.ignored,
+            format_size(found.temporary_bytes),
+        )
     _publish_reconcile(report)
     _fail_if(failures, "reconcile")
     return report
@@ -255,12 +270,19 @@ def _publish_reconcile(report: dict[str, Any]) -> None:
         )
     if report.get("repairs"):
         create_table_artifact(report["repairs"], key="dlm-reconcile-repairs", description="reconcile repairs")
+    if report["temporary_objects"]:
+        create_table_artifact(
+            report["temporary_objects"],
+            key="dlm-reconcile-temporary",
+            description=f"temporary files on {report['storage']} (interrupted writes)",
+        )
     shown = len(report["unknown_objects"])
     lines = [
         f"# reconcile {report['storage']}{' (dry run)' if report['dry_run'] else ''}",
         "",
         f"- listed: {report['listed']} objects ({format_size(report['listed_bytes'])}); "
-        f"tracked and intact in size: {report['matched']}; DLM temporary files ignored: {report['ignored']}",
+        f"tracked and intact in size: {report['matched']}; stray temporary files: {report['ignored']} "
+        f"({format_size(report['temporary_bytes'])})",
         f"- unknown: {report['unknown']} ({format_size(report['unknown_bytes'])})"
         + (f", first {shown} listed" if shown < report["unknown"] else "")
         + f"; adopted: {report['adopted']}",

@@ -7,6 +7,10 @@ batches it ran and a markdown summary.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 from sqlalchemy import select
@@ -24,7 +29,8 @@ from flows.events import enable_publishing
 from lifecycle import apply
 from lifecycle.catalog import status
 from lifecycle.db import session_scope
-from lifecycle.models import Storage
+from lifecycle.errors import ConflictError, DLMError
+from lifecycle.models import Storage, utcnow
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
 from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue, settle_in_flight
@@ -36,31 +42,115 @@ def run_actor() -> str:
     return f"flow:{name}/{run}" if run else f"flow:{name}"
 
 
+class _OneLineErrors(logging.Filter):
+    """Log a DLMError that ends a flow run as its one-line message, not a traceback: it is a
+    failure DLM explains (the CLI prints it as `dlm: error: ...`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DLMError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_dlm_errors() -> None:
+    """Install _OneLineErrors on Prefect's flow run logger (once)."""
+    logger = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _OneLineErrors) for f in logger.filters):
+        logger.addFilter(_OneLineErrors())
+
+
 def storage_names() -> dict[Any, str]:
     with session_scope() as s:
         return {sid: name for sid, name in s.execute(select(col(Storage.id), col(Storage.name)))}
 
 
+_LOCK_POLL_S = 0.2
+
+
+def _logger() -> Any:
+    """The flow run's logger, or a plain one outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("dlm")
+
+
+def _holder(lock: Any) -> str:
+    """Who holds the writer lock, as its holder wrote it into the lock file."""
+    try:
+        lock.seek(0)
+        info = json.loads(lock.read(4096) or b"{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or not info.get("pid"):
+        return "another run (it did not say which)"
+    return (
+        f"run {info.get('pipeline', '?')} (pid {info['pid']} on {info.get('host', '?')}, "
+        f"since {info.get('started', '?')})"
+    )
+
+
 @contextmanager
-def catalogue_writer() -> Iterator[None]:
+def catalogue_writer(pipeline: str = "?") -> Iterator[None]:
     """On SQLite, one pipeline run applies at a time: an exclusive lock on `<catalogue>.writer`
     (fcntl.flock) that the kernel releases when the run ends or dies, so a killed run never
-    blocks the next one. PostgreSQL runs split the work by row locks instead (lifecycle.apply).
+    blocks the next one. The holder writes host, pid, pipeline and start time into the file;
+    a run that finds the lock taken says so once (naming the holder) and gives up after
+    DLM_WRITER_LOCK_TIMEOUT_S. PostgreSQL runs split the work by row locks instead
+    (lifecycle.apply).
+
+    Raises ConflictError when the wait times out.
 
     (A Prefect global concurrency limit was the first choice, but a killed run's slot stays
     leased until the server's repossessor frees it, and Prefect's test server never does.)
     """
-    url = make_url(get_settings().db_url)
+    settings = get_settings()
+    url = make_url(settings.db_url)
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         yield
         return
     import fcntl
 
-    with open(f"{url.database}.writer", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    path = f"{url.database}.writer"
+    with open(path, "a+b") as lock:
+        waited_since = None
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.monotonic()
+                limit = settings.writer_lock_timeout_s
+                if waited_since is None:
+                    waited_since = now
+                    _logger().warning(
+                        "the catalogue is busy: %s holds its writer lock (%s); waiting up to %gs",
+                        _holder(lock),
+                        path,
+                        limit,
+                    )
+                if now - waited_since >= limit:
+                    raise ConflictError(
+                        f"gave up after {limit:g}s waiting for the catalogue's writer lock: "
+                        f"{_holder(lock)} holds it; run again when it has finished "
+                        "(or raise DLM_WRITER_LOCK_TIMEOUT_S)"
+                    ) from None
+                time.sleep(min(_LOCK_POLL_S, max(0.0, limit - (now - waited_since))))
         try:
+            info = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "pipeline": pipeline,
+                "started": utcnow().isoformat(timespec="seconds"),
+            }
+            lock.truncate(0)
+            lock.write(json.dumps(info).encode())
+            lock.flush()
             yield
         finally:
+            lock.truncate(0)
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
@@ -85,10 +175,11 @@ def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | Non
     """Plan `pipeline`, then (unless dry_run) apply it: catalogue-only actions, copy batches,
     delete batches, in that order. Returns the run's report (also published as artifacts)."""
     enable_publishing()
+    quiet_dlm_errors()
     actor = run_actor()
     if dry_run:
         return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor)
-    with catalogue_writer():
+    with catalogue_writer(pipeline):
         return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor)
 
 

@@ -438,7 +438,7 @@ def _verify_destination(
         if algo not in rclone.HASHES:
             continue  # e.g. blake2b: rclone cannot hash it; the size check and verify cover it
         try:
-            found = rclone.hashsum(target, [c.path for c in group], algo)
+            found = rclone.hashsum(target, [c.path for c in group], algo, nbytes=sum(c.size for c in group))
         except DLMError as exc:
             for c in group:
                 errors[c.path] = f"cannot read back the copy: {exc}"
@@ -508,6 +508,7 @@ def apply_copy_batch(
         transfers=transfers,
         checkers=checkers,
         traverse=traverse,
+        nbytes=sum(c.size for c in claims),
     )
     t1 = time.monotonic()
     result.stages["rclone"] = t1 - started

@@ -134,7 +134,13 @@ def checkout(
         same = [s for s in group if s.path == s.name]
         renamed = [s for s in group if s.path != s.name]
         if same:
-            res = rclone.copy_files(src_target, target, [s.path for s in same], transfers=transfers)
+            res = rclone.copy_files(
+                src_target,
+                target,
+                [s.path for s in same],
+                transfers=transfers,
+                nbytes=sum(s.size for s in same),
+            )
             report.rclone_processes += 1
             report.failed.update(res.failed)
             landed += [s for s in same if s.path in res.ok]
@@ -142,7 +148,13 @@ def checkout(
             staging = Path(tempfile.mkdtemp(prefix=".dlm-checkout-", dir=local))
             try:
                 stage = RcloneTarget(str(staging), local_root=str(staging))
-                res = rclone.copy_files(src_target, stage, [s.path for s in renamed], transfers=transfers)
+                res = rclone.copy_files(
+                    src_target,
+                    stage,
+                    [s.path for s in renamed],
+                    transfers=transfers,
+                    nbytes=sum(s.size for s in renamed),
+                )
                 report.rclone_processes += 1
                 links = rclone.refused_paths(target, [s.name for s in renamed])
                 for s in renamed:
@@ -166,6 +178,7 @@ def checkout(
                         f"{target.spec.rstrip('/')}/{s.name}",
                     ],
                     env={**src_target.env, **target.env},
+                    timeout=rclone.batch_deadline(files=1, nbytes=s.size),
                 )
                 report.rclone_processes += 1
                 if proc.returncode == 0:
@@ -180,7 +193,9 @@ def checkout(
             by_algo[s.algo].append(s)
     bad: set[str] = set()
     for algo, group in by_algo.items():
-        found = rclone.hashsum(target, [s.name for s in group], algo, download=True)
+        found = rclone.hashsum(
+            target, [s.name for s in group], algo, download=True, nbytes=sum(s.size for s in group)
+        )
         for s in group:
             if (found.get(s.name) or "").lower() != (s.checksum or "").lower():
                 report.failed[s.name] = f"checksum mismatch at destination ({algo})"

@@ -9,11 +9,13 @@ Remotes are defined by `RCLONE_CONFIG_<NAME>_*` environment variables from each 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,8 +33,10 @@ from lifecycle.errors import (
     StorageError,
     StorageUnavailableError,
 )
+from lifecycle.settings import get_settings
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
 from lifecycle.storage.links import refused_paths as refused_paths_under
+from lifecycle.units import format_size
 
 MIN_VERSION = (1, 65)
 # rclone's names of the hashes DLM can ask for (lifecycle.checksum.ALGORITHMS minus blake2b).
@@ -43,22 +47,8 @@ _TAIL_CHARS = 4000
 _DONE = re.compile(r"^(Multi-thread )?(Copied|Moved)")
 _MAX_REASON = 500
 
-# Flags every batch command shares: fail fast on a dead endpoint, no high-level retries
-# (the caller's task retries the batch; rclone's logger flags do not support them), and
-# machine-readable logs on stderr.
-_COMMON_FLAGS = (
-    "--use-json-log",
-    "--stats",
-    "0",
-    "--retries",
-    "1",
-    "--low-level-retries",
-    "2",
-    "--contimeout",
-    "10s",
-    "--timeout",
-    "5m",
-)
+# Flags every batch command shares: machine-readable logs on stderr (plus stall_flags()).
+_COMMON_FLAGS = ("--use-json-log", "--stats", "0")
 
 
 class RcloneNotFoundError(DLMError):
@@ -179,6 +169,87 @@ def refused_paths(target: RcloneTarget, files: Sequence[str]) -> dict[str, str]:
     return {path: f"{path!r} {why} on {root} (DLM never follows links)" for path, why in found.items()}
 
 
+# --------------------------------------------------------------------------- bounded waits
+
+
+def stall_flags() -> tuple[str, ...]:
+    """rclone flags that bound every wait on a storage (DLM_TRANSFER__* settings): a connect
+    timeout, an idle timeout (no bytes moving on a request), a few low-level retries and no
+    high-level retry (the next run retries what failed). Added to every rclone call."""
+    t = get_settings().transfer
+    return (
+        "--contimeout",
+        f"{t.contimeout_s:g}s",
+        "--timeout",
+        f"{t.stall_timeout_s:g}s",
+        "--low-level-retries",
+        str(t.low_level_retries),
+        "--retries",
+        "1",
+    )
+
+
+def batch_deadline(*, files: int = 0, nbytes: int = 0) -> float:
+    """Seconds one rclone call on `files` files and `nbytes` bytes may take before it is
+    killed: base + files * per_file + bytes / min_rate (DLM_TRANSFER__DEADLINE_BASE_S,
+    DEADLINE_PER_FILE_S, MIN_RATE_BYTES_S)."""
+    t = get_settings().transfer
+    return t.deadline_base_s + max(0, files) * t.deadline_per_file_s + max(0, nbytes) / t.min_rate_bytes_s
+
+
+def _deadline_text(timeout: float, files: int, nbytes: int) -> str:
+    return f"within its deadline of {timeout:g}s ({files} files, {format_size(nbytes)})"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> object | None:
+    """libc's prctl, loaded in the parent (a child between fork and exec must not import)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _group_kwargs() -> dict[str, object]:
+    """Popen arguments that put rclone in its own process group (so a deadline kills it and
+    anything it started) and, on Linux, make it die with the process that started it."""
+    prctl = _prctl()
+    parent = os.getpid()
+    if prctl is None:
+        return {"start_new_session": True}
+
+    def die_with_parent() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # type: ignore[operator]
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return {"start_new_session": True, "preexec_fn": die_with_parent}
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of an rclone started by popen() (rclone and anything it
+    started). Raises nothing."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+
+def popen(
+    args: Sequence[str], *, env: Mapping[str, str] | None = None, **kwargs: object
+) -> subprocess.Popen[bytes]:
+    """Start `rclone *args` with the stall flags, in its own process group (kill it with
+    kill_group). Raises RcloneNotFoundError."""
+    argv = [rclone_binary(), *args, *stall_flags()]
+    return subprocess.Popen(argv, env=_environ(env), **_group_kwargs(), **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -189,24 +260,29 @@ def run(
     timeout: float | None = None,
     input: bytes | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run `rclone *args` (no shell) with `env` merged into os.environ; capture its output.
+    """Run `rclone *args` (no shell, with the stall flags) with `env` merged into os.environ;
+    capture its output. `timeout` defaults to batch_deadline() of no files.
 
     Does not check the exit code. Raises RcloneNotFoundError, and StorageUnavailableError if
-    `timeout` seconds pass (the process is killed).
+    `timeout` seconds pass (the process group is killed).
     """
-    argv = [rclone_binary(), *args]
-    try:
-        return subprocess.run(
-            argv,
-            env=_environ(env),
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise StorageUnavailableError(f"rclone {args[0]} timed out after {timeout:g}s") from exc
+    limit = batch_deadline() if timeout is None else timeout
+    with popen(
+        args,
+        env=env,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=limit)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            proc.communicate()
+            raise StorageUnavailableError(
+                f"the storage stalled: rclone {args[0]} did not finish within {limit:g}s and was stopped"
+            ) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @dataclass
@@ -220,7 +296,9 @@ class _Outcome:
 # A batch whose first failures, before anything succeeded, say the endpoint is dead or the
 # keys are wrong is failing as a whole: stop rclone instead of waiting for every file's
 # backed-off retries (minutes for a large batch). One such error suffices for a refused
-# connection, an unknown host or rejected keys; three for vaguer transient errors.
+# connection, an unknown host or rejected keys; three for vaguer transient errors. Three
+# "unavailable" errors in a row after some files went through mean the storage stalled or
+# went away mid-batch: stop too (the batch deadline is the bound of last resort).
 _BREAKER_ERRORS = 3
 _DEAD_HINTS = re.compile(
     r"connection refused|no such host|network is unreachable|InvalidAccessKeyId|"
@@ -230,23 +308,23 @@ _DEAD_HINTS = re.compile(
 
 
 def _run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: float | None) -> _Outcome:
-    """Run an rclone batch command, reading its JSON log as it comes; kill it on timeout or
-    when the circuit breaker trips, keeping what it printed so far."""
-    argv = [rclone_binary(), *args]
+    """Run an rclone batch command, reading its JSON log as it comes; kill its process group
+    at the deadline or when the circuit breaker trips, keeping what it printed so far."""
     lines: list[bytes] = []
     timed_out = False
     aborted: str | None = None
     successes = 0
     systemic: list[str] = []
-    with subprocess.Popen(
-        argv, env=_environ(env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    in_a_row: list[str] = []  # unavailable errors since the last file that went through
+    with popen(
+        args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     ) as proc:
         assert proc.stderr is not None
 
         def expire() -> None:
             nonlocal timed_out
             timed_out = True
-            proc.kill()
+            kill_group(proc)
 
         timer = threading.Timer(timeout, expire) if timeout is not None else None
         if timer is not None:
@@ -266,21 +344,39 @@ def _run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: f
                 msg = str(entry.get("msg", ""))
                 if _DONE.match(msg) or msg.startswith("Deleted"):
                     successes += 1
+                    in_a_row.clear()
                 elif entry.get("level") in ("error", "critical"):
-                    if successes == 0 and error_class(msg) is not RcloneError:
+                    cls = error_class(msg)
+                    if successes == 0 and cls is not RcloneError:
                         systemic.append(msg)
                         if len(systemic) >= _BREAKER_ERRORS or _DEAD_HINTS.search(msg):
-                            aborted = _one_line(msg)
-                            proc.kill()
+                            aborted = _explain(_one_line(msg))
+                            kill_group(proc)
+                    elif cls is StorageUnavailableError:
+                        in_a_row.append(msg)
+                        if len(in_a_row) >= _BREAKER_ERRORS:
+                            aborted = _one_line(f"the storage stalled or went away mid-batch: {msg}")
+                            kill_group(proc)
                     else:
                         successes += 1  # a file-specific error: the batch itself works
+                        in_a_row.clear()
         finally:
             if timer is not None:
                 timer.cancel()
             if proc.poll() is None and (timed_out or aborted):
-                proc.kill()
+                kill_group(proc)
             proc.wait()
     return _Outcome(proc.returncode, b"".join(lines), timed_out, aborted)
+
+
+_STALL_HINTS = re.compile(r"timeout|deadline exceeded|timed out", re.IGNORECASE)
+
+
+def _explain(message: str) -> str:
+    """An rclone error, said plainly when it means the storage stopped answering."""
+    if _STALL_HINTS.search(message) and not message.startswith("the storage stalled"):
+        return _one_line(f"the storage stalled (no answer within the timeout): {message}")
+    return message
 
 
 def _dir(spec: str) -> str:
@@ -302,6 +398,8 @@ _CREDENTIAL_HINTS = re.compile(
 _UNAVAILABLE_HINTS = re.compile(
     r"connection refused|no such host|i/o timeout|context deadline exceeded|"
     r"connection reset|network is unreachable|TLS handshake timeout|dial tcp|"
+    # a storage that stopped answering (rclone's --timeout / --contimeout)
+    r"timeout awaiting response headers|Client\.Timeout exceeded|net/http: request canceled|"
     r"status code: 50[234]|SlowDown|ServiceUnavailable",
     re.IGNORECASE,
 )
@@ -444,16 +542,18 @@ def copy_files(
     timeout: float | None = None,
     move: bool = False,
     traverse: bool = False,
+    nbytes: int = 0,
 ) -> CopyReport:
     """Copy (or with move=True, move) `files` (paths relative to src's root, kept relative at
-    dst) in ONE rclone process, and report per file.
+    dst) in ONE rclone process, and report per file. `nbytes` (the files' total size) sets
+    the batch's deadline (batch_deadline) unless `timeout` is given.
 
     Files listed but absent at the source, and every file of a batch that rclone could not
-    run at all (unreachable endpoint, wrong credentials, timeout), come back in `failed`;
-    so do files whose path is, or goes through, a symbolic link on a local source or
-    destination: they are left out of the rclone call, the rest of the batch proceeds.
-    Raises RcloneNotFoundError and InvalidValueError (a name with a line break); storage
-    failures are reported, not raised.
+    run at all (unreachable endpoint, wrong credentials, a storage that stalled past the
+    deadline), come back in `failed`; so do files whose path is, or goes through, a symbolic
+    link on a local source or destination: they are left out of the rclone call, the rest of
+    the batch proceeds. Raises RcloneNotFoundError and InvalidValueError (a name with a line
+    break); storage failures are reported, not raised.
     """
     listed = list(dict.fromkeys(files))
     report = CopyReport()
@@ -465,6 +565,8 @@ def copy_files(
     listed = [p for p in listed if p not in refused]
     if not listed:
         return report
+    if timeout is None:
+        timeout = batch_deadline(files=len(listed), nbytes=nbytes)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dlm-rclone-") as tmp:
         list_file = _write_list(tmp, listed)
@@ -500,7 +602,10 @@ def copy_files(
     report.hashes = {p: h for p, h in log.hashes.items() if p in log.done}
     identical = {path for path, mark in marks.items() if mark == "="}
     if outcome.timed_out:
-        reason = f"rclone timed out after {timeout:g}s"
+        reason = (
+            f"the storage stalled: rclone {args[0]} did not finish "
+            f"{_deadline_text(timeout, len(listed), nbytes)} and was stopped; the next run retries"
+        )
     elif outcome.aborted:
         reason = outcome.aborted
     elif log.global_errors:
@@ -510,11 +615,12 @@ def copy_files(
         reason = _one_line(last[0]) or f"rclone exited with code {outcome.returncode}"
     else:
         reason = ""
+    reason = _explain(reason)
     for path in listed:
         if path in log.done or (path in identical and path not in log.errors):
             report.ok.add(path)
         elif path in log.errors:
-            report.failed[path] = log.errors[path]
+            report.failed[path] = _explain(log.errors[path])
         elif reason:
             report.failed[path] = reason
         else:
@@ -531,6 +637,7 @@ def move_files(
     checkers: int = 8,
     checksum: bool = True,
     timeout: float | None = None,
+    nbytes: int = 0,
 ) -> CopyReport:
     """copy_files with `rclone move`: sources of files in `ok` are deleted. Same raises."""
     return copy_files(
@@ -542,6 +649,7 @@ def move_files(
         checksum=checksum,
         timeout=timeout,
         move=True,
+        nbytes=nbytes,
     )
 
 
@@ -568,14 +676,16 @@ def delete_files(
 ) -> DeleteReport:
     """Delete `files` (relative to target's root) in ONE rclone process; absent files count
     as deleted. A path that is, or goes through, a symbolic link on a local target is not
-    deleted: it is reported failed. Raises RcloneNotFoundError; storage failures are
-    reported per file."""
+    deleted: it is reported failed. `timeout` defaults to batch_deadline() of the files.
+    Raises RcloneNotFoundError; storage failures are reported per file."""
     listed = list(dict.fromkeys(files))
     report = DeleteReport()
     report.failed.update(refused_paths(target, listed))
     listed = [p for p in listed if p not in report.failed]
     if not listed:
         return report
+    if timeout is None:
+        timeout = batch_deadline(files=len(listed))
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="dlm-rclone-") as tmp:
         list_file = _write_list(tmp, listed)
@@ -596,7 +706,10 @@ def delete_files(
     log = _parse_log(outcome.stderr, set(listed))
     report.stderr_tail = log.tail
     if outcome.timed_out:
-        reason = f"rclone timed out after {timeout:g}s"
+        reason = (
+            f"the storage stalled: rclone delete did not finish "
+            f"{_deadline_text(timeout, len(listed), 0)} and was stopped; the next run retries"
+        )
     elif outcome.aborted:
         reason = outcome.aborted
     elif log.global_errors and (outcome.returncode != 0 or not log.deleted):
@@ -605,11 +718,12 @@ def delete_files(
         reason = f"rclone exited with code {outcome.returncode}"
     else:
         reason = ""
+    reason = _explain(reason)
     for path in listed:
         if path in log.deleted:
             report.ok.add(path)
         elif path in log.errors:
-            report.failed[path] = log.errors[path]
+            report.failed[path] = _explain(log.errors[path])
         elif reason and not is_not_found(reason):
             report.failed[path] = reason
         else:
@@ -661,7 +775,7 @@ def _object_info(entry: Mapping[str, object], prefix: str = "") -> ObjectInfo:
 
 def _raise_for(message: str, what: str) -> None:
     cls = error_class(message)
-    raise cls(f"{what}: {_one_line(message)}")
+    raise cls(f"{what}: {_explain(_one_line(message))}")
 
 
 def _stderr_message(stderr: bytes | str) -> str:
@@ -700,13 +814,18 @@ def lsjson(
     With hash=True each ObjectInfo carries the first of `hash_types` the remote gives
     (computed by reading local files; native on S3). Symbolic links on a local target are
     never followed nor listed; when the listing completes, their paths are appended to
-    `links` if given. Raises, when rclone fails, CredentialsError, StorageUnavailableError
-    or RcloneError (e.g. directory not found, unknown remote; `is_not_found(str(exc))`
-    tells the former).
+    `links` if given. `timeout` bounds the whole listing; whatever it is, rclone is stopped
+    when it prints nothing for batch_deadline() seconds while the caller waits for its next
+    entry (a stalled storage).
+
+    Raises, when rclone fails, CredentialsError, StorageUnavailableError (also when the
+    storage stalled) or RcloneError (e.g. directory not found, unknown remote;
+    `is_not_found(str(exc))` tells the former).
     """
     local = target.local_root is not None
-    # On a local target rclone's NOTICEs name the links it skipped: keep them, as JSON.
-    log = ("--use-json-log", "--log-level", "NOTICE") if local else ("--log-level", "ERROR")
+    # On a local target rclone's NOTICEs name the links it skipped: keep them, as JSON. NOTICE
+    # also carries rclone's final "Failed to lsjson: <why>".
+    log = ("--use-json-log", "--log-level", "NOTICE") if local else ("--log-level", "NOTICE")
     args = ["lsjson", _dir(target.spec), *log]
     if recursive:
         args.append("-R")
@@ -718,22 +837,38 @@ def lsjson(
             args += ["--hash-type", name]
     if metadata:
         args.append("--metadata")
+    idle = batch_deadline()
     with (
         tempfile.TemporaryFile(prefix="dlm-rclone-err-") as errfile,
-        subprocess.Popen(
-            [rclone_binary(), *args],
-            env=_environ(target.env),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=errfile,
-        ) as proc,
+        popen(args, env=target.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errfile) as proc,
     ):
         assert proc.stdout is not None
         deadline = None if timeout is None else time.monotonic() + timeout
+        waiting: list[float | None] = [None]  # since when we wait for rclone's next line
+        stalled = threading.Event()
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.5):
+                since = waiting[0]
+                if since is not None and time.monotonic() - since > idle:
+                    stalled.set()
+                    kill_group(proc)
+                    return
+
+        watcher = threading.Thread(target=watch, name="dlm-lsjson-watchdog", daemon=True)
+        watcher.start()
         try:
-            for raw in proc.stdout:
+            while True:
+                waiting[0] = time.monotonic()
+                raw = proc.stdout.readline()
+                waiting[0] = None
+                if not raw:
+                    break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise StorageUnavailableError(f"rclone lsjson timed out after {timeout:g}s")
+                    raise StorageUnavailableError(
+                        f"the storage stalled: rclone lsjson did not finish within {timeout:g}s"
+                    )
                 line = raw.strip().rstrip(b",")
                 if not line.startswith(b"{"):
                     continue
@@ -742,12 +877,19 @@ def lsjson(
                     yield _object_info(entry)
             proc.wait()
         finally:
+            done.set()
             if proc.poll() is None:
-                proc.kill()
+                kill_group(proc)
                 proc.wait()
+        if stalled.is_set():
+            raise StorageUnavailableError(
+                f"the storage stalled: rclone lsjson of {target.spec} printed nothing for {idle:g}s "
+                "and was stopped"
+            )
         if proc.returncode != 0:
             errfile.seek(0)
-            _raise_for(_stderr_message(errfile.read()), f"rclone could not list {target.spec}")
+            message = _stderr_message(errfile.read()) or f"rclone exited with code {proc.returncode}"
+            _raise_for(message, f"rclone could not list {target.spec}")
         if local and links is not None:
             errfile.seek(0)
             links.extend(_skipped_links(errfile))
@@ -772,12 +914,14 @@ def hashsum(
     *,
     download: bool | None = None,
     timeout: float | None = None,
+    nbytes: int = 0,
 ) -> dict[str, str]:
     """path -> hex digest of `algo` for each of `files` found under target, in one process
     (plus one `--download` pass for files whose remote keeps no such hash). Files absent at
     the target, and on a local target paths that are or go through a symbolic link (never
     read: `refused_paths` tells them), are absent from the result. download=True always
-    reads the bytes.
+    reads the bytes. `nbytes` (the files' total size) sets each process's deadline unless
+    `timeout` is given.
 
     Raises InvalidValueError for an algorithm rclone lacks, CredentialsError,
     StorageUnavailableError or RcloneError when rclone fails as a whole.
@@ -789,6 +933,8 @@ def hashsum(
     listed = [p for p in listed if p not in refused]
     if not listed:
         return {}
+    if timeout is None:
+        timeout = batch_deadline(files=len(listed), nbytes=nbytes)
     result = _hashsum(target, listed, algo, bool(download), timeout)
     if download is None:
         missing_hash = [p for p in listed if p in result and not result[p]]

@@ -14,7 +14,8 @@ storage holds. Then:
   (`replica.lost`); a READY copy whose object has another size is CORRUPTED
   (`replica.corrupted`); both are returned for repair (lifecycle.verify's repair path);
 - DLM's own temporary objects (rclone `.partial` files, `.dlm-tmp-*`, `.dlm-checkout-*`) and
-  objects of in-flight rows are left alone;
+  objects of in-flight rows are left alone; the temporary ones are reported (count, bytes,
+  the first `report_limit` paths): a stray one is left by a process that died;
 - a symbolic link on a local storage is never followed nor adopted: it is reported and
   skipped (`reconcile.link_skipped`), and a tracked copy whose path is now a link is LOST
   (its bytes are not the copy DLM wrote).
@@ -59,6 +60,7 @@ from lifecycle.verify import (
 __all__ = [
     "SYSTEM_METADATA",
     "ReconcileResult",
+    "TemporaryObject",
     "UnknownObject",
     "is_temporary",
     "reconcile_storage",
@@ -108,6 +110,18 @@ class UnknownObject:
 
 
 @dataclass
+class TemporaryObject:
+    """A temporary object (DLM's or rclone's) found on the storage."""
+
+    path: str
+    size: int
+    modified: str = ""  # ISO time, if the listing gave one
+
+    def row(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "modified": self.modified}
+
+
+@dataclass
 class ReconcileResult:
     """What one reconcile of one storage found and did."""
 
@@ -119,7 +133,9 @@ class ReconcileResult:
     matched: int = 0  # tracked copies found with the right size
     in_flight: int = 0  # objects of PENDING/COPYING/DELETING rows
     reappeared: int = 0  # objects back at LOST copies' paths (verify checks them)
-    ignored: int = 0  # DLM's temporary files
+    ignored: int = 0  # temporary files (DLM's `.dlm-tmp-*`, rclone's `*.partial`): not judged
+    temporary_bytes: int = 0
+    temporary_objects: list[TemporaryObject] = field(default_factory=list)  # the first report_limit
     unknown: int = 0
     unknown_bytes: int = 0
     unknown_objects: list[UnknownObject] = field(default_factory=list)  # the first report_limit
@@ -135,7 +151,8 @@ class ReconcileResult:
     duration_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("unknown_objects", "damaged")}
+        skip = ("unknown_objects", "damaged", "temporary_objects")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
 
 def _load_catalogue(sessions: SessionFactory, storage_id: uuid.UUID) -> dict[str, tuple[int, uuid.UUID, str]]:
@@ -198,10 +215,14 @@ def reconcile_storage(
     for info in listing:
         result.listed += 1
         result.listed_bytes += info.size
-        if is_temporary(info.path):
-            result.ignored += 1
-            continue
         entry = known.pop(info.path, None)
+        if entry is None and is_temporary(info.path):  # a tracked copy is judged whatever its name
+            result.ignored += 1
+            result.temporary_bytes += info.size
+            if len(result.temporary_objects) < report_limit:
+                modified = info.mtime.isoformat(timespec="seconds") if info.mtime else ""
+                result.temporary_objects.append(TemporaryObject(info.path, info.size, modified))
+            continue
         if entry is None:
             pending.append(info)
             if len(pending) >= chunk:
@@ -409,7 +430,11 @@ def _adopt(
         md5 = {p: str((e.get("Hashes") or {}).get("md5") or "") for p, e in entries.items()}
         unhashed = [p for p, h in md5.items() if not h]
         if unhashed:
-            md5.update(rclone.hashsum(target, unhashed, "md5", download=True))
+            md5.update(
+                rclone.hashsum(
+                    target, unhashed, "md5", download=True, nbytes=sum(by_path[p].size for p in unhashed)
+                )
+            )
     except StorageError as exc:
         for o in by_path.values():
             o.note = f"not adopted: {exc}"

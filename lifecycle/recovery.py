@@ -9,12 +9,19 @@ dead row is settled against what the storage really holds, with one rclone call 
   never claims a copy that is not there; a partial object left behind is deleted.
 - DELETING: the object is gone -> DELETED; it is still there -> back to READY (the next
   planning run decides again), unless the item itself expired, in which case it is deleted.
+
+It also removes the temporary upload files (`.dlm-tmp-<host>-<pid>-<random>`) that dead
+processes left on posix storages: a writer on this host that is gone, one on another host
+(or an old-style `.dlm-tmp-<random>`) only once the file is older than `stale_after`. A live
+writer's file and any path a catalogue copy holds are never touched.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,10 +34,14 @@ from sqlmodel import Session, col
 from lifecycle import audit, rclone
 from lifecycle.errors import DLMError
 from lifecycle.models import Item, Replica, Storage, Transfer, utcnow
-from lifecycle.states import ItemState, ReplicaState, StorageState, TransferState
+from lifecycle.states import ItemState, ReplicaState, StorageKind, StorageState, TransferState
 from lifecycle.storage import backend_for
 
 IN_FLIGHT = (ReplicaState.PENDING.value, ReplicaState.COPYING.value, ReplicaState.DELETING.value)
+# Temporary upload files on posix storages: `.dlm-tmp-<host>-<pid>-<random>` (old: `.dlm-tmp-<random>`).
+TEMP_PREFIX = ".dlm-tmp-"
+_TEMP_EVENT_PATHS = 20
+_CHUNK = 500
 
 
 @dataclass
@@ -40,6 +51,9 @@ class RecoveryReport:
     deleted: int = 0  # DELETING rows whose object is gone
     restored: int = 0  # DELETING rows back to READY
     skipped_live: int = 0  # rows held by a live process
+    temp_removed: int = 0  # temporary upload files of dead processes removed
+    temp_removed_bytes: int = 0
+    temp_kept_live: int = 0  # temporary files of live (or not yet stale) writers left alone
     errors: dict[str, str] = field(default_factory=dict)
 
 
@@ -65,10 +79,129 @@ def claim_is_dead(claimed_by: str | None, *, stale: bool) -> bool:
     return int(pid) != os.getpid() and not _pid_alive(int(pid))
 
 
+def temp_prefix() -> str:
+    """The name prefix of this process's temporary upload files: `.dlm-tmp-<host>-<pid>-`."""
+    return f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+
+
+def temp_writer(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that named a temporary file `.dlm-tmp-<host>-<pid>-<random>`;
+    None for an old-style `.dlm-tmp-<random>` name (or any other)."""
+    if not name.startswith(TEMP_PREFIX):
+        return None
+    parts = name[len(TEMP_PREFIX) :].rsplit("-", 2)
+    if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2]:
+        return None
+    return parts[0], int(parts[1])
+
+
+def temp_is_dead(name: str, *, mtime: float, stale_after: timedelta, now: float | None = None) -> bool:
+    """Whether a temporary file's writer is gone: on this host its pid is not alive (and it is
+    not this process); on another host, or for an old-style name, the file is older than
+    `stale_after`."""
+    stale = mtime < (time.time() if now is None else now) - stale_after.total_seconds()
+    writer = temp_writer(name)
+    if writer is None:
+        return stale
+    host, pid = writer
+    if host != socket.gethostname():
+        return stale
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
+def remove_dead_temp_files(
+    session: Session, *, stale_after: timedelta, actor: str = "dlm", report: RecoveryReport | None = None
+) -> RecoveryReport:
+    """Remove the temporary upload files of dead processes under the root of every online or
+    draining posix storage (a walk that follows no symlink); count and bytes in the report,
+    one `storage.temp_removed` event per storage. Files whose path a catalogue copy holds are
+    kept. An unreadable tree is reported per storage. Raises TransientError (catalogue)."""
+    report = report or RecoveryReport()
+    storages = session.execute(
+        select(col(Storage.id), col(Storage.name), col(Storage.root)).where(
+            col(Storage.kind) == StorageKind.POSIX.value,
+            col(Storage.state).in_([StorageState.ONLINE.value, StorageState.DRAINING.value]),
+        )
+    ).all()
+    events: list[dict[str, Any]] = []
+    for storage_id, name, root in storages:
+        found: dict[str, tuple[str, int]] = {}  # relative path -> (full path, size)
+        try:
+            for dirpath, _dirnames, filenames in os.walk(root, onerror=_raise):
+                for fname in filenames:
+                    if not fname.startswith(TEMP_PREFIX):
+                        continue
+                    full = os.path.join(dirpath, fname)
+                    try:
+                        st = os.lstat(full)
+                    except FileNotFoundError:
+                        continue  # its writer finished meanwhile
+                    if not stat.S_ISREG(st.st_mode):
+                        continue
+                    if not temp_is_dead(fname, mtime=st.st_mtime, stale_after=stale_after):
+                        report.temp_kept_live += 1
+                        continue
+                    rel = os.path.relpath(full, root).replace(os.sep, "/")
+                    found[rel] = (full, st.st_size)
+        except OSError as exc:
+            report.errors[name] = f"cannot look for temporary files under {root}: {exc}"
+            continue
+        if found:
+            held: set[str] = set()
+            paths = list(found)
+            for i in range(0, len(paths), _CHUNK):
+                held.update(
+                    session.execute(
+                        select(col(Replica.path)).where(
+                            col(Replica.storage_id) == storage_id,
+                            col(Replica.path).in_(paths[i : i + _CHUNK]),
+                            col(Replica.state) != ReplicaState.DELETED.value,
+                        )
+                    ).scalars()
+                )
+            removed: list[str] = []
+            nbytes = 0
+            for rel, (full, size) in sorted(found.items()):
+                if rel in held:
+                    continue
+                try:
+                    os.unlink(full)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    report.errors[name] = f"cannot remove the temporary file {rel!r}: {exc}"
+                    continue
+                removed.append(rel)
+                nbytes += size
+            if removed:
+                report.temp_removed += len(removed)
+                report.temp_removed_bytes += nbytes
+                events.append(
+                    {
+                        "kind": "storage.temp_removed",
+                        "storage_id": storage_id,
+                        "actor": actor,
+                        "details": {
+                            "count": len(removed),
+                            "bytes": nbytes,
+                            "paths": removed[:_TEMP_EVENT_PATHS],
+                        },
+                    }
+                )
+    audit.record_many(session, events)
+    return report
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
 def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "dlm") -> RecoveryReport:
-    """Settle every dead in-flight row (see the module docstring). Storage errors are reported
-    per storage and leave its rows for the next run. Raises TransientError (catalogue)."""
+    """Settle every dead in-flight row and remove dead processes' temporary upload files (see
+    the module docstring). Storage errors are reported per storage and leave its rows for the
+    next run. Raises TransientError (catalogue)."""
     report = RecoveryReport()
+    remove_dead_temp_files(session, stale_after=stale_after, actor=actor, report=report)
     cutoff = utcnow() - stale_after
     rows = session.execute(
         select(
@@ -104,8 +237,16 @@ def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "
             by_algo: dict[str, list[str]] = defaultdict(list)
             for r in group:
                 by_algo[r[8] or "md5"].append(r[3])
+            sizes = {r[3]: int(r[10]) for r in group}
             for algo, paths in by_algo.items():
-                present.update(rclone.hashsum(target, paths, algo if algo in rclone.HASHES else "md5"))
+                present.update(
+                    rclone.hashsum(
+                        target,
+                        paths,
+                        algo if algo in rclone.HASHES else "md5",
+                        nbytes=sum(sizes[p] for p in paths),
+                    )
+                )
         except DLMError as exc:
             report.errors[storage.name] = str(exc)
             continue

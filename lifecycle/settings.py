@@ -39,6 +39,17 @@ class TransferSettings(BaseModel):
     # An in-flight row (COPYING, DELETING) untouched this long is taken as left by a dead run
     # on another host; on this host a dead claimer's pid is noticed at once.
     stale_after_s: int = 3600
+    # Bounded waits (lifecycle.rclone, lifecycle.storage.s3): a storage that stops answering
+    # fails the batch instead of hanging the run. Connect and stall (no bytes moving)
+    # timeouts of every rclone and S3 call, and retries of one request:
+    contimeout_s: float = Field(default=10, gt=0)
+    stall_timeout_s: float = Field(default=60, gt=0)
+    low_level_retries: int = Field(default=3, ge=1)
+    # Each rclone batch must finish within base + files * per_file + bytes / min_rate
+    # seconds, or its process group is killed and its unfinished files fail.
+    deadline_base_s: float = Field(default=300, gt=0)
+    deadline_per_file_s: float = Field(default=1.0, ge=0)
+    min_rate_bytes_s: int = Field(default=1024**2, gt=0)
 
 
 class RebalanceSettings(BaseModel):
@@ -65,6 +76,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     checksum_algo: str = "md5"
     owner: str | None = None
+    # How long a pipeline run on a SQLite catalogue waits for another run's writer lock.
+    writer_lock_timeout_s: float = Field(default=300, ge=0)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     transfer: TransferSettings = Field(default_factory=TransferSettings)
     rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)

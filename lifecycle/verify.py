@@ -276,7 +276,8 @@ def list_files(
             args.append("--metadata")
         if hash_type:
             args += ["--hash", "--hash-type", hash_type]
-        proc = rclone.run([*args, "--log-level", "ERROR"], env=target.env, timeout=timeout)
+        limit = rclone.batch_deadline(files=len(wanted)) if timeout is None else timeout
+        proc = rclone.run([*args, "--log-level", "ERROR"], env=target.env, timeout=limit)
     if proc.returncode != 0:
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         message = " ".join((lines[-1] if lines else f"exit code {proc.returncode}").split())[:500]
@@ -458,7 +459,9 @@ def verify_batch(
     # A copy whose path is (or goes through) a symbolic link is not DLM's bytes: it is LOST.
     links = rclone.refused_paths(target, paths)
     try:
-        found = rclone.hashsum(target, paths, batch.algo, download=None if trusted else True)
+        found = rclone.hashsum(
+            target, paths, batch.algo, download=None if trusted else True, nbytes=batch.bytes
+        )
         absent = [p for p in paths if p not in found and p not in links]
         present = list_files(target, absent) if absent else {}
     except StorageError as exc:
@@ -699,7 +702,15 @@ def repair_batch(
         gone = rclone.delete_files(dst_target, corrupt, checkers=checkers)
         failed.update({p: f"could not remove the corrupt copy: {e}" for p, e in gone.failed.items()})
     paths = [r.path for r in todo if r.path not in failed]
-    report = rclone.copy_files(src_target, dst_target, paths, transfers=transfers, checkers=checkers)
+    sizes = {r.path: r.size for r in todo}
+    report = rclone.copy_files(
+        src_target,
+        dst_target,
+        paths,
+        transfers=transfers,
+        checkers=checkers,
+        nbytes=sum(sizes[p] for p in paths),
+    )
     failed.update(report.failed)
     for p in paths:
         if p not in report.ok and p not in failed:
@@ -711,7 +722,9 @@ def repair_batch(
     bad_copies: list[str] = []
     for algo, group in by_algo.items():
         try:
-            got = rclone.hashsum(dst_target, [r.path for r in group], algo, download=True)
+            got = rclone.hashsum(
+                dst_target, [r.path for r in group], algo, download=True, nbytes=sum(r.size for r in group)
+            )
         except StorageError as exc:
             failed.update({r.path: f"cannot read back the repaired copy: {exc}" for r in group})
             continue

@@ -20,11 +20,10 @@ from lifecycle.errors import (
     RootNotFoundError,
     SourceNotFoundError,
     StorageError,
+    StorageUnavailableError,
 )
 from lifecycle.names import validate_name
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
-
-_TIMEOUT = 600.0
 
 
 class _ProcessReader(io.RawIOBase):
@@ -41,7 +40,7 @@ class _ProcessReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         stdout = cast(io.BufferedReader, self._proc.stdout)
         n: int = stdout.readinto(buffer)
-        if n == 0 and self._proc.wait() != 0:
+        if n == 0 and self._proc.wait() != 0:  # rclone's stall flags bound a stalled read
             self._err.seek(0)
             message = rclone._stderr_message(self._err.read())
             cls = rclone.error_class(message)
@@ -51,7 +50,7 @@ class _ProcessReader(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             if self._proc.poll() is None:
-                self._proc.kill()
+                rclone.kill_group(self._proc)
             self._proc.wait()
             if self._proc.stdout is not None:
                 self._proc.stdout.close()
@@ -99,9 +98,11 @@ class RcloneStorage:
         raise cls(f"storage '{self.name}': {message}")
 
     def _run(
-        self, args: list[str], *, path: str | None = None, input: bytes | None = None
+        self, args: list[str], *, path: str | None = None, input: bytes | None = None, nbytes: int = 0
     ) -> subprocess.CompletedProcess[bytes]:
-        proc = rclone.run([*args, "--log-level", "ERROR"], timeout=_TIMEOUT, input=input)
+        """One rclone call, bounded by the stall flags and a deadline for `nbytes` bytes."""
+        limit = rclone.batch_deadline(files=1, nbytes=nbytes)
+        proc = rclone.run([*args, "--log-level", "ERROR"], timeout=limit, input=input)
         if proc.returncode != 0:
             self._raise(proc.stderr, path, proc.returncode)
         return proc
@@ -166,9 +167,8 @@ class RcloneStorage:
         mid-stream raises StorageError (or a subclass) from read()."""
         self.stat(path)
         errfile = tempfile.TemporaryFile(prefix="dlm-rclone-err-")  # noqa: SIM115 (reader closes)
-        proc = subprocess.Popen(
-            [rclone.rclone_binary(), "cat", self._spec(path), "--log-level", "ERROR"],
-            env=rclone._environ(None),
+        proc = rclone.popen(
+            ["cat", self._spec(path), "--log-level", "ERROR"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=errfile,
@@ -193,12 +193,11 @@ class RcloneStorage:
         if isinstance(src, Path):
             if not src.is_file():
                 raise SourceNotFoundError(f"source file {src} not found")
-            self._run(["copyto", str(src), dest, "--checksum", *meta_args])
+            self._run(["copyto", str(src), dest, "--checksum", *meta_args], nbytes=src.stat().st_size)
         else:
             with tempfile.TemporaryFile(prefix="dlm-rclone-err-") as errfile:
-                with subprocess.Popen(
-                    [rclone.rclone_binary(), "rcat", dest, "--log-level", "ERROR", *meta_args],
-                    env=rclone._environ(None),
+                with rclone.popen(
+                    ["rcat", dest, "--log-level", "ERROR", *meta_args],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=errfile,
@@ -211,7 +210,14 @@ class RcloneStorage:
                     finally:
                         with contextlib.suppress(BrokenPipeError):
                             proc.stdin.close()
-                    proc.wait(timeout=_TIMEOUT)
+                    try:
+                        proc.wait(timeout=rclone.batch_deadline(files=1))
+                    except subprocess.TimeoutExpired:
+                        rclone.kill_group(proc)
+                        proc.wait()
+                        raise StorageUnavailableError(
+                            f"storage '{self.name}': the storage stalled: rclone rcat did not finish"
+                        ) from None
                 if proc.returncode != 0:
                     errfile.seek(0)
                     self._raise(errfile.read(), returncode=proc.returncode)

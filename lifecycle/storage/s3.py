@@ -103,13 +103,18 @@ class S3Storage:
         return values[0], values[1]
 
     def client(self) -> S3Client:
-        """A boto3 client with the current credentials: path-style, short timeouts, few
-        retries. Raises CredentialsError if the variables are not set."""
+        """A boto3 client with the current credentials: path-style, and every call bounded by
+        the connect and stall timeouts and low-level retries of DLM_TRANSFER__* (a stalled
+        server fails the call instead of hanging it). Raises CredentialsError if the
+        variables are not set."""
         key = self._credentials()
         if self._client is None or self._client_key != key:
             import boto3
             from botocore.config import Config
 
+            from lifecycle.settings import get_settings
+
+            t = get_settings().transfer
             self.close()
             self._client = boto3.client(
                 "s3",
@@ -118,9 +123,9 @@ class S3Storage:
                 aws_access_key_id=key[0],
                 aws_secret_access_key=key[1],
                 config=Config(
-                    connect_timeout=3,
-                    read_timeout=30,
-                    retries={"max_attempts": 2, "mode": "standard"},
+                    connect_timeout=t.contimeout_s,
+                    read_timeout=t.stall_timeout_s,
+                    retries={"max_attempts": t.low_level_retries, "mode": "standard"},
                     s3={"addressing_style": "path"},
                     signature_version="s3v4",
                     # Checksums only where S3 requires them: other vendors' servers may
