@@ -1,0 +1,317 @@
+"""Check before delete (issue 8, reproduction 6): a deletion that relies on other copies first
+confirms them on their storages, as a user runs it (`dlm` in-process) on real posix dirs, the
+real SeaweedFS, rclone, SQLite and PostgreSQL; every test reads the bytes left on the storages."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+from sqlmodel import col
+
+from lifecycle import catalog
+from lifecycle.db import session_scope
+from lifecycle.models import Event, Replica, Storage, utcnow
+from tests.cli.conftest import Result, dlm  # noqa: F401  (the in-process CLI fixture)
+from tests.flows.test_pipelines import replicas_of
+
+pytestmark = [pytest.mark.prefect, pytest.mark.rclone]
+
+PAYLOAD = hashlib.sha256(b"l.dat").digest() * 1000  # 32 kB
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def ok(r: Result) -> Result:
+    assert r.code == 0, r.err
+    return r
+
+
+@pytest.fixture(autouse=True)
+def _prefect_console_on_real_stderr() -> Iterator[None]:
+    """Prefect's console log handlers keep the stream they were made with; one made while a
+    test's stdout/stderr was captured (the in-process CLI) would write to a closed file in the
+    next test. Point them at the process's stderr (which pytest captures at the fd level)."""
+    yield
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.stream = sys.__stderr__  # not setStream: it flushes the closed one
+                handler.console.file = sys.__stderr__
+
+
+@pytest.fixture
+def disks(dlm, db_url: str, tmp_path: Path, flows_env: None) -> Path:  # type: ignore[no-untyped-def]  # noqa: F811
+    """R: disk-a on R/a (site-a) and disk-b on R/b (site-b), as in the issue."""
+    for name, sub, loc in (("disk-a", "a", "site-a"), ("disk-b", "b", "site-b")):
+        (tmp_path / sub).mkdir()
+        ok(dlm("storage", "add", name, "--kind", "posix", "--root", str(tmp_path / sub), "--location", loc))
+    return tmp_path
+
+
+def liquid_on_a_and_b(dlm, R: Path, name: str = "l.dat") -> str:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A LIQUID item ingested in place on disk-a and replicated to disk-b; returns its checksum."""
+    (R / "a" / name).write_bytes(PAYLOAD)
+    ok(dlm("ingest", "-s", "disk-a", str(R / "a" / name), "--phase", "LIQUID"))
+    run("replicate")
+    assert (R / "b" / name).read_bytes() == PAYLOAD
+    assert replicas_of(name) == {"disk-a": "READY", "disk-b": "READY"}
+    with session_scope() as s:
+        checksum = catalog.get_item(s, name).checksum
+    assert checksum == md5(PAYLOAD)
+    return checksum
+
+
+def run(pipeline: str) -> dict[str, Any]:
+    """`dlm run PIPELINE`'s flow, called directly (Prefect's log handlers outlive one test's
+    captured stdout, so the in-process CLI runs every command but this one)."""
+    from flows.pipelines import FLOWS
+
+    report: dict[str, Any] = FLOWS[pipeline]()
+    assert report["failed"] == 0
+    return report
+
+
+def events(kind: str) -> list[dict[str, Any]]:
+    with session_scope() as s:
+        rows = s.scalars(select(Event).where(col(Event.kind) == kind).order_by(col(Event.id))).all()
+        return [dict(e.details or {}) for e in rows]
+
+
+def item_state(name: str) -> str:
+    with session_scope() as s:
+        return str(catalog.get_item(s, name).state)
+
+
+def test_migrate_does_not_delete_the_last_bytes_when_the_other_copy_is_gone(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Reproduction 6: rm R/b/l.dat; set-phase GAS; run migrate used to delete R/a/l.dat too."""
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    os.remove(R / "b" / "l.dat")
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    r = run("migrate")
+    assert r["deleted"] == 0
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum  # the bytes are still there
+    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "LOST"}
+    assert item_state("l.dat") == "READY"
+    [lost] = events("replica.lost")
+    assert lost["found_by"] == "pre-delete check" and lost["storage"] == "disk-b"
+    [refused] = [e for e in events("policy.refused") if e.get("found_by") == "pre-delete check"]
+    assert "last intact copy" in refused["reason"] and "disk-b is LOST" in refused["reason"]
+    # the next run sees one copy and plans no deletion
+    again = run("migrate")
+    assert again["plan"]["deletes"] == 0
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    # the LOST copy is not counted: asking for two copies again restores the bytes on disk-b
+    ok(dlm("items", "set-phase", "l.dat", "LIQUID"))
+    run("replicate")
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "READY"}
+
+
+def test_a_confirmed_survivor_lets_the_deletion_go(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """The check costs nothing when the copies are there: the surplus copy is deleted."""
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    r = run("migrate")
+    assert r["deleted"] == 1
+    assert not (R / "a" / "l.dat").exists()
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    assert replicas_of("l.dat") == {"disk-b": "READY"}
+    assert events("replica.lost") == [] and events("replica.corrupted") == []
+
+
+def test_a_survivor_of_another_size_is_corrupted_and_blocks_the_deletion(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    (R / "b" / "l.dat").write_bytes(b"truncated")
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    run("migrate")
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "CORRUPTED"}
+    [bad] = events("replica.corrupted")
+    assert bad["found_by"] == "pre-delete check"
+    assert (bad["expected_size"], bad["found_size"]) == (len(PAYLOAD), len(b"truncated"))
+
+
+def test_drain_and_rebalance_keep_the_copy_whose_twin_is_gone(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A GAS item on a and b, disk-a draining, R/b/l.dat removed: rebalance used to delete a's
+    copy at once (b 'holds' it). Now b is LOST, a stays; the next runs move the copy to b
+    (copy, then delete) and a drains."""
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    ok(dlm("storage", "drain", "disk-a"))
+    os.remove(R / "b" / "l.dat")
+    run("rebalance")
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "LOST"}
+    assert [e["found_by"] for e in events("replica.lost")] == ["pre-delete check"]
+    # repair: the planner does not count the LOST copy, so the next run copies a -> b ...
+    run("rebalance")
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    # ... and the one after deletes a's copy, now that b's is confirmed
+    r = run("rebalance")
+    assert r["deleted"] == 1
+    assert not (R / "a" / "l.dat").exists()
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    assert replicas_of("l.dat") == {"disk-b": "READY"}
+
+
+def test_replica_expiry_waits_for_a_confirmed_copy(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """A GAS item on a and b whose copy on a expires: with R/b/l.dat gone the expiry is
+    refused and b is LOST; once replicate has restored b, the expiry goes through."""
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    with session_scope() as s:
+        a = catalog.get_storage(s, "disk-a")
+        s.execute(update(Replica).where(col(Replica.storage_id) == a.id).values(expires_at=utcnow() - timedelta(hours=1)))
+    os.remove(R / "b" / "l.dat")
+    r = run("expire")
+    assert r["deleted"] == 0
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "LOST"}
+    ok(dlm("items", "set-phase", "l.dat", "LIQUID"))
+    run("replicate")  # the item is below LIQUID: b gets a copy again
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    r = run("expire")
+    assert r["deleted"] == 1
+    assert not (R / "a" / "l.dat").exists()
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    assert replicas_of("l.dat") == {"disk-b": "READY"}
+
+
+def test_an_unmounted_survivor_storage_blocks_the_deletion_without_marking_lost(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """rclone lists a missing local root as empty: that is an unreachable storage, not lost copies."""
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    os.rename(R / "b", R / "b-unmounted")
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    run("migrate")
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "READY"}
+    assert events("replica.lost") == []
+    [refused] = [e for e in events("policy.refused") if e.get("found_by") == "pre-delete check"]
+    assert "disk-b could not be listed" in refused["reason"]
+    os.rename(R / "b-unmounted", R / "b")  # mounted again: the deletion goes through
+    r = run("migrate")
+    assert r["deleted"] == 1
+    assert not (R / "a" / "l.dat").exists()
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+
+
+def test_an_explicit_delete_relies_on_no_survivor(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    R = disks
+    liquid_on_a_and_b(dlm, R)
+    os.remove(R / "b" / "l.dat")
+    ok(dlm("items", "delete", "l.dat", "--yes"))
+    assert not (R / "a" / "l.dat").exists()
+    assert replicas_of("l.dat") == {}
+    assert item_state("l.dat") == "DELETED"
+    assert events("replica.lost") == []
+
+
+# --------------------------------------------------------------------------- an S3 survivor
+
+
+@pytest.fixture
+def disk_and_bucket(dlm, db_url: str, tmp_path: Path, s3_bucket: str, s3_env, flows_env: None) -> dict[str, Any]:  # type: ignore[no-untyped-def]  # noqa: F811
+    """disk-a (posix, site-a) and vault (S3 on SeaweedFS, site-b); 'vault' sorts after
+    'disk-a', so a surplus copy is dropped from disk-a first."""
+    (tmp_path / "a").mkdir()
+    ok(dlm("storage", "add", "disk-a", "--kind", "posix", "--root", str(tmp_path / "a"), "--location", "site-a"))
+    ok(
+        dlm(
+            "storage",
+            "add",
+            "vault",
+            "--kind",
+            "s3",
+            "--root",
+            s3_bucket,
+            "--endpoint",
+            s3_env.endpoint,
+            "--credentials-env",
+            "DLM_TEST_S3",
+            "--location",
+            "site-b",
+        )
+    )
+    return {"R": tmp_path, "bucket": s3_bucket, "client": s3_env.client(), "s3": s3_env}
+
+
+def on_a_and_vault(dlm, R: Path, client: Any, bucket: str, names: list[str]) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    for n in names:
+        (R / "a" / n).write_bytes(PAYLOAD + n.encode())
+    ok(dlm("ingest", "-s", "disk-a", *[str(R / "a" / n) for n in names], "--phase", "LIQUID"))
+    run("replicate")
+    for n in names:
+        assert client.get_object(Bucket=bucket, Key=n)["Body"].read() == PAYLOAD + n.encode()
+        assert replicas_of(n) == {"disk-a": "READY", "vault": "READY"}
+
+
+@pytest.mark.s3
+def test_an_s3_survivor_deleted_or_rewritten_behind_dlms_back_blocks_the_delete(dlm, disk_and_bucket: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    R, client, bucket = disk_and_bucket["R"], disk_and_bucket["client"], disk_and_bucket["bucket"]
+    on_a_and_vault(dlm, R, client, bucket, ["gone.dat", "other.dat", "fine.dat"])
+    client.delete_object(Bucket=bucket, Key="gone.dat")
+    other = PAYLOAD + b"OTHER.dat"  # same size, other bytes: the stored MD5 (ETag) differs
+    assert len(other) == len(PAYLOAD + b"other.dat")
+    client.put_object(Bucket=bucket, Key="other.dat", Body=other)
+    for n in ("gone.dat", "other.dat", "fine.dat"):
+        ok(dlm("items", "set-phase", n, "GAS"))
+    r = run("migrate")
+    assert r["deleted"] == 1  # fine.dat only
+    for n in ("gone.dat", "other.dat"):
+        assert (R / "a" / n).read_bytes() == PAYLOAD + n.encode()
+    assert not (R / "a" / "fine.dat").exists()
+    assert client.get_object(Bucket=bucket, Key="fine.dat")["Body"].read() == PAYLOAD + b"fine.dat"
+    assert replicas_of("gone.dat") == {"disk-a": "READY", "vault": "LOST"}
+    assert replicas_of("other.dat") == {"disk-a": "READY", "vault": "CORRUPTED"}
+    assert replicas_of("fine.dat") == {"vault": "READY"}
+    [bad] = events("replica.corrupted")
+    assert bad["found_by"] == "pre-delete check" and bad["expected"] == md5(PAYLOAD + b"other.dat")
+    assert bad["found"] == md5(other)
+
+
+@pytest.mark.s3
+def test_an_unreachable_s3_survivor_blocks_the_delete_and_marks_nothing(dlm, disk_and_bucket: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """The S3 server is unreachable (the storage's endpoint points at a closed port): its copy
+    is not confirmed, so the posix copy stays; the S3 copy is not LOST. Back online, it goes."""
+    R, client, bucket = disk_and_bucket["R"], disk_and_bucket["client"], disk_and_bucket["bucket"]
+    on_a_and_vault(dlm, R, client, bucket, ["l.dat"])
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    with session_scope() as s:
+        endpoint = s.scalars(select(Storage).where(col(Storage.name) == "vault")).one().endpoint
+        s.execute(update(Storage).where(col(Storage.name) == "vault").values(endpoint="http://127.0.0.1:9"))
+    r = run("migrate")
+    assert r["deleted"] == 0
+    assert (R / "a" / "l.dat").read_bytes() == PAYLOAD + b"l.dat"
+    assert replicas_of("l.dat") == {"disk-a": "READY", "vault": "READY"}
+    assert events("replica.lost") == [] and events("replica.corrupted") == []
+    [refused] = [e for e in events("policy.refused") if e.get("found_by") == "pre-delete check"]
+    assert "vault could not be listed" in refused["reason"]
+    with session_scope() as s:
+        s.execute(update(Storage).where(col(Storage.name) == "vault").values(endpoint=endpoint))
+    r = run("migrate")
+    assert r["deleted"] == 1
+    assert not (R / "a" / "l.dat").exists()
+    assert client.get_object(Bucket=bucket, Key="l.dat")["Body"].read() == PAYLOAD + b"l.dat"
