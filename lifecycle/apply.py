@@ -12,8 +12,10 @@ A copy batch (one source and one destination storage) is:
 
 A delete batch (one storage) claims its replicas (READY -> DELETING) after re-checking,
 with the item rows locked on PostgreSQL, that every item keeps its target phase and an
-intact copy without them (unless the item itself expired); then one rclone process
-deletes the files, and the rows become DELETED.
+intact copy without them (unless the item itself expired); the other copies such a deletion
+relies on are then confirmed on their storages (one listing per storage: check before
+delete), those found missing become LOST and the deletions no longer safe are given back;
+then one rclone process deletes the files, and the rows become DELETED.
 """
 
 from __future__ import annotations

@@ -79,6 +79,10 @@ __all__ = [
 # Bytes one verify run reads when neither the caller nor DLM_VERIFY__BUDGET_BYTES says.
 DEFAULT_BUDGET_BYTES = 100 * 1024**3
 _CHUNK = 500
+# A pre-delete check that takes longer than this (plus a little per file) confirms nothing:
+# a stalled storage must not hold a delete batch's claims for rclone's minutes of retries.
+CONFIRM_TIMEOUT_S = 60.0
+CONFIRM_TIMEOUT_PER_FILE_S = 0.05
 _READABLE = (StorageState.ONLINE.value, StorageState.DRAINING.value)
 _DAMAGED = (ReplicaState.CORRUPTED.value, ReplicaState.LOST.value)
 _CHECKED_ITEMS = (ItemState.READY.value, ItemState.CORRUPTED.value)
@@ -248,11 +252,13 @@ def list_files(
     metadata: bool = False,
     hash_type: str | None = None,
     timeout: float | None = None,
+    fail_fast: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """path -> rclone's lsjson entry for each of `paths` present under target, in ONE process
     (`--files-from-raw --no-traverse`); absent paths are absent from the result. With
     metadata=True entries carry `Metadata`, with hash_type their `Hashes` (native on S3,
-    computed by reading elsewhere).
+    computed by reading elsewhere). With fail_fast, an unreachable endpoint fails the call
+    in seconds (two low-level attempts, a 10 s connect timeout) instead of rclone's minutes.
 
     Raises InvalidValueError (a path with a line break), CredentialsError,
     StorageUnavailableError or RcloneError when rclone fails as a whole.
@@ -273,6 +279,8 @@ def list_files(
             args.append("--metadata")
         if hash_type:
             args += ["--hash", "--hash-type", hash_type]
+        if fail_fast:
+            args += ["--low-level-retries", "2", "--contimeout", "10s"]
         proc = rclone.run([*args, "--log-level", "ERROR"], env=target.env, timeout=timeout)
     if proc.returncode != 0:
         lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
@@ -309,6 +317,8 @@ def confirm_copies(
     (MD5 on S3) and the copy's algorithm is that one. Returns the copies confirmed intact,
     and for the others the change to settle: absent -> LOST, another size or stored hash ->
     CORRUPTED (events `replica.lost` / `replica.corrupted`, `found_by` "pre-delete check").
+    The listing fails fast on a dead endpoint and gives up after `timeout` seconds (default
+    CONFIRM_TIMEOUT_S plus CONFIRM_TIMEOUT_PER_FILE_S per copy).
 
     Raises DLMError (StorageError, CredentialsError, StorageUnavailableError, RcloneError,
     InvalidValueError) when the storage or its root cannot be listed: then nothing is
@@ -317,8 +327,14 @@ def confirm_copies(
     if not copies:
         return [], []
     algo = "md5" if "md5" in native_hashes(storage) else None
+    if timeout is None:
+        timeout = CONFIRM_TIMEOUT_S + CONFIRM_TIMEOUT_PER_FILE_S * len(copies)
     found = list_files(
-        backend_for(storage).rclone_target(), [c.path for c in copies], hash_type=algo, timeout=timeout
+        backend_for(storage).rclone_target(),
+        [c.path for c in copies],
+        hash_type=algo,
+        timeout=timeout,
+        fail_fast=True,
     )
     if len(found) < len({c.path for c in copies}):
         _root_present(storage)  # absent files are only lost if the root is still there

@@ -20,7 +20,7 @@ from sqlmodel import col
 from lifecycle import catalog
 from lifecycle.db import session_scope
 from lifecycle.models import Event, Replica, Storage, utcnow
-from tests.cli.conftest import Result, dlm  # noqa: F401  (the in-process CLI fixture)
+from tests.cli.conftest import Result
 from tests.flows.test_pipelines import replicas_of
 
 pytestmark = [pytest.mark.prefect, pytest.mark.rclone]
@@ -54,7 +54,7 @@ def _prefect_console_on_real_stderr() -> Iterator[None]:
 
 
 @pytest.fixture
-def disks(dlm, db_url: str, tmp_path: Path, flows_env: None) -> Path:  # type: ignore[no-untyped-def]  # noqa: F811
+def disks(dlm: Any, db_url: str, tmp_path: Path, flows_env: None) -> Path:
     """R: disk-a on R/a (site-a) and disk-b on R/b (site-b), as in the issue."""
     for name, sub, loc in (("disk-a", "a", "site-a"), ("disk-b", "b", "site-b")):
         (tmp_path / sub).mkdir()
@@ -62,7 +62,7 @@ def disks(dlm, db_url: str, tmp_path: Path, flows_env: None) -> Path:  # type: i
     return tmp_path
 
 
-def liquid_on_a_and_b(dlm, R: Path, name: str = "l.dat") -> str:  # type: ignore[no-untyped-def]  # noqa: F811
+def liquid_on_a_and_b(dlm: Any, R: Path, name: str = "l.dat") -> str:
     """A LIQUID item ingested in place on disk-a and replicated to disk-b; returns its checksum."""
     (R / "a" / name).write_bytes(PAYLOAD)
     ok(dlm("ingest", "-s", "disk-a", str(R / "a" / name), "--phase", "LIQUID"))
@@ -96,7 +96,7 @@ def item_state(name: str) -> str:
         return str(catalog.get_item(s, name).state)
 
 
-def test_migrate_does_not_delete_the_last_bytes_when_the_other_copy_is_gone(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_migrate_does_not_delete_the_last_bytes_when_the_other_copy_is_gone(dlm: Any, disks: Path) -> None:
     """Reproduction 6: rm R/b/l.dat; set-phase GAS; run migrate used to delete R/a/l.dat too."""
     R = disks
     checksum = liquid_on_a_and_b(dlm, R)
@@ -123,7 +123,7 @@ def test_migrate_does_not_delete_the_last_bytes_when_the_other_copy_is_gone(dlm,
     assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "READY"}
 
 
-def test_a_confirmed_survivor_lets_the_deletion_go(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_a_confirmed_survivor_lets_the_deletion_go(dlm: Any, disks: Path) -> None:
     """The check costs nothing when the copies are there: the surplus copy is deleted."""
     R = disks
     checksum = liquid_on_a_and_b(dlm, R)
@@ -136,7 +136,7 @@ def test_a_confirmed_survivor_lets_the_deletion_go(dlm, disks: Path) -> None:  #
     assert events("replica.lost") == [] and events("replica.corrupted") == []
 
 
-def test_a_survivor_of_another_size_is_corrupted_and_blocks_the_deletion(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_a_survivor_of_another_size_is_corrupted_and_blocks_the_deletion(dlm: Any, disks: Path) -> None:
     R = disks
     checksum = liquid_on_a_and_b(dlm, R)
     (R / "b" / "l.dat").write_bytes(b"truncated")
@@ -149,7 +149,7 @@ def test_a_survivor_of_another_size_is_corrupted_and_blocks_the_deletion(dlm, di
     assert (bad["expected_size"], bad["found_size"]) == (len(PAYLOAD), len(b"truncated"))
 
 
-def test_drain_and_rebalance_keep_the_copy_whose_twin_is_gone(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_drain_and_rebalance_keep_the_copy_whose_twin_is_gone(dlm: Any, disks: Path) -> None:
     """A GAS item on a and b, disk-a draining, R/b/l.dat removed: rebalance used to delete a's
     copy at once (b 'holds' it). Now b is LOST, a stays; the next runs move the copy to b
     (copy, then delete) and a drains."""
@@ -174,7 +174,7 @@ def test_drain_and_rebalance_keep_the_copy_whose_twin_is_gone(dlm, disks: Path) 
     assert replicas_of("l.dat") == {"disk-b": "READY"}
 
 
-def test_replica_expiry_waits_for_a_confirmed_copy(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_replica_expiry_waits_for_a_confirmed_copy(dlm: Any, disks: Path) -> None:
     """A GAS item on a and b whose copy on a expires: with R/b/l.dat gone the expiry is
     refused and b is LOST; once replicate has restored b, the expiry goes through."""
     R = disks
@@ -182,7 +182,8 @@ def test_replica_expiry_waits_for_a_confirmed_copy(dlm, disks: Path) -> None:  #
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     with session_scope() as s:
         a = catalog.get_storage(s, "disk-a")
-        s.execute(update(Replica).where(col(Replica.storage_id) == a.id).values(expires_at=utcnow() - timedelta(hours=1)))
+        past = utcnow() - timedelta(hours=1)
+        s.execute(update(Replica).where(col(Replica.storage_id) == a.id).values(expires_at=past))
     os.remove(R / "b" / "l.dat")
     r = run("expire")
     assert r["deleted"] == 0
@@ -199,7 +200,9 @@ def test_replica_expiry_waits_for_a_confirmed_copy(dlm, disks: Path) -> None:  #
     assert replicas_of("l.dat") == {"disk-b": "READY"}
 
 
-def test_an_unmounted_survivor_storage_blocks_the_deletion_without_marking_lost(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_unmounted_survivor_storage_blocks_the_deletion_without_marking_lost(
+    dlm: Any, disks: Path
+) -> None:
     """rclone lists a missing local root as empty: that is an unreachable storage, not lost copies."""
     R = disks
     checksum = liquid_on_a_and_b(dlm, R)
@@ -218,7 +221,7 @@ def test_an_unmounted_survivor_storage_blocks_the_deletion_without_marking_lost(
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum
 
 
-def test_an_explicit_delete_relies_on_no_survivor(dlm, disks: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_explicit_delete_relies_on_no_survivor(dlm: Any, disks: Path) -> None:
     R = disks
     liquid_on_a_and_b(dlm, R)
     os.remove(R / "b" / "l.dat")
@@ -233,11 +236,14 @@ def test_an_explicit_delete_relies_on_no_survivor(dlm, disks: Path) -> None:  # 
 
 
 @pytest.fixture
-def disk_and_bucket(dlm, db_url: str, tmp_path: Path, s3_bucket: str, s3_env, flows_env: None) -> dict[str, Any]:  # type: ignore[no-untyped-def]  # noqa: F811
+def disk_and_bucket(
+    dlm: Any, db_url: str, tmp_path: Path, s3_bucket: str, s3_env: Any, flows_env: None
+) -> dict[str, Any]:
     """disk-a (posix, site-a) and vault (S3 on SeaweedFS, site-b); 'vault' sorts after
     'disk-a', so a surplus copy is dropped from disk-a first."""
     (tmp_path / "a").mkdir()
-    ok(dlm("storage", "add", "disk-a", "--kind", "posix", "--root", str(tmp_path / "a"), "--location", "site-a"))
+    a = str(tmp_path / "a")
+    ok(dlm("storage", "add", "disk-a", "--kind", "posix", "--root", a, "--location", "site-a"))
     ok(
         dlm(
             "storage",
@@ -258,7 +264,7 @@ def disk_and_bucket(dlm, db_url: str, tmp_path: Path, s3_bucket: str, s3_env, fl
     return {"R": tmp_path, "bucket": s3_bucket, "client": s3_env.client(), "s3": s3_env}
 
 
-def on_a_and_vault(dlm, R: Path, client: Any, bucket: str, names: list[str]) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def on_a_and_vault(dlm: Any, R: Path, client: Any, bucket: str, names: list[str]) -> None:
     for n in names:
         (R / "a" / n).write_bytes(PAYLOAD + n.encode())
     ok(dlm("ingest", "-s", "disk-a", *[str(R / "a" / n) for n in names], "--phase", "LIQUID"))
@@ -269,7 +275,9 @@ def on_a_and_vault(dlm, R: Path, client: Any, bucket: str, names: list[str]) -> 
 
 
 @pytest.mark.s3
-def test_an_s3_survivor_deleted_or_rewritten_behind_dlms_back_blocks_the_delete(dlm, disk_and_bucket: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_s3_survivor_deleted_or_rewritten_behind_dlms_back_blocks_the_delete(
+    dlm: Any, disk_and_bucket: dict[str, Any]
+) -> None:
     R, client, bucket = disk_and_bucket["R"], disk_and_bucket["client"], disk_and_bucket["bucket"]
     on_a_and_vault(dlm, R, client, bucket, ["gone.dat", "other.dat", "fine.dat"])
     client.delete_object(Bucket=bucket, Key="gone.dat")
@@ -293,7 +301,9 @@ def test_an_s3_survivor_deleted_or_rewritten_behind_dlms_back_blocks_the_delete(
 
 
 @pytest.mark.s3
-def test_an_unreachable_s3_survivor_blocks_the_delete_and_marks_nothing(dlm, disk_and_bucket: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_unreachable_s3_survivor_blocks_the_delete_and_marks_nothing(
+    dlm: Any, disk_and_bucket: dict[str, Any]
+) -> None:
     """The S3 server is unreachable (the storage's endpoint points at a closed port): its copy
     is not confirmed, so the posix copy stays; the S3 copy is not LOST. Back online, it goes."""
     R, client, bucket = disk_and_bucket["R"], disk_and_bucket["client"], disk_and_bucket["bucket"]
