@@ -21,7 +21,6 @@ from lifecycle import catalog
 from lifecycle.db import session_scope
 from lifecycle.models import Event, Replica, Storage, utcnow
 from tests.cli.conftest import Result
-from tests.flows.test_pipelines import replicas_of
 
 pytestmark = [pytest.mark.prefect, pytest.mark.rclone]
 
@@ -68,7 +67,7 @@ def liquid_on_a_and_b(dlm: Any, R: Path, name: str = "l.dat") -> str:
     ok(dlm("ingest", "-s", "disk-a", str(R / "a" / name), "--phase", "LIQUID"))
     run("replicate")
     assert (R / "b" / name).read_bytes() == PAYLOAD
-    assert replicas_of(name) == {"disk-a": "READY", "disk-b": "READY"}
+    assert copies(name) == [("disk-a", "READY"), ("disk-b", "READY")]
     with session_scope() as s:
         checksum = catalog.get_item(s, name).checksum
     assert checksum == md5(PAYLOAD)
@@ -83,6 +82,18 @@ def run(pipeline: str) -> dict[str, Any]:
     report: dict[str, Any] = FLOWS[pipeline]()
     assert report["failed"] == 0
     return report
+
+
+def copies(name: str) -> list[tuple[str, str]]:
+    """(storage, state) of every replica row of NAME but the DELETED ones, sorted."""
+    with session_scope() as s:
+        item = catalog.get_item(s, name)
+        rows = s.execute(
+            select(col(Storage.name), col(Replica.state))
+            .join(Storage, col(Storage.id) == col(Replica.storage_id))
+            .where(col(Replica.item_oid) == item.oid, col(Replica.state) != "DELETED")
+        ).all()
+    return sorted((str(n), str(st)) for n, st in rows)
 
 
 def events(kind: str) -> list[dict[str, Any]]:
@@ -105,7 +116,7 @@ def test_migrate_does_not_delete_the_last_bytes_when_the_other_copy_is_gone(dlm:
     r = run("migrate")
     assert r["deleted"] == 0
     assert md5((R / "a" / "l.dat").read_bytes()) == checksum  # the bytes are still there
-    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "LOST"}
+    assert copies("l.dat") == [("disk-a", "READY"), ("disk-b", "LOST")]
     assert item_state("l.dat") == "READY"
     [lost] = events("replica.lost")
     assert lost["found_by"] == "pre-delete check" and lost["storage"] == "disk-b"
@@ -120,7 +131,7 @@ def test_migrate_does_not_delete_the_last_bytes_when_the_other_copy_is_gone(dlm:
     run("replicate")
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum
     assert md5((R / "a" / "l.dat").read_bytes()) == checksum
-    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "READY"}
+    assert copies("l.dat") == [("disk-a", "READY"), ("disk-b", "LOST"), ("disk-b", "READY")]
 
 
 def test_a_confirmed_survivor_lets_the_deletion_go(dlm: Any, disks: Path) -> None:
@@ -132,7 +143,7 @@ def test_a_confirmed_survivor_lets_the_deletion_go(dlm: Any, disks: Path) -> Non
     assert r["deleted"] == 1
     assert not (R / "a" / "l.dat").exists()
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum
-    assert replicas_of("l.dat") == {"disk-b": "READY"}
+    assert copies("l.dat") == [("disk-b", "READY")]
     assert events("replica.lost") == [] and events("replica.corrupted") == []
 
 
@@ -143,7 +154,7 @@ def test_a_survivor_of_another_size_is_corrupted_and_blocks_the_deletion(dlm: An
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     run("migrate")
     assert md5((R / "a" / "l.dat").read_bytes()) == checksum
-    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "CORRUPTED"}
+    assert copies("l.dat") == [("disk-a", "READY"), ("disk-b", "CORRUPTED")]
     [bad] = events("replica.corrupted")
     assert bad["found_by"] == "pre-delete check"
     assert (bad["expected_size"], bad["found_size"]) == (len(PAYLOAD), len(b"truncated"))
@@ -160,7 +171,7 @@ def test_drain_and_rebalance_keep_the_copy_whose_twin_is_gone(dlm: Any, disks: P
     os.remove(R / "b" / "l.dat")
     run("rebalance")
     assert md5((R / "a" / "l.dat").read_bytes()) == checksum
-    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "LOST"}
+    assert copies("l.dat") == [("disk-a", "READY"), ("disk-b", "LOST")]
     assert [e["found_by"] for e in events("replica.lost")] == ["pre-delete check"]
     # repair: the planner does not count the LOST copy, so the next run copies a -> b ...
     run("rebalance")
@@ -171,7 +182,7 @@ def test_drain_and_rebalance_keep_the_copy_whose_twin_is_gone(dlm: Any, disks: P
     assert r["deleted"] == 1
     assert not (R / "a" / "l.dat").exists()
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum
-    assert replicas_of("l.dat") == {"disk-b": "READY"}
+    assert copies("l.dat") == [("disk-b", "LOST"), ("disk-b", "READY")]  # the LOST row stays as history
 
 
 def test_replica_expiry_waits_for_a_confirmed_copy(dlm: Any, disks: Path) -> None:
@@ -188,7 +199,7 @@ def test_replica_expiry_waits_for_a_confirmed_copy(dlm: Any, disks: Path) -> Non
     r = run("expire")
     assert r["deleted"] == 0
     assert md5((R / "a" / "l.dat").read_bytes()) == checksum
-    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "LOST"}
+    assert copies("l.dat") == [("disk-a", "READY"), ("disk-b", "LOST")]
     ok(dlm("items", "set-phase", "l.dat", "LIQUID"))
     run("replicate")  # the item is below LIQUID: b gets a copy again
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum
@@ -197,7 +208,7 @@ def test_replica_expiry_waits_for_a_confirmed_copy(dlm: Any, disks: Path) -> Non
     assert r["deleted"] == 1
     assert not (R / "a" / "l.dat").exists()
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum
-    assert replicas_of("l.dat") == {"disk-b": "READY"}
+    assert copies("l.dat") == [("disk-b", "LOST"), ("disk-b", "READY")]
 
 
 def test_an_unmounted_survivor_storage_blocks_the_deletion_without_marking_lost(
@@ -210,7 +221,7 @@ def test_an_unmounted_survivor_storage_blocks_the_deletion_without_marking_lost(
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     run("migrate")
     assert md5((R / "a" / "l.dat").read_bytes()) == checksum
-    assert replicas_of("l.dat") == {"disk-a": "READY", "disk-b": "READY"}
+    assert copies("l.dat") == [("disk-a", "READY"), ("disk-b", "READY")]
     assert events("replica.lost") == []
     [refused] = [e for e in events("policy.refused") if e.get("found_by") == "pre-delete check"]
     assert "disk-b could not be listed" in refused["reason"]
@@ -227,9 +238,51 @@ def test_an_explicit_delete_relies_on_no_survivor(dlm: Any, disks: Path) -> None
     os.remove(R / "b" / "l.dat")
     ok(dlm("items", "delete", "l.dat", "--yes"))
     assert not (R / "a" / "l.dat").exists()
-    assert replicas_of("l.dat") == {}
+    assert copies("l.dat") == []
     assert item_state("l.dat") == "DELETED"
     assert events("replica.lost") == []
+
+
+def test_two_concurrent_deletions_each_relying_on_the_other_copy_keep_the_bytes(
+    dlm: Any, disks: Path
+) -> None:
+    """Two stale plans, one deleting each copy of a GAS item whose copy on disk-b is gone,
+    applied at once: whichever claims first, the copy on disk-a and its bytes stay."""
+    import threading
+
+    from lifecycle import apply
+    from lifecycle.pipelines import policy_from
+    from lifecycle.planner import DeleteReplica
+
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    os.remove(R / "b" / "l.dat")
+    with session_scope() as s:
+        oid = catalog.get_item(s, "l.dat").oid
+        reps = s.scalars(select(Replica).where(col(Replica.item_oid) == oid)).all()
+        batches = [
+            apply.DeleteBatch(r.storage_id, (DeleteReplica(r.uid, oid, r.storage_id, r.path, 1, "test"),))
+            for r in reps
+        ]
+    policy = policy_from()
+    barrier = threading.Barrier(2)
+    results: list[apply.BatchResult] = []
+
+    def delete(batch: apply.DeleteBatch) -> None:
+        barrier.wait()
+        results.append(apply.apply_delete_batch(batch, policy=policy))
+
+    threads = [threading.Thread(target=delete, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and sum(r.failed for r in results) == 0
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    assert ("disk-a", "READY") in copies("l.dat")
+    assert ("disk-b", "READY") not in copies("l.dat")
+    assert item_state("l.dat") == "READY"
 
 
 # --------------------------------------------------------------------------- an S3 survivor
@@ -271,7 +324,7 @@ def on_a_and_vault(dlm: Any, R: Path, client: Any, bucket: str, names: list[str]
     run("replicate")
     for n in names:
         assert client.get_object(Bucket=bucket, Key=n)["Body"].read() == PAYLOAD + n.encode()
-        assert replicas_of(n) == {"disk-a": "READY", "vault": "READY"}
+        assert copies(n) == [("disk-a", "READY"), ("vault", "READY")]
 
 
 @pytest.mark.s3
@@ -292,9 +345,9 @@ def test_an_s3_survivor_deleted_or_rewritten_behind_dlms_back_blocks_the_delete(
         assert (R / "a" / n).read_bytes() == PAYLOAD + n.encode()
     assert not (R / "a" / "fine.dat").exists()
     assert client.get_object(Bucket=bucket, Key="fine.dat")["Body"].read() == PAYLOAD + b"fine.dat"
-    assert replicas_of("gone.dat") == {"disk-a": "READY", "vault": "LOST"}
-    assert replicas_of("other.dat") == {"disk-a": "READY", "vault": "CORRUPTED"}
-    assert replicas_of("fine.dat") == {"vault": "READY"}
+    assert copies("gone.dat") == [("disk-a", "READY"), ("vault", "LOST")]
+    assert copies("other.dat") == [("disk-a", "READY"), ("vault", "CORRUPTED")]
+    assert copies("fine.dat") == [("vault", "READY")]
     [bad] = events("replica.corrupted")
     assert bad["found_by"] == "pre-delete check" and bad["expected"] == md5(PAYLOAD + b"other.dat")
     assert bad["found"] == md5(other)
@@ -315,7 +368,7 @@ def test_an_unreachable_s3_survivor_blocks_the_delete_and_marks_nothing(
     r = run("migrate")
     assert r["deleted"] == 0
     assert (R / "a" / "l.dat").read_bytes() == PAYLOAD + b"l.dat"
-    assert replicas_of("l.dat") == {"disk-a": "READY", "vault": "READY"}
+    assert copies("l.dat") == [("disk-a", "READY"), ("vault", "READY")]
     assert events("replica.lost") == [] and events("replica.corrupted") == []
     [refused] = [e for e in events("policy.refused") if e.get("found_by") == "pre-delete check"]
     assert "vault could not be listed" in refused["reason"]
