@@ -29,7 +29,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -64,6 +64,9 @@ from lifecycle.states import (
 )
 from lifecycle.storage import backend_for
 from lifecycle.storage.base import RcloneTarget
+
+if TYPE_CHECKING:  # lifecycle.verify imports this module
+    from lifecycle.verify import Check, ReplicaChange
 
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 
@@ -724,18 +727,18 @@ class _Claimed:
 
     rows: dict[uuid.UUID, tuple[uuid.UUID, str, str]]  # uid -> (item_oid, state before, path)
     relying: set[uuid.UUID]  # items whose deletion relies on other copies
-    survivors: dict[uuid.UUID, list[Any]] = field(default_factory=dict)  # storage id -> [verify.Check]
+    survivors: dict[uuid.UUID, list[Check]] = field(default_factory=dict)  # by storage id
     storages: dict[uuid.UUID, Storage] = field(default_factory=dict)
 
 
 def _survivor_checks(
     session: Session, oids: Collection[uuid.UUID], intact: Collection[uuid.UUID]
-) -> list[Any]:
+) -> list[Check]:
     """The READY copies of these items on online or draining storages (what the safety check
     counts), as verify.Check rows to confirm on their storages."""
     from lifecycle.verify import Check  # verify imports this module
 
-    checks: list[Any] = []
+    checks: list[Check] = []
     todo = sorted(oids)
     for i in range(0, len(todo), 500):
         for uid, oid, sid, path, size, checksum, algo in session.execute(
@@ -782,7 +785,7 @@ def _confirm_survivors(
     from lifecycle.verify import apply_replica_changes, confirm_copies, settle_items
 
     confirmed: set[uuid.UUID] = set()
-    changes: dict[uuid.UUID, list[Any]] = {}
+    changes: dict[uuid.UUID, list[ReplicaChange]] = {}
     unlisted: dict[str, str] = {}  # storage name -> why it could not be listed
     for sid, checks in claim.survivors.items():
         st = claim.storages[sid]
@@ -798,7 +801,7 @@ def _confirm_survivors(
     me = worker_id()
     with sessions() as s:
         _lock_items(s, sorted(claim.relying))
-        damaged: list[Any] = []
+        damaged: list[ReplicaChange] = []
         for sid, group in changes.items():
             damaged += apply_replica_changes(s, group, storage_id=sid, actor=actor, now=now)
         index = StorageIndex(tuple(storage_views(s)))
