@@ -285,6 +285,39 @@ def test_two_concurrent_deletions_each_relying_on_the_other_copy_keep_the_bytes(
     assert item_state("l.dat") == "READY"
 
 
+def test_enough_confirmed_copies_let_a_deletion_go_while_another_storage_is_unreachable(
+    dlm: Any, disks: Path
+) -> None:
+    """Copies on a, b and c, GAS wanted, disk-c unmounted: deleting a's copy relies on b and c;
+    b is confirmed and enough for GAS, so a's copy goes; c's copy is not marked anything."""
+    from lifecycle import apply
+    from lifecycle.pipelines import policy_from
+    from lifecycle.planner import DeleteReplica
+
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    (R / "c").mkdir()
+    ok(dlm("storage", "add", "disk-c", "--kind", "posix", "--root", str(R / "c"), "--location", "site-c"))
+    ok(dlm("items", "set-phase", "l.dat", "SOLID"))
+    run("replicate")
+    assert md5((R / "c" / "l.dat").read_bytes()) == checksum
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    os.rename(R / "c", R / "c-unmounted")
+    with session_scope() as s:
+        oid = catalog.get_item(s, "l.dat").oid
+        a = catalog.get_storage(s, "disk-a")
+        rep = s.scalars(
+            select(Replica).where(col(Replica.item_oid) == oid, col(Replica.storage_id) == a.id)
+        ).one()
+        batch = apply.DeleteBatch(a.id, (DeleteReplica(rep.uid, oid, a.id, rep.path, 1, "test"),))
+    result = apply.apply_delete_batch(batch, policy=policy_from())
+    assert (result.done, result.skipped, result.failed) == (1, 0, 0)
+    assert not (R / "a" / "l.dat").exists()
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    assert copies("l.dat") == [("disk-b", "READY"), ("disk-c", "READY")]
+    assert events("replica.lost") == [] and events("replica.corrupted") == []
+
+
 # --------------------------------------------------------------------------- an S3 survivor
 
 
