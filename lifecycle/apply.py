@@ -12,8 +12,10 @@ A copy batch (one source and one destination storage) is:
 
 A delete batch (one storage) claims its replicas (READY -> DELETING) after re-checking,
 with the item rows locked on PostgreSQL, that every item keeps its target phase and an
-intact copy without them (unless the item itself expired); then one rclone process
-deletes the files, and the rows become DELETED.
+intact copy without them (unless the item itself expired); the other copies such a deletion
+relies on are then confirmed on their storages (one listing per storage: check before
+delete), those found missing become LOST and the deletions no longer safe are given back;
+then one rclone process deletes the files, and the rows become DELETED.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import String, cast, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -48,7 +50,7 @@ from lifecycle.planner import (
     SetPhase,
     Shortfall,
 )
-from lifecycle.policy import Policy, ReplicaView, StorageIndex, phase_satisfied
+from lifecycle.policy import INTACT_STORAGE_STATES, Policy, ReplicaView, StorageIndex, phase_satisfied
 from lifecycle.snapshot import ITEM_COLUMNS, _item_view, storage_views
 from lifecycle.states import (
     LIVE_ITEM_STATES,
@@ -62,6 +64,9 @@ from lifecycle.states import (
 )
 from lifecycle.storage import backend_for
 from lifecycle.storage.base import RcloneTarget
+
+if TYPE_CHECKING:  # lifecycle.verify imports this module
+    from lifecycle.verify import Check, ReplicaChange
 
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 
@@ -655,11 +660,16 @@ def _safe_to_delete(
     index: StorageIndex,
     candidates: Sequence[tuple[uuid.UUID, uuid.UUID]],
     expiring: frozenset[uuid.UUID],
-) -> tuple[set[uuid.UUID], dict[uuid.UUID, str]]:
-    """Of (replica_uid, item_oid) candidates, which may go now; the rest with a reason.
+    *,
+    confirmed: Collection[uuid.UUID] | None = None,
+) -> tuple[set[uuid.UUID], dict[uuid.UUID, str], set[uuid.UUID]]:
+    """Of (replica_uid, item_oid) candidates, which may go now; the rest with a reason; and the
+    items whose deletions rely on surviving copies (not expiring).
 
     Checked against the catalogue as it is now (inside the locking transaction): an item that
     is not expiring must keep its target phase and at least one intact copy without them.
+    With `confirmed`, only those replicas count as surviving copies (the ones found on their
+    storages by the pre-delete check).
     """
     intact_storages = {
         s.id for s in index.storages if s.state in (StorageState.ONLINE, StorageState.DRAINING)
@@ -669,6 +679,7 @@ def _safe_to_delete(
         by_item[oid].add(uid)
     allowed: set[uuid.UUID] = set()
     refused: dict[uuid.UUID, str] = {}
+    relying: set[uuid.UUID] = set()
     oids = list(by_item)
     items = {
         r[0]: _item_view(r) for r in session.execute(select(*ITEM_COLUMNS).where(col(Item.oid).in_(oids)))
@@ -691,7 +702,13 @@ def _safe_to_delete(
         if oid in expiring or item.state in (ItemState.EXPIRED, ItemState.DELETED):
             allowed |= uids
             continue
-        remaining = [r for r in reps[oid] if r.uid not in uids and r.state == ReplicaState.READY]
+        remaining = [
+            r
+            for r in reps[oid]
+            if r.uid not in uids
+            and r.state == ReplicaState.READY
+            and (confirmed is None or r.uid in confirmed)
+        ]
         intact = [r for r in remaining if r.storage_id in intact_storages]
         if not intact and item.state in LIVE_ITEM_STATES:
             for u in uids:
@@ -701,7 +718,139 @@ def _safe_to_delete(
                 refused[u] = f"the item would fall below its target phase {item.target_phase.value}"
         else:
             allowed |= uids
-    return allowed, refused
+            relying.add(oid)
+    return allowed, refused, relying
+
+
+@dataclass
+class _Claimed:
+    """The rows one delete batch holds (DELETING), and the surviving copies they rely on."""
+
+    rows: dict[uuid.UUID, tuple[uuid.UUID, str, str]]  # uid -> (item_oid, state before, path)
+    relying: set[uuid.UUID]  # items whose deletion relies on other copies
+    survivors: dict[uuid.UUID, list[Check]] = field(default_factory=dict)  # by storage id
+    storages: dict[uuid.UUID, Storage] = field(default_factory=dict)
+
+
+def _survivor_checks(
+    session: Session, oids: Collection[uuid.UUID], intact: Collection[uuid.UUID]
+) -> list[Check]:
+    """The READY copies of these items on online or draining storages (what the safety check
+    counts), as verify.Check rows to confirm on their storages."""
+    from lifecycle.verify import Check  # verify imports this module
+
+    checks: list[Check] = []
+    todo = sorted(oids)
+    for i in range(0, len(todo), 500):
+        for uid, oid, sid, path, size, checksum, algo in session.execute(
+            select(
+                col(Replica.uid),
+                col(Replica.item_oid),
+                col(Replica.storage_id),
+                col(Replica.path),
+                col(Item.size),
+                col(Item.checksum),
+                col(Item.checksum_algo),
+            )
+            .join(Item, col(Item.oid) == col(Replica.item_oid))
+            .where(
+                col(Replica.item_oid).in_(todo[i : i + 500]),
+                col(Replica.state) == ReplicaState.READY.value,
+                col(Replica.storage_id).in_(list(intact)),
+            )
+        ):
+            checks.append(
+                Check(uid, oid, sid, path, int(size), checksum or "", algo or "md5", ReplicaState.READY)
+            )
+    return checks
+
+
+def _confirm_survivors(
+    claim: _Claimed,
+    storage: Storage,
+    want: Mapping[uuid.UUID, DeleteReplica],
+    *,
+    policy: Policy,
+    expiring: frozenset[uuid.UUID],
+    sessions: SessionFactory,
+    actor: str,
+    refusals: dict[uuid.UUID, str],
+) -> set[uuid.UUID]:
+    """Check before delete: confirm on their storages (one listing per storage, outside any
+    transaction) the copies the claimed deletions rely on; then, in one transaction, mark the
+    missing ones LOST (another size or stored hash: CORRUPTED), re-run the safety check
+    counting only the confirmed copies, and give back the claims no longer safe (their
+    previous state, `policy.refused`, the reason also put in `refusals`). A storage that
+    cannot be listed confirms nothing and marks nothing. Returns the replica uids still
+    claimed (to delete)."""
+    from lifecycle.verify import apply_replica_changes, confirm_copies, settle_items
+
+    confirmed: set[uuid.UUID] = set()
+    changes: dict[uuid.UUID, list[ReplicaChange]] = {}
+    unlisted: dict[str, str] = {}  # storage name -> why it could not be listed
+    for sid, checks in claim.survivors.items():
+        st = claim.storages[sid]
+        try:
+            ok, bad = confirm_copies(st, checks)
+        except DLMError as exc:
+            unlisted[st.name] = " ".join(str(exc).split())[:300]
+            continue
+        confirmed |= {c.replica_uid for c in ok}
+        if bad:
+            changes[sid] = bad
+    now = utcnow()
+    me = worker_id()
+    with sessions() as s:
+        _lock_items(s, sorted(claim.relying))
+        damaged: list[ReplicaChange] = []
+        for sid, group in changes.items():
+            damaged += apply_replica_changes(s, group, storage_id=sid, actor=actor, now=now)
+        index = StorageIndex(tuple(storage_views(s)))
+        candidates = [(uid, oid) for uid, (oid, _, _) in claim.rows.items() if oid in claim.relying]
+        _, refused, _ = _safe_to_delete(s, policy, index, candidates, expiring, confirmed=confirmed)
+        found: dict[uuid.UUID, list[str]] = defaultdict(list)  # item -> what the check found
+        for ch in damaged:
+            where = claim.storages[ch.check.storage_id].name
+            found[ch.check.item_oid].append(f"its copy on {where} is {ch.to.value}")
+        for sid, checks in claim.survivors.items():
+            name = claim.storages[sid].name
+            if name in unlisted:
+                for c in checks:
+                    found[c.item_oid].append(f"{name} could not be listed ({unlisted[name]})")
+        events = []
+        back: dict[str, list[uuid.UUID]] = defaultdict(list)
+        for uid, why in refused.items():
+            oid, was, _ = claim.rows[uid]
+            back[was].append(uid)
+            refusals[uid] = f"kept: {why} ({'; '.join(found[oid]) or 'other copies unconfirmed'})"
+            events.append(
+                {
+                    "kind": "policy.refused",
+                    "item_oid": oid,
+                    "replica_uid": uid,
+                    "storage_id": storage.id,
+                    "actor": actor,
+                    "details": {
+                        "action": "delete",
+                        "reason": refusals[uid],
+                        "planned_for": want[uid].reason,
+                        "found_by": "pre-delete check",
+                    },
+                }
+            )
+        for was, uids in back.items():
+            s.execute(
+                update(Replica)
+                .where(
+                    col(Replica.uid).in_(uids),
+                    col(Replica.state) == ReplicaState.DELETING.value,
+                    col(Replica.claimed_by) == me,
+                )
+                .values(state=was, updated_at=now, claimed_by=None)
+            )
+        audit.record_many(s, events)
+        settle_items(s, {ch.check.item_oid for ch in damaged}, actor=actor)
+    return set(claim.rows) - set(refused)
 
 
 def apply_delete_batch(
@@ -711,7 +860,14 @@ def apply_delete_batch(
     sessions: SessionFactory = default_sessions,
     actor: str = "dlm",
 ) -> BatchResult:
-    """Claim (after the safety re-check), delete with one rclone process, and settle one batch."""
+    """Claim (after the safety re-check), confirm the surviving copies, delete with one rclone
+    process, and settle one batch.
+
+    Deletions of a live item rely on its other copies: those are confirmed on their storages
+    before anything is deleted (see _confirm_survivors); an expiring item's copies rely on
+    none. Raises TransientError when the catalogue cannot be reached; storage failures are
+    reported in the result.
+    """
     want = {d.replica_uid: d for d in batch.deletes}
     with sessions() as s:
         storage = s.get_one(Storage, batch.storage_id)
@@ -727,15 +883,21 @@ def apply_delete_batch(
         rows = s.execute(stmt).all()
         _lock_items(s, sorted({r[1] for r in rows}))
         index = StorageIndex(tuple(storage_views(s)))
-        allowed, refused = _safe_to_delete(s, policy, index, [(r[0], r[1]) for r in rows], batch.expiring)
-        claimed = [r for r in rows if r[0] in allowed]
-        previous = {r[0]: r[2] for r in claimed}
-        if claimed:
+        allowed, refused, relying = _safe_to_delete(
+            s, policy, index, [(r[0], r[1]) for r in rows], batch.expiring
+        )
+        claim = _Claimed({r[0]: (r[1], r[2], r[3]) for r in rows if r[0] in allowed}, relying)
+        if claim.rows:
             s.execute(
                 update(Replica)
-                .where(col(Replica.uid).in_([r[0] for r in claimed]))
+                .where(col(Replica.uid).in_(list(claim.rows)))
                 .values(state=ReplicaState.DELETING.value, updated_at=utcnow(), claimed_by=worker_id())
             )
+        if claim.rows and relying:
+            intact = [v.id for v in index.storages if v.state in INTACT_STORAGE_STATES]
+            for c in _survivor_checks(s, relying, intact):
+                claim.survivors.setdefault(c.storage_id, []).append(c)
+            claim.storages = {sid: s.get_one(Storage, sid) for sid in claim.survivors}
         audit.record_many(
             s,
             [
@@ -750,12 +912,27 @@ def apply_delete_batch(
                 for u, why in refused.items()
             ],
         )
+    previous = {uid: was for uid, (_, was, _) in claim.rows.items()}
     result = BatchResult("delete", storage.name, None, planned=len(batch.deletes))
-    result.skipped = len(batch.deletes) - len(claimed)
-    if not claimed:
+    still = set(claim.rows)
+    kept: dict[uuid.UUID, str] = {}
+    if claim.rows and relying:
+        still = _confirm_survivors(
+            claim,
+            storage,
+            want,
+            policy=policy,
+            expiring=batch.expiring,
+            sessions=sessions,
+            actor=actor,
+            refusals=kept,
+        )
+    result.skipped = len(batch.deletes) - len(still)
+    result.errors = {want[u].path: why for u, why in kept.items()}
+    if not still:
         return result
     started = time.monotonic()
-    paths = {r[3]: r[0] for r in claimed}
+    paths = {path: uid for uid, (_, _, path) in claim.rows.items() if uid in still}
     report = rclone.delete_files(backend_for(storage).rclone_target(), list(paths))
     duration = time.monotonic() - started
     now = utcnow()
@@ -815,7 +992,7 @@ def apply_delete_batch(
     result.failed = len(bad)
     result.bytes = freed
     result.duration_s = duration
-    result.errors = {want[u].path: e for u, e in bad.items()}
+    result.errors.update({want[u].path: e for u, e in bad.items()})
     return result
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "VerifyResult",
     "apply_replica_changes",
     "batch_checks",
+    "confirm_copies",
     "default_budget_bytes",
     "list_files",
     "native_hashes",
@@ -80,6 +81,10 @@ __all__ = [
 # Bytes one verify run reads when neither the caller nor DLM_VERIFY__BUDGET_BYTES says.
 DEFAULT_BUDGET_BYTES = 100 * 1024**3
 _CHUNK = 500
+# A pre-delete check that takes longer than this (plus a little per file) confirms nothing:
+# a stalled storage must not hold a delete batch's claims for rclone's minutes of retries.
+CONFIRM_TIMEOUT_S = 60.0
+CONFIRM_TIMEOUT_PER_FILE_S = 0.05
 _READABLE = (StorageState.ONLINE.value, StorageState.DRAINING.value)
 _DAMAGED = (ReplicaState.CORRUPTED.value, ReplicaState.LOST.value)
 _CHECKED_ITEMS = (ItemState.READY.value, ItemState.CORRUPTED.value)
@@ -254,7 +259,8 @@ def list_files(
     (`--files-from-raw --no-traverse`); absent paths, and on a local target paths that are
     or go through a symbolic link, are absent from the result. With
     metadata=True entries carry `Metadata`, with hash_type their `Hashes` (native on S3,
-    computed by reading elsewhere).
+    computed by reading elsewhere). Every call carries rclone's stall flags
+    (lifecycle.rclone.stall_flags), so an unreachable endpoint fails it in seconds.
 
     Raises InvalidValueError (a path with a line break), CredentialsError,
     StorageUnavailableError or RcloneError when rclone fails as a whole.
@@ -289,6 +295,71 @@ def list_files(
         if isinstance(entry, dict) and entry.get("Path") in want and not entry.get("IsDir"):
             found[str(entry["Path"])] = entry
     return found
+
+
+# --------------------------------------------------------------------------- confirming copies
+
+
+def _root_present(storage: Storage) -> None:
+    """Raise StorageError unless the storage's root is there (a posix root that is not a
+    directory is an unmounted or moved volume: rclone lists it as empty, not as an error)."""
+    if storage.kind == StorageKind.POSIX:
+        root = storage.root
+        if not os.path.isdir(root) or not os.access(root, os.R_OK | os.X_OK):
+            raise StorageError(f"storage '{storage.name}': root {root} is not a readable directory")
+    else:
+        backend_for(storage).check()
+
+
+def confirm_copies(
+    storage: Storage, copies: Sequence[Check], *, timeout: float | None = None
+) -> tuple[list[Check], list[ReplicaChange]]:
+    """Whether READY copies on one storage are physically there, with ONE listing (rclone
+    lsjson over the paths): size, and the hash the storage keeps itself where it has one
+    (MD5 on S3) and the copy's algorithm is that one. Returns the copies confirmed intact,
+    and for the others the change to settle: absent -> LOST, another size or stored hash ->
+    CORRUPTED (events `replica.lost` / `replica.corrupted`, `found_by` "pre-delete check").
+    The listing fails fast on a dead endpoint and gives up after `timeout` seconds (default
+    CONFIRM_TIMEOUT_S plus CONFIRM_TIMEOUT_PER_FILE_S per copy).
+
+    Raises DLMError (StorageError, CredentialsError, StorageUnavailableError, RcloneError,
+    InvalidValueError) when the storage or its root cannot be listed: then nothing is
+    confirmed and nothing may be marked.
+    """
+    if not copies:
+        return [], []
+    algo = "md5" if "md5" in native_hashes(storage) else None
+    if timeout is None:
+        timeout = CONFIRM_TIMEOUT_S + CONFIRM_TIMEOUT_PER_FILE_S * len(copies)
+    found = list_files(
+        backend_for(storage).rclone_target(),
+        [c.path for c in copies],
+        hash_type=algo,
+        timeout=timeout,
+    )
+    if len(found) < len({c.path for c in copies}):
+        _root_present(storage)  # absent files are only lost if the root is still there
+    confirmed: list[Check] = []
+    changes: list[ReplicaChange] = []
+    base = {"storage": storage.name, "found_by": "pre-delete check"}
+    for c in copies:
+        entry = found.get(c.path)
+        if entry is None:
+            changes.append(
+                ReplicaChange(c, ReplicaState.LOST, "replica.lost", {**base, "path": c.path}, -c.size)
+            )
+            continue
+        size = entry.get("Size")
+        stored = str((entry.get("Hashes") or {}).get(algo or "") or "") if algo == c.algo else ""
+        if isinstance(size, int) and size >= 0 and size != c.size:
+            details = {**base, "path": c.path, "expected_size": c.size, "found_size": size}
+        elif stored and c.checksum and stored.lower() != c.checksum.lower():
+            details = {**base, "path": c.path, "algo": c.algo, "expected": c.checksum, "found": stored}
+        else:
+            confirmed.append(c)
+            continue
+        changes.append(ReplicaChange(c, ReplicaState.CORRUPTED, "replica.corrupted", details))
+    return confirmed, changes
 
 
 # --------------------------------------------------------------------------- settling items
