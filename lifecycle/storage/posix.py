@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -12,11 +13,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lifecycle.checksum import checksum_file
-from lifecycle.errors import InvalidNameError, SourceNotFoundError, StorageError
+from lifecycle.errors import ConflictError, InvalidNameError, SourceNotFoundError, StorageError
 from lifecycle.names import validate_name
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
 
-_TMP_PREFIX = ".dlm-tmp-"
+_TMP_PREFIX = ".dlm-tmp-"  # constant: recovery finds dead processes' temp files by it
 # User metadata is kept, where the file system allows, as extended attributes user.dlm.<key>.
 _XATTR_PREFIX = "user.dlm."
 
@@ -114,12 +115,15 @@ class PosixStorage:
     def put(
         self, path: str, src: Path | BinaryIO, *, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
-        """Write atomically (a temp file in the same directory, then os.replace), creating
-        parents. Raises SourceNotFoundError (src file missing), InvalidNameError, StorageError."""
+        """Write a new file, never over an existing one: the bytes go to a temp file in the
+        same directory (`.dlm-tmp-<host>-<pid>-<random>`), are fsynced, then linked to the
+        final name, which fails if that name exists (a no-clobber rename). Creates parents.
+        Raises ConflictError (the path already exists), SourceNotFoundError (src file
+        missing), InvalidNameError, StorageError."""
         full = self._full(path)
         try:
             full.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=full.parent)
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), dir=full.parent)
         except OSError as exc:
             raise StorageError(f"storage '{self.name}': cannot write {path!r}: {exc}") from exc
         try:
@@ -136,15 +140,18 @@ class PosixStorage:
                 os.fsync(out.fileno())
             os.chmod(tmp, 0o644)
             _write_xattrs(Path(tmp), metadata or {})
-            os.replace(tmp, full)
+            try:
+                os.link(tmp, full)  # fails with EEXIST instead of replacing
+            except FileExistsError:
+                raise ConflictError(
+                    f"{path!r} already exists on storage '{self.name}': DLM never writes over a file"
+                ) from None
+            _fsync_dir(full.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise StorageError(f"storage '{self.name}': cannot write {path!r}: {exc}") from exc
-        except BaseException:
+        finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
         return self.stat(path)
 
     def delete(self, path: str) -> None:
@@ -188,6 +195,24 @@ class PosixStorage:
     def rclone_target(self) -> RcloneTarget:
         """The absolute root path: rclone's local backend needs no config."""
         return RcloneTarget(spec=str(self.root))
+
+
+def temp_prefix() -> str:
+    """The name prefix of this process's temp files: `.dlm-tmp-<host>-<pid>-` (mkstemp adds
+    random characters without '-'), so recovery can tell which host and process left one
+    behind: strip the prefix, then `rsplit("-", 2)` gives host, pid and the random part."""
+    host = socket.gethostname().replace(os.sep, "_") or "host"
+    return f"{_TMP_PREFIX}{host}-{os.getpid()}-"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new directory entry durable (best effort: some file systems refuse it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_xattrs(path: Path, metadata: Mapping[str, str]) -> None:
