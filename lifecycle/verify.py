@@ -44,6 +44,7 @@ from lifecycle.errors import DLMError, InvalidValueError, StorageError
 from lifecycle.models import Item, Replica, Storage, Transfer, utcnow
 from lifecycle.settings import Settings, get_settings
 from lifecycle.states import (
+    LIVE_REPLICA_STATES,
     ItemState,
     ReplicaState,
     StorageKind,
@@ -673,7 +674,24 @@ def repair_batch(
                     )
                 ).scalars()
             )
-    todo = [r for r in batch.repairs if r.replica_uid in still and r.item_oid in intact_src]
+        # A LOST copy's path that another item's live copy holds now is not repaired over it.
+        lost_paths = sorted({r.path for r in batch.repairs if r.state == ReplicaState.LOST})
+        held: dict[str, uuid.UUID] = {}
+        for chunk in _chunks(lost_paths):
+            held.update(
+                s.execute(
+                    select(col(Replica.path), col(Replica.item_oid)).where(
+                        col(Replica.storage_id) == batch.dst_storage_id,
+                        col(Replica.path).in_(chunk),
+                        col(Replica.state).in_(LIVE_REPLICA_STATES),
+                    )
+                ).all()
+            )
+    todo = [
+        r
+        for r in batch.repairs
+        if r.replica_uid in still and r.item_oid in intact_src and held.get(r.path, r.item_oid) == r.item_oid
+    ]
     result = BatchResult("repair", src.name, dst.name, planned=len(batch.repairs))
     result.skipped = len(batch.repairs) - len(todo)
     if not todo:
