@@ -679,7 +679,8 @@ def repair_batch(
         held: dict[str, uuid.UUID] = {}
         for chunk in _chunks(lost_paths):
             held.update(
-                s.execute(
+                (str(path), oid)
+                for path, oid in s.execute(
                     select(col(Replica.path), col(Replica.item_oid)).where(
                         col(Replica.storage_id) == batch.dst_storage_id,
                         col(Replica.path).in_(chunk),
