@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from lifecycle import audit
+from lifecycle.checksum import checksum_file
 from lifecycle.errors import (
     ConflictError,
     DatasetNotFoundError,
@@ -238,7 +239,6 @@ def add_storage(session: Session, data: StorageCreate, *, check: bool = True, ac
     if kind is not StorageKind.S3 and (data.endpoint or data.region):
         raise InvalidValueError("--endpoint and --region apply to s3 storages only")
     root = _normalise_root(data)
-    _check_overlap(session, data.name, kind, root, data.endpoint)
     storage = Storage(
         name=data.name,
         kind=kind,
@@ -253,6 +253,7 @@ def add_storage(session: Session, data: StorageCreate, *, check: bool = True, ac
     )
     if check:
         backend_for(storage).check()
+    _check_overlap(session, data.name, kind, root, data.endpoint)
     session.add(storage)
     try:
         session.flush()
@@ -609,7 +610,11 @@ def _file_digests(path: Path, algos: Iterable[str]) -> tuple[dict[str, str], int
     """Hex digests of a local file in several algorithms, in one read; and its size."""
     from lifecycle.checksum import CHUNK, new_hasher
 
-    hashers = {a: new_hasher(a) for a in dict.fromkeys(algos)}
+    wanted = list(dict.fromkeys(algos))
+    if len(wanted) == 1:
+        digest, size = checksum_file(path, wanted[0])
+        return {wanted[0]: digest}, size
+    hashers = {a: new_hasher(a) for a in wanted}
     size = 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
