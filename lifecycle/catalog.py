@@ -168,16 +168,21 @@ def _space(
     return f"{kind.value}:{root}", ()
 
 
+def _refuse_whole_fs(name: str, kind: StorageKind, root: str) -> None:
+    """Raises InvalidValueError for `/` as a posix root (it would contain every other root)."""
+    if kind is StorageKind.POSIX and os.path.realpath(root) == os.sep:
+        raise InvalidValueError(
+            f"root {root!r} of storage {name!r} is the whole file system: give a directory"
+        )
+
+
 def _check_overlap(session: Session, name: str, kind: StorageKind, root: str, endpoint: str | None) -> None:
     """Refuse a root that equals, lies inside or contains another storage's root: two storages
     on one byte would each take the other's files for their own. Raises InvalidValueError
     (`/` as a posix root, or an overlap, naming the other storage)."""
     if kind is StorageKind.MEMORY:
         return
-    if kind is StorageKind.POSIX and os.path.realpath(root) == os.sep:
-        raise InvalidValueError(
-            f"root {root!r} of storage {name!r} is the whole file system: give a directory"
-        )
+    _refuse_whole_fs(name, kind, root)
     cache: dict[str, Any] = {}
 
     def remotes() -> dict[str, Any]:
@@ -239,6 +244,7 @@ def add_storage(session: Session, data: StorageCreate, *, check: bool = True, ac
     if kind is not StorageKind.S3 and (data.endpoint or data.region):
         raise InvalidValueError("--endpoint and --region apply to s3 storages only")
     root = _normalise_root(data)
+    _refuse_whole_fs(data.name, kind, root)
     storage = Storage(
         name=data.name,
         kind=kind,
