@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select, update
+from sqlalchemy import ColumnElement, insert, or_, select, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
@@ -105,13 +105,17 @@ def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
 
 
 def _no_other_live_copy() -> ColumnElement[bool]:
-    """SQL: no other live copy of the replica's item on the replica's storage (a LOST row may
-    only come back when nothing took its place; the partial unique index demands it)."""
+    """SQL: no other live copy of the replica's item on the replica's storage, and no live
+    copy of another item at its path (a LOST row may only come back when nothing took its
+    place; the partial unique indexes demand both)."""
     other = aliased(Replica)
     return ~(
         select(col(other.uid))
         .where(
-            col(other.item_oid) == col(Replica.item_oid),
+            or_(
+                col(other.item_oid) == col(Replica.item_oid),
+                col(other.path) == col(Replica.path),
+            ),
             col(other.storage_id) == col(Replica.storage_id),
             col(other.uid) != col(Replica.uid),
             col(other.state).notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]),

@@ -545,3 +545,31 @@ def test_a_copy_claim_on_a_path_another_item_holds_is_skipped(
     assert (disks / "b" / "m.dat").read_bytes() == b"item n on b\n"
     with session_scope() as s:
         assert s.execute(select(sa.func.count()).select_from(Transfer)).one()[0] == 0
+
+
+def test_a_lost_copy_does_not_come_back_over_another_items_path(dlm, disks: Path, db_url: str) -> None:
+    """A LOST row frees its path; once another item holds it, the LOST copy is not brought
+    back (verify's "found intact again"), which would put two live owners on one file."""
+    from lifecycle.models import utcnow
+    from lifecycle.verify import Check, ReplicaChange, apply_replica_changes
+
+    (disks / "a" / "p.dat").write_bytes(b"A's bytes\n")
+    assert dlm("ingest", "-s", "disk-a", str(disks / "a" / "p.dat"), "--name", "item-a").code == 0
+    (disks / "a" / "p.dat").unlink()
+    with session_scope() as s:
+        s.execute(sa.update(Replica).values(state=ReplicaState.LOST.value))
+    (disks / "new").write_bytes(b"B's bytes\n")
+    r = dlm("ingest", "-s", "disk-a", "--upload", str(disks / "new"), "--name", "p.dat")
+    assert r.code == 0, r.err
+    with session_scope() as s:
+        a = catalog.get_item(s, "item-a")
+        lost = s.scalars(select(Replica).where(col(Replica.item_oid) == a.oid)).one()
+        check = Check(
+            lost.uid, a.oid, lost.storage_id, "p.dat", a.size, str(a.checksum), "md5", ReplicaState.LOST
+        )
+        change = ReplicaChange(check, ReplicaState.READY, "replica.recovered", {})
+        done = apply_replica_changes(s, [change], storage_id=lost.storage_id, actor="test", now=utcnow())
+    assert done == []
+    with session_scope() as s:
+        assert s.scalars(select(Replica.state).where(col(Replica.item_oid) == a.oid)).one() == "LOST"
+    assert (disks / "a" / "p.dat").read_bytes() == b"B's bytes\n"
