@@ -573,3 +573,57 @@ def test_a_lost_copy_does_not_come_back_over_another_items_path(dlm, disks: Path
     with session_scope() as s:
         assert s.scalars(select(Replica.state).where(col(Replica.item_oid) == a.oid)).one() == "LOST"
     assert (disks / "a" / "p.dat").read_bytes() == b"B's bytes\n"
+
+
+@pytest.mark.s3
+@pytest.mark.rclone
+def test_adopt_decodes_percent_encoded_s3_metadata(
+    db_url: str, s3_bucket: str, s3_env: Any, rclone_path: str
+) -> None:
+    """Metadata that is not ASCII travels percent-encoded and comes back as it was given."""
+    from lifecycle.models import StorageCreate
+    from lifecycle.reconcile import reconcile_storage
+    from lifecycle.states import StorageKind
+    from lifecycle.storage import backend_for
+
+    with session_scope() as s:
+        st = catalog.add_storage(
+            s,
+            StorageCreate(
+                name="obj",
+                kind=StorageKind.S3,
+                root=s3_bucket,
+                endpoint=s3_env.endpoint,
+                credentials_env="DLM_TEST_S3",
+            ),
+        )
+        backend = backend_for(st)
+    backend.put("obs/été.dat", io.BytesIO(b"summer"), metadata={"instrument": "télescope 100%"})
+    head = s3_env.client().head_object(Bucket=s3_bucket, Key="obs/été.dat")
+    assert head["Metadata"]["instrument"] == "t%C3%A9lescope 100%25"
+    result = reconcile_storage("obj", adopt=True)
+    assert result.adopted == 1
+    with session_scope() as s:
+        item = catalog.get_item(s, "obs/été.dat")
+        assert item.meta["instrument"] == "télescope 100%"
+        assert item.checksum == _md5(b"summer")
+
+
+@pytest.mark.rclone
+def test_rclone_storage_put_refuses_an_existing_object(
+    rclone_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lifecycle.storage.rclone import RcloneStorage
+
+    monkeypatch.setenv("RCLONE_CONFIG_LABDISK_TYPE", "local")
+    root = tmp_path / "labdisk"
+    root.mkdir()
+    (root / "f.bin").write_bytes(b"theirs")
+    st = RcloneStorage("lab", f"labdisk:{root}")
+    src = tmp_path / "mine.bin"
+    src.write_bytes(b"mine!!")
+    for source in (src, io.BytesIO(b"mine!!")):
+        with pytest.raises(ConflictError, match="already exists on storage 'lab'"):
+            st.put("f.bin", source)
+    assert (root / "f.bin").read_bytes() == b"theirs"
+    assert st.put("g.bin", src).size == 6
