@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -141,7 +142,7 @@ class PosixStorage:
             os.chmod(tmp, 0o644)
             _write_xattrs(Path(tmp), metadata or {})
             try:
-                os.link(tmp, full)  # fails with EEXIST instead of replacing
+                _link_no_clobber(tmp, full)
             except FileExistsError:
                 raise ConflictError(
                     f"{path!r} already exists on storage '{self.name}': DLM never writes over a file"
@@ -203,6 +204,26 @@ def temp_prefix() -> str:
     behind: strip the prefix, then `rsplit("-", 2)` gives host, pid and the random part."""
     host = socket.gethostname().replace(os.sep, "_") or "host"
     return f"{_TMP_PREFIX}{host}-{os.getpid()}-"
+
+
+def _link_no_clobber(tmp: str, final: Path) -> None:
+    """Give the temp file its final name, failing with FileExistsError if that name exists.
+
+    A hard link fails on an existing name instead of replacing it. Where the file system has
+    no hard links, the final name is first created exclusively (O_EXCL: it is then ours) and
+    the temp file renamed over that placeholder; a crash in between leaves an empty file,
+    which verify and reconcile report as not the item's bytes.
+    """
+    try:
+        os.link(tmp, final)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK):
+            raise
+    os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    os.replace(tmp, final)
 
 
 def _fsync_dir(directory: Path) -> None:

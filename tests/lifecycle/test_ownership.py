@@ -627,3 +627,24 @@ def test_rclone_storage_put_refuses_an_existing_object(
             st.put("f.bin", source)
     assert (root / "f.bin").read_bytes() == b"theirs"
     assert st.put("g.bin", src).size == 6
+
+
+def test_posix_put_without_hard_links_is_still_no_clobber(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without hard links the final name is claimed with O_EXCL first."""
+    import errno
+
+    from lifecycle.storage.posix import PosixStorage
+
+    def no_links(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    st = PosixStorage("p", tmp_path)
+    assert st.put("new.bin", io.BytesIO(b"fresh")).size == 5
+    assert (tmp_path / "new.bin").read_bytes() == b"fresh"
+    with pytest.raises(ConflictError, match="already exists"):
+        st.put("new.bin", io.BytesIO(b"other"))
+    assert (tmp_path / "new.bin").read_bytes() == b"fresh"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.bin"]
