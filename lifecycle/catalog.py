@@ -83,18 +83,20 @@ def _normalise_root(data: StorageCreate) -> str:
     return root
 
 
-def _segments(path: str) -> tuple[str, ...]:
+def path_segments(path: str) -> tuple[str, ...]:
+    """The non-empty segments of a '/'-separated path."""
     return tuple(p for p in path.split("/") if p)
 
 
-def _nested(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+def paths_nested(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
     """Whether one segment path equals or contains the other (`a/b` and `a/bc` do not)."""
     n = min(len(a), len(b))
     return a[:n] == b[:n]
 
 
 def _normalise_endpoint(endpoint: str | None) -> str:
-    """An S3 endpoint compared by scheme, host and port (None is AWS; default ports dropped)."""
+    """An S3 endpoint as compared: host and port, lower-case (None is AWS; the scheme's
+    default port is dropped, so `http://h` and `http://h:80` are one endpoint)."""
     if not endpoint:
         return "aws"
     from urllib.parse import urlsplit
@@ -107,7 +109,7 @@ def _normalise_endpoint(endpoint: str | None) -> str:
     return f"{(parts.hostname or '').lower()}:{port}"
 
 
-def _rclone_remotes() -> dict[str, Any]:
+def rclone_remotes() -> dict[str, Any]:
     """The user's rclone config (`rclone config dump`), or {} if it cannot be read."""
     import json
 
@@ -132,7 +134,7 @@ def _remote_conf(remotes: Callable[[], dict[str, Any]], remote: str) -> dict[str
     return None
 
 
-def _space(
+def storage_space(
     kind: StorageKind, root: str, endpoint: str | None, remotes: Callable[[], dict[str, Any]]
 ) -> tuple[str, tuple[str, ...]]:
     """The byte space a storage root names: a namespace and a segment path inside it.
@@ -141,10 +143,10 @@ def _space(
     path, except that a `local` remote, or an `alias` of a local path, is compared as posix.
     """
     if kind is StorageKind.POSIX:
-        return "posix", _segments(os.path.realpath(root))
+        return "posix", path_segments(os.path.realpath(root))
     if kind is StorageKind.S3:
         bucket, _, prefix = root.partition("/")
-        return f"s3:{_normalise_endpoint(endpoint)}/{bucket}", _segments(prefix)
+        return f"s3:{_normalise_endpoint(endpoint)}/{bucket}", path_segments(prefix)
     if kind is StorageKind.RCLONE:
         remote, _, path = root.partition(":")
         for _ in range(8):  # follow aliases, a few levels deep
@@ -154,7 +156,7 @@ def _space(
             rtype = conf.get("type")
             if rtype == "local":
                 base = path if path.startswith("/") else os.path.join(os.getcwd(), path)
-                return "posix", _segments(os.path.realpath(base))
+                return "posix", path_segments(os.path.realpath(base))
             if rtype != "alias" or not isinstance(conf.get("remote"), str):
                 break
             target = str(conf["remote"])
@@ -162,9 +164,9 @@ def _space(
             joined_tail = f"{tail.rstrip('/')}/{path}" if tail else path
             if not sep or "/" in head:  # an alias of a local path
                 base = os.path.join(target, path) if path else target
-                return "posix", _segments(os.path.realpath(base))
+                return "posix", path_segments(os.path.realpath(base))
             remote, path = head, joined_tail
-        return f"rclone:{remote}", _segments(path)
+        return f"rclone:{remote}", path_segments(path)
     return f"{kind.value}:{root}", ()
 
 
@@ -187,11 +189,11 @@ def _check_overlap(session: Session, name: str, kind: StorageKind, root: str, en
 
     def remotes() -> dict[str, Any]:
         if "v" not in cache:
-            cache["v"] = _rclone_remotes()
+            cache["v"] = rclone_remotes()
         found: dict[str, Any] = cache["v"]
         return found
 
-    mine = _space(kind, root, endpoint, remotes)
+    mine = storage_space(kind, root, endpoint, remotes)
     others = session.execute(
         select(col(Storage.name), col(Storage.kind), col(Storage.root), col(Storage.endpoint)).where(
             col(Storage.state) != StorageState.RETIRED.value
@@ -201,8 +203,8 @@ def _check_overlap(session: Session, name: str, kind: StorageKind, root: str, en
         okind = StorageKind(okind)
         if okind is StorageKind.MEMORY:
             continue
-        space = _space(okind, oroot, oendpoint, remotes)
-        if space[0] == mine[0] and _nested(space[1], mine[1]):
+        space = storage_space(okind, oroot, oendpoint, remotes)
+        if space[0] == mine[0] and paths_nested(space[1], mine[1]):
             how = (
                 "is the same as"
                 if space[1] == mine[1]

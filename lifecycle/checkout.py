@@ -109,14 +109,14 @@ def refuse_storage_roots(session: Session, dest: str) -> None:
     stored copies. Raises InvalidValueError naming the storage."""
     if not dest or _is_remote(dest):
         return
-    from lifecycle.catalog import _nested, _rclone_remotes, _segments, _space
+    from lifecycle.catalog import path_segments, paths_nested, rclone_remotes, storage_space
 
-    mine = _segments(os.path.realpath(Path(dest).expanduser()))
+    mine = path_segments(os.path.realpath(Path(dest).expanduser()))
     cache: dict[str, dict[str, Any]] = {}
 
     def remotes() -> dict[str, Any]:
         if "v" not in cache:
-            cache["v"] = _rclone_remotes()
+            cache["v"] = rclone_remotes()
         return cache["v"]
 
     rows = session.execute(
@@ -126,8 +126,8 @@ def refuse_storage_roots(session: Session, dest: str) -> None:
         )
     ).all()
     for name, kind, root, endpoint in rows:
-        space, segs = _space(StorageKind(kind), root, endpoint, remotes)
-        if space == "posix" and _nested(segs, mine):
+        space, segs = storage_space(StorageKind(kind), root, endpoint, remotes)
+        if space == "posix" and paths_nested(segs, mine):
             how = "is inside" if len(mine) >= len(segs) else "contains"
             raise InvalidValueError(
                 f"destination {dest} {how} the root of storage {name!r} ({root}): "
