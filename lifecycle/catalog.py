@@ -635,9 +635,11 @@ def _file_digests(path: Path, algos: Iterable[str]) -> tuple[dict[str, str], int
 def _stored_bytes_match(backend: Any, path: str, info: Any, algo: str, digests: Mapping[str, str]) -> bool:
     """Whether the stored object holds the bytes hashed before the upload: by the hash the
     storage computed itself (S3 ETag MD5, or the md5chksum of a multipart upload whose parts
-    were each checked), else by reading the stored bytes back."""
+    were each checked), else by reading the stored bytes back (also when the stored hash
+    differs: an encrypted object's ETag, say, is no MD5)."""
     if info.checksum and info.checksum_algo in digests:
-        return bool(str(info.checksum).lower() == digests[info.checksum_algo])
+        if str(info.checksum).lower() == digests[info.checksum_algo]:
+            return True
     return bool(backend.checksum(path, algo) == digests[algo])
 
 
