@@ -637,9 +637,9 @@ def _stored_bytes_match(backend: Any, path: str, info: Any, algo: str, digests: 
     storage computed itself (S3 ETag MD5, or the md5chksum of a multipart upload whose parts
     were each checked), else by reading the stored bytes back (also when the stored hash
     differs: an encrypted object's ETag, say, is no MD5)."""
-    if info.checksum and info.checksum_algo in digests:
-        if str(info.checksum).lower() == digests[info.checksum_algo]:
-            return True
+    algo_kept = info.checksum_algo
+    if info.checksum and algo_kept in digests and str(info.checksum).lower() == digests[algo_kept]:
+        return True
     return bool(backend.checksum(path, algo) == digests[algo])
 
 
