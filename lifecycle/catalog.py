@@ -313,7 +313,8 @@ def set_storage_state(session: Session, name: str, state: StorageState, *, actor
     """Drain, take offline, bring online or retire a storage.
 
     Raises StorageNotFoundError, PolicyViolationError (retiring a storage that still holds
-    live copies: drain it first).
+    live copies: drain it first), InvalidValueError (bringing back a retired storage whose
+    root another storage now overlaps).
     """
     storage = get_storage(session, name)
     if state is StorageState.RETIRED:
@@ -326,6 +327,9 @@ def set_storage_state(session: Session, name: str, state: StorageState, *, actor
             raise PolicyViolationError(
                 f"storage {name!r} still holds {live} live copies: drain it and rebalance first"
             )
+    if storage.state == StorageState.RETIRED and state is not StorageState.RETIRED:
+        # a retired root may have been given to another storage since
+        _check_overlap(session, name, StorageKind(storage.kind), storage.root, storage.endpoint)
     old = storage.state
     storage.state = state
     session.add(storage)

@@ -392,6 +392,8 @@ def test_a_retired_storage_root_may_be_reused(dlm, disks: Path) -> None:
     assert dlm("storage", "retire", "disk-b").code == 0
     r = dlm("storage", "add", "disk-c", "--kind", "posix", "--root", str(disks / "b"))
     assert r.code == 0, r.err
+    r = dlm("storage", "online", "disk-b")  # its root is disk-c's now
+    assert r.code == 2 and "'disk-c'" in _one_line_error(r.err)
 
 
 def test_rclone_local_remote_compared_as_posix(
