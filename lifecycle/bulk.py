@@ -118,8 +118,9 @@ def register_from_list(
 
     Raises SourceNotFoundError if the file does not exist; InvalidNameError,
     InvalidMetadataError or InvalidValueError (all UserInputError) naming the file and line
-    of the first bad row, or a bad format; ConflictError if the storage is retired or a
-    concurrent registration took one of the same name-versions first.
+    of the first bad row, a bad format, or a path listed twice; ConflictError naming the line
+    of a path a live copy already holds on the storage, or if the storage is retired or a
+    concurrent registration took one of the same name-versions (or paths) first.
     """
     start = time.perf_counter()
     if fmt not in FORMATS:
@@ -156,11 +157,13 @@ def register_from_list(
             except _RowError as exc:
                 raise exc.cls(f"{label} line {lineno}: {exc.message}") from None
             if len(batch) >= batch_size:
+                _check_paths(session, storage, batch, label)
                 writer.write(batch)
                 batch = []
                 if progress is not None:
                     progress(writer.count)
         if batch:
+            _check_paths(session, storage, batch, label)
             writer.write(batch)
             if progress is not None:
                 progress(writer.count)
@@ -186,6 +189,46 @@ def register_from_list(
         new_versions=writer.new_versions,
         duration_s=time.perf_counter() - start,
     )
+
+
+def _check_paths(session: Session, storage: Storage, batch: list[_Row], label: str) -> None:
+    """Refuse a row whose path another row of the list, or a live copy in the catalogue, holds
+    on the storage: two items on one file would delete each other's bytes. One query per
+    batch (earlier batches are already in the transaction, so they count too).
+
+    Raises InvalidValueError (the same path twice in the list), ConflictError (a path already
+    registered), each naming the line."""
+    from lifecycle.db import one_of
+
+    lines: dict[str, int] = {}
+    for row in batch:
+        first = lines.setdefault(row[1], row[9])
+        if first != row[9]:
+            raise InvalidValueError(
+                f"{label} line {row[9]}: path {row[1]!r} is already listed on line {first}: "
+                "one file can belong to one item only"
+            )
+    t = _table("replica")
+    items = _table("item")
+    dialect = session.get_bind().dialect.name
+    paths = list(lines)
+    step = len(paths) if dialect == "postgresql" else _SQLITE_IN_CHUNK
+    for i in range(0, len(paths), step):
+        taken = session.execute(
+            select(t.c.path, items.c.name, items.c.version)
+            .join(items, items.c.oid == t.c.item_oid)
+            .where(
+                t.c.storage_id == storage.id,
+                one_of(dialect, t.c.path, paths[i : i + step]),
+                t.c.state.notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]),
+            )
+            .limit(1)
+        ).first()
+        if taken is not None:
+            raise ConflictError(
+                f"{label} line {lines[taken[0]]}: path {taken[0]!r} on storage {storage.name!r} is "
+                f"already registered as {taken[1]} v{taken[2]}; nothing was registered"
+            )
 
 
 class _TimeOrderedIds:
@@ -633,6 +676,10 @@ class _PostgresWriter(_Writer):
         except Exception as exc:
             import psycopg
 
+            if isinstance(exc, psycopg.errors.UniqueViolation) and "uq_replica_storage_path_live" in str(exc):
+                raise ConflictError(
+                    "another registration took some of the same paths at the same time; retry"
+                ) from exc
             if isinstance(exc, psycopg.errors.UniqueViolation):
                 raise ConflictError(
                     "another registration added some of the same item versions at the same time; retry"
@@ -736,7 +783,12 @@ class _SQLiteWriter(_Writer):
             raise ConflictError(
                 "another registration added some of the same item versions at the same time; retry"
             ) from exc
-        self.session.execute(insert(self.replica_table), replicas)
+        try:
+            self.session.execute(insert(self.replica_table), replicas)
+        except IntegrityError as exc:
+            raise ConflictError(
+                "another registration took some of the same paths at the same time; retry"
+            ) from exc
         self.session.execute(insert(self.event_table), events)
         self.count += len(batch)
         self.ready += ready

@@ -10,7 +10,7 @@ import contextlib
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -83,6 +83,141 @@ def _normalise_root(data: StorageCreate) -> str:
     return root
 
 
+def path_segments(path: str) -> tuple[str, ...]:
+    """The non-empty segments of a '/'-separated path."""
+    return tuple(p for p in path.split("/") if p)
+
+
+def paths_nested(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Whether one segment path equals or contains the other (`a/b` and `a/bc` do not)."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def _normalise_endpoint(endpoint: str | None) -> str:
+    """An S3 endpoint as compared: host and port, lower-case (None is AWS; the scheme's
+    default port is dropped, so `http://h` and `http://h:80` are one endpoint)."""
+    if not endpoint:
+        return "aws"
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint.strip() if "://" in endpoint else "https://" + endpoint.strip())
+    scheme = parts.scheme.lower()
+    port = parts.port
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{(parts.hostname or '').lower()}"
+    return f"{(parts.hostname or '').lower()}:{port}"
+
+
+def rclone_remotes() -> dict[str, Any]:
+    """The user's rclone config (`rclone config dump`), or {} if it cannot be read."""
+    import json
+
+    from lifecycle import rclone
+
+    try:
+        proc = rclone.run(["config", "dump"], timeout=30)
+        data = json.loads(proc.stdout or b"{}") if proc.returncode == 0 else {}
+    except Exception:  # no rclone, a broken config: the local-remote comparison is skipped
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remote_conf(remotes: Callable[[], dict[str, Any]], remote: str) -> dict[str, Any] | None:
+    """A remote's settings from the rclone config, or from RCLONE_CONFIG_<REMOTE>_* variables."""
+    conf = remotes().get(remote)
+    if isinstance(conf, dict):
+        return conf
+    var = f"RCLONE_CONFIG_{remote.upper().replace('-', '_')}_"
+    if var + "TYPE" in os.environ:
+        return {"type": os.environ[var + "TYPE"], "remote": os.environ.get(var + "REMOTE")}
+    return None
+
+
+def storage_space(
+    kind: StorageKind, root: str, endpoint: str | None, remotes: Callable[[], dict[str, Any]]
+) -> tuple[str, tuple[str, ...]]:
+    """The byte space a storage root names: a namespace and a segment path inside it.
+
+    posix: real paths; s3: endpoint + bucket, then the prefix; rclone: the remote, then its
+    path, except that a `local` remote, or an `alias` of a local path, is compared as posix.
+    """
+    if kind is StorageKind.POSIX:
+        return "posix", path_segments(os.path.realpath(root))
+    if kind is StorageKind.S3:
+        bucket, _, prefix = root.partition("/")
+        return f"s3:{_normalise_endpoint(endpoint)}/{bucket}", path_segments(prefix)
+    if kind is StorageKind.RCLONE:
+        remote, _, path = root.partition(":")
+        for _ in range(8):  # follow aliases, a few levels deep
+            conf = _remote_conf(remotes, remote)
+            if conf is None:
+                break
+            rtype = conf.get("type")
+            if rtype == "local":
+                base = path if path.startswith("/") else os.path.join(os.getcwd(), path)
+                return "posix", path_segments(os.path.realpath(base))
+            if rtype != "alias" or not isinstance(conf.get("remote"), str):
+                break
+            target = str(conf["remote"])
+            head, sep, tail = target.partition(":")
+            joined_tail = f"{tail.rstrip('/')}/{path}" if tail else path
+            if not sep or "/" in head:  # an alias of a local path
+                base = os.path.join(target, path) if path else target
+                return "posix", path_segments(os.path.realpath(base))
+            remote, path = head, joined_tail
+        return f"rclone:{remote}", path_segments(path)
+    return f"{kind.value}:{root}", ()
+
+
+def _refuse_whole_fs(name: str, kind: StorageKind, root: str) -> None:
+    """Raises InvalidValueError for `/` as a posix root (it would contain every other root)."""
+    if kind is StorageKind.POSIX and os.path.realpath(root) == os.sep:
+        raise InvalidValueError(
+            f"root {root!r} of storage {name!r} is the whole file system: give a directory"
+        )
+
+
+def _check_overlap(session: Session, name: str, kind: StorageKind, root: str, endpoint: str | None) -> None:
+    """Refuse a root that equals, lies inside or contains another storage's root: two storages
+    on one byte would each take the other's files for their own. Raises InvalidValueError
+    (`/` as a posix root, or an overlap, naming the other storage)."""
+    if kind is StorageKind.MEMORY:
+        return
+    _refuse_whole_fs(name, kind, root)
+    cache: dict[str, Any] = {}
+
+    def remotes() -> dict[str, Any]:
+        if "v" not in cache:
+            cache["v"] = rclone_remotes()
+        found: dict[str, Any] = cache["v"]
+        return found
+
+    mine = storage_space(kind, root, endpoint, remotes)
+    others = session.execute(
+        select(col(Storage.name), col(Storage.kind), col(Storage.root), col(Storage.endpoint)).where(
+            col(Storage.state) != StorageState.RETIRED.value
+        )
+    ).all()
+    for other, okind, oroot, oendpoint in others:
+        okind = StorageKind(okind)
+        if okind is StorageKind.MEMORY:
+            continue
+        space = storage_space(okind, oroot, oendpoint, remotes)
+        if space[0] == mine[0] and paths_nested(space[1], mine[1]):
+            how = (
+                "is the same as"
+                if space[1] == mine[1]
+                else "lies inside"
+                if len(mine[1]) > len(space[1])
+                else "contains"
+            )
+            raise InvalidValueError(
+                f"root {root!r} of storage {name!r} {how} the root {oroot!r} of storage {other!r}: "
+                "storages may not share files"
+            )
+
+
 def _location_id(session: Session, name: str | None) -> uuid.UUID | None:
     if not name:
         return None
@@ -97,7 +232,8 @@ def _location_id(session: Session, name: str | None) -> uuid.UUID | None:
 def add_storage(session: Session, data: StorageCreate, *, check: bool = True, actor: str = "user") -> Storage:
     """Register a storage volume after checking that DLM can reach it.
 
-    Raises ConflictError (name taken), InvalidValueError (bad root or options),
+    Raises ConflictError (name taken), InvalidValueError (bad root or options, `/` as a posix
+    root, a root equal to, inside or containing another non-retired storage's root),
     CredentialsError / StorageUnavailableError / StorageError (the check failed).
     """
     if session.execute(select(col(Storage.id)).where(col(Storage.name) == data.name)).first() is not None:
@@ -109,10 +245,12 @@ def add_storage(session: Session, data: StorageCreate, *, check: bool = True, ac
         )
     if kind is not StorageKind.S3 and (data.endpoint or data.region):
         raise InvalidValueError("--endpoint and --region apply to s3 storages only")
+    root = _normalise_root(data)
+    _refuse_whole_fs(data.name, kind, root)
     storage = Storage(
         name=data.name,
         kind=kind,
-        root=_normalise_root(data),
+        root=root,
         tier=data.tier,
         capacity_bytes=data.capacity_bytes,
         endpoint=data.endpoint,
@@ -123,6 +261,7 @@ def add_storage(session: Session, data: StorageCreate, *, check: bool = True, ac
     )
     if check:
         backend_for(storage).check()
+    _check_overlap(session, data.name, kind, root, data.endpoint)
     session.add(storage)
     try:
         session.flush()
@@ -174,7 +313,8 @@ def set_storage_state(session: Session, name: str, state: StorageState, *, actor
     """Drain, take offline, bring online or retire a storage.
 
     Raises StorageNotFoundError, PolicyViolationError (retiring a storage that still holds
-    live copies: drain it first).
+    live copies: drain it first), InvalidValueError (bringing back a retired storage whose
+    root another storage now overlaps).
     """
     storage = get_storage(session, name)
     if state is StorageState.RETIRED:
@@ -187,6 +327,9 @@ def set_storage_state(session: Session, name: str, state: StorageState, *, actor
             raise PolicyViolationError(
                 f"storage {name!r} still holds {live} live copies: drain it and rebalance first"
             )
+    if storage.state == StorageState.RETIRED and state is not StorageState.RETIRED:
+        # a retired root may have been given to another storage since
+        _check_overlap(session, name, StorageKind(storage.kind), storage.root, storage.endpoint)
     old = storage.state
     storage.state = state
     session.add(storage)
@@ -316,9 +459,13 @@ def ingest(
 ) -> list[Item]:
     """Register (or upload, then register) each source as a READY item with one READY replica.
 
-    The checksum is computed from the bytes as they are read (the local file for an upload,
-    the storage's object otherwise) and checked again on the stored copy's size.
-    Raises StorageError and subclasses, SourceNotFoundError, TransientError.
+    An upload never writes over an existing file or object, and the checksum recorded is
+    that of the bytes stored: hashed before the upload, then compared with the storage's own
+    hash (S3) or a read-back (posix); a source that changed meanwhile is refused and its
+    upload removed. In place, the checksum is read from the storage's object.
+    Raises ConflictError (a path held by another item, or already existing on the storage),
+    InvalidValueError (a source that changed while it was read), StorageError and
+    subclasses, SourceNotFoundError, TransientError.
     """
     algo = get_settings().checksum_algo
     backend = backend_for(storage)
@@ -333,15 +480,24 @@ def ingest(
             version = versions[src.name]
             versions[src.name] += 1
             if src.local is not None:
-                digest, size = checksum_file(src.local, algo)
                 path = upload_path(src.name, version)
+                _refuse_taken(session, storage, path, f"{src.name} v{version}")
+                local_before = _local_stat(src.local)
+                digests, size = _file_digests(src.local, (algo, "md5"))
+                digest = digests[algo]
                 info = backend.put(
                     path, src.local, metadata={"dlm-name": src.name, "dlm-checksum": f"{algo}:{digest}"}
                 )
                 written.append(path)
-                if info.size != size:
+                if info.size != size or _local_stat(src.local) != local_before:
                     raise InvalidValueError(
-                        f"{src.local} changed while it was uploaded ({size} bytes read, {info.size} stored)"
+                        f"{src.local} changed while it was uploaded ({size} bytes read, {info.size} "
+                        "stored); nothing was registered: ingest it again when it is complete"
+                    )
+                if not _stored_bytes_match(backend, path, info, algo, digests):
+                    raise InvalidValueError(
+                        f"{src.local} changed while it was uploaded (the stored bytes are not the "
+                        "ones hashed); nothing was registered: ingest it again when it is complete"
                     )
             else:
                 path = src.path
@@ -415,13 +571,80 @@ def ingest(
             .where(col(Storage.id) == storage.id)
             .values(used_bytes=col(Storage.used_bytes) + total)
         )
-        session.flush()
+        try:
+            session.flush()
+        except IntegrityError as exc:
+            if not path_taken(exc):
+                raise
+            raise ConflictError(
+                f"a path on storage {storage.name!r} was registered by another item at the same "
+                "time; nothing was registered"
+            ) from None
     except BaseException:
         for path in written:  # leave no orphan uploads behind a failed ingest
             with contextlib.suppress(Exception):  # best effort; reconcile reports leftovers
                 backend.delete(path)
         raise
     return items
+
+
+def path_taken(exc: Exception) -> bool:
+    """Whether a database error is the one-owner-per-path index refusing a second live copy."""
+    text = str(getattr(exc, "orig", exc))
+    return "uq_replica_storage_path_live" in text or "replica.storage_id, replica.path" in text
+
+
+def _refuse_taken(session: Session, storage: Storage, path: str, what: str) -> None:
+    """Raises ConflictError if a live copy of another item holds `path` on the storage."""
+    taken = session.execute(
+        select(col(Item.name), col(Item.version))
+        .join(Replica, col(Replica.item_oid) == col(Item.oid))
+        .where(
+            col(Replica.storage_id) == storage.id,
+            col(Replica.path) == path,
+            col(Replica.state).in_(LIVE_REPLICA_STATES),
+        )
+    ).first()
+    if taken is not None:
+        raise ConflictError(
+            f"{what} would be uploaded to {path!r} on storage {storage.name!r}, which already holds "
+            f"{taken[0]} v{taken[1]}: give another name"
+        )
+
+
+def _local_stat(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns) of a local file, to tell whether it changed during an upload."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _file_digests(path: Path, algos: Iterable[str]) -> tuple[dict[str, str], int]:
+    """Hex digests of a local file in several algorithms, in one read; and its size."""
+    from lifecycle.checksum import CHUNK, new_hasher
+
+    wanted = list(dict.fromkeys(algos))
+    if len(wanted) == 1:
+        digest, size = checksum_file(path, wanted[0])
+        return {wanted[0]: digest}, size
+    hashers = {a: new_hasher(a) for a in wanted}
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            size += len(chunk)
+            for h in hashers.values():
+                h.update(chunk)
+    return {a: h.hexdigest() for a, h in hashers.items()}, size
+
+
+def _stored_bytes_match(backend: Any, path: str, info: Any, algo: str, digests: Mapping[str, str]) -> bool:
+    """Whether the stored object holds the bytes hashed before the upload: by the hash the
+    storage computed itself (S3 ETag MD5, or the md5chksum of a multipart upload whose parts
+    were each checked), else by reading the stored bytes back (also when the stored hash
+    differs: an encrypted object's ETag, say, is no MD5)."""
+    algo_kept = info.checksum_algo
+    if info.checksum and algo_kept in digests and str(info.checksum).lower() == digests[algo_kept]:
+        return True
+    return bool(backend.checksum(path, algo) == digests[algo])
 
 
 # --------------------------------------------------------------------------- items

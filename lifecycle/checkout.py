@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlmodel import Session, col
@@ -97,13 +98,49 @@ def best_sources(session: Session, items: Sequence[Item]) -> list[Source]:
     return out
 
 
+def _is_remote(dest: str) -> bool:
+    head, sep, _ = dest.partition(":")
+    return bool(sep and head and "/" not in head and not Path(dest).exists())
+
+
+def refuse_storage_roots(session: Session, dest: str) -> None:
+    """Refuse a local destination inside, equal to or containing the root of a posix storage
+    (or of an rclone storage on a local remote): a checkout there would write over, or beside,
+    stored copies. Raises InvalidValueError naming the storage."""
+    if not dest or _is_remote(dest):
+        return
+    from lifecycle.catalog import path_segments, paths_nested, rclone_remotes, storage_space
+
+    mine = path_segments(os.path.realpath(Path(dest).expanduser()))
+    cache: dict[str, dict[str, Any]] = {}
+
+    def remotes() -> dict[str, Any]:
+        if "v" not in cache:
+            cache["v"] = rclone_remotes()
+        return cache["v"]
+
+    rows = session.execute(
+        select(col(Storage.name), col(Storage.kind), col(Storage.root), col(Storage.endpoint)).where(
+            col(Storage.kind).in_([StorageKind.POSIX.value, StorageKind.RCLONE.value]),
+            col(Storage.state) != StorageState.RETIRED.value,
+        )
+    ).all()
+    for name, kind, root, endpoint in rows:
+        space, segs = storage_space(StorageKind(kind), root, endpoint, remotes)
+        if space == "posix" and paths_nested(segs, mine):
+            how = "is inside" if len(mine) >= len(segs) else "contains"
+            raise InvalidValueError(
+                f"destination {dest} {how} the root of storage {name!r} ({root}): "
+                "check out to a directory outside every storage"
+            )
+
+
 def destination_target(dest: str) -> tuple[RcloneTarget, Path | None]:
     """An rclone target for DEST: `remote:path` of the user's rclone config, or a local
     directory (created). Raises InvalidValueError for an unusable destination."""
     if not dest or any(ord(c) < 32 for c in dest):
         raise InvalidValueError(f"invalid destination {dest!r}")
-    head, sep, _ = dest.partition(":")
-    if sep and head and "/" not in head and not Path(dest).exists():
+    if _is_remote(dest):
         return RcloneTarget(dest), None
     local = Path(dest).expanduser().resolve()
     if local.exists() and not local.is_dir():
@@ -118,9 +155,10 @@ def checkout(
     """Copy each item's best intact copy to DEST under its name, verified against the catalogue.
 
     Raises PolicyViolationError (an item without an intact copy), InvalidValueError (bad
-    destination). Per-file failures are reported, not raised.
+    destination, or one inside or containing a storage's root). Per-file failures are reported, not raised.
     """
     sources = best_sources(session, items)
+    refuse_storage_roots(session, dest)
     target, local = destination_target(dest)
     report = CheckoutReport(dest)
     started = time.monotonic()
@@ -134,12 +172,15 @@ def checkout(
         same = [s for s in group if s.path == s.name]
         renamed = [s for s in group if s.path != s.name]
         if same:
+            # A checkout directory is the user's, outside every storage: a file of the same
+            # name there is replaced, as before (immutable is for storages).
             res = rclone.copy_files(
                 src_target,
                 target,
                 [s.path for s in same],
                 transfers=transfers,
                 nbytes=sum(s.size for s in same),
+                immutable=False,
             )
             report.rclone_processes += 1
             report.failed.update(res.failed)

@@ -215,7 +215,17 @@ class Replica(SQLModel, table=True):
             postgresql_where=Column("expires_at").isnot(None),
         ),
         Index("ix_replica_verified", "verified_at"),
+        # Every copy at a path, LOST and DELETED ones included (reconcile loads those too).
         Index("ix_replica_storage_path", "storage_id", "path"),
+        # One owner per byte: a path on a storage is held by at most one live copy.
+        Index(
+            "uq_replica_storage_path_live",
+            "storage_id",
+            "path",
+            unique=True,
+            sqlite_where=Column("state").notin_(["DELETED", "LOST"]),
+            postgresql_where=Column("state").notin_(["DELETED", "LOST"]),
+        ),
         # At most one live copy of an item on a storage.
         Index(
             "uq_replica_live",

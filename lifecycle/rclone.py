@@ -543,10 +543,14 @@ def copy_files(
     move: bool = False,
     traverse: bool = False,
     nbytes: int = 0,
+    immutable: bool = True,
 ) -> CopyReport:
     """Copy (or with move=True, move) `files` (paths relative to src's root, kept relative at
     dst) in ONE rclone process, and report per file. `nbytes` (the files' total size) sets
     the batch's deadline (batch_deadline) unless `timeout` is given.
+
+    With `immutable` (the default) a file already at the destination is never replaced: the
+    same bytes count as copied (a killed run's retry), different bytes fail that file.
 
     Files listed but absent at the source, and every file of a batch that rclone could not
     run at all (unreachable endpoint, wrong credentials, a storage that stalled past the
@@ -587,6 +591,7 @@ def copy_files(
             str(checkers),
             "--combined",
             str(combined),
+            *(("--immutable",) if immutable else ()),
             *dst.upload_flags,
             *_COMMON_FLAGS,
             *_LOG_DEBUG,  # for the "<hash> = <hex> OK" lines
@@ -621,6 +626,8 @@ def copy_files(
             report.ok.add(path)
         elif path in log.errors:
             report.failed[path] = _explain(log.errors[path])
+            if "immutable file modified" in log.errors[path]:
+                report.failed[path] = "a different file already exists at the destination (left as it is)"
         elif reason:
             report.failed[path] = reason
         else:

@@ -44,7 +44,7 @@ from lifecycle.catalog import get_storage
 from lifecycle.errors import ConflictError, InvalidNameError, StorageError
 from lifecycle.models import Item, Replica, Storage, utcnow
 from lifecycle.names import validate_name
-from lifecycle.states import ItemState, Phase, ReplicaState, StorageState
+from lifecycle.states import ItemState, Phase, ReplicaState, StorageKind, StorageState
 from lifecycle.storage import backend_for
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
 from lifecycle.storage.rclone import SYSTEM_METADATA
@@ -84,9 +84,15 @@ def is_temporary(path: str) -> bool:
     return bool(_TEMPORARY.search(path))
 
 
-def user_metadata(metadata: dict[str, Any]) -> dict[str, str]:
-    """The user's keys of an object's rclone metadata (S3 x-amz-meta-* keys come without prefix)."""
-    return {str(k): str(v) for k, v in metadata.items() if str(k).lower() not in SYSTEM_METADATA}
+def user_metadata(metadata: dict[str, Any], *, percent_encoded: bool = False) -> dict[str, str]:
+    """The user's keys of an object's rclone metadata (S3 x-amz-meta-* keys come without prefix);
+    with `percent_encoded` (S3, where DLM percent-encodes what is not ASCII) decoded."""
+    found = {str(k): str(v) for k, v in metadata.items() if str(k).lower() not in SYSTEM_METADATA}
+    if percent_encoded:
+        from lifecycle.storage.s3 import decode_metadata
+
+        found = decode_metadata(found)
+    return found
 
 
 @dataclass
@@ -457,7 +463,10 @@ def _adopt(
                     "size": o.size,
                     "checksum": o.checksum,
                     "checksum_algo": "md5",
-                    "metadata": user_metadata(meta if isinstance(meta, dict) else {}),
+                    "metadata": user_metadata(
+                        meta if isinstance(meta, dict) else {},
+                        percent_encoded=storage.kind == StorageKind.S3,
+                    ),
                 }
             )
         )
@@ -466,7 +475,15 @@ def _adopt(
     source = io.StringIO(b"\n".join(lines).decode() + "\n")
     with sessions() as s:
         row = s.get_one(Storage, storage.id)
-        done = bulk.register_from_list(s, storage=row, source=source, fmt="jsonl", phase=phase, actor=actor)
+        try:
+            done = bulk.register_from_list(
+                s, storage=row, source=source, fmt="jsonl", phase=phase, actor=actor
+            )
+        except ConflictError as exc:  # a copy took one of these paths since the check above
+            s.rollback()  # nothing of this chunk is registered
+            for o in by_path.values():
+                o.note = o.note or f"not adopted: {exc}"
+            return
         adopted: dict[str, uuid.UUID] = {
             path: oid
             for path, oid in s.execute(

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select, update
+from sqlalchemy import ColumnElement, insert, or_, select, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
@@ -46,6 +46,7 @@ from lifecycle.errors import DLMError, InvalidValueError, StorageError
 from lifecycle.models import Item, Replica, Storage, Transfer, utcnow
 from lifecycle.settings import Settings, get_settings
 from lifecycle.states import (
+    LIVE_REPLICA_STATES,
     ItemState,
     ReplicaState,
     StorageKind,
@@ -111,13 +112,17 @@ def _chunks(seq: Sequence[Any], n: int = _CHUNK) -> Iterable[Sequence[Any]]:
 
 
 def _no_other_live_copy() -> ColumnElement[bool]:
-    """SQL: no other live copy of the replica's item on the replica's storage (a LOST row may
-    only come back when nothing took its place; the partial unique index demands it)."""
+    """SQL: no other live copy of the replica's item on the replica's storage, and no live
+    copy of another item at its path (a LOST row may only come back when nothing took its
+    place; the partial unique indexes demand both)."""
     other = aliased(Replica)
     return ~(
         select(col(other.uid))
         .where(
-            col(other.item_oid) == col(Replica.item_oid),
+            or_(
+                col(other.item_oid) == col(Replica.item_oid),
+                col(other.path) == col(Replica.path),
+            ),
             col(other.storage_id) == col(Replica.storage_id),
             col(other.uid) != col(Replica.uid),
             col(other.state).notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]),
@@ -754,7 +759,25 @@ def repair_batch(
                     )
                 ).scalars()
             )
-    todo = [r for r in batch.repairs if r.replica_uid in still and r.item_oid in intact_src]
+        # A LOST copy's path that another item's live copy holds now is not repaired over it.
+        lost_paths = sorted({r.path for r in batch.repairs if r.state == ReplicaState.LOST})
+        held: dict[str, uuid.UUID] = {}
+        for chunk in _chunks(lost_paths):
+            held.update(
+                (str(path), oid)
+                for path, oid in s.execute(
+                    select(col(Replica.path), col(Replica.item_oid)).where(
+                        col(Replica.storage_id) == batch.dst_storage_id,
+                        col(Replica.path).in_(chunk),
+                        col(Replica.state).in_(LIVE_REPLICA_STATES),
+                    )
+                ).all()
+            )
+    todo = [
+        r
+        for r in batch.repairs
+        if r.replica_uid in still and r.item_oid in intact_src and held.get(r.path, r.item_oid) == r.item_oid
+    ]
     result = BatchResult("repair", src.name, dst.name, planned=len(batch.repairs))
     result.skipped = len(batch.repairs) - len(todo)
     if not todo:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
 import stat as stat_mod
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -14,12 +15,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lifecycle.checksum import checksum_file
-from lifecycle.errors import InvalidNameError, RootNotFoundError, SourceNotFoundError, StorageError
+from lifecycle.errors import (
+    ConflictError,
+    InvalidNameError,
+    RootNotFoundError,
+    SourceNotFoundError,
+    StorageError,
+)
 from lifecycle.names import validate_name
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
 from lifecycle.storage.links import LinkGuard
 
-_TMP_PREFIX = ".dlm-tmp-"
+_TMP_PREFIX = ".dlm-tmp-"  # constant: recovery finds dead processes' temp files by it
 # User metadata is kept, where the file system allows, as extended attributes user.dlm.<key>.
 _XATTR_PREFIX = "user.dlm."
 
@@ -155,12 +162,15 @@ class PosixStorage:
     def put(
         self, path: str, src: Path | BinaryIO, *, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
-        """Write atomically (a temp file in the same directory, then os.replace), creating
-        parents. Raises SourceNotFoundError (src file missing), InvalidNameError, StorageError."""
+        """Write a new file, never over an existing one: the bytes go to a temp file in the
+        same directory (`.dlm-tmp-<host>-<pid>-<random>`), are fsynced, then linked to the
+        final name, which fails if that name exists (a no-clobber rename). Creates parents.
+        Raises ConflictError (the path already exists), SourceNotFoundError (src file
+        missing), InvalidNameError, StorageError."""
         full = self._full(path)
         try:
             full.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=full.parent)
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), dir=full.parent)
         except OSError as exc:
             raise StorageError(f"storage '{self.name}': cannot write {path!r}: {exc}") from exc
         try:
@@ -177,15 +187,18 @@ class PosixStorage:
                 os.fsync(out.fileno())
             os.chmod(tmp, 0o644)
             _write_xattrs(Path(tmp), metadata or {})
-            os.replace(tmp, full)
+            try:
+                _link_no_clobber(tmp, full)
+            except FileExistsError:
+                raise ConflictError(
+                    f"{path!r} already exists on storage '{self.name}': DLM never writes over a file"
+                ) from None
+            _fsync_dir(full.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise StorageError(f"storage '{self.name}': cannot write {path!r}: {exc}") from exc
-        except BaseException:
+        finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
         return self.stat(path)
 
     def delete(self, path: str) -> None:
@@ -245,6 +258,44 @@ class PosixStorage:
         """The absolute root path: rclone's local backend needs no config. Paths given to rclone
         under it are checked for symbolic links first (`local_root`)."""
         return RcloneTarget(spec=str(self.root), local_root=self._real_root)
+
+
+def temp_prefix() -> str:
+    """The name prefix of this process's temp files: `.dlm-tmp-<host>-<pid>-` (mkstemp adds
+    random characters without '-'), so recovery can tell which host and process left one
+    behind: strip the prefix, then `rsplit("-", 2)` gives host, pid and the random part."""
+    host = socket.gethostname().replace(os.sep, "_") or "host"
+    return f"{_TMP_PREFIX}{host}-{os.getpid()}-"
+
+
+def _link_no_clobber(tmp: str, final: Path) -> None:
+    """Give the temp file its final name, failing with FileExistsError if that name exists.
+
+    A hard link fails on an existing name instead of replacing it. Where the file system has
+    no hard links, the final name is first created exclusively (O_EXCL: it is then ours) and
+    the temp file renamed over that placeholder; a crash in between leaves an empty file,
+    which verify and reconcile report as not the item's bytes.
+    """
+    try:
+        os.link(tmp, final)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK):
+            raise
+    os.close(os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    os.replace(tmp, final)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a new directory entry durable (best effort: some file systems refuse it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _write_xattrs(path: Path, metadata: Mapping[str, str]) -> None:

@@ -16,6 +16,7 @@ from typing import IO, Any, BinaryIO, NoReturn, cast
 from lifecycle import rclone
 from lifecycle.checksum import checksum_stream
 from lifecycle.errors import (
+    ConflictError,
     InvalidNameError,
     RootNotFoundError,
     SourceNotFoundError,
@@ -181,9 +182,17 @@ class RcloneStorage:
     def put(
         self, path: str, src: Path | BinaryIO, *, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
-        """Upload with `rclone copyto` (a file) or `rclone rcat` (a stream). Raises
-        SourceNotFoundError (src file missing), CredentialsError, StorageUnavailableError,
-        StorageError."""
+        """Upload with `rclone copyto --immutable` (a file) or `rclone rcat` (a stream), never
+        over an existing object: an object found at the path first is a refusal (rclone has
+        no conditional write, so one written between that check and the upload is not seen
+        by `rcat`; `copyto --immutable` refuses to replace different bytes). Raises
+        ConflictError (the object exists), SourceNotFoundError (src file missing),
+        CredentialsError, StorageUnavailableError, StorageError."""
+        with contextlib.suppress(SourceNotFoundError):
+            self.stat(path)
+            raise ConflictError(
+                f"{path!r} already exists on storage '{self.name}': DLM never writes over an object"
+            )
         meta_args: list[str] = []
         for key, value in (metadata or {}).items():
             meta_args += ["--metadata-set", f"{key}={value}"]
@@ -193,7 +202,10 @@ class RcloneStorage:
         if isinstance(src, Path):
             if not src.is_file():
                 raise SourceNotFoundError(f"source file {src} not found")
-            self._run(["copyto", str(src), dest, "--checksum", *meta_args], nbytes=src.stat().st_size)
+            self._run(
+                ["copyto", str(src), dest, "--checksum", "--immutable", *meta_args],
+                nbytes=src.stat().st_size,
+            )
         else:
             with tempfile.TemporaryFile(prefix="dlm-rclone-err-") as errfile:
                 with rclone.popen(

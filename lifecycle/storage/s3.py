@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO, NoReturn, cast
 
 from lifecycle.checksum import checksum_file, checksum_stream
 from lifecycle.errors import (
+    ConflictError,
     CredentialsError,
     InvalidNameError,
     RootNotFoundError,
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 DEFAULT_REGION = "us-east-1"
 # Objects up to this size are uploaded in one PUT, so their ETag is their MD5.
 MULTIPART_THRESHOLD = 256 * 1024**2
+# Parts of a multipart upload (at least; larger for files over 9000 parts).
+PART_SIZE = 64 * 1024**2
 # rclone's metadata key for the MD5 of a multipart object (base64); we write and read it too.
 MD5_META = "md5chksum"
 
@@ -261,6 +264,7 @@ class S3Storage:
         meta = dict(head.get("Metadata", {}))
         md5 = _md5_of(str(head.get("ETag", "")), meta)
         meta.pop(MD5_META, None)
+        meta = decode_metadata(meta)
         return ObjectInfo(
             path=validate_name(path, what="path"),
             size=int(head.get("ContentLength", 0)),
@@ -281,29 +285,122 @@ class S3Storage:
     def put(
         self, path: str, src: Path | BinaryIO, *, metadata: Mapping[str, str] | None = None
     ) -> ObjectInfo:
-        """Upload a file or a stream with user metadata. Raises SourceNotFoundError (src file
-        missing), CredentialsError, StorageUnavailableError, StorageError."""
-        from boto3.s3.transfer import TransferConfig
-
+        """Upload a file or a stream with user metadata, never over an existing object: a
+        conditional write (If-None-Match: *) on the PUT or on completing a multipart upload,
+        after a HEAD that refuses at once. Each multipart part is checked against the MD5 the
+        server returns for it; a file whose bytes differ from its MD5 read before the upload
+        (it changed meanwhile) is not completed. Metadata values are percent-encoded where
+        they are not plain ASCII (S3 metadata must be). Raises ConflictError (the object
+        exists), SourceNotFoundError (src file missing), CredentialsError,
+        StorageUnavailableError, StorageError."""
         client = self.client()
         key = self._key(path)
-        extra: dict[str, object] = {"Metadata": dict(metadata or {})}
-        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, use_threads=False)
-        with self._errors(path):
+        meta = encode_metadata(metadata or {})
+        with contextlib.ExitStack() as stack:
             if isinstance(src, Path):
                 try:
-                    size = src.stat().st_size
-                except FileNotFoundError as exc:
+                    size: int | None = src.stat().st_size
+                    stream: BinaryIO = stack.enter_context(open(src, "rb"))
+                except (FileNotFoundError, NotADirectoryError) as exc:
                     raise SourceNotFoundError(f"source file {src} not found") from exc
-                if size >= MULTIPART_THRESHOLD:
+                if size is not None and size >= MULTIPART_THRESHOLD:
                     # A multipart ETag is no MD5: record it as rclone does.
                     digest = checksum_file(src, "md5")[0]
-                    md5_b64 = base64.b64encode(bytes.fromhex(digest)).decode()
-                    extra["Metadata"] = {**extra["Metadata"], MD5_META: md5_b64}  # type: ignore[dict-item]
-                client.upload_file(str(src), self.bucket, key, ExtraArgs=extra, Config=config)
+                    meta[MD5_META] = base64.b64encode(bytes.fromhex(digest)).decode()
             else:
-                client.upload_fileobj(src, self.bucket, key, ExtraArgs=extra, Config=config)
+                size, stream = None, src
+            self._refuse_existing(path)
+            first = stream.read(MULTIPART_THRESHOLD) if size is None else b""
+            with self._errors(path):
+                try:
+                    if size is not None and size < MULTIPART_THRESHOLD:
+                        client.put_object(
+                            Bucket=self.bucket, Key=key, Body=stream, Metadata=meta, IfNoneMatch="*"
+                        )
+                    elif size is None and len(first) < MULTIPART_THRESHOLD:
+                        client.put_object(
+                            Bucket=self.bucket, Key=key, Body=first, Metadata=meta, IfNoneMatch="*"
+                        )
+                    else:
+                        self._put_multipart(key, path, stream, first, meta, size)
+                except Exception as exc:
+                    self._conflict(exc, path)
+                    raise
         return self.stat(path)
+
+    def _refuse_existing(self, path: str) -> None:
+        """Raises ConflictError if the object exists (for servers that ignore If-None-Match)."""
+        with contextlib.suppress(SourceNotFoundError):
+            self.stat(path)
+            raise ConflictError(
+                f"{path!r} already exists on storage '{self.name}': DLM never writes over an object"
+            )
+
+    def _conflict(self, exc: Exception, path: str) -> None:
+        """Raises ConflictError if `exc` is S3's answer to a conditional write on an existing key."""
+        from botocore.exceptions import ClientError
+
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                raise ConflictError(
+                    f"{path!r} already exists on storage '{self.name}': DLM never writes over an object"
+                ) from None
+
+    def _put_multipart(
+        self, key: str, path: str, stream: BinaryIO, first: bytes, meta: dict[str, str], size: int | None
+    ) -> None:
+        """Upload in parts, each checked against the server's MD5 of it, then complete only if
+        no object appeared meanwhile; aborts on any failure. Raises StorageError, ClientError."""
+        import hashlib
+
+        client = self.client()
+        part_size = max(PART_SIZE, -(-(size or 0) // 9000))
+        whole = hashlib.md5()
+        upload = client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=meta)
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            pending = first
+            number = 1
+            while True:
+                if len(pending) < part_size:
+                    pending += stream.read(part_size - len(pending))
+                data, pending = pending[:part_size], pending[part_size:]
+                if not data and number > 1:
+                    break
+                md5 = hashlib.md5(data).hexdigest()
+                whole.update(data)
+                answer = client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+                )
+                etag = str(answer.get("ETag", "")).strip('"').lower()
+                if etag and etag != md5:
+                    raise StorageError(
+                        f"storage '{self.name}': part {number} of {path!r} arrived damaged "
+                        f"(MD5 {etag}, sent {md5})"
+                    )
+                parts.append({"ETag": answer["ETag"], "PartNumber": number})
+                number += 1
+                if len(data) < part_size:
+                    break
+            claimed = meta.get(MD5_META)
+            if claimed and base64.b64decode(claimed).hex() != whole.hexdigest():
+                raise StorageError(
+                    f"storage '{self.name}': the source of {path!r} changed while it was uploaded"
+                )
+            client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                IfNoneMatch="*",
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            raise
 
     def delete(self, path: str) -> None:
         """Absent is fine. Raises CredentialsError, StorageUnavailableError, StorageError."""
@@ -385,6 +482,25 @@ class S3Storage:
 # metadata, which rclone compares after the copy and `rclone hashsum` reads without
 # downloading. It is 10-20% slower here than the multi-thread upload, less than a read-back.
 S3_UPLOAD_FLAGS = ("--multi-thread-streams", "0")
+
+
+# What stays as is in a metadata value; anything else (non-ASCII, control characters, '%')
+# is percent-encoded, as S3 user metadata travels in HTTP headers and must be ASCII.
+_META_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
+
+
+def encode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """User metadata fit for S3: keys and values percent-encoded (UTF-8) where not plain ASCII."""
+    from urllib.parse import quote
+
+    return {quote(str(k), safe=_META_SAFE): quote(str(v), safe=_META_SAFE) for k, v in metadata.items()}
+
+
+def decode_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The inverse of encode_metadata (values without '%' come back unchanged)."""
+    from urllib.parse import unquote
+
+    return {unquote(str(k)): unquote(str(v)) for k, v in metadata.items()}
 
 
 def _md5_of(etag: str, metadata: Mapping[str, str]) -> str | None:

@@ -190,6 +190,10 @@ CASES = [
     ),
     Case("posix-root-missing", add_storage("new", "posix", "{base}/does-not-exist"), "does not exist"),
     Case("posix-root-is-a-file", add_storage("new", "posix", "{base}/afile"), "not a directory"),
+    Case("posix-root-of-another", add_storage("new", "posix", "{a}"), "same as the root"),
+    Case("posix-root-inside-another", add_storage("new", "posix", "{a}/run"), "lies inside the root"),
+    Case("posix-root-containing-others", add_storage("new", "posix", "{base}"), "contains the root"),
+    Case("posix-root-whole-fs", add_storage("new", "posix", "/"), "whole file system"),
     Case(
         "posix-with-endpoint",
         add_storage("new", "posix", "{b}", "--endpoint", "http://x"),
@@ -312,6 +316,7 @@ CASES = [
     ),
     Case("checkout-unknown-item", ("checkout", "nothing-here", "{base}/out"), "no item 'nothing-here'"),
     Case("checkout-dest-is-a-file", ("checkout", "run/f0.dat", "{base}/afile"), "not a directory"),
+    Case("checkout-into-a-storage", ("checkout", "run/f0.dat", "{a}"), "outside every storage"),
     Case("checkout-deleted-item", ("checkout", "gone.dat", "{base}/out"), "gone.dat"),
     Case(
         "checkout-items-and-dataset", ("checkout", "run/f0.dat", "--dataset", "raw", "{base}/out"), "not both"

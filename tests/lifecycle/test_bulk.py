@@ -117,6 +117,9 @@ def test_csv_rows_and_versions(db_url: str, tmp_path: Path) -> None:
     src.write_text("\n".join(lines) + "\n")
     first = register(db_url, src)
     assert first.count == N and first.new_versions == 0  # type: ignore[attr-defined]
+    # The same names again, as new files (one path holds one item: the same paths are refused).
+    renamed = [f"{name},v2/{name}{rest}" for name, rest in (ln.split(",", 1) for ln in lines[1:])]
+    src.write_text("\n".join([lines[0], *renamed]) + "\n")
     again = register(db_url, src, batch_size=700)
     assert again.count == N and again.new_versions == N  # type: ignore[attr-defined]
     with session_scope(db_url) as s:
@@ -131,7 +134,13 @@ def test_csv_rows_and_versions(db_url: str, tmp_path: Path) -> None:
 
 def test_duplicates_in_one_list_get_consecutive_versions(db_url: str, tmp_path: Path) -> None:
     same = {"name": "x/y.fits", "size": 1, "checksum": md5(1)}
-    src = write_jsonl(tmp_path / "d.jsonl", [same, {"name": "other", "size": 2}, same, same])
+    rows = [
+        same,
+        {"name": "other", "size": 2},
+        {**same, "path": "x/y.fits.2"},
+        {**same, "path": "x/y.fits.3"},
+    ]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
     result = register(db_url, src, batch_size=2)  # the duplicates straddle batches
     assert result.new_versions == 2  # type: ignore[attr-defined]
     with session_scope(db_url) as s:
@@ -188,7 +197,8 @@ def test_bad_jsonl_row_names_its_line_and_changes_nothing(
     db_url: str, tmp_path: Path, bad: str, error: type[UserInputError], text: str
 ) -> None:
     src = tmp_path / "list.jsonl"
-    src.write_text(GOOD * 3 + "\n" + bad + "\n" + GOOD)  # the bad row is on line 5
+    good = [GOOD.replace("ok/1", f"ok/{i}") for i in range(1, 5)]  # one path, one item
+    src.write_text("".join(good[:3]) + "\n" + bad + "\n" + good[3])  # the bad row is on line 5
     before = counts(db_url)
     with pytest.raises(error) as info:
         register(db_url, src, batch_size=2)  # two batches were already written when it fails
