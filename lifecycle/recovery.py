@@ -36,10 +36,9 @@ from lifecycle.errors import DLMError
 from lifecycle.models import Item, Replica, Storage, Transfer, utcnow
 from lifecycle.states import ItemState, ReplicaState, StorageKind, StorageState, TransferState
 from lifecycle.storage import backend_for
+from lifecycle.storage.posix import TEMP_PREFIX
 
 IN_FLIGHT = (ReplicaState.PENDING.value, ReplicaState.COPYING.value, ReplicaState.DELETING.value)
-# Temporary upload files on posix storages: `.dlm-tmp-<host>-<pid>-<random>` (old: `.dlm-tmp-<random>`).
-TEMP_PREFIX = ".dlm-tmp-"
 _TEMP_EVENT_PATHS = 20
 _CHUNK = 500
 
@@ -77,11 +76,6 @@ def claim_is_dead(claimed_by: str | None, *, stale: bool) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return False
     return int(pid) != os.getpid() and not _pid_alive(int(pid))
-
-
-def temp_prefix() -> str:
-    """The name prefix of this process's temporary upload files: `.dlm-tmp-<host>-<pid>-`."""
-    return f"{TEMP_PREFIX}{socket.gethostname()}-{os.getpid()}-"
 
 
 def temp_writer(name: str) -> tuple[str, int] | None:

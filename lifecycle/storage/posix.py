@@ -26,7 +26,7 @@ from lifecycle.names import validate_name
 from lifecycle.storage.base import ObjectInfo, RcloneTarget
 from lifecycle.storage.links import LinkGuard
 
-_TMP_PREFIX = ".dlm-tmp-"  # constant: recovery finds dead processes' temp files by it
+TEMP_PREFIX = ".dlm-tmp-"  # constant: recovery finds dead processes' temp files by it
 # User metadata is kept, where the file system allows, as extended attributes user.dlm.<key>.
 _XATTR_PREFIX = "user.dlm."
 
@@ -220,7 +220,7 @@ class PosixStorage:
         for dirpath, dirnames, filenames in os.walk(top):  # does not descend into links
             dirnames.sort()
             for fname in sorted(filenames):
-                if fname.startswith(_TMP_PREFIX):
+                if fname.startswith(TEMP_PREFIX):
                     continue
                 full = os.path.join(dirpath, fname)
                 try:
@@ -265,7 +265,7 @@ def temp_prefix() -> str:
     random characters without '-'), so recovery can tell which host and process left one
     behind: strip the prefix, then `rsplit("-", 2)` gives host, pid and the random part."""
     host = socket.gethostname().replace(os.sep, "_") or "host"
-    return f"{_TMP_PREFIX}{host}-{os.getpid()}-"
+    return f"{TEMP_PREFIX}{host}-{os.getpid()}-"
 
 
 def _link_no_clobber(tmp: str, final: Path) -> None:

@@ -349,7 +349,8 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
 
 
 def test_temp_writer_names() -> None:
-    from lifecycle.recovery import temp_is_dead, temp_prefix, temp_writer
+    from lifecycle.recovery import temp_is_dead, temp_writer
+    from lifecycle.storage.posix import temp_prefix
 
     host = socket.gethostname()
     assert temp_writer(f"{temp_prefix()}abc") == (host, os.getpid())
