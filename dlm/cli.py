@@ -21,16 +21,17 @@ from sqlmodel import Session
 from typer._click import exceptions as click_exc
 
 from dlm import render
-from lifecycle import catalog
-from lifecycle.db import check_schema_known, get_engine, init_db, schema_ready, session_scope
+from lifecycle.catalogue import catalog, storages
+from lifecycle.catalogue import ingest as ingesting
+from lifecycle.catalogue.db import check_schema_known, get_engine, init_db, schema_ready, session_scope
+from lifecycle.catalogue.metadata import parse_meta
+from lifecycle.catalogue.models import StorageCreate
 from lifecycle.errors import (
     DLMError,
     InvalidValueError,
     NotFoundError,
     UserInputError,
 )
-from lifecycle.metadata import parse_meta
-from lifecycle.models import StorageCreate
 from lifecycle.names import validate_owner
 from lifecycle.redact import install_log_redaction, redact
 from lifecycle.settings import get_settings
@@ -174,8 +175,8 @@ def storage_add(
         trust_stored_checksums=trust_checksums,
     )
     with catalogue() as s:
-        st = catalog.add_storage(s, data, check=check, actor=catalog.current_actor())
-        pub = catalog.storage_public(s, st)
+        st = storages.add_storage(s, data, check=check, actor=catalog.current_actor())
+        pub = storages.storage_public(s, st)
     if json_:
         render.print_json(pub)
     else:
@@ -198,7 +199,7 @@ def _validated(model: Any, **values: Any) -> Any:
 def storage_list(json_: JsonOpt = False) -> None:
     """All storages."""
     with catalogue() as s:
-        rows = catalog.list_storages(s)
+        rows = storages.list_storages(s)
     if json_:
         render.print_json(rows)
         return
@@ -225,9 +226,9 @@ def storage_list(json_: JsonOpt = False) -> None:
 def storage_show(name: str, json_: JsonOpt = False) -> None:
     """One storage, with used and free space and its copies by state."""
     with catalogue() as s:
-        st = catalog.get_storage(s, name)
-        pub = catalog.storage_public(s, st)
-        counts = catalog.storage_replica_counts(s, st.id)
+        st = storages.get_storage(s, name)
+        pub = storages.storage_public(s, st)
+        counts = storages.storage_replica_counts(s, st.id)
     free = pub.capacity_bytes - pub.used_bytes if pub.capacity_bytes is not None else None
     if json_:
         render.print_json({**pub.model_dump(mode="json"), "free_bytes": free, "replicas": counts})
@@ -252,7 +253,7 @@ def storage_show(name: str, json_: JsonOpt = False) -> None:
 def _storage_state_command(state: StorageState, doc: str) -> Any:
     def command(name: str) -> None:
         with catalogue() as s:
-            catalog.set_storage_state(s, name, state, actor=catalog.current_actor())
+            storages.set_storage_state(s, name, state, actor=catalog.current_actor())
         render.out.print(f"storage {name} is now {state.value}")
 
     command.__doc__ = doc
@@ -305,11 +306,13 @@ def ingest(
         _ingest_list(storage, from_list, phase_v, life, meta_v, who, json_)
         return
     with catalogue() as s:
-        st = catalog.get_storage(s, storage)
-        sources = catalog.plan_ingest(s, storage=st, paths=paths or [], upload=upload, name=name)
-        opts = catalog.IngestOptions(phase=phase_v, lifetime=life, meta=meta_v, owner=who)
+        st = storages.get_storage(s, storage)
+        sources = ingesting.plan_ingest(s, storage=st, paths=paths or [], upload=upload, name=name)
+        opts = ingesting.IngestOptions(phase=phase_v, lifetime=life, meta=meta_v, owner=who)
         with _progress(len(sources), "ingest") as advance:
-            items = catalog.ingest(s, storage=st, sources=sources, options=opts, actor=who, progress=advance)
+            items = ingesting.ingest(
+                s, storage=st, sources=sources, options=opts, actor=who, progress=advance
+            )
         rows = [(i.name, i.version, i.size, i.checksum, str(i.oid)) for i in items]
     _announce_ready([r[4] for r in rows])
     if json_:
@@ -324,10 +327,10 @@ def ingest(
 def _ingest_list(
     storage: str, path: Path, phase: Phase, life: Any, meta: dict[str, Any], who: str, json_: bool
 ) -> None:
-    from lifecycle.bulk import register_from_list
+    from lifecycle.catalogue.bulk import register_from_list
 
     with catalogue() as s:
-        st = catalog.get_storage(s, storage)
+        st = storages.get_storage(s, storage)
         res = register_from_list(
             s, storage=st, source=path, phase=phase, lifetime=life, meta=meta, owner=who, actor=who
         )
@@ -482,7 +485,7 @@ def items_set_expiry(
     never: Annotated[bool, typer.Option(help="clear the expiry")] = False,
 ) -> None:
     """Set when an item expires (--lifetime 30d, --at 2027-01-01, or --never)."""
-    from lifecycle.models import utcnow
+    from lifecycle.catalogue.models import utcnow
 
     if sum(x is not None and x is not False for x in (lifetime, at, never or None)) != 1:
         raise InvalidValueError("give exactly one of --lifetime, --at or --never")
@@ -504,8 +507,8 @@ def items_delete(
     yes: Annotated[bool, typer.Option("--yes", help="confirm: every copy is deleted now")] = False,
 ) -> None:
     """Delete an item now: every copy goes, the item stays as a DELETED tombstone."""
-    from lifecycle.apply import delete_item_now
-    from lifecycle.pipelines import policy_from
+    from lifecycle.apply.records import delete_item_now
+    from lifecycle.planning.pipelines import policy_from
 
     with catalogue() as s:
         item = catalog.get_item(s, ref)
@@ -527,8 +530,8 @@ def url(
     expires: Annotated[str, typer.Option(help="how long a presigned URL is valid, e.g. 1h")] = "1h",
 ) -> None:
     """A URL to fetch an item's best intact copy (presigned for S3)."""
-    from lifecycle.checkout import best_sources
-    from lifecycle.storage import backend_for
+    from lifecycle.apply.checkout import best_sources
+    from lifecycle.storage.backends import backend_for
 
     seconds = int(parse_duration(expires).total_seconds())
     with catalogue() as s:
@@ -633,7 +636,7 @@ def run(
         parse_size(budget)
     with catalogue() as s:
         if storage:
-            catalog.get_storage(s, storage)
+            storages.get_storage(s, storage)
     _use_running_server()
     if pipeline == "verify":
         from flows.integrity import verify
@@ -802,7 +805,7 @@ def demo(
     """The whole lifecycle on the embedded default: SQLite, two posix volumes and a local S3."""
     from dlm.demo import run_demo
 
-    run_demo(workdir)
+    run_demo(workdir, app=app)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -9,9 +9,10 @@ import shlex
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dlm import render
-from lifecycle.db import dispose_engines
+from lifecycle.catalogue.db import dispose_engines
 from lifecycle.settings import reset_settings
 
 DEMO_CREDENTIALS = "DLM_DEMO_S3"
@@ -102,13 +103,18 @@ def tour_commands(base: Path, src: Path, endpoint: str) -> list[list[str] | str]
     return out
 
 
-def run_demo(workdir: Path | None, *, extra: Callable[[Callable[..., None]], None] | None = None) -> None:
-    """Set up the demo estate in `workdir` (or a temp dir), then walk through the lifecycle.
+def run_demo(
+    workdir: Path | None,
+    *,
+    app: Callable[..., Any],
+    extra: Callable[[Callable[..., None]], None] | None = None,
+) -> None:
+    """Set up the demo estate in `workdir` (or a temp dir), then walk through the lifecycle with
+    `app`, the `dlm` command (passed in by dlm.cli, so the demo does not import the CLI back).
 
     Raises SystemExit with the failing command's code when a step fails.
     """
-    from dlm.cli import app
-    from lifecycle.seaweed import SeaweedServer
+    from devrig.seaweed import SeaweedServer
 
     base = Path(workdir or tempfile.mkdtemp(prefix="dlm-demo-")).resolve()
     base.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,9 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lifecycle.catalog import get_dataset, get_item, list_items
-from lifecycle.checkout import checkout
-from lifecycle.db import session_scope
+from lifecycle.apply.checkout import checkout
+from lifecycle.catalogue.catalog import get_dataset, get_item, list_items
+from lifecycle.catalogue.db import session_scope
 from lifecycle.errors import InvalidValueError
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lifecycle import audit
+from lifecycle.catalogue import audit
 from lifecycle.settings import get_settings
 
 # Past this many events in one transaction, the rest are published as one `dlm.events.summary`

@@ -17,11 +17,11 @@ from prefect.runtime import flow_run
 
 from flows.events import enable_publishing
 from flows.pipelines import quiet_dlm_errors, run_actor, storage_names
-from lifecycle import verify as verify_core
-from lifecycle.apply import BatchResult
-from lifecycle.catalog import status
-from lifecycle.db import session_scope
+from lifecycle.apply.result import BatchResult
+from lifecycle.catalogue.catalog import status
+from lifecycle.catalogue.db import session_scope
 from lifecycle.errors import DLMError, InvalidValueError
+from lifecycle.integrity.verify import VerifyResult, default_budget_bytes
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size, parse_size
 from tasks.batches import settle_in_flight
@@ -43,7 +43,7 @@ def _budget(budget: int | str | None) -> int:
     """Bytes from an int or a size such as '10GiB'; None: the configured default.
     Raises InvalidValueError."""
     if budget is None:
-        return verify_core.default_budget_bytes()
+        return default_budget_bytes()
     value = budget if isinstance(budget, int) else parse_size(budget)
     if value <= 0:
         raise InvalidValueError(f"invalid budget {budget!r}: must be positive")
@@ -154,7 +154,7 @@ def verify(
         return report
     failures: list[str] = []
     futures = [verify_replicas.submit(b, names.get(b.storage_id, "?"), actor) for b in batches]
-    results: list[verify_core.VerifyResult] = _results(
+    results: list[VerifyResult] = _results(
         futures, [f"verify on {names.get(b.storage_id, '?')}" for b in batches], failures
     )
     damaged = [u for r in results for u in r.damaged]

@@ -26,11 +26,12 @@ from sqlalchemy.engine import make_url
 from sqlmodel import col
 
 from flows.events import enable_publishing
-from lifecycle import apply
-from lifecycle.catalog import status
-from lifecycle.db import session_scope
+from lifecycle.apply.result import BatchResult
+from lifecycle.catalogue.catalog import status
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.models import Storage, utcnow
 from lifecycle.errors import ConflictError, DLMError
-from lifecycle.models import Storage, utcnow
+from lifecycle.planning.plan import Plan, batch_copies, batch_deletes
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
 from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue, settle_in_flight
@@ -189,7 +190,7 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
     clock = _Stopwatch()
     recovered = settle_in_flight(actor) if not dry_run else {}
     clock.lap("recover")
-    plan: apply.Plan = plan_pipeline(pipeline, items)
+    plan: Plan = plan_pipeline(pipeline, items)
     clock.lap("plan")
     names = storage_names()
     report: dict[str, Any] = {
@@ -211,7 +212,7 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
     settled = settle_catalogue(quote(plan), actor, "before")
     clock.lap("settle-before")
     t = settings.transfer
-    copy_batches = apply.batch_copies(plan.copies, max_files=t.batch_files, max_bytes=t.batch_bytes)
+    copy_batches = batch_copies(plan.copies, max_files=t.batch_files, max_bytes=t.batch_bytes)
     copy_futures: list[Any] = []
     for i, b in enumerate(copy_batches):
         if i >= t.parallel_batches:  # at most parallel_batches at once, started in order
@@ -226,12 +227,12 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
                 t.checkers,
             )
         )
-    results: list[apply.BatchResult] = [f.result() for f in copy_futures]
+    results: list[BatchResult] = [f.result() for f in copy_futures]
     clock.lap("copy")
     expiring = [e.item_oid for e in plan.expires]
     # An item EXPIRED by an earlier, killed run still gets all its copies deleted.
     expiring += [d.item_oid for d in plan.deletes if d.reason == "item expired"]
-    delete_batches = apply.batch_deletes(plan.deletes, max_files=t.batch_files, expiring=expiring)
+    delete_batches = batch_deletes(plan.deletes, max_files=t.batch_files, expiring=expiring)
     delete_futures = [
         delete_batch.submit(quote(b), names.get(b.storage_id, "?"), actor) for b in delete_batches
     ]
@@ -266,7 +267,7 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
     return report
 
 
-def _plan_rows(plan: apply.Plan, names: dict[Any, str], limit: int = 200) -> list[dict[str, Any]]:
+def _plan_rows(plan: Plan, names: dict[Any, str], limit: int = 200) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for c in plan.copies[:limit]:
         rows.append(

@@ -14,7 +14,7 @@ from lifecycle.names import validate_owner
 
 
 class PolicySettings(BaseModel):
-    """How many copies each phase needs, and the aging rules (see lifecycle.policy)."""
+    """How many copies each phase needs, and the aging rules (see lifecycle.planning.policy)."""
 
     copies_plasma: int = 0
     copies_gas: int = 1
@@ -39,7 +39,7 @@ class TransferSettings(BaseModel):
     # An in-flight row (COPYING, DELETING) untouched this long is taken as left by a dead run
     # on another host; on this host a dead claimer's pid is noticed at once.
     stale_after_s: int = 3600
-    # Bounded waits (lifecycle.rclone, lifecycle.storage.s3): a storage that stops answering
+    # Bounded waits (lifecycle.transfer, lifecycle.storage.s3): a storage that stops answering
     # fails the batch instead of hanging the run. Connect and stall (no bytes moving)
     # timeouts of every rclone and S3 call, and retries of one request:
     contimeout_s: float = Field(default=10, gt=0)

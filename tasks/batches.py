@@ -11,10 +11,20 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from lifecycle import apply
-from lifecycle.db import session_scope
-from lifecycle.pipelines import make_plan, policy_from
-from lifecycle.recovery import settle_in_flight as settle
+from lifecycle.apply.copy import apply_copy_batch
+from lifecycle.apply.delete import apply_delete_batch
+from lifecycle.apply.records import (
+    apply_phase_changes,
+    finish_expired,
+    mark_expired,
+    record_drained,
+    record_refusals,
+)
+from lifecycle.apply.result import BatchResult
+from lifecycle.catalogue.db import session_scope
+from lifecycle.integrity.recovery import settle_in_flight as settle
+from lifecycle.planning.pipelines import make_plan, policy_from
+from lifecycle.planning.plan import CopyBatch, DeleteBatch, Plan
 from lifecycle.settings import get_settings
 from lifecycle.states import TransferKind
 from tasks.common import dlm_task
@@ -29,7 +39,7 @@ def settle_in_flight(actor: str) -> dict[str, Any]:
 
 
 @dlm_task("plan", task_run_name="plan-{pipeline}", retry_delay_seconds=2)
-def plan_pipeline(pipeline: str, only: Sequence[str] | None = None) -> apply.Plan:
+def plan_pipeline(pipeline: str, only: Sequence[str] | None = None) -> Plan:
     """Read the catalogue and plan the pipeline (changes nothing)."""
     oids = [uuid.UUID(o) for o in only] if only else None
     with session_scope() as s:
@@ -38,37 +48,37 @@ def plan_pipeline(pipeline: str, only: Sequence[str] | None = None) -> apply.Pla
 
 @dlm_task("copy-batch", task_run_name="copy-{names[0]}-to-{names[1]}")
 def copy_batch(
-    batch: apply.CopyBatch,
+    batch: CopyBatch,
     names: tuple[str, str],
     actor: str,
     run_id: str | None,
     transfers: int,
     checkers: int,
     kind: str = TransferKind.COPY.value,
-) -> apply.BatchResult:
+) -> BatchResult:
     """One batch, one rclone process: claim, copy, verify, settle."""
-    return apply.apply_copy_batch(
+    return apply_copy_batch(
         batch, actor=actor, run_id=run_id, transfers=transfers, checkers=checkers, kind=TransferKind(kind)
     )
 
 
 @dlm_task("delete-batch", task_run_name="delete-on-{name}")
-def delete_batch(batch: apply.DeleteBatch, name: str, actor: str) -> apply.BatchResult:
+def delete_batch(batch: DeleteBatch, name: str, actor: str) -> BatchResult:
     """One batch of deletions on one storage, one rclone process, re-checked against policy."""
-    return apply.apply_delete_batch(batch, policy=policy_from(), actor=actor)
+    return apply_delete_batch(batch, policy=policy_from(), actor=actor)
 
 
 @dlm_task("settle-catalogue", retry_delay_seconds=2)
-def settle_catalogue(plan: apply.Plan, actor: str, stage: str) -> dict[str, Any]:
+def settle_catalogue(plan: Plan, actor: str, stage: str) -> dict[str, Any]:
     """Catalogue-only actions: expiries before deletion ('before'), tombstones, phase changes,
     refusals and drained storages after ('after')."""
     out: dict[str, Any] = {}
     with session_scope() as s:
         if stage == "before":
-            out["expired"] = apply.mark_expired(s, plan.expires, actor=actor)
-            out["phase_changes"] = apply.apply_phase_changes(s, plan.phases, actor=actor)
+            out["expired"] = mark_expired(s, plan.expires, actor=actor)
+            out["phase_changes"] = apply_phase_changes(s, plan.phases, actor=actor)
         else:
-            out["deleted_items"] = apply.finish_expired(s, actor=actor)
-            out["refusals"] = apply.record_refusals(s, plan.refusals, actor=actor)
-            out["drained"] = apply.record_drained(s, plan.drained, actor=actor)
+            out["deleted_items"] = finish_expired(s, actor=actor)
+            out["refusals"] = record_refusals(s, plan.refusals, actor=actor)
+            out["drained"] = record_drained(s, plan.drained, actor=actor)
     return out

@@ -9,9 +9,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from lifecycle import reconcile, verify
-from lifecycle.apply import BatchResult
-from lifecycle.db import session_scope
+from lifecycle.apply.result import BatchResult
+from lifecycle.catalogue.db import session_scope
+from lifecycle.integrity import reconcile, repair, verify
 from tasks.common import dlm_task
 
 
@@ -34,15 +34,15 @@ def verify_replicas(batch: verify.VerifyBatch, name: str, actor: str) -> verify.
 @dlm_task("plan-repairs", retry_delay_seconds=2)
 def plan_repairs(
     replica_uids: Sequence[uuid.UUID], max_files: int, max_bytes: int
-) -> tuple[list[verify.RepairBatch], dict[uuid.UUID, str]]:
+) -> tuple[list[repair.RepairBatch], dict[uuid.UUID, str]]:
     """Repair batches (by source and destination storage) for damaged copies, and the rest with why."""
     with session_scope() as s:
-        return verify.plan_repairs(s, replica_uids, max_files=max_files, max_bytes=max_bytes)
+        return repair.plan_repairs(s, replica_uids, max_files=max_files, max_bytes=max_bytes)
 
 
 @dlm_task("repair-replicas", task_run_name="repair-{names[0]}-to-{names[1]}")
 def repair_replicas(
-    batch: verify.RepairBatch,
+    batch: repair.RepairBatch,
     names: tuple[str, str],
     actor: str,
     run_id: str | None,
@@ -50,7 +50,7 @@ def repair_replicas(
     checkers: int,
 ) -> BatchResult:
     """One repair batch: intact bytes copied over damaged copies (one rclone process), read back."""
-    return verify.repair_batch(batch, actor=actor, run_id=run_id, transfers=transfers, checkers=checkers)
+    return repair.repair_batch(batch, actor=actor, run_id=run_id, transfers=transfers, checkers=checkers)
 
 
 @dlm_task("reconcile-storage", task_run_name="reconcile-{name}")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from devrig.postgres import fresh_postgres_database, in_ci
 from lifecycle import settings as settings_mod
-from lifecycle.db import dispose_engines, get_engine, init_db
-from tests.rig import fresh_postgres_database, in_ci
+from lifecycle.catalogue.db import dispose_engines, get_engine, init_db
 
 
 def _unavailable(what: str, why: str) -> None:
@@ -95,7 +95,7 @@ def pg_db_url(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real SeaweedFS S3 server on free loopback ports, with access keys; stopped at the end."""
-    from lifecycle.seaweed import SeaweedError, SeaweedServer
+    from devrig.seaweed import SeaweedError, SeaweedServer
 
     server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
     try:
@@ -110,7 +110,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 @pytest.fixture
 def s3_env(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> object:
     """The S3 server's credentials in the environment, as AWS_* and DLM_TEST_S3_*."""
-    from lifecycle.seaweed import SeaweedServer
+    from devrig.seaweed import SeaweedServer
 
     assert isinstance(s3_server, SeaweedServer)
     for prefix in ("AWS", "DLM_TEST_S3"):
@@ -122,7 +122,7 @@ def s3_env(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> object:
 @pytest.fixture
 def s3_bucket(s3_env: object) -> str:
     """A new, empty bucket on the test S3 server."""
-    from lifecycle.seaweed import SeaweedServer
+    from devrig.seaweed import SeaweedServer
 
     assert isinstance(s3_env, SeaweedServer)
     name = f"t-{uuid.uuid4().hex[:12]}"
@@ -135,7 +135,7 @@ def s3_bucket(s3_env: object) -> str:
 
 @pytest.fixture(scope="session")
 def rclone_path() -> str:
-    from lifecycle.rclone import RcloneNotFoundError, rclone_binary
+    from lifecycle.transfer.binary import RcloneNotFoundError, rclone_binary
 
     try:
         return rclone_binary()

@@ -42,9 +42,9 @@ def generate(path: Path, n: int) -> None:
 
 def _child(url: str, path: str) -> None:
     """Register the list in this process and print seconds, count and this process's peak RSS."""
-    from lifecycle.bulk import register_from_list
-    from lifecycle.db import session_scope
-    from lifecycle.models import Storage
+    from lifecycle.catalogue.bulk import register_from_list
+    from lifecycle.catalogue.db import session_scope
+    from lifecycle.catalogue.models import Storage
 
     started = time.perf_counter()
     with session_scope(url) as session:
@@ -83,10 +83,10 @@ def _register_in_child(url: str, path: Path) -> dict[str, Any]:
 
 def _item_copy_rows(path: Path) -> bytes:
     """The list's item rows in COPY text format, with the columns bulk registration writes (untimed)."""
-    from lifecycle.bulk import _TimeOrderedIds
+    from lifecycle.catalogue.bulk import TimeOrderedIds
 
     now = "2026-01-01T00:00:00+00:00"
-    ids = _TimeOrderedIds()
+    ids = TimeOrderedIds()
     out = []
     with open(path, "rb") as f:
         for line in f:
@@ -104,8 +104,8 @@ def _raw_copy_rate(data: bytes, n: int, *, plain: bool) -> float:
     into a plain table of the same columns without indexes or constraints."""
     import psycopg
 
-    from lifecycle.db import init_db
-    from tests.rig import fresh_postgres_database
+    from devrig.postgres import fresh_postgres_database
+    from lifecycle.catalogue.db import init_db
 
     columns = (
         "oid, name, version, size, checksum, checksum_algo, item_type, target_phase, expires_at, "
@@ -113,7 +113,7 @@ def _raw_copy_rate(data: bytes, n: int, *, plain: bool) -> float:
     )
     with fresh_postgres_database("dlm_bench") as url:
         init_db(url)
-        from lifecycle.db import get_engine
+        from lifecycle.catalogue.db import get_engine
 
         get_engine(url).dispose()
         dsn = url.replace("postgresql+psycopg://", "postgresql://")
@@ -138,8 +138,8 @@ def _raw_copy_rate(data: bytes, n: int, *, plain: bool) -> float:
 
 
 def run(scale: float) -> list[dict[str, Any]]:
-    from lifecycle.db import get_engine, init_db
-    from tests.rig import fresh_postgres_database
+    from devrig.postgres import fresh_postgres_database
+    from lifecycle.catalogue.db import get_engine, init_db
 
     n = max(1, int(1_000_000 * scale))
     rows: list[dict[str, Any]] = []

@@ -132,9 +132,9 @@ def load(url: str, n: int) -> dict[str, Any]:
     """Migrate a fresh database, add the storages, COPY n items and ~2n replicas, ANALYZE."""
     import psycopg
 
-    from lifecycle.catalog import add_storage, set_storage_state
-    from lifecycle.db import get_engine, init_db, session_scope
-    from lifecycle.models import StorageCreate
+    from lifecycle.catalogue.db import get_engine, init_db, session_scope
+    from lifecycle.catalogue.models import StorageCreate
+    from lifecycle.catalogue.storages import add_storage, set_storage_state
     from lifecycle.states import StorageState
 
     init_db(url)
@@ -213,8 +213,8 @@ def _peak_rss_mb() -> float:
 def _child(url: str, pipeline: str) -> None:
     """Plan one pipeline in this process; print seconds, peak RSS and the plan's summary."""
     os.environ["DLM_DATABASE_URL"] = url
-    from lifecycle.db import get_engine, session_scope
-    from lifecycle.pipelines import make_plan
+    from lifecycle.catalogue.db import get_engine, session_scope
+    from lifecycle.planning.pipelines import make_plan
     from lifecycle.settings import reset_settings
 
     reset_settings()
@@ -261,7 +261,7 @@ def _work(pipeline: str, summary: dict[str, int]) -> int:
 
 
 def run(scale: float) -> list[dict[str, Any]]:
-    from tests.rig import fresh_postgres_database
+    from devrig.postgres import fresh_postgres_database
 
     n = max(1000, int(ITEMS * scale))
     rows: list[dict[str, Any]] = []

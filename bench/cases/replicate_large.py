@@ -27,8 +27,8 @@ TARGET_VS_RCLONE = 1.1
 
 
 def run(scale: float) -> list[dict[str, Any]]:
+    from devrig.postgres import fresh_postgres_database
     from lifecycle.settings import get_settings, reset_settings
-    from tests.rig import fresh_postgres_database
 
     size = max(1 << 20, int(FILE_SIZE * scale))
     with tempfile.TemporaryDirectory(prefix="dlm-bench-large-") as tmp_name:

@@ -87,10 +87,10 @@ def build_catalogue(
     url: str, server: Any, src_root: Path, bucket: str, prefix: str, payloads: Sequence[Payload]
 ) -> Estate:
     """Migrate, add a posix and an S3 storage, and register the payloads (LIQUID) on posix."""
-    from lifecycle.bulk import register_from_list
-    from lifecycle.catalog import add_storage
-    from lifecycle.db import init_db, session_scope
-    from lifecycle.models import StorageCreate
+    from lifecycle.catalogue.bulk import register_from_list
+    from lifecycle.catalogue.db import init_db, session_scope
+    from lifecycle.catalogue.models import StorageCreate
+    from lifecycle.catalogue.storages import add_storage
     from lifecycle.states import Phase
 
     init_db(url)
@@ -122,7 +122,7 @@ def build_catalogue(
 @contextmanager
 def s3_server(workdir: Path) -> Iterator[Any]:
     """A SeaweedFS S3 server in workdir, stopped at the end."""
-    from lifecycle.seaweed import SeaweedServer
+    from devrig.seaweed import SeaweedServer
 
     with SeaweedServer(workdir) as server:
         yield server
@@ -198,7 +198,7 @@ def rclone_env(target: Any) -> dict[str, str]:
 
 def bare_rclone(src_root: Path, target: Any, names: Sequence[str], flags: Sequence[str]) -> float:
     """Seconds of one `rclone copy SRC DST --files-from LIST *flags` of the names."""
-    from lifecycle.rclone import rclone_binary
+    from lifecycle.transfer.binary import rclone_binary
 
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("".join(n + "\n" for n in names))
@@ -219,8 +219,8 @@ def ready_on(url: str, storage_id: uuid.UUID) -> int:
     from sqlalchemy import func, select
     from sqlmodel import col
 
-    from lifecycle.db import session_scope
-    from lifecycle.models import Replica
+    from lifecycle.catalogue.db import session_scope
+    from lifecycle.catalogue.models import Replica
 
     with session_scope(url) as s:
         return int(
@@ -262,7 +262,7 @@ def stage_summary(report: Mapping[str, Any]) -> str:
 
 def _per_file(src_root: Path, target: Any, names: Sequence[str]) -> float:
     """Seconds of one `rclone copyto SRC/f DST/f` process per file, one after another."""
-    from lifecycle.rclone import rclone_binary
+    from lifecycle.transfer.binary import rclone_binary
 
     binary, env = rclone_binary(), rclone_env(target)
     started = time.perf_counter()
@@ -279,8 +279,8 @@ def _per_file(src_root: Path, target: Any, names: Sequence[str]) -> float:
 
 
 def run(scale: float) -> list[dict[str, Any]]:
+    from devrig.postgres import fresh_postgres_database
     from lifecycle.settings import get_settings, reset_settings
-    from tests.rig import fresh_postgres_database
 
     n = max(10, int(FILES * scale))
     subset = min(n, max(20, int(PER_FILE_SUBSET * scale)))

@@ -3,41 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from lifecycle.models import Storage
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What a storage says about one object; `path` is relative to the storage root."""
-
-    path: str
-    size: int
-    mtime: datetime | None = None
-    # A checksum the storage itself keeps (S3 ETag of a single-part upload is MD5), if any.
-    checksum: str | None = None
-    checksum_algo: str | None = None
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RcloneTarget:
-    """How rclone reaches a storage: a remote spec ('name:path' or a local path) and the
-    RCLONE_CONFIG_* environment variables that define the remote (credentials stay in env)."""
-
-    spec: str
-    env: Mapping[str, str] = field(default_factory=dict)
-    # Flags rclone needs when this storage is the destination of a copy.
-    upload_flags: tuple[str, ...] = ()
-    # For a local directory (a posix storage, a local checkout destination): its real path.
-    # Every path rclone is given under it is first checked for symbolic links
-    # (lifecycle.storage.links); a path that is or goes through one is refused.
-    local_root: str | None = None
+from lifecycle.transfer.target import ObjectInfo, RcloneTarget
 
 
 @runtime_checkable
@@ -79,34 +48,3 @@ class StorageBackend(Protocol):
 
     def rclone_target(self) -> RcloneTarget:
         """How rclone reaches this storage's root."""
-
-
-def backend_for(storage: Storage) -> StorageBackend:
-    """The backend for a catalogue Storage row. Raises InvalidValueError for an unknown kind."""
-    from lifecycle.errors import InvalidValueError
-    from lifecycle.states import StorageKind
-
-    kind = StorageKind(storage.kind)
-    if kind is StorageKind.POSIX:
-        from lifecycle.storage.posix import PosixStorage
-
-        return PosixStorage(storage.name, storage.root)
-    if kind is StorageKind.S3:
-        from lifecycle.storage.s3 import S3Storage
-
-        return S3Storage(
-            storage.name,
-            storage.root,
-            endpoint=storage.endpoint,
-            region=storage.region,
-            credentials_env=storage.credentials_env,
-        )
-    if kind is StorageKind.RCLONE:
-        from lifecycle.storage.rclone import RcloneStorage
-
-        return RcloneStorage(storage.name, storage.root)
-    if kind is StorageKind.MEMORY:
-        from lifecycle.storage.memory import MemoryStorage
-
-        return MemoryStorage.named(storage.name)
-    raise InvalidValueError(f"unknown storage kind {storage.kind!r}")

@@ -14,7 +14,7 @@ from typing import BinaryIO, ClassVar
 from lifecycle.checksum import new_hasher
 from lifecycle.errors import SourceNotFoundError, StorageError, StorageUnavailableError
 from lifecycle.names import validate_name
-from lifecycle.storage.base import ObjectInfo, RcloneTarget
+from lifecycle.transfer.target import ObjectInfo, RcloneTarget
 
 
 @dataclass

@@ -22,9 +22,9 @@ from lifecycle.errors import (
     SourceNotFoundError,
     StorageError,
 )
+from lifecycle.links import LinkGuard
 from lifecycle.names import validate_name
-from lifecycle.storage.base import ObjectInfo, RcloneTarget
-from lifecycle.storage.links import LinkGuard
+from lifecycle.transfer.target import ObjectInfo, RcloneTarget
 
 TEMP_PREFIX = ".dlm-tmp-"  # constant: recovery finds dead processes' temp files by it
 # User metadata is kept, where the file system allows, as extended attributes user.dlm.<key>.

@@ -13,8 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, BinaryIO, NoReturn, cast
 
-from lifecycle import rclone
-from lifecycle.checksum import checksum_stream
+from lifecycle.checksum import checksum_stream, new_hasher
 from lifecycle.errors import (
     ConflictError,
     InvalidNameError,
@@ -24,7 +23,10 @@ from lifecycle.errors import (
     StorageUnavailableError,
 )
 from lifecycle.names import validate_name
-from lifecycle.storage.base import ObjectInfo, RcloneTarget
+from lifecycle.transfer.log import RcloneError, error_class, is_not_found, object_info, stderr_message
+from lifecycle.transfer.operations import directory_spec, lsjson
+from lifecycle.transfer.process import batch_deadline, kill_group, popen, run
+from lifecycle.transfer.target import ObjectInfo, RcloneTarget
 
 
 class _ProcessReader(io.RawIOBase):
@@ -43,15 +45,15 @@ class _ProcessReader(io.RawIOBase):
         n: int = stdout.readinto(buffer)
         if n == 0 and self._proc.wait() != 0:  # rclone's stall flags bound a stalled read
             self._err.seek(0)
-            message = rclone._stderr_message(self._err.read())
-            cls = rclone.error_class(message)
+            message = stderr_message(self._err.read())
+            cls = error_class(message)
             raise cls(f"{self._what}: {message}")
         return n
 
     def close(self) -> None:
         if not self.closed:
             if self._proc.poll() is None:
-                rclone.kill_group(self._proc)
+                kill_group(self._proc)
             self._proc.wait()
             if self._proc.stdout is not None:
                 self._proc.stdout.close()
@@ -80,9 +82,9 @@ class RcloneStorage:
         return self.root + name if self.root.endswith(":") else f"{self.root}/{name}"
 
     def _raise(self, stderr: bytes, path: str | None = None, returncode: int = 1) -> NoReturn:
-        message = rclone._stderr_message(stderr)
+        message = stderr_message(stderr)
         # rclone's exit codes 3 and 4: directory not found, file not found.
-        missing = returncode in (3, 4) or rclone.is_not_found(message)
+        missing = returncode in (3, 4) or is_not_found(message)
         if "didn't find section in config file" in message or "not found in config" in message:
             raise StorageError(
                 f"storage '{self.name}': rclone remote {self.remote!r} is not configured "
@@ -90,8 +92,8 @@ class RcloneStorage:
             )
         if path is not None and missing:
             raise SourceNotFoundError(f"{path!r} not found on storage '{self.name}'")
-        cls = rclone.error_class(message)
-        if cls is rclone.RcloneError and missing:
+        cls = error_class(message)
+        if cls is RcloneError and missing:
             raise RootNotFoundError(
                 f"storage '{self.name}': root {self.root} does not exist"
                 + (f" ({message})" if message else "")
@@ -102,8 +104,8 @@ class RcloneStorage:
         self, args: list[str], *, path: str | None = None, input: bytes | None = None, nbytes: int = 0
     ) -> subprocess.CompletedProcess[bytes]:
         """One rclone call, bounded by the stall flags and a deadline for `nbytes` bytes."""
-        limit = rclone.batch_deadline(files=1, nbytes=nbytes)
-        proc = rclone.run([*args, "--log-level", "ERROR"], timeout=limit, input=input)
+        limit = batch_deadline(files=1, nbytes=nbytes)
+        proc = run([*args, "--log-level", "ERROR"], timeout=limit, input=input)
         if proc.returncode != 0:
             self._raise(proc.stderr, path, proc.returncode)
         return proc
@@ -141,7 +143,7 @@ class RcloneStorage:
     def check(self) -> None:
         """List the root. Raises StorageError (unknown remote, missing root),
         CredentialsError, StorageUnavailableError."""
-        self._run(["lsjson", rclone._dir(self.root), "--max-depth", "1"])
+        self._run(["lsjson", directory_spec(self.root), "--max-depth", "1"])
 
     def stat(self, path: str) -> ObjectInfo:
         """Raises SourceNotFoundError, CredentialsError, StorageUnavailableError, StorageError."""
@@ -152,7 +154,7 @@ class RcloneStorage:
         entry = json.loads(proc.stdout)
         if not isinstance(entry, dict) or entry.get("IsDir"):
             raise SourceNotFoundError(f"{path!r} on storage '{self.name}' is not a file")
-        info = rclone._object_info(entry)
+        info = object_info(entry)
         meta = {k: v for k, v in info.metadata.items() if k not in SYSTEM_METADATA}
         return ObjectInfo(
             path=validate_name(path, what="path"),
@@ -168,7 +170,7 @@ class RcloneStorage:
         mid-stream raises StorageError (or a subclass) from read()."""
         self.stat(path)
         errfile = tempfile.TemporaryFile(prefix="dlm-rclone-err-")  # noqa: SIM115 (reader closes)
-        proc = rclone.popen(
+        proc = popen(
             ["cat", self._spec(path), "--log-level", "ERROR"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -208,7 +210,7 @@ class RcloneStorage:
             )
         else:
             with tempfile.TemporaryFile(prefix="dlm-rclone-err-") as errfile:
-                with rclone.popen(
+                with popen(
                     ["rcat", dest, "--log-level", "ERROR", *meta_args],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
@@ -223,9 +225,9 @@ class RcloneStorage:
                         with contextlib.suppress(BrokenPipeError):
                             proc.stdin.close()
                     try:
-                        proc.wait(timeout=rclone.batch_deadline(files=1))
+                        proc.wait(timeout=batch_deadline(files=1))
                     except subprocess.TimeoutExpired:
-                        rclone.kill_group(proc)
+                        kill_group(proc)
                         proc.wait()
                         raise StorageUnavailableError(
                             f"storage '{self.name}': the storage stalled: rclone rcat did not finish"
@@ -248,7 +250,7 @@ class RcloneStorage:
         target = RcloneTarget(spec=self._spec(prefix))
         native = self._native_md5()
         try:
-            for info in rclone.lsjson(target, hash=native, hash_types=("md5",)):
+            for info in lsjson(target, hash=native, hash_types=("md5",)):
                 try:
                     name = validate_name(base + info.path, what="path")
                 except InvalidNameError:
@@ -260,15 +262,14 @@ class RcloneStorage:
                     checksum=info.checksum,
                     checksum_algo=info.checksum_algo,
                 )
-        except rclone.RcloneError as exc:
-            if prefix and rclone.is_not_found(str(exc)):
+        except RcloneError as exc:
+            if prefix and is_not_found(str(exc)):
                 return
             self._raise(str(exc).encode())
 
     def checksum(self, path: str, algo: str) -> str:
         """Hex digest of the bytes read through `rclone cat`. Raises SourceNotFoundError,
         InvalidValueError, CredentialsError, StorageUnavailableError, StorageError."""
-        from lifecycle.checksum import new_hasher
 
         new_hasher(algo)  # reject an unknown algorithm before starting rclone
         with self.open(path) as stream:

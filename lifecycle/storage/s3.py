@@ -22,7 +22,7 @@ from lifecycle.errors import (
     StorageUnavailableError,
 )
 from lifecycle.names import validate_name
-from lifecycle.storage.base import ObjectInfo, RcloneTarget
+from lifecycle.transfer.target import ObjectInfo, RcloneTarget
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from sqlmodel import SQLModel
 
 from lifecycle import settings as settings_mod
-from lifecycle.db import dispose_engines, get_engine, init_db, session_scope
-from lifecycle.models import Item, Replica
+from lifecycle.catalogue.db import dispose_engines, get_engine, init_db, session_scope
+from lifecycle.catalogue.models import Item, Replica
 from lifecycle.states import ItemState, ReplicaState
 
 TABLES = ("location", "storage", "item", "replica", "transfer", "event", "dataset")

@@ -477,7 +477,7 @@ def test_local_file_that_grows_during_upload_leaves_no_stray_copy(
             f.write(b"appended after the checksum\n")
         return result
 
-    monkeypatch.setattr("lifecycle.catalog.checksum_file", reads_then_grows)
+    monkeypatch.setattr("lifecycle.catalogue.ingest.checksum_file", reads_then_grows)
     try:
         with unchanged(estate):
             r = dlm("ingest", "-s", "disk-a", "--upload", str(src), "--name", "grown.dat")
@@ -596,7 +596,7 @@ def test_catalogue_of_a_newer_schema_is_refused(estate: Estate, dlm) -> None:
     """A catalogue migrated by a newer DLM: every command (init too) refuses it, nothing runs on it."""
     import sqlalchemy as sa
 
-    from lifecycle.db import get_engine
+    from lifecycle.catalogue.db import get_engine
 
     engine = get_engine(estate.url)
     with engine.begin() as conn:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.catalog import table_counts
-from lifecycle.db import session_scope
+from lifecycle.catalogue.catalog import table_counts
+from lifecycle.catalogue.db import session_scope
 
 
 def _counts(url: str) -> dict[str, int]:

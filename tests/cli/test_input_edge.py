@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.rig import fresh_postgres_database
+from devrig.postgres import fresh_postgres_database
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,9 +16,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from lifecycle import catalog
-from lifecycle.db import session_scope
-from lifecycle.models import Item, Replica, Storage, StorageCreate, Transfer
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.ingest import IngestOptions, ingest, plan_ingest
+from lifecycle.catalogue.models import Item, Replica, Storage, StorageCreate, Transfer
+from lifecycle.catalogue.storages import add_storage
 from lifecycle.states import ItemState, Phase, ReplicaState, StorageKind, Tier
 
 DLM = [sys.executable, "-m", "dlm.cli"]
@@ -89,10 +90,10 @@ def make_estate(
     """A posix storage 'src' holding n files (ingested at `phase`) and an S3 storage 'dst'."""
     (tmp / "src").mkdir()
     with session_scope() as s:
-        src = catalog.add_storage(
+        src = add_storage(
             s, StorageCreate(name="src", kind=StorageKind.POSIX, root=str(tmp / "src"), location="a")
         )
-        catalog.add_storage(
+        add_storage(
             s,
             StorageCreate(
                 name="dst",
@@ -111,8 +112,8 @@ def make_estate(
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(hashlib.sha256(f"{i}".encode()).digest() * (size // 32))
             names.append(name)
-        sources = catalog.plan_ingest(s, storage=src, paths=names, upload=False)
-        catalog.ingest(s, storage=src, sources=sources, options=catalog.IngestOptions(phase=phase))
+        sources = plan_ingest(s, storage=src, paths=names, upload=False)
+        ingest(s, storage=src, sources=sources, options=IngestOptions(phase=phase))
     return names
 
 

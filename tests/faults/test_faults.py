@@ -10,10 +10,11 @@ import sqlalchemy as sa
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from lifecycle import catalog
-from lifecycle.db import session_scope
-from lifecycle.models import Event, Item, Replica, Transfer, utcnow
-from lifecycle.seaweed import SeaweedServer
+from devrig.seaweed import SeaweedServer
+from lifecycle.catalogue.catalog import get_item, set_expiry
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.models import Event, Item, Replica, Transfer, utcnow
+from lifecycle.catalogue.storages import get_storage
 from tests.faults.conftest import assert_truthful, in_flight, kill_group, make_estate, ready_on, wait_for
 
 pytestmark = [pytest.mark.prefect, pytest.mark.s3, pytest.mark.rclone]
@@ -84,7 +85,7 @@ def test_two_expire_and_two_replicate_runs_at_once(
     expired = names[:40]
     with session_scope() as s:
         for name in expired:
-            catalog.set_expiry(s, name, utcnow())
+            set_expiry(s, name, utcnow())
     procs = [dlm_proc("run", p) for p in ("expire", "replicate", "expire", "replicate")]
     for p in procs:
         _out, err = p.communicate(timeout=600)
@@ -94,7 +95,7 @@ def test_two_expire_and_two_replicate_runs_at_once(
         p.communicate(timeout=600)
     with session_scope() as s:
         for name in expired:
-            assert catalog.get_item(s, name).state == "DELETED"
+            assert get_item(s, name).state == "DELETED"
         per_replica = s.execute(
             select(col(Event.replica_uid), func.count())
             .where(col(Event.kind) == "replica.deleted")
@@ -141,12 +142,12 @@ def test_recovery_leaves_live_claims_alone(db_url, tmp_path: Path, s3_env, s3_bu
     """A claim held by a live process is not rolled back by another run's recovery."""
     from datetime import timedelta
 
-    from lifecycle.recovery import settle_in_flight
+    from lifecycle.integrity.recovery import settle_in_flight
 
     [name] = make_estate(tmp_path, s3=s3_env, bucket=s3_bucket, n=1, size=1024)
     with session_scope() as s:
-        item = catalog.get_item(s, name)
-        dst = catalog.get_storage(s, "dst")
+        item = get_item(s, name)
+        dst = get_storage(s, "dst")
         s.add(
             Replica(
                 item_oid=item.oid, storage_id=dst.id, path=name, state="COPYING", claimed_by="elsewhere:1"

@@ -18,10 +18,11 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import col
 
-from lifecycle import catalog
-from lifecycle.bulk import register_from_list
-from lifecycle.db import session_scope
-from lifecycle.models import Item, Replica, Storage, StorageCreate, utcnow
+from lifecycle.catalogue.bulk import register_from_list
+from lifecycle.catalogue.catalog import set_expiry, set_phase, status
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.models import Item, Replica, Storage, StorageCreate, utcnow
+from lifecycle.catalogue.storages import add_storage, get_storage, set_storage_state
 from lifecycle.states import ItemState, Phase, StorageKind, StorageState, Tier
 from tests.faults.conftest import assert_truthful, kill_group
 
@@ -36,13 +37,13 @@ def _storages(tmp: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-de
     with session_scope() as s:
         for name, tier, loc in (("a", Tier.HOT, "x"), ("b", Tier.WARM, "x"), ("c", Tier.WARM, "y")):
             (tmp / name).mkdir()
-            catalog.add_storage(
+            add_storage(
                 s,
                 StorageCreate(
                     name=name, kind=StorageKind.POSIX, root=str(tmp / name), tier=tier, location=loc
                 ),
             )
-        catalog.add_storage(
+        add_storage(
             s,
             StorageCreate(
                 name="s3",
@@ -80,7 +81,7 @@ def _ingest(tmp: Path, start: int, n: int, rng: random.Random) -> None:
     listing = tmp / f"list-{start}.jsonl"
     listing.write_text("\n".join(lines) + "\n")
     with session_scope() as s:
-        register_from_list(s, storage=catalog.get_storage(s, "a"), source=listing)
+        register_from_list(s, storage=get_storage(s, "a"), source=listing)
 
 
 def _random_ops(tmp: Path, rng: random.Random, log: list[str]) -> None:
@@ -88,16 +89,16 @@ def _random_ops(tmp: Path, rng: random.Random, log: list[str]) -> None:
         live = list(s.scalars(select(Item).where(col(Item.state) == ItemState.READY)))
         for item in rng.sample(live, min(len(live), max(1, len(live) // 20))):
             phase = rng.choice(list(Phase))
-            catalog.set_phase(s, str(item.oid), phase)
+            set_phase(s, str(item.oid), phase)
         for item in rng.sample(live, min(len(live), max(1, len(live) // 30))):
-            catalog.set_expiry(s, str(item.oid), utcnow())
+            set_expiry(s, str(item.oid), utcnow())
         log.append(f"phase changes and expiries on {len(live)} live items")
         storages = {st.name: st for st in s.scalars(select(Storage))}
         if storages["b"].state == StorageState.ONLINE and rng.random() < 0.4:
-            catalog.set_storage_state(s, "b", StorageState.DRAINING)
+            set_storage_state(s, "b", StorageState.DRAINING)
             log.append("drain b")
         elif storages["b"].state == StorageState.DRAINING and rng.random() < 0.5:
-            catalog.set_storage_state(s, "b", StorageState.ONLINE)
+            set_storage_state(s, "b", StorageState.ONLINE)
             log.append("b back online")
         # corrupt one posix copy of an item that has another intact copy
         rows = s.execute(
@@ -154,7 +155,7 @@ def test_soak(pg_db_url: str, tmp_path: Path, s3_env, s3_bucket, dlm_proc) -> No
             assert not corrupted, (
                 f"round {rnd}: items lost their last intact copy: {[i.name for i in corrupted]}"
             )
-            below = catalog.status(s).below_target
+            below = status(s).below_target
         for name in ("a", "b", "c", "s3"):
             rec = reconcile(storage=name, dry_run=True)
             assert rec["unknown"] == 0 and rec["missing"] == 0, (rnd, name, rec)

@@ -18,15 +18,18 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import col
 
-from lifecycle import catalog, rclone
+from devrig.seaweed import SeaweedServer
 from lifecycle import settings as settings_mod
-from lifecycle.db import init_db, session_scope
+from lifecycle.catalogue.catalog import get_item
+from lifecycle.catalogue.db import init_db, session_scope
+from lifecycle.catalogue.ingest import IngestOptions, ingest, plan_ingest
+from lifecycle.catalogue.models import Event, Replica, StorageCreate, Transfer
+from lifecycle.catalogue.storages import add_storage, get_storage
 from lifecycle.errors import StorageUnavailableError
-from lifecycle.models import Event, Replica, StorageCreate, Transfer
-from lifecycle.seaweed import SeaweedServer
 from lifecycle.states import Phase, StorageKind
 from lifecycle.storage.posix import PosixStorage
 from lifecycle.storage.s3 import S3Storage
+from lifecycle.transfer.operations import copy_files, hashsum, lsjson
 from tests.faults.conftest import assert_truthful, in_flight, kill_group, make_estate, ready_on, wait_for
 
 pytestmark = [pytest.mark.rclone]
@@ -142,14 +145,14 @@ def test_every_rclone_call_and_s3_client_gives_up_on_a_stalled_server(  # type: 
     settings_mod.reset_settings()
     _freeze(stalled_s3)
     started = time.monotonic()
-    report = rclone.copy_files(PosixStorage("src", src).rclone_target(), dst, files, nbytes=4 * 1024**2)
+    report = copy_files(PosixStorage("src", src).rclone_target(), dst, files, nbytes=4 * 1024**2)
     took = time.monotonic() - started
     assert 3.5 <= took < 15, took
     assert not report.ok and set(report.failed) == set(files)
     assert all("stalled" in why and "deadline of 4s" in why for why in report.failed.values()), report.failed
     started = time.monotonic()
     with pytest.raises(StorageUnavailableError, match="stalled"):
-        rclone.hashsum(dst, ["seen.bin"], "md5")
+        hashsum(dst, ["seen.bin"], "md5")
     assert time.monotonic() - started < 15
     # rclone's own stall timeout, and the boto3 client's
     monkeypatch.setenv("DLM_TRANSFER__STALL_TIMEOUT_S", "2")
@@ -157,7 +160,7 @@ def test_every_rclone_call_and_s3_client_gives_up_on_a_stalled_server(  # type: 
     settings_mod.reset_settings()
     started = time.monotonic()
     with pytest.raises(StorageUnavailableError, match="stalled"):
-        list(rclone.lsjson(dst))
+        list(lsjson(dst))
     assert time.monotonic() - started < 15
     fresh = S3Storage("frozen", "frozen", endpoint=stalled_s3.endpoint, credentials_env="STALL")
     started = time.monotonic()
@@ -165,7 +168,7 @@ def test_every_rclone_call_and_s3_client_gives_up_on_a_stalled_server(  # type: 
         fresh.stat("seen.bin")
     assert time.monotonic() - started < 15
     _thaw(stalled_s3)
-    assert rclone.hashsum(dst, ["seen.bin"], "md5") == {
+    assert hashsum(dst, ["seen.bin"], "md5") == {
         "seen.bin": hashlib.md5((src / files[0]).read_bytes()).hexdigest()
     }
 
@@ -178,12 +181,8 @@ def _posix_estate(tmp: Path, n: int, size: int) -> None:
     for d in ("a", "b"):
         (tmp / d).mkdir()
     with session_scope() as s:
-        a = catalog.add_storage(
-            s, StorageCreate(name="a", kind=StorageKind.POSIX, root=str(tmp / "a"), location="x")
-        )
-        catalog.add_storage(
-            s, StorageCreate(name="b", kind=StorageKind.POSIX, root=str(tmp / "b"), location="y")
-        )
+        a = add_storage(s, StorageCreate(name="a", kind=StorageKind.POSIX, root=str(tmp / "a"), location="x"))
+        add_storage(s, StorageCreate(name="b", kind=StorageKind.POSIX, root=str(tmp / "b"), location="y"))
         names = []
         for i in range(n):
             name = f"d/f{i:03d}.bin"
@@ -191,8 +190,8 @@ def _posix_estate(tmp: Path, n: int, size: int) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(hashlib.sha256(str(i).encode()).digest() * (size // 32))
             names.append(name)
-        sources = catalog.plan_ingest(s, storage=a, paths=names, upload=False)
-        catalog.ingest(s, storage=a, sources=sources, options=catalog.IngestOptions(phase=Phase.LIQUID))
+        sources = plan_ingest(s, storage=a, paths=names, upload=False)
+        ingest(s, storage=a, sources=sources, options=IngestOptions(phase=Phase.LIQUID))
 
 
 @pytest.fixture
@@ -274,10 +273,8 @@ def test_the_next_run_removes_dead_uploads_temp_files_and_keeps_live_ones(  # ty
     mine.write_bytes(b"registered")
     os.utime(mine, (hour_ago, hour_ago))
     with session_scope() as s:
-        sources = catalog.plan_ingest(s, storage=catalog.get_storage(s, "a"), paths=[mine.name], upload=False)
-        catalog.ingest(
-            s, storage=catalog.get_storage(s, "a"), sources=sources, options=catalog.IngestOptions()
-        )
+        sources = plan_ingest(s, storage=get_storage(s, "a"), paths=[mine.name], upload=False)
+        ingest(s, storage=get_storage(s, "a"), sources=sources, options=IngestOptions())
     report = replicate()
     rec = report["recovered"]
     gone = [rel for rel, (_, _, keep) in files.items() if not keep]
@@ -308,8 +305,8 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
     # a run that died mid-copy to b: its COPYING row, a partial file at the path, rclone's
     # .partial of another file, and a temporary upload file of a live writer (this process)
     with session_scope() as s:
-        item = catalog.get_item(s, name)
-        dst_id = catalog.get_storage(s, "b").id
+        item = get_item(s, name)
+        dst_id = get_storage(s, "b").id
         s.add(
             Replica(
                 item_oid=item.oid,
@@ -324,12 +321,8 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
     # a user's own file whose name looks temporary, registered in place: judged like any copy
     (b / "notes.partial").write_bytes(b"mine")
     with session_scope() as s:
-        sources = catalog.plan_ingest(
-            s, storage=catalog.get_storage(s, "b"), paths=["notes.partial"], upload=False
-        )
-        catalog.ingest(
-            s, storage=catalog.get_storage(s, "b"), sources=sources, options=catalog.IngestOptions()
-        )
+        sources = plan_ingest(s, storage=get_storage(s, "b"), paths=["notes.partial"], upload=False)
+        ingest(s, storage=get_storage(s, "b"), sources=sources, options=IngestOptions())
     (b / "d" / "f001.bin.4f2a91c0.partial").write_bytes(b"p" * 777)
     (b / f".dlm-tmp-{socket.gethostname()}-{os.getpid()}-up").write_bytes(b"q" * 33)
     report = reconcile(storage="b")
@@ -349,7 +342,7 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
 
 
 def test_temp_writer_names() -> None:
-    from lifecycle.recovery import temp_is_dead, temp_writer
+    from lifecycle.integrity.recovery import temp_is_dead, temp_writer
     from lifecycle.storage.posix import temp_prefix
 
     host = socket.gethostname()

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import select
 from sqlmodel import col
 
-from lifecycle import catalog
-from lifecycle.db import session_scope
-from lifecycle.models import Item, StorageCreate
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.models import Item, StorageCreate
+from lifecycle.catalogue.storages import add_storage
 from lifecycle.states import StorageKind, Tier
 
 pytestmark = [pytest.mark.prefect, pytest.mark.rclone]
@@ -29,9 +29,7 @@ def test_files_named_like_versions_or_with_padded_segments_are_reported_not_adop
     for rel, data in files.items():
         (root / rel).write_bytes(data)
     with session_scope() as s:
-        catalog.add_storage(
-            s, StorageCreate(name="warm", kind=StorageKind.POSIX, root=str(root), tier=Tier.WARM)
-        )
+        add_storage(s, StorageCreate(name="warm", kind=StorageKind.POSIX, root=str(root), tier=Tier.WARM))
 
     report = reconcile(storage="warm", adopt=True)
 

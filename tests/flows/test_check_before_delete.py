@@ -17,9 +17,13 @@ import pytest
 from sqlalchemy import select, update
 from sqlmodel import col
 
-from lifecycle import catalog
-from lifecycle.db import session_scope
-from lifecycle.models import Event, Replica, Storage, utcnow
+from lifecycle.apply.delete import apply_delete_batch
+from lifecycle.apply.result import BatchResult
+from lifecycle.catalogue.catalog import get_item
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.models import Event, Replica, Storage, utcnow
+from lifecycle.catalogue.storages import get_storage
+from lifecycle.planning.plan import DeleteBatch
 from tests.cli.conftest import Result
 
 pytestmark = [pytest.mark.prefect, pytest.mark.rclone]
@@ -69,7 +73,7 @@ def liquid_on_a_and_b(dlm: Any, R: Path, name: str = "l.dat") -> str:
     assert (R / "b" / name).read_bytes() == PAYLOAD
     assert copies(name) == [("disk-a", "READY"), ("disk-b", "READY")]
     with session_scope() as s:
-        checksum = catalog.get_item(s, name).checksum
+        checksum = get_item(s, name).checksum
     assert checksum == md5(PAYLOAD)
     return checksum
 
@@ -87,7 +91,7 @@ def run(pipeline: str) -> dict[str, Any]:
 def copies(name: str) -> list[tuple[str, str]]:
     """(storage, state) of every replica row of NAME but the DELETED ones, sorted."""
     with session_scope() as s:
-        item = catalog.get_item(s, name)
+        item = get_item(s, name)
         rows = s.execute(
             select(col(Storage.name), col(Replica.state))
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
@@ -104,7 +108,7 @@ def events(kind: str) -> list[dict[str, Any]]:
 
 def item_state(name: str) -> str:
     with session_scope() as s:
-        return str(catalog.get_item(s, name).state)
+        return str(get_item(s, name).state)
 
 
 def test_migrate_does_not_delete_the_last_bytes_when_the_other_copy_is_gone(dlm: Any, disks: Path) -> None:
@@ -192,7 +196,7 @@ def test_replica_expiry_waits_for_a_confirmed_copy(dlm: Any, disks: Path) -> Non
     checksum = liquid_on_a_and_b(dlm, R)
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     with session_scope() as s:
-        a = catalog.get_storage(s, "disk-a")
+        a = get_storage(s, "disk-a")
         past = utcnow() - timedelta(hours=1)
         s.execute(update(Replica).where(col(Replica.storage_id) == a.id).values(expires_at=past))
     os.remove(R / "b" / "l.dat")
@@ -250,28 +254,27 @@ def test_two_concurrent_deletions_each_relying_on_the_other_copy_keep_the_bytes(
     applied at once: whichever claims first, the copy on disk-a and its bytes stay."""
     import threading
 
-    from lifecycle import apply
-    from lifecycle.pipelines import policy_from
-    from lifecycle.planner import DeleteReplica
+    from lifecycle.planning.actions import DeleteReplica
+    from lifecycle.planning.pipelines import policy_from
 
     R = disks
     checksum = liquid_on_a_and_b(dlm, R)
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     os.remove(R / "b" / "l.dat")
     with session_scope() as s:
-        oid = catalog.get_item(s, "l.dat").oid
+        oid = get_item(s, "l.dat").oid
         reps = s.scalars(select(Replica).where(col(Replica.item_oid) == oid)).all()
         batches = [
-            apply.DeleteBatch(r.storage_id, (DeleteReplica(r.uid, oid, r.storage_id, r.path, 1, "test"),))
+            DeleteBatch(r.storage_id, (DeleteReplica(r.uid, oid, r.storage_id, r.path, 1, "test"),))
             for r in reps
         ]
     policy = policy_from()
     barrier = threading.Barrier(2)
-    results: list[apply.BatchResult] = []
+    results: list[BatchResult] = []
 
-    def delete(batch: apply.DeleteBatch) -> None:
+    def delete(batch: DeleteBatch) -> None:
         barrier.wait()
-        results.append(apply.apply_delete_batch(batch, policy=policy))
+        results.append(apply_delete_batch(batch, policy=policy))
 
     threads = [threading.Thread(target=delete, args=(b,)) for b in batches]
     for t in threads:
@@ -290,9 +293,8 @@ def test_enough_confirmed_copies_let_a_deletion_go_while_another_storage_is_unre
 ) -> None:
     """Copies on a, b and c, GAS wanted, disk-c unmounted: deleting a's copy relies on b and c;
     b is confirmed and enough for GAS, so a's copy goes; c's copy is not marked anything."""
-    from lifecycle import apply
-    from lifecycle.pipelines import policy_from
-    from lifecycle.planner import DeleteReplica
+    from lifecycle.planning.actions import DeleteReplica
+    from lifecycle.planning.pipelines import policy_from
 
     R = disks
     checksum = liquid_on_a_and_b(dlm, R)
@@ -304,13 +306,13 @@ def test_enough_confirmed_copies_let_a_deletion_go_while_another_storage_is_unre
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     os.rename(R / "c", R / "c-unmounted")
     with session_scope() as s:
-        oid = catalog.get_item(s, "l.dat").oid
-        a = catalog.get_storage(s, "disk-a")
+        oid = get_item(s, "l.dat").oid
+        a = get_storage(s, "disk-a")
         rep = s.scalars(
             select(Replica).where(col(Replica.item_oid) == oid, col(Replica.storage_id) == a.id)
         ).one()
-        batch = apply.DeleteBatch(a.id, (DeleteReplica(rep.uid, oid, a.id, rep.path, 1, "test"),))
-    result = apply.apply_delete_batch(batch, policy=policy_from())
+        batch = DeleteBatch(a.id, (DeleteReplica(rep.uid, oid, a.id, rep.path, 1, "test"),))
+    result = apply_delete_batch(batch, policy=policy_from())
     assert (result.done, result.skipped, result.failed) == (1, 0, 0)
     assert not (R / "a" / "l.dat").exists()
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum

@@ -12,11 +12,12 @@ import pytest
 from sqlalchemy import select, update
 from sqlmodel import col
 
-from lifecycle import audit, catalog
-from lifecycle import rclone as rclone_mod
-from lifecycle.db import session_scope
-from lifecycle.models import Event, Item, Replica, Storage, StorageCreate, Transfer, utcnow
+from lifecycle.catalogue import audit, catalog, storages
+from lifecycle.catalogue import ingest as ingesting
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.models import Event, Item, Replica, Storage, StorageCreate, Transfer, utcnow
 from lifecycle.states import Phase, StorageKind, Tier
+from lifecycle.transfer import operations as rclone_mod
 
 pytestmark = [pytest.mark.prefect, pytest.mark.s3, pytest.mark.rclone]
 
@@ -27,13 +28,13 @@ def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env: Any, flows_env: 
     with session_scope() as s:
         for name, tier in (("hot", Tier.HOT), ("warm", Tier.WARM)):
             (tmp_path / name).mkdir()
-            catalog.add_storage(
+            storages.add_storage(
                 s,
                 StorageCreate(
                     name=name, kind=StorageKind.POSIX, root=str(tmp_path / name), tier=tier, location="site-a"
                 ),
             )
-        catalog.add_storage(
+        storages.add_storage(
             s,
             StorageCreate(
                 name="cold",
@@ -75,11 +76,11 @@ def ingest(root: Path, names: Sequence[str], *, phase: Phase, size: int = 3000) 
         f.write_bytes(payload(name, size))
         files.append(str(f))
     with session_scope() as s:
-        hot = catalog.get_storage(s, "hot")
-        sources = catalog.plan_ingest(s, storage=hot, paths=files, upload=True)
+        hot = storages.get_storage(s, "hot")
+        sources = ingesting.plan_ingest(s, storage=hot, paths=files, upload=True)
         for source, name in zip(sources, names, strict=True):
             source.name = name
-        catalog.ingest(s, storage=hot, sources=sources, options=catalog.IngestOptions(phase=phase))
+        ingesting.ingest(s, storage=hot, sources=sources, options=ingesting.IngestOptions(phase=phase))
 
 
 def flip_byte(path: Path, at: int = 1000) -> None:
@@ -284,7 +285,7 @@ def test_file_deleted_behind_dlms_back_is_lost_then_repaired(
     ingest(root, ["r/a.dat", "r/b.dat"], phase=Phase.LIQUID)
     replicate()
     with session_scope() as s:
-        used_before = catalog.get_storage(s, "hot").used_bytes
+        used_before = storages.get_storage(s, "hot").used_bytes
     (root / "hot" / "r/a.dat").unlink()
 
     report = reconcile(storage="hot")
@@ -298,7 +299,7 @@ def test_file_deleted_behind_dlms_back_is_lost_then_repaired(
     assert {"replica.lost", "replica.repaired"} <= {e["kind"] for e in published}
     assert report["below_target_after"] == 0 and item_state("r/a.dat") == "READY"
     with session_scope() as s:
-        assert catalog.get_storage(s, "hot").used_bytes == used_before
+        assert storages.get_storage(s, "hot").used_bytes == used_before
     assert reconcile(storage="hot")["lost"] == 0
 
 

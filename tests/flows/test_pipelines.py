@@ -11,10 +11,15 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from lifecycle import apply, catalog
-from lifecycle.db import session_scope
-from lifecycle.models import Event, Replica, Storage, StorageCreate, Transfer, utcnow
-from lifecycle.pipelines import make_plan, policy_from
+from lifecycle.apply.copy import apply_copy_batch
+from lifecycle.apply.delete import apply_delete_batch
+from lifecycle.apply.result import BatchResult
+from lifecycle.catalogue import catalog, storages
+from lifecycle.catalogue import ingest as ingesting
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.models import Event, Replica, Storage, StorageCreate, Transfer, utcnow
+from lifecycle.planning.pipelines import make_plan, policy_from
+from lifecycle.planning.plan import DeleteBatch, Plan, batch_copies
 from lifecycle.states import Phase, ReplicaState, StorageKind, StorageState, Tier
 
 pytestmark = [pytest.mark.prefect, pytest.mark.s3, pytest.mark.rclone]
@@ -26,7 +31,7 @@ def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env, flows_env) -> di
     with session_scope() as s:
         for name, tier in (("hot", Tier.HOT), ("warm", Tier.WARM)):
             (tmp_path / name).mkdir()
-            catalog.add_storage(
+            storages.add_storage(
                 s,
                 StorageCreate(
                     name=name,
@@ -37,7 +42,7 @@ def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env, flows_env) -> di
                     capacity_bytes=10**9,
                 ),
             )
-        catalog.add_storage(
+        storages.add_storage(
             s,
             StorageCreate(
                 name="cold",
@@ -66,18 +71,18 @@ def ingest(
     src.mkdir(exist_ok=True)
     names = []
     with session_scope() as s:
-        st = catalog.get_storage(s, storage)
+        st = storages.get_storage(s, storage)
         for i in range(n):
             f = src / f"f{i}.dat"
             f.write_bytes(hashlib.sha256(f"{prefix}{i}".encode()).digest() * (size // 32))
             names.append(f"{prefix}/f{i}.dat")
-        sources = catalog.plan_ingest(
+        sources = ingesting.plan_ingest(
             s, storage=st, paths=[str(src / f"f{i}.dat") for i in range(n)], upload=True
         )
         for srcobj, name in zip(sources, names, strict=True):
             srcobj.name = name
-        catalog.ingest(
-            s, storage=st, sources=sources, options=catalog.IngestOptions(phase=phase, lifetime=lifetime)
+        ingesting.ingest(
+            s, storage=st, sources=sources, options=ingesting.IngestOptions(phase=phase, lifetime=lifetime)
         )
     return names
 
@@ -231,7 +236,7 @@ def test_drain_rebalance_then_retire(estate: dict[str, object]) -> None:
 
     names = ingest(estate["root"], "warm", 3, phase=Phase.GAS)  # type: ignore[arg-type]
     with session_scope() as s:
-        catalog.set_storage_state(s, "warm", StorageState.DRAINING)
+        storages.set_storage_state(s, "warm", StorageState.DRAINING)
     first = rebalance()
     assert first["copied"] == 3
     second = rebalance()
@@ -241,7 +246,7 @@ def test_drain_rebalance_then_retire(estate: dict[str, object]) -> None:
     third = rebalance()
     assert third["plan"]["drained"] == 1
     with session_scope() as s:
-        catalog.set_storage_state(s, "warm", StorageState.RETIRED)
+        storages.set_storage_state(s, "warm", StorageState.RETIRED)
         assert s.scalars(select(Event).where(col(Event.kind) == "storage.drained")).first() is not None
     assert list((estate["root"] / "warm").rglob("*.dat")) == []  # type: ignore[operator]
 
@@ -256,7 +261,7 @@ def test_s3_refusing_writes_leaves_failed_transfers_and_no_ready_claim(
     report = replicate()
     assert report["failed"] == 3
     with session_scope() as s:
-        cold = catalog.get_storage(s, "cold")
+        cold = storages.get_storage(s, "cold")
         on_cold = s.execute(
             select(func.count()).select_from(Replica).where(col(Replica.storage_id) == cold.id)
         ).one()[0]
@@ -296,7 +301,7 @@ def test_a_path_taken_by_another_item_is_not_planned_as_a_destination(estate: di
     a, b = ingest(estate["root"], "hot", 2, phase=Phase.GAS)  # type: ignore[arg-type]
     with session_scope() as s:
         catalog.set_phase(s, a, Phase.LIQUID)
-        warm = catalog.get_storage(s, "warm")
+        warm = storages.get_storage(s, "warm")
         other = catalog.get_item(s, b)
         s.add(Replica(item_oid=other.oid, storage_id=warm.id, path=a, state=ReplicaState.READY))
     with session_scope() as s:
@@ -312,7 +317,7 @@ def test_checkout_verified(estate: dict[str, object], tmp_path: Path) -> None:
     names = ingest(estate["root"], "hot", 2, phase=Phase.LIQUID)  # type: ignore[arg-type]
     replicate()
     with session_scope() as s:
-        catalog.set_storage_state(s, "hot", StorageState.OFFLINE)  # must come from the other copy
+        storages.set_storage_state(s, "hot", StorageState.OFFLINE)  # must come from the other copy
     out = tmp_path / "out"
     result = checkout_flow(str(out), items=names)
     assert result["files"] == 2 and not result["failed"]
@@ -326,13 +331,13 @@ def test_two_concurrent_replicate_runs_copy_nothing_twice(pg_db_url: str, estate
     with session_scope() as s:
         plans = [make_plan(s, "replicate"), make_plan(s, "replicate")]
     assert len(plans[0].copies) == len(plans[1].copies) == 20
-    results: list[apply.BatchResult] = []
+    results: list[BatchResult] = []
     barrier = threading.Barrier(2)
 
-    def run(plan: apply.Plan) -> None:
+    def run(plan: Plan) -> None:
         barrier.wait()
-        for b in apply.batch_copies(plan.copies, max_files=7, max_bytes=10**9):
-            results.append(apply.apply_copy_batch(b, actor="test"))
+        for b in batch_copies(plan.copies, max_files=7, max_bytes=10**9):
+            results.append(apply_copy_batch(b, actor="test"))
 
     threads = [threading.Thread(target=run, args=(p,)) for p in plans]
     for t in threads:
@@ -361,14 +366,12 @@ def test_deletions_rechecked_at_apply_time(estate: dict[str, object]) -> None:
         reps = s.scalars(select(Replica).where(col(Replica.item_oid) == item.oid)).all()
         assert len(reps) == 2
         item_oid = item.oid
-    from lifecycle.planner import DeleteReplica
+    from lifecycle.planning.actions import DeleteReplica
 
     policy = policy_from()
     results = [
-        apply.apply_delete_batch(
-            apply.DeleteBatch(
-                r.storage_id, (DeleteReplica(r.uid, item_oid, r.storage_id, r.path, 1, "test"),)
-            ),
+        apply_delete_batch(
+            DeleteBatch(r.storage_id, (DeleteReplica(r.uid, item_oid, r.storage_id, r.path, 1, "test"),)),
             policy=policy,
         )
         for r in reps
@@ -377,10 +380,8 @@ def test_deletions_rechecked_at_apply_time(estate: dict[str, object]) -> None:
     with session_scope() as s:
         catalog.set_phase(s, name, Phase.GAS)
     results = [
-        apply.apply_delete_batch(
-            apply.DeleteBatch(
-                r.storage_id, (DeleteReplica(r.uid, item_oid, r.storage_id, r.path, 1, "test"),)
-            ),
+        apply_delete_batch(
+            DeleteBatch(r.storage_id, (DeleteReplica(r.uid, item_oid, r.storage_id, r.path, 1, "test"),)),
             policy=policy,
         )
         for r in reps

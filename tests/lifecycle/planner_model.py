@@ -8,16 +8,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from lifecycle.planner import (
-    Action,
-    Copy,
-    DeleteReplica,
-    ExpireItem,
-    ItemGroup,
-    PathOwner,
-    SetPhase,
-)
-from lifecycle.policy import ItemView, ReplicaView, StorageIndex, StorageView
+from lifecycle.planning.actions import Action, Copy, DeleteReplica, ExpireItem, ItemGroup, PathOwner, SetPhase
+from lifecycle.planning.policy import ItemView, ReplicaView, StorageIndex, StorageView
 from lifecycle.states import ItemState, Phase, ReplicaState, StorageKind, StorageState, Tier
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

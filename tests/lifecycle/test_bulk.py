@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from lifecycle.bulk import register_from_list
-from lifecycle.db import get_engine, session_scope
+from lifecycle.catalogue.bulk import register_from_list
+from lifecycle.catalogue.db import get_engine, session_scope
+from lifecycle.catalogue.models import Event, Item, Replica, Storage
 from lifecycle.errors import (
     InvalidMetadataError,
     InvalidNameError,
@@ -21,7 +22,6 @@ from lifecycle.errors import (
     SourceNotFoundError,
     UserInputError,
 )
-from lifecycle.models import Event, Item, Replica, Storage
 
 N = 2500
 

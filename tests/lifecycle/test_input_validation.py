@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
+from lifecycle.catalogue.metadata import MAX_META_BYTES, validate_metadata
 from lifecycle.errors import DLMError, InvalidMetadataError, InvalidNameError, InvalidValueError
-from lifecycle.metadata import MAX_META_BYTES, validate_metadata
 from lifecycle.names import validate_name, validate_owner
 from lifecycle.redact import install_log_redaction, redact
 from lifecycle.units import parse_size

@@ -18,15 +18,18 @@ import pytest
 from sqlalchemy import select, update
 from sqlmodel import col
 
-from lifecycle import catalog, rclone
-from lifecycle.db import session_scope
+from devrig.seaweed import SeaweedServer
+from lifecycle import links as links_mod
+from lifecycle.catalogue.catalog import get_item
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.ingest import IngestOptions, ingest, plan_ingest
+from lifecycle.catalogue.models import Event, Item, Replica, Storage, StorageCreate, Transfer, utcnow
+from lifecycle.catalogue.storages import add_storage, get_storage
 from lifecycle.errors import InvalidNameError
-from lifecycle.models import Event, Item, Replica, Storage, StorageCreate, Transfer, utcnow
-from lifecycle.seaweed import SeaweedServer
 from lifecycle.states import Phase, StorageKind
-from lifecycle.storage import links as links_mod
 from lifecycle.storage.posix import PosixStorage
 from lifecycle.storage.s3 import S3Storage
+from lifecycle.transfer.operations import copy_files, delete_files, hashsum, lsjson, move_files, refused_paths
 from tests.cli.conftest import dlm  # noqa: F401  (the in-process CLI fixture)
 
 # --------------------------------------------------------------------------- helpers
@@ -140,7 +143,7 @@ def test_a_symlinked_root_is_the_root(tmp_path: Path) -> None:
     assert disk.resolve(str(tmp_path / "via" / "x.dat")) == "x.dat"
     assert disk.resolve(str(real / "x.dat")) == "x.dat"
     assert disk.stat("x.dat").size == 1
-    assert rclone.refused_paths(disk.rclone_target(), ["x.dat"]) == {}
+    assert refused_paths(disk.rclone_target(), ["x.dat"]) == {}
 
 
 # --------------------------------------------------------------------------- rclone
@@ -168,7 +171,7 @@ def test_rclone_copy_never_writes_through_a_linked_destination_directory(
     a, b = disks
     before = tree_digest(outside)
 
-    report = rclone.copy_files(a.rclone_target(), b.rclone_target(), ["run/f0.dat", "other/f1.dat"])
+    report = copy_files(a.rclone_target(), b.rclone_target(), ["run/f0.dat", "other/f1.dat"])
 
     assert report.ok == {"other/f1.dat"}  # the rest of the batch proceeds
     assert "goes through a symbolic link ('run')" in report.failed["run/f0.dat"]
@@ -176,7 +179,7 @@ def test_rclone_copy_never_writes_through_a_linked_destination_directory(
     assert tree_digest(outside) == before  # f0.dat was not written over the user's file
     assert (b.root / "other" / "f1.dat").read_bytes() == b"DLM's f1 bytes\n"
 
-    moved = rclone.move_files(a.rclone_target(), b.rclone_target(), ["run/f0.dat"])
+    moved = move_files(a.rclone_target(), b.rclone_target(), ["run/f0.dat"])
     assert moved.ok == set() and "symbolic link" in moved.failed["run/f0.dat"]
     assert (a.root / "run" / "f0.dat").read_bytes() == b"DLM's f0 bytes\n"  # the source stays
     assert tree_digest(outside) == before
@@ -186,9 +189,7 @@ def test_rclone_copy_never_reads_through_a_source_link(
     rclone_path: str, disks: tuple[PosixStorage, PosixStorage], outside: Path
 ) -> None:
     a, b = disks
-    report = rclone.copy_files(
-        a.rclone_target(), b.rclone_target(), ["link.dat", "dirlink/o.dat", "real.dat"]
-    )
+    report = copy_files(a.rclone_target(), b.rclone_target(), ["link.dat", "dirlink/o.dat", "real.dat"])
 
     assert report.ok == {"real.dat"}
     assert report.failed["link.dat"].startswith("source 'link.dat' is a symbolic link")
@@ -205,8 +206,8 @@ def test_rclone_delete_never_deletes_through_a_link(
     (b.root / "plain.dat").write_bytes(b"p")
     before = tree_digest(outside)
 
-    report = rclone.delete_files(b.rclone_target(), ["run/f0.dat", "plain.dat"])
-    on_a = rclone.delete_files(a.rclone_target(), ["link.dat", "dirlink/o.dat"])
+    report = delete_files(b.rclone_target(), ["run/f0.dat", "plain.dat"])
+    on_a = delete_files(a.rclone_target(), ["link.dat", "dirlink/o.dat"])
 
     assert report.ok == {"plain.dat"} and not (b.root / "plain.dat").exists()
     assert "goes through a symbolic link ('run')" in report.failed["run/f0.dat"]
@@ -230,14 +231,14 @@ def test_rclone_hashes_and_listings_never_follow_links_whatever_the_user_configu
     monkeypatch.setenv("RCLONE_LOCAL_COPY_LINKS", "true")
     monkeypatch.setenv("RCLONE_SKIP_LINKS", "true")
 
-    found = rclone.hashsum(a.rclone_target(), ["real.dat", "link.dat", "dirlink/o.dat"], "md5", download=True)
+    found = hashsum(a.rclone_target(), ["real.dat", "link.dat", "dirlink/o.dat"], "md5", download=True)
     skipped: list[str] = []
-    listed = [o.path for o in rclone.lsjson(a.rclone_target(), links=skipped)]
+    listed = [o.path for o in lsjson(a.rclone_target(), links=skipped)]
 
     assert found == {"real.dat": hashlib.md5(b"REAL.DAT").hexdigest()}
     assert sorted(listed) == ["other/f1.dat", "real.dat", "run/f0.dat"]
     assert sorted(skipped) == ["dirlink", "link.dat", "other/nested"]
-    assert rclone.refused_paths(a.rclone_target(), ["link.dat", "real.dat"]) == {
+    assert refused_paths(a.rclone_target(), ["link.dat", "real.dat"]) == {
         "link.dat": f"'link.dat' is a symbolic link on {a.root} (DLM never follows links)"
     }
 
@@ -255,10 +256,10 @@ def test_s3_copies_neither_read_a_posix_link_nor_land_through_one(
     s3 = S3Storage("obj", f"{s3_bucket}/copies", endpoint=s3_env.endpoint)
     try:
         files = ["link.dat", "dirlink/o.dat", "real.dat"]
-        up = rclone.copy_files(a.rclone_target(), s3.rclone_target(), files)
+        up = copy_files(a.rclone_target(), s3.rclone_target(), files)
         keys = sorted(o.path for o in s3.list())
         s3.put("run/f0.dat", io.BytesIO(b"f0 from the object store\n"))
-        down = rclone.copy_files(s3.rclone_target(), b.rclone_target(), ["run/f0.dat", "real.dat"])
+        down = copy_files(s3.rclone_target(), b.rclone_target(), ["run/f0.dat", "real.dat"])
     finally:
         s3.close()
 
@@ -275,22 +276,20 @@ def test_s3_copies_neither_read_a_posix_link_nor_land_through_one(
 def add_posix(name: str, root: Path, location: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with session_scope() as s:
-        catalog.add_storage(
-            s, StorageCreate(name=name, kind=StorageKind.POSIX, root=str(root), location=location)
-        )
+        add_storage(s, StorageCreate(name=name, kind=StorageKind.POSIX, root=str(root), location=location))
 
 
 def ingest_in_place(storage: str, paths: list[str], phase: Phase) -> None:
     with session_scope() as s:
-        st = catalog.get_storage(s, storage)
-        sources = catalog.plan_ingest(s, storage=st, paths=paths, upload=False)
-        catalog.ingest(s, storage=st, sources=sources, options=catalog.IngestOptions(phase=phase))
+        st = get_storage(s, storage)
+        sources = plan_ingest(s, storage=st, paths=paths, upload=False)
+        ingest(s, storage=st, sources=sources, options=IngestOptions(phase=phase))
 
 
 def copies(name: str) -> dict[str, str]:
     """storage name -> state of NAME's copies that are not DELETED."""
     with session_scope() as s:
-        item = catalog.get_item(s, name)
+        item = get_item(s, name)
         rows = s.execute(
             select(col(Storage.name), col(Replica.state))
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
@@ -308,7 +307,7 @@ def events(kind: str) -> list[dict[str, Any]]:
 
 def item_state(name: str) -> str:
     with session_scope() as s:
-        return str(catalog.get_item(s, name).state)
+        return str(get_item(s, name).state)
 
 
 # --------------------------------------------------------------------------- ingest (CLI)
@@ -347,7 +346,7 @@ def test_ingest_in_place_refuses_a_symlink_inside_the_root(dlm, db_url: str, tmp
 def test_checkout_never_writes_through_a_link_in_the_destination(
     db_url: str, rclone_path: str, tmp_path: Path, outside: Path
 ) -> None:
-    from lifecycle.checkout import checkout
+    from lifecycle.apply.checkout import checkout
 
     add_posix("disk-a", tmp_path / "a", "site-a")
     (tmp_path / "a" / "run").mkdir()

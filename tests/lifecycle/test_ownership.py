@@ -23,12 +23,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col
 
-from lifecycle import catalog
-from lifecycle.catalog import table_counts
-from lifecycle.db import session_scope
+from lifecycle.catalogue.catalog import get_item, table_counts
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.ingest import IngestOptions, ingest, plan_ingest
+from lifecycle.catalogue.models import Item, Replica, Storage, Transfer
+from lifecycle.catalogue.storages import add_storage, get_storage
 from lifecycle.errors import ConflictError
-from lifecycle.models import Item, Replica, Storage, Transfer
 from lifecycle.states import ReplicaState, TransferState
+from lifecycle.transfer.operations import copy_files
 from tests.cli import conftest as cli_conftest
 
 dlm = cli_conftest.dlm  # the in-process CLI fixture
@@ -45,7 +47,7 @@ def _md5(data: bytes) -> str:
 
 def _item_checksum(name: str) -> str:
     with session_scope() as s:
-        item = catalog.get_item(s, name)
+        item = get_item(s, name)
         return str(item.checksum)
 
 
@@ -204,10 +206,10 @@ def test_s3_upload_refuses_an_object_another_item_owns(
     assert r.code == 0, r.err
     head = client.head_object(Bucket=s3_bucket, Key=name)
     assert all(v.isascii() for v in head["Metadata"].values())
-    from lifecycle.storage import backend_for
+    from lifecycle.storage.backends import backend_for
 
     with session_scope() as s:
-        st = backend_for(catalog.get_storage(s, "obj"))
+        st = backend_for(get_storage(s, "obj"))
     assert st.stat(name).metadata["dlm-name"] == name
     assert client.get_object(Bucket=s3_bucket, Key=name)["Body"].read() == b"NEW!\n"
 
@@ -273,13 +275,13 @@ def test_from_list_refuses_the_same_path_on_two_rows(dlm, disks: Path, db_url: s
 
 
 def test_from_list_across_batches_sees_earlier_batches(disks: Path, db_url: str) -> None:
-    from lifecycle import bulk
+    from lifecycle.catalogue import bulk
 
     source = io.StringIO(
         "".join(json.dumps({"name": f"n{i}", "path": "same.dat", "size": 1}) + "\n" for i in range(3))
     )
     with pytest.raises(ConflictError, match=r"line 2: path 'same\.dat'"), session_scope() as s:
-        bulk.register_from_list(s, storage=catalog.get_storage(s, "disk-a"), source=source, batch_size=1)
+        bulk.register_from_list(s, storage=get_storage(s, "disk-a"), source=source, batch_size=1)
     assert _counts(db_url)["item"] == 0
 
 
@@ -288,7 +290,7 @@ def test_from_list_across_batches_sees_earlier_batches(disks: Path, db_url: str)
 
 def test_the_database_holds_one_live_copy_per_path(disks: Path, db_url: str) -> None:
     with session_scope() as s:
-        sid = catalog.get_storage(s, "disk-a").id
+        sid = get_storage(s, "disk-a").id
         a, b = Item(name="a", size=1), Item(name="b", size=1)
         s.add_all([a, b])
         s.flush()
@@ -309,8 +311,8 @@ def test_migration_0002_refuses_a_catalogue_with_shared_paths(backend: str, tmp_
 
     from alembic import command
 
-    from lifecycle.db import _alembic_config, get_engine, init_db
-    from tests.rig import fresh_postgres_database
+    from devrig.postgres import fresh_postgres_database
+    from lifecycle.catalogue.db import alembic_config, get_engine, init_db
 
     with ExitStack() as stack:
         if backend == "sqlite":
@@ -321,7 +323,7 @@ def test_migration_0002_refuses_a_catalogue_with_shared_paths(backend: str, tmp_
             except RuntimeError as exc:
                 pytest.skip(f"PostgreSQL unavailable: {exc}")
         engine = get_engine(url)
-        command.upgrade(_alembic_config(engine), "0001")
+        command.upgrade(alembic_config(engine), "0001")
         sid, a, b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         with engine.begin() as conn:  # rows as a catalogue before 0002 could hold them
             conn.execute(
@@ -413,9 +415,9 @@ def test_rclone_local_remote_compared_as_posix(
 
 
 def test_s3_roots_overlap_by_endpoint_bucket_and_prefix_segments(db_url: str) -> None:
-    from lifecycle.catalog import _check_overlap
+    from lifecycle.catalogue.models import Storage
+    from lifecycle.catalogue.storages import check_overlap
     from lifecycle.errors import InvalidValueError
-    from lifecycle.models import Storage
     from lifecycle.states import StorageKind
 
     with session_scope() as s:
@@ -427,14 +429,14 @@ def test_s3_roots_overlap_by_endpoint_bucket_and_prefix_segments(db_url: str) ->
             ("bkt", "http://host:8333"),
         ):
             with pytest.raises(InvalidValueError, match="'s-a'"):
-                _check_overlap(s, "new", StorageKind.S3, root, endpoint)
+                check_overlap(s, "new", StorageKind.S3, root, endpoint)
         for root, endpoint in (
             ("bkt/a/bc", "http://host:8333"),
             ("bkt/a/b", "http://other:8333"),
             ("bkt/a/b", None),
             ("other/a/b", "http://host:8333"),
         ):
-            _check_overlap(s, "new", StorageKind.S3, root, endpoint)
+            check_overlap(s, "new", StorageKind.S3, root, endpoint)
 
 
 # --------------------------------------------------------------------------- 5. checkout
@@ -465,8 +467,7 @@ def test_checkout_refuses_a_storage_root(dlm, disks: Path, db_url: str) -> None:
 
 @pytest.mark.rclone
 def test_copy_files_keeps_different_bytes_and_accepts_identical(tmp_path: Path, rclone_path: str) -> None:
-    from lifecycle import rclone
-    from lifecycle.storage.base import RcloneTarget
+    from lifecycle.transfer.target import RcloneTarget
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -475,7 +476,7 @@ def test_copy_files_keeps_different_bytes_and_accepts_identical(tmp_path: Path, 
         (a / name).write_bytes(src)
         if dst is not None:
             (b / name).write_bytes(dst)
-    report = rclone.copy_files(RcloneTarget(str(a)), RcloneTarget(str(b)), ["same", "diff", "fresh"])
+    report = copy_files(RcloneTarget(str(a)), RcloneTarget(str(b)), ["same", "diff", "fresh"])
     assert report.ok == {"same", "fresh"}
     assert report.failed == {"diff": "a different file already exists at the destination (left as it is)"}
     assert (b / "diff").read_bytes() == b"theirs" and (b / "fresh").read_bytes() == b"f"
@@ -489,7 +490,7 @@ def test_replicate_leaves_a_stray_file_at_the_destination(
     """Bytes at the destination path that no catalogue row tracks are not copied over: the
     transfer FAILS with a clear error and the bytes stay. (Set up through the core, not the
     in-process CLI: Prefect's log handlers would keep the CLI fixture's captured stream.)"""
-    from lifecycle.models import StorageCreate
+    from lifecycle.catalogue.models import StorageCreate
     from lifecycle.states import Phase, StorageKind
 
     disks = tmp_path
@@ -498,12 +499,12 @@ def test_replicate_leaves_a_stray_file_at_the_destination(
     (disks / "a" / "l.dat").write_bytes(b"liquid item\n")
     with session_scope() as s:
         for name, sub, loc in (("disk-a", "a", "site-a"), ("disk-b", "b", "site-b")):
-            catalog.add_storage(
+            add_storage(
                 s, StorageCreate(name=name, kind=StorageKind.POSIX, root=str(disks / sub), location=loc)
             )
-        a = catalog.get_storage(s, "disk-a")
-        sources = catalog.plan_ingest(s, storage=a, paths=["l.dat"], upload=False)
-        catalog.ingest(s, storage=a, sources=sources, options=catalog.IngestOptions(phase=Phase.LIQUID))
+        a = get_storage(s, "disk-a")
+        sources = plan_ingest(s, storage=a, paths=["l.dat"], upload=False)
+        ingest(s, storage=a, sources=sources, options=IngestOptions(phase=Phase.LIQUID))
     (disks / "b" / "l.dat").write_bytes(b"nobody's, but not DLM's to replace\n")
     from flows.pipelines import replicate
 
@@ -529,18 +530,19 @@ def test_a_copy_claim_on_a_path_another_item_holds_is_skipped(
     disks: Path, db_url: str, rclone_path: str
 ) -> None:
     """The claim insert meets the index: the copy is skipped and reported, nothing is written."""
-    from lifecycle.apply import CopyBatch, apply_copy_batch
-    from lifecycle.planner import Copy
+    from lifecycle.apply.copy import apply_copy_batch
+    from lifecycle.planning.actions import Copy
+    from lifecycle.planning.plan import CopyBatch
 
     (disks / "a" / "m.dat").write_bytes(b"item m\n")
     (disks / "b" / "m.dat").write_bytes(b"item n on b\n")
     with session_scope() as s:
-        a, b = catalog.get_storage(s, "disk-a"), catalog.get_storage(s, "disk-b")
+        a, b = get_storage(s, "disk-a"), get_storage(s, "disk-b")
         for st, name in ((a, "m.dat"), (b, "n")):
             path = "m.dat"
-            srcs = catalog.plan_ingest(s, storage=st, paths=[path], upload=False, name=name)
-            catalog.ingest(s, storage=st, sources=srcs, options=catalog.IngestOptions())
-        m = catalog.get_item(s, "m.dat")
+            srcs = plan_ingest(s, storage=st, paths=[path], upload=False, name=name)
+            ingest(s, storage=st, sources=srcs, options=IngestOptions())
+        m = get_item(s, "m.dat")
         batch = CopyBatch(a.id, b.id, (Copy(m.oid, a.id, "m.dat", b.id, "m.dat", m.size, "test"),))
     result = apply_copy_batch(batch)
     assert (result.skipped, result.done, result.failed) == (1, 0, 0)
@@ -552,8 +554,8 @@ def test_a_copy_claim_on_a_path_another_item_holds_is_skipped(
 def test_a_lost_copy_does_not_come_back_over_another_items_path(dlm, disks: Path, db_url: str) -> None:
     """A LOST row frees its path; once another item holds it, the LOST copy is not brought
     back (verify's "found intact again"), which would put two live owners on one file."""
-    from lifecycle.models import utcnow
-    from lifecycle.verify import Check, ReplicaChange, apply_replica_changes
+    from lifecycle.apply.settle import Check, ReplicaChange, apply_replica_changes
+    from lifecycle.catalogue.models import utcnow
 
     (disks / "a" / "p.dat").write_bytes(b"A's bytes\n")
     assert dlm("ingest", "-s", "disk-a", str(disks / "a" / "p.dat"), "--name", "item-a").code == 0
@@ -564,7 +566,7 @@ def test_a_lost_copy_does_not_come_back_over_another_items_path(dlm, disks: Path
     r = dlm("ingest", "-s", "disk-a", "--upload", str(disks / "new"), "--name", "p.dat")
     assert r.code == 0, r.err
     with session_scope() as s:
-        a = catalog.get_item(s, "item-a")
+        a = get_item(s, "item-a")
         lost = s.scalars(select(Replica).where(col(Replica.item_oid) == a.oid)).one()
         check = Check(
             lost.uid, a.oid, lost.storage_id, "p.dat", a.size, str(a.checksum), "md5", ReplicaState.LOST
@@ -583,13 +585,13 @@ def test_adopt_decodes_percent_encoded_s3_metadata(
     db_url: str, s3_bucket: str, s3_env: Any, rclone_path: str
 ) -> None:
     """Metadata that is not ASCII travels percent-encoded and comes back as it was given."""
-    from lifecycle.models import StorageCreate
-    from lifecycle.reconcile import reconcile_storage
+    from lifecycle.catalogue.models import StorageCreate
+    from lifecycle.integrity.reconcile import reconcile_storage
     from lifecycle.states import StorageKind
-    from lifecycle.storage import backend_for
+    from lifecycle.storage.backends import backend_for
 
     with session_scope() as s:
-        st = catalog.add_storage(
+        st = add_storage(
             s,
             StorageCreate(
                 name="obj",
@@ -606,7 +608,7 @@ def test_adopt_decodes_percent_encoded_s3_metadata(
     result = reconcile_storage("obj", adopt=True)
     assert result.adopted == 1
     with session_scope() as s:
-        item = catalog.get_item(s, "obs/été.dat")
+        item = get_item(s, "obs/été.dat")
         assert item.meta["instrument"] == "télescope 100%"
         assert item.checksum == _md5(b"summer")
 

@@ -11,23 +11,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.synthetic import bench_plan
 from lifecycle.errors import InvalidValueError
-from lifecycle.planner import (
+from lifecycle.planning.actions import (
     Action,
     Copy,
     DeleteReplica,
     Drained,
     ExpireItem,
-    ExpirePlanner,
-    MigratePlanner,
-    RebalancePlanner,
     Refusal,
-    ReplicatePlanner,
     SetPhase,
     Shortfall,
-    bench_plan,
 )
-from lifecycle.policy import (
+from lifecycle.planning.expire import ExpirePlanner
+from lifecycle.planning.planner import MigratePlanner, ReplicatePlanner
+from lifecycle.planning.policy import (
     AgingRule,
     Policy,
     StorageIndex,
@@ -35,6 +33,7 @@ from lifecycle.policy import (
     current_phase,
     phase_satisfied,
 )
+from lifecycle.planning.rebalance import RebalancePlanner
 from lifecycle.settings import PolicySettings, RebalanceSettings
 from lifecycle.states import (
     LIVE_ITEM_STATES,

@@ -14,10 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlmodel import col
 
-from lifecycle.db import get_engine, session_scope
-from lifecycle.errors import InvalidFilterError
-from lifecycle.models import Item, Replica, Storage
-from lifecycle.query import (
+from lifecycle.catalogue.db import get_engine, session_scope
+from lifecycle.catalogue.models import Item, Replica, Storage
+from lifecycle.catalogue.query import (
     FIELDS,
     And,
     Compare,
@@ -29,6 +28,7 @@ from lifecycle.query import (
     compile_filter,
     parse,
 )
+from lifecycle.errors import InvalidFilterError
 from lifecycle.states import ItemState, ItemType, Phase, ReplicaState, StorageKind
 
 NOW = datetime(2026, 2, 15, tzinfo=UTC)

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle import rclone
+from devrig.seaweed import SeaweedServer
 from lifecycle.errors import InvalidValueError, SourceNotFoundError, StorageError
-from lifecycle.seaweed import SeaweedServer
-from lifecycle.storage.base import RcloneTarget
 from lifecycle.storage.posix import PosixStorage
 from lifecycle.storage.rclone import RcloneStorage
 from lifecycle.storage.s3 import S3Storage
+from lifecycle.transfer.binary import rclone_binary
+from lifecycle.transfer.log import error_class
+from lifecycle.transfer.operations import copy_files, delete_files, hashsum, lsjson, move_files
+from lifecycle.transfer.process import run
+from lifecycle.transfer.target import RcloneTarget
 
 pytestmark = [pytest.mark.rclone]
 
@@ -53,8 +56,8 @@ def s3(s3_env: SeaweedServer, s3_bucket: str) -> Iterator[S3Storage]:
 
 
 def test_rclone_binary_is_recent(rclone_path: str) -> None:
-    assert rclone.rclone_binary() == rclone_path
-    proc = rclone.run(["version"])
+    assert rclone_binary() == rclone_path
+    proc = run(["version"])
     assert proc.returncode == 0
     major, minor = proc.stdout.decode().split()[1].lstrip("v").split(".")[:2]
     assert (int(major), int(minor)) >= (1, 65)
@@ -65,7 +68,7 @@ def test_rclone_binary_is_recent(rclone_path: str) -> None:
 def test_copy_posix_to_s3_in_one_process(
     rclone_path: str, src_tree: PosixStorage, s3: S3Storage, s3_env: SeaweedServer
 ) -> None:
-    report = rclone.copy_files(src_tree.rclone_target(), s3.rclone_target(), [*FILES, "d0/missing.dat"])
+    report = copy_files(src_tree.rclone_target(), s3.rclone_target(), [*FILES, "d0/missing.dat"])
 
     assert report.ok == set(FILES)
     assert set(report.failed) == {"d0/missing.dat"}
@@ -82,7 +85,7 @@ def test_copy_posix_to_s3_in_one_process(
     assert set(report.hashes) == set(FILES)
 
     # A second run finds everything identical: all ok, nothing transferred.
-    again = rclone.copy_files(src_tree.rclone_target(), s3.rclone_target(), FILES[:20])
+    again = copy_files(src_tree.rclone_target(), s3.rclone_target(), FILES[:20])
     assert again.ok == set(FILES[:20])
     assert again.failed == {}
     assert again.bytes == 0
@@ -95,14 +98,14 @@ def test_copy_s3_to_posix_never_replaces_different_bytes(
     s3.put("a/one.bin", io.BytesIO(b"one"))
     s3.put("b/two.bin", io.BytesIO(b"two"))
     dst = PosixStorage("dst", str(tmp_path / "dst"))
-    report = rclone.copy_files(s3.rclone_target(), dst.rclone_target(), ["a/one.bin", "b/two.bin"])
+    report = copy_files(s3.rclone_target(), dst.rclone_target(), ["a/one.bin", "b/two.bin"])
     assert report.ok == {"a/one.bin", "b/two.bin"}
     assert (tmp_path / "dst" / "a" / "one.bin").read_bytes() == b"one"
 
     # Different bytes at the destination are someone's: the copy fails and leaves them (a
     # corrupt copy of DLM's own is deleted first by repair, then copied).
     (tmp_path / "dst" / "b" / "two.bin").write_bytes(b"corrupted!")
-    report = rclone.copy_files(s3.rclone_target(), dst.rclone_target(), ["a/one.bin", "b/two.bin"])
+    report = copy_files(s3.rclone_target(), dst.rclone_target(), ["a/one.bin", "b/two.bin"])
     assert report.ok == {"a/one.bin"}  # the same bytes already there: a retry's copy is accepted
     assert "already exists" in report.failed["b/two.bin"]
     assert (tmp_path / "dst" / "b" / "two.bin").read_bytes() == b"corrupted!"
@@ -112,7 +115,7 @@ def test_copy_s3_to_posix_never_replaces_different_bytes(
 def test_move_files_removes_the_source(rclone_path: str, s3: S3Storage, tmp_path: Path) -> None:
     src = PosixStorage("m", str(tmp_path / "m"))
     src.put("x/y.bin", io.BytesIO(b"moving"))
-    report = rclone.move_files(src.rclone_target(), s3.rclone_target(), ["x/y.bin"])
+    report = move_files(src.rclone_target(), s3.rclone_target(), ["x/y.bin"])
     assert report.ok == {"x/y.bin"}
     assert not (tmp_path / "m" / "x" / "y.bin").exists()
     with s3.open("x/y.bin") as f:
@@ -124,11 +127,11 @@ def test_copy_with_wrong_credentials_fails_every_file(
     rclone_path: str, src_tree: PosixStorage, s3: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    report = rclone.copy_files(src_tree.rclone_target(), s3.rclone_target(), FILES[:30])
+    report = copy_files(src_tree.rclone_target(), s3.rclone_target(), FILES[:30])
     assert report.ok == set()
     assert set(report.failed) == set(FILES[:30])
     reasons = set(report.failed.values())
-    assert all(rclone.error_class(reason).__name__ == "CredentialsError" for reason in reasons), reasons
+    assert all(error_class(reason).__name__ == "CredentialsError" for reason in reasons), reasons
     assert report.returncode != 0
 
 
@@ -138,18 +141,16 @@ def test_copy_to_an_unreachable_endpoint_fails_every_file_quickly(
 ) -> None:
     far = S3Storage("far", "bucket", endpoint=f"http://127.0.0.1:{_closed_port()}")
     started = time.monotonic()
-    report = rclone.copy_files(src_tree.rclone_target(), far.rclone_target(), FILES[:10])
+    report = copy_files(src_tree.rclone_target(), far.rclone_target(), FILES[:10])
     assert time.monotonic() - started < 60
     assert report.ok == set()
     assert set(report.failed) == set(FILES[:10])
     assert all("connection refused" in reason for reason in report.failed.values()), report.failed
-    assert all(
-        rclone.error_class(reason).__name__ == "StorageUnavailableError" for reason in report.failed.values()
-    )
+    assert all(error_class(reason).__name__ == "StorageUnavailableError" for reason in report.failed.values())
 
 
 def test_copy_from_a_missing_source_directory_fails_every_file(rclone_path: str, tmp_path: Path) -> None:
-    report = rclone.copy_files(
+    report = copy_files(
         RcloneTarget(str(tmp_path / "nowhere")), RcloneTarget(str(tmp_path / "dst")), ["a", "b/c"]
     )
     assert report.ok == set()
@@ -158,14 +159,14 @@ def test_copy_from_a_missing_source_directory_fails_every_file(rclone_path: str,
 
 def test_copy_refuses_a_name_with_a_line_break(rclone_path: str, tmp_path: Path) -> None:
     with pytest.raises(InvalidValueError, match="line break"):
-        rclone.copy_files(RcloneTarget(str(tmp_path)), RcloneTarget(str(tmp_path / "d")), ["a\nb"])
+        copy_files(RcloneTarget(str(tmp_path)), RcloneTarget(str(tmp_path / "d")), ["a\nb"])
 
 
 @pytest.mark.s3
 def test_delete_files_in_one_process(rclone_path: str, s3: S3Storage, s3_env: SeaweedServer) -> None:
     for name in ("keep.bin", "x/gone1.bin", "x/gone2.bin"):
         s3.put(name, io.BytesIO(name.encode()))
-    report = rclone.delete_files(s3.rclone_target(), ["x/gone1.bin", "x/gone2.bin", "never/was.bin"])
+    report = delete_files(s3.rclone_target(), ["x/gone1.bin", "x/gone2.bin", "never/was.bin"])
     assert report.failed == {}
     assert report.ok == {"x/gone1.bin", "x/gone2.bin", "never/was.bin"}
     assert [o.path for o in s3.list()] == ["keep.bin"]
@@ -177,7 +178,7 @@ def test_delete_files_with_wrong_credentials_fails(
 ) -> None:
     s3.put("x.bin", io.BytesIO(b"x"))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nope")
-    report = rclone.delete_files(s3.rclone_target(), ["x.bin"])
+    report = delete_files(s3.rclone_target(), ["x.bin"])
     assert set(report.failed) == {"x.bin"}
     monkeypatch.undo()
 
@@ -187,7 +188,7 @@ def test_lsjson_with_hash_on_s3_gives_md5(rclone_path: str, s3: S3Storage) -> No
     blobs = {f"h/{i}.bin": _payload(i) * 50 for i in range(5)}
     for name, data in blobs.items():
         s3.put(name, io.BytesIO(data))
-    listed = {o.path: o for o in rclone.lsjson(s3.rclone_target(), hash=True)}
+    listed = {o.path: o for o in lsjson(s3.rclone_target(), hash=True)}
     assert set(listed) == set(blobs)
     for name, data in blobs.items():
         assert listed[name].size == len(data)
@@ -198,11 +199,11 @@ def test_lsjson_with_hash_on_s3_gives_md5(rclone_path: str, s3: S3Storage) -> No
 
 def test_lsjson_of_a_missing_directory_raises(rclone_path: str, tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="directory not found"):
-        list(rclone.lsjson(RcloneTarget(str(tmp_path / "absent"))))
+        list(lsjson(RcloneTarget(str(tmp_path / "absent"))))
 
 
 def test_lsjson_can_stop_early_without_leaking_the_process(rclone_path: str, src_tree: PosixStorage) -> None:
-    stream = rclone.lsjson(src_tree.rclone_target())
+    stream = lsjson(src_tree.rclone_target())
     first = next(stream)
     assert first.path in FILES
     stream.close()  # kills rclone; -W error catches a leaked process or pipe
@@ -211,16 +212,16 @@ def test_lsjson_can_stop_early_without_leaking_the_process(rclone_path: str, src
 @pytest.mark.s3
 def test_hashsum_posix_and_s3(rclone_path: str, src_tree: PosixStorage, s3: S3Storage) -> None:
     wanted = FILES[:5]
-    sha = rclone.hashsum(src_tree.rclone_target(), [*wanted, "absent.dat"], "sha256")
+    sha = hashsum(src_tree.rclone_target(), [*wanted, "absent.dat"], "sha256")
     assert sha == {p: hashlib.sha256((src_tree.root / p).read_bytes()).hexdigest() for p in wanted}
 
-    rclone.copy_files(src_tree.rclone_target(), s3.rclone_target(), wanted)
-    md5 = rclone.hashsum(s3.rclone_target(), wanted, "md5")
+    copy_files(src_tree.rclone_target(), s3.rclone_target(), wanted)
+    md5 = hashsum(s3.rclone_target(), wanted, "md5")
     assert md5 == {p: hashlib.md5((src_tree.root / p).read_bytes()).hexdigest() for p in wanted}
     # S3 keeps no SHA-256: rclone reads the bytes.
-    assert rclone.hashsum(s3.rclone_target(), wanted, "sha256") == sha
+    assert hashsum(s3.rclone_target(), wanted, "sha256") == sha
     with pytest.raises(InvalidValueError, match="blake2b"):
-        rclone.hashsum(s3.rclone_target(), wanted, "blake2b")
+        hashsum(s3.rclone_target(), wanted, "blake2b")
 
 
 # --------------------------------------------------------------------------- RcloneStorage
@@ -310,7 +311,7 @@ def test_copy_files_large_file_multi_thread_copy_is_reported(tmp_path: Path, rcl
     dst.mkdir()
     with open(src / "big.bin", "wb") as f:
         f.truncate(300 * 1024 * 1024)
-    report = rclone.copy_files(RcloneTarget(str(src)), RcloneTarget(str(dst)), ["big.bin"])
+    report = copy_files(RcloneTarget(str(src)), RcloneTarget(str(dst)), ["big.bin"])
     assert report.ok == {"big.bin"} and not report.failed
     assert (dst / "big.bin").stat().st_size == 300 * 1024 * 1024
 
@@ -325,7 +326,7 @@ def test_a_large_upload_to_s3_keeps_an_md5_readable_without_download(
     src.mkdir()
     data = bytes(range(256)) * (260 * 4096)  # 260 MiB
     (src / "big.bin").write_bytes(data)
-    report = rclone.copy_files(RcloneTarget(str(src)), s3.rclone_target(), ["big.bin"])
+    report = copy_files(RcloneTarget(str(src)), s3.rclone_target(), ["big.bin"])
     md5 = hashlib.md5(data).hexdigest()
     assert report.ok == {"big.bin"} and report.hashes == {"big.bin": ("md5", md5)}
-    assert rclone.hashsum(s3.rclone_target(), ["big.bin"], "md5", download=False) == {"big.bin": md5}
+    assert hashsum(s3.rclone_target(), ["big.bin"], "md5", download=False) == {"big.bin": md5}

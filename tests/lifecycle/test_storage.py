@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from devrig.seaweed import SeaweedServer
 from lifecycle.errors import (
     CredentialsError,
     InvalidNameError,
@@ -20,7 +21,6 @@ from lifecycle.errors import (
     StorageError,
     StorageUnavailableError,
 )
-from lifecycle.seaweed import SeaweedServer
 from lifecycle.storage.base import StorageBackend
 from lifecycle.storage.memory import MemoryStorage
 from lifecycle.storage.posix import PosixStorage

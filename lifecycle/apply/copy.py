@@ -1,0 +1,439 @@
+"""Applies planned actions to storages and the catalogue, in batches, safely under concurrency.
+
+A copy batch (one source and one destination storage) is:
+1. *claimed*: one COPYING replica row per copy is inserted on the destination; the partial
+   unique index (one live copy of an item per storage) makes a concurrent run's claim of
+   the same copy a no-op, so two runs never copy the same thing twice;
+2. *moved* by ONE rclone process for the whole batch (`--files-from-raw`, `--checksum`);
+3. *verified*: the destination's checksums (one `rclone hashsum` call) are compared with
+   the catalogue's, so a copy is READY only if its bytes are the item's;
+4. *settled* in one transaction: READY rows, FAILED transfers, claims of failed copies
+   removed (the catalogue never claims a copy that is not there), one Event per change.
+
+A delete batch (one storage) claims its replicas (READY -> DELETING) after re-checking,
+with the item rows locked on PostgreSQL, that every item keeps its target phase and an
+intact copy without them (unless the item itself expired); the other copies such a deletion
+relies on are then confirmed on their storages (one listing per storage: check before
+delete), those found missing become LOST and the deletions no longer safe are given back;
+then one rclone process deletes the files, and the rows become DELETED.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import String, cast, delete, func, insert, select, update
+from sqlmodel import Session, col
+
+from lifecycle.apply.result import BatchResult
+from lifecycle.catalogue import audit
+from lifecycle.catalogue.db import one_of
+from lifecycle.catalogue.models import Item, Replica, Storage, Transfer, utcnow
+from lifecycle.catalogue.sql import SessionFactory, default_sessions, insert_ignore, is_postgres, worker_id
+from lifecycle.errors import DLMError
+from lifecycle.planning.plan import CopyBatch
+from lifecycle.states import (
+    LIVE_REPLICA_STATES,
+    ItemState,
+    ReplicaState,
+    TransferKind,
+    TransferState,
+)
+from lifecycle.storage.backends import backend_for
+from lifecycle.transfer.log import HASHES
+from lifecycle.transfer.operations import copy_files, delete_files, hashsum
+from lifecycle.transfer.target import RcloneTarget
+
+# --------------------------------------------------------------------------- copies
+
+
+@dataclass(frozen=True)
+class _Claim:
+    replica_uid: uuid.UUID
+    transfer_id: uuid.UUID
+    item_oid: uuid.UUID
+    path: str
+    size: int
+    checksum: str | None
+    algo: str | None
+
+
+def _claim_copies(
+    session: Session, batch: CopyBatch, *, kind: TransferKind, run_id: str | None
+) -> list[_Claim]:
+    """Insert COPYING rows for the copies whose source is still READY and that no other run
+    has claimed; returns the claims that are ours."""
+    copies = {c.item_oid: c for c in batch.copies}
+    claims: list[_Claim] = []
+    oids = list(copies)
+    now = utcnow()
+    me = worker_id()
+    dialect = session.get_bind().dialect.name
+    conn = session.connection()
+    step = 2000 if dialect == "postgresql" else 500  # arrays on PostgreSQL, IN lists on SQLite
+    for i in range(0, len(oids), step):
+        chunk = oids[i : i + step]
+        if dialect == "postgresql":
+            # A copy another run is claiming right now is left to it: a transaction-scoped
+            # advisory lock per (item, destination) is taken without waiting (skip-locked
+            # semantics for a row that does not exist yet); the unique index settles the rest.
+            key = func.hashtextextended(
+                func.concat(cast(col(Item.oid), String), str(batch.dst_storage_id)), 0
+            )
+            chunk = list(
+                conn.execute(
+                    select(col(Item.oid)).where(
+                        one_of(dialect, col(Item.oid), chunk), func.pg_try_advisory_xact_lock(key)
+                    )
+                ).scalars()
+            )
+            if not chunk:
+                continue
+        ok = conn.execute(
+            select(col(Item.oid), col(Item.checksum), col(Item.checksum_algo), col(Replica.path))
+            .join(Replica, col(Replica.item_oid) == col(Item.oid))
+            .where(
+                one_of(dialect, col(Item.oid), chunk),
+                one_of(dialect, col(Replica.item_oid), chunk),  # keeps the plan good without statistics
+                col(Item.state) == ItemState.READY.value,
+                col(Replica.storage_id) == batch.src_storage_id,
+                col(Replica.state) == ReplicaState.READY.value,
+            )
+        ).all()
+        rows = []
+        meta: dict[uuid.UUID, tuple[str | None, str | None]] = {}
+        for oid, checksum, algo, src_path in ok:
+            c = copies[oid]
+            if src_path != c.src_path:
+                continue
+            meta[oid] = (checksum, algo)
+            rows.append(
+                {
+                    "uid": uuid.uuid4(),
+                    "item_oid": oid,
+                    "storage_id": batch.dst_storage_id,
+                    "path": c.dst_path,
+                    "state": ReplicaState.COPYING.value,
+                    "claimed_by": me,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
+        if not rows:
+            continue
+        inserted = _insert_claims(session, rows, storage_id=batch.dst_storage_id, me=me, now=now)
+        transfers = []
+        for uid, oid in inserted:
+            c = copies[oid]
+            tid = uuid.uuid4()
+            transfers.append(
+                {
+                    "id": tid,
+                    "item_oid": oid,
+                    "replica_uid": uid,
+                    "kind": kind.value,
+                    "src_storage_id": batch.src_storage_id,
+                    "dst_storage_id": batch.dst_storage_id,
+                    "state": TransferState.RUNNING.value,
+                    "bytes": c.size,
+                    "duration_s": 0.0,
+                    "attempts": 1,
+                    "flow_run_id": run_id,
+                    "started_at": now,
+                }
+            )
+            checksum, algo = meta[oid]
+            claims.append(_Claim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
+        if transfers:
+            _insert_transfers(session, transfers)
+    return claims
+
+
+def _insert_claims(
+    session: Session, rows: list[dict[str, Any]], *, storage_id: uuid.UUID, me: str, now: datetime
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Insert COPYING replica rows, skipping any (storage, path) already taken; returns the
+    (uid, item_oid) of the rows inserted."""
+    if is_postgres(session):
+        # one statement over arrays: no per-row parameters to render or convert
+        result = session.connection().exec_driver_sql(
+            "INSERT INTO replica "
+            "(uid, item_oid, storage_id, path, state, claimed_by, created_at, updated_at) "
+            "SELECT u, o, %(sid)s, p, %(state)s, %(me)s, %(now)s, %(now)s "
+            "FROM unnest(%(uids)s::uuid[], %(oids)s::uuid[], %(paths)s::text[]) AS t(u, o, p) "
+            "ON CONFLICT DO NOTHING RETURNING uid, item_oid",
+            {
+                "sid": storage_id,
+                "state": ReplicaState.COPYING.value,
+                "me": me,
+                "now": now,
+                "uids": [r["uid"] for r in rows],
+                "oids": [r["item_oid"] for r in rows],
+                "paths": [r["path"] for r in rows],
+            },
+        )
+        return [(uid, oid) for uid, oid in result]
+    # Core executemany (insertmanyvalues): one cached statement, pages of VALUES
+    replica = Replica.__table__  # type: ignore[attr-defined]
+    stmt = insert_ignore(session, replica).returning(replica.c.uid, replica.c.item_oid)
+    return [(uid, oid) for uid, oid in session.connection().execute(stmt, rows)]
+
+
+def _insert_transfers(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert RUNNING Transfer rows of one batch (same kind, storages, run and start)."""
+    if is_postgres(session):
+        first = rows[0]
+        session.connection().exec_driver_sql(
+            "INSERT INTO transfer (id, item_oid, replica_uid, kind, src_storage_id, dst_storage_id, "
+            "state, bytes, duration_s, attempts, flow_run_id, started_at) "
+            "SELECT i, o, r, %(kind)s, %(src)s, %(dst)s, %(state)s, b, 0, 1, %(run)s, %(now)s "
+            "FROM unnest(%(ids)s::uuid[], %(oids)s::uuid[], %(rids)s::uuid[], %(bytes)s::bigint[]) "
+            "AS t(i, o, r, b)",
+            {
+                "kind": first["kind"],
+                "src": first["src_storage_id"],
+                "dst": first["dst_storage_id"],
+                "state": first["state"],
+                "run": first["flow_run_id"],
+                "now": first["started_at"],
+                "ids": [r["id"] for r in rows],
+                "oids": [r["item_oid"] for r in rows],
+                "rids": [r["replica_uid"] for r in rows],
+                "bytes": [r["bytes"] for r in rows],
+            },
+        )
+        return
+    session.connection().execute(insert(Transfer.__table__), rows)  # type: ignore[attr-defined]
+
+
+def _verify_destination(
+    target: RcloneTarget,
+    claims: Sequence[_Claim],
+    paths_ok: set[str],
+    checked: Mapping[str, tuple[str, str]] | None = None,
+) -> dict[str, str]:
+    """Compare destination checksums with the catalogue's; returns path -> error for mismatches.
+
+    `checked` holds the digests rclone itself found equal at both ends right after copying
+    (path -> (hash, hex)): where that hash is the catalogue's, comparing it with the catalogue
+    settles the copy without reading the destination again. The others are hashed at the
+    destination (one `rclone hashsum` per algorithm)."""
+    errors: dict[str, str] = {}
+    checked = checked or {}
+    by_algo: dict[str, list[_Claim]] = defaultdict(list)
+    for c in claims:
+        if c.path not in paths_ok or not c.checksum or not c.algo:
+            continue
+        seen = checked.get(c.path)
+        if seen is not None and seen[0] == c.algo:
+            if seen[1].lower() != c.checksum.lower():
+                errors[c.path] = (
+                    f"checksum mismatch: the copy's {c.algo} {seen[1]} != catalogue {c.checksum} "
+                    "(the source no longer holds the item's bytes)"
+                )
+            continue
+        by_algo[c.algo].append(c)
+    for algo, group in by_algo.items():
+        if algo not in HASHES:
+            continue  # e.g. blake2b: rclone cannot hash it; the size check and verify cover it
+        try:
+            found = hashsum(target, [c.path for c in group], algo, nbytes=sum(c.size for c in group))
+        except DLMError as exc:
+            for c in group:
+                errors[c.path] = f"cannot read back the copy: {exc}"
+            continue
+        for c in group:
+            got = found.get(c.path)
+            if got is None:
+                errors[c.path] = "copy not found at the destination after transfer"
+            elif got.lower() != (c.checksum or "").lower():
+                errors[c.path] = f"checksum mismatch at destination ({algo} {got} != catalogue {c.checksum})"
+    return errors
+
+
+# Listing a destination costs about one request per 1000 objects, looking files up one by
+# one a request each: list when the destination holds fewer than this many objects per file.
+_LIST_PER_FILE = 100
+
+
+def _small_destination(session: Session, storage_id: uuid.UUID, files: int) -> bool:
+    """Whether the storage holds few enough live copies that rclone should list it rather
+    than look each file up (a bounded count: it stops at the threshold)."""
+    limit = files * _LIST_PER_FILE
+    held = session.execute(
+        select(func.count()).select_from(
+            select(col(Replica.uid))
+            .where(col(Replica.storage_id) == storage_id, col(Replica.state).in_(LIVE_REPLICA_STATES))
+            .limit(limit)
+            .subquery()
+        )
+    ).scalar_one()
+    return int(held) < limit
+
+
+def apply_copy_batch(
+    batch: CopyBatch,
+    *,
+    sessions: SessionFactory = default_sessions,
+    actor: str = "dlm",
+    run_id: str | None = None,
+    transfers: int = 8,
+    checkers: int = 8,
+    kind: TransferKind = TransferKind.COPY,
+) -> BatchResult:
+    """Claim, copy (one rclone process), verify and settle one batch.
+
+    Per-file failures become FAILED transfers and `transfer.failed` events; the batch's other
+    files land. Raises TransientError only when the catalogue cannot be reached.
+    """
+    t0 = time.monotonic()
+    with sessions() as s:
+        src = s.get_one(Storage, batch.src_storage_id)
+        dst = s.get_one(Storage, batch.dst_storage_id)
+        claims = _claim_copies(s, batch, kind=kind, run_id=run_id)
+        traverse = bool(claims) and _small_destination(s, batch.dst_storage_id, len(claims))
+    result = BatchResult("copy", src.name, dst.name, planned=len(batch.copies))
+    result.stages["claim"] = time.monotonic() - t0
+    result.skipped = len(batch.copies) - len(claims)
+    if not claims:
+        return result
+    started = time.monotonic()
+    src_target = backend_for(src).rclone_target()
+    dst_target = backend_for(dst).rclone_target()
+    report = copy_files(
+        src_target,
+        dst_target,
+        [c.path for c in claims],
+        transfers=transfers,
+        checkers=checkers,
+        traverse=traverse,
+        nbytes=sum(c.size for c in claims),
+    )
+    t1 = time.monotonic()
+    result.stages["rclone"] = t1 - started
+    mismatches = _verify_destination(dst_target, claims, report.ok, report.hashes)
+    result.stages["verify"] = time.monotonic() - t1
+    failed = dict(report.failed)
+    failed.update(mismatches)
+    for c in claims:
+        if c.path not in report.ok and c.path not in failed:
+            failed[c.path] = "rclone did not report this file"
+    if mismatches:  # a copy that is not the item's bytes must not stay behind
+        delete_files(dst_target, list(mismatches))
+    duration = time.monotonic() - started
+    good = [c for c in claims if c.path not in failed]
+    bad = [c for c in claims if c.path in failed]
+    t2 = time.monotonic()
+    _settle_copies(
+        s_factory=sessions,
+        batch=batch,
+        good=good,
+        bad=bad,
+        failed=failed,
+        duration=duration,
+        actor=actor,
+        src_name=src.name,
+        dst_name=dst.name,
+        result=result,
+    )
+    result.duration_s = duration
+    result.stages["settle"] = time.monotonic() - t2
+    return result
+
+
+def _settle_copies(
+    *,
+    s_factory: SessionFactory,
+    batch: CopyBatch,
+    good: Sequence[_Claim],
+    bad: Sequence[_Claim],
+    failed: dict[str, str],
+    duration: float,
+    actor: str,
+    src_name: str,
+    dst_name: str,
+    result: BatchResult,
+) -> None:
+    now = utcnow()
+    events: list[dict[str, Any]] = []
+    with s_factory() as s:
+        dialect = s.get_bind().dialect.name
+        conn = s.connection()  # Core statements: no ORM session synchronisation to do
+        step = 5000 if dialect == "postgresql" else 500
+        for i in range(0, len(good), step):
+            chunk = good[i : i + step]
+            conn.execute(
+                update(Replica)
+                .where(one_of(dialect, col(Replica.uid), [c.replica_uid for c in chunk]))
+                .values(state=ReplicaState.READY.value, verified_at=now, updated_at=now, claimed_by=None)
+            )
+            conn.execute(
+                update(Transfer)
+                .where(one_of(dialect, col(Transfer.id), [c.transfer_id for c in chunk]))
+                .values(state=TransferState.DONE.value, duration_s=duration, finished_at=now)
+            )
+        for i in range(0, len(bad), step):
+            chunk = bad[i : i + step]
+            uids = [c.replica_uid for c in chunk]
+            conn.execute(delete(Replica).where(one_of(dialect, col(Replica.uid), uids)))
+        for c in bad:
+            s.execute(
+                update(Transfer)
+                .where(col(Transfer.id) == c.transfer_id)
+                .values(
+                    state=TransferState.FAILED.value,
+                    error=failed[c.path][:1000],
+                    duration_s=duration,
+                    finished_at=now,
+                    replica_uid=None,
+                )
+            )
+        moved = sum(c.size for c in good)
+        if moved:
+            s.execute(
+                update(Storage)
+                .where(col(Storage.id) == batch.dst_storage_id)
+                .values(used_bytes=col(Storage.used_bytes) + moved)
+            )
+        for c in good:
+            events.append(
+                {
+                    "kind": "replica.created",
+                    "item_oid": c.item_oid,
+                    "replica_uid": c.replica_uid,
+                    "storage_id": batch.dst_storage_id,
+                    "actor": actor,
+                    "details": {
+                        "from": src_name,
+                        "to": dst_name,
+                        "path": c.path,
+                        "transfer": str(c.transfer_id),
+                    },
+                }
+            )
+        for c in bad:
+            events.append(
+                {
+                    "kind": "transfer.failed",
+                    "item_oid": c.item_oid,
+                    "storage_id": batch.dst_storage_id,
+                    "actor": actor,
+                    "details": {
+                        "from": src_name,
+                        "to": dst_name,
+                        "path": c.path,
+                        "error": failed[c.path][:500],
+                    },
+                }
+            )
+        audit.record_many(s, events)
+    result.done = len(good)
+    result.failed = len(bad)
+    result.bytes = sum(c.size for c in good)
+    result.errors = {c.path: failed[c.path] for c in bad}

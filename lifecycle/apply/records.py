@@ -1,0 +1,195 @@
+"""Apply the plan actions that change only the catalogue: expiry, phase changes, refusals,
+drained storages, and deleting an item now.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import select, update
+from sqlmodel import Session, col
+
+from lifecycle.apply.delete import apply_delete_batch
+from lifecycle.apply.result import BatchResult
+from lifecycle.catalogue import audit
+from lifecycle.catalogue.models import Event, Item, Replica, Storage, utcnow
+from lifecycle.catalogue.sql import SessionFactory, default_sessions
+from lifecycle.errors import ItemNotFoundError, PolicyViolationError
+from lifecycle.planning.actions import (
+    DeleteReplica,
+    Drained,
+    ExpireItem,
+    Refusal,
+    SetPhase,
+)
+from lifecycle.planning.plan import batch_deletes
+from lifecycle.planning.policy import (
+    Policy,
+)
+from lifecycle.states import (
+    LIVE_ITEM_STATES,
+    ItemState,
+    Phase,
+    ReplicaState,
+    StorageState,
+)
+
+# --------------------------------------------------------------------------- catalogue-only actions
+
+
+def mark_expired(session: Session, expires: Sequence[ExpireItem], *, actor: str) -> int:
+    """Live items whose expiry came go EXPIRED (their copies are deleted next)."""
+    oids = [e.item_oid for e in expires]
+    if not oids:
+        return 0
+    done = session.execute(
+        update(Item)
+        .where(col(Item.oid).in_(oids), col(Item.state).in_([s.value for s in LIVE_ITEM_STATES]))
+        .values(state=ItemState.EXPIRED.value, updated_at=utcnow())
+        .returning(col(Item.oid))
+    ).all()
+    reasons = {e.item_oid: e.reason for e in expires}
+    audit.record_many(
+        session,
+        [
+            {"kind": "item.expired", "item_oid": r[0], "actor": actor, "details": {"reason": reasons[r[0]]}}
+            for r in done
+        ],
+    )
+    return len(done)
+
+
+def finish_expired(session: Session, *, actor: str) -> int:
+    """EXPIRED items with no copy left become DELETED tombstones."""
+    live_copy = (
+        select(col(Replica.item_oid))
+        .where(col(Replica.state).notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]))
+        .where(col(Replica.item_oid) == col(Item.oid))
+        .exists()
+    )
+    done = session.execute(
+        update(Item)
+        .where(col(Item.state) == ItemState.EXPIRED.value, ~live_copy)
+        .values(state=ItemState.DELETED.value, updated_at=utcnow())
+        .returning(col(Item.oid), col(Item.name), col(Item.version))
+    ).all()
+    audit.record_many(
+        session,
+        [
+            {
+                "kind": "item.deleted",
+                "item_oid": r[0],
+                "actor": actor,
+                "details": {"name": r[1], "version": r[2]},
+            }
+            for r in done
+        ],
+    )
+    return len(done)
+
+
+def apply_phase_changes(session: Session, changes: Sequence[SetPhase], *, actor: str) -> int:
+    """Raise target phases as aging rules ask (never lowers one)."""
+    n = 0
+    for ch in changes:
+        lower = [p.value for p in Phase if p.rank < ch.phase.rank]
+        done = session.execute(
+            update(Item)
+            .where(col(Item.oid) == ch.item_oid, col(Item.target_phase).in_(lower))
+            .values(target_phase=ch.phase.value, updated_at=utcnow())
+            .returning(col(Item.oid))
+        ).all()
+        if done:
+            n += 1
+            audit.record(
+                session,
+                "item.phase_changed",
+                item_oid=ch.item_oid,
+                actor=actor,
+                details={"to": ch.phase.value, "reason": ch.reason},
+            )
+    return n
+
+
+def record_refusals(session: Session, refusals: Sequence[Refusal], *, actor: str) -> int:
+    """One `policy.refused` event per refused action (e.g. an expiry that would break the phase)."""
+    return audit.record_many(
+        session,
+        [
+            {
+                "kind": "policy.refused",
+                "item_oid": r.item_oid,
+                "replica_uid": r.replica_uid,
+                "actor": actor,
+                "details": {"reason": r.reason},
+            }
+            for r in refusals
+        ],
+    )
+
+
+def record_drained(session: Session, drained: Sequence[Drained], *, actor: str) -> list[str]:
+    """A `storage.drained` event for each draining storage that has just emptied (once)."""
+    names = []
+    for d in drained:
+        storage = session.get(Storage, d.storage_id)
+        if storage is None or storage.state != StorageState.DRAINING:
+            continue
+        last = session.scalars(
+            select(Event)
+            .where(
+                col(Event.storage_id) == d.storage_id,
+                col(Event.item_oid).is_(None),
+                col(Event.kind).startswith("storage."),  # not e.g. reconcile.link_skipped
+            )
+            .order_by(col(Event.id).desc())
+            .limit(1)
+        ).first()
+        if last is None or last.kind != "storage.drained":
+            audit.record(
+                session,
+                "storage.drained",
+                storage_id=d.storage_id,
+                actor=actor,
+                details={"name": storage.name},
+            )
+        names.append(storage.name)
+    return names
+
+
+def delete_item_now(
+    oid: uuid.UUID,
+    *,
+    policy: Policy,
+    sessions: SessionFactory = default_sessions,
+    actor: str = "user",
+    reason: str = "deleted by user",
+) -> list[BatchResult]:
+    """An explicit delete: the item goes EXPIRED, every copy is deleted (one rclone process per
+    storage), and the item row stays as a DELETED tombstone once no copy is left.
+
+    Raises ItemNotFoundError, PolicyViolationError (already deleted).
+    """
+
+    with sessions() as s:
+        item = s.get(Item, oid)
+        if item is None:
+            raise ItemNotFoundError(f"no item {oid}")
+        if item.state == ItemState.DELETED:
+            raise PolicyViolationError(f"{item.name} v{item.version} is already deleted")
+        mark_expired(s, [ExpireItem(oid, reason)], actor=actor)
+        reps = s.scalars(
+            select(Replica).where(
+                col(Replica.item_oid) == oid,
+                col(Replica.state).in_([ReplicaState.READY.value, ReplicaState.CORRUPTED.value]),
+            )
+        ).all()
+        deletes = [DeleteReplica(r.uid, oid, r.storage_id, r.path, item.size, reason) for r in reps]
+    results = [
+        apply_delete_batch(b, policy=policy, sessions=sessions, actor=actor)
+        for b in batch_deletes(deletes, max_files=1000, expiring=[oid])
+    ]
+    with sessions() as s:
+        finish_expired(s, actor=actor)
+    return results

@@ -1,0 +1,42 @@
+"""What one applied batch did: files moved, bytes, failures, for the run report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class BatchResult:
+    """What one batch did, for the run's summary and artifact."""
+
+    kind: str
+    src: str | None
+    dst: str | None
+    planned: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    duration_s: float = 0.0
+    # seconds spent per stage (claim, rclone, verify, settle) for copies
+    stages: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "from": self.src or "-",
+            "to": self.dst or "-",
+            "planned": self.planned,
+            "done": self.done,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "bytes": self.bytes,
+            "seconds": round(self.duration_s, 2),
+            **{f"{k} s": round(v, 2) for k, v in self.stages.items()},
+            "first error": next(iter(self.errors.values()), ""),
+        }

@@ -1,0 +1,116 @@
+"""The audit trail: one Event row per state change, written in the caller's transaction,
+then handed to registered publishers (e.g. Prefect events) once that transaction commits."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import event as sa_event
+from sqlalchemy import insert
+from sqlmodel import Session
+
+from lifecycle.catalogue.models import Event, utcnow
+from lifecycle.redact import redact_value
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[Sequence[dict[str, Any]]], None]
+_publishers: list[Publisher] = []
+_PENDING = "dlm_pending_events"
+# Kinds that are announced to publishers (others stay in the audit table only).
+PUBLISHED_KINDS = {
+    "item.ready",
+    "item.expired",
+    "item.deleted",
+    "item.corrupted",
+    "replica.created",
+    "replica.deleted",
+    "replica.corrupted",
+    "replica.lost",
+    "replica.repaired",
+    "item.repaired",
+    "transfer.failed",
+    "storage.drained",
+}
+
+
+def add_publisher(publisher: Publisher) -> None:
+    """Call `publisher` with the events of every committed transaction."""
+    if publisher not in _publishers:
+        _publishers.append(publisher)
+
+
+def remove_publisher(publisher: Publisher) -> None:
+    if publisher in _publishers:
+        _publishers.remove(publisher)
+
+
+def record(
+    session: Session,
+    kind: str,
+    *,
+    item_oid: uuid.UUID | None = None,
+    replica_uid: uuid.UUID | None = None,
+    storage_id: uuid.UUID | None = None,
+    actor: str = "user",
+    details: dict[str, Any] | None = None,
+) -> None:
+    """Add one Event to the session's transaction."""
+    record_many(
+        session,
+        [
+            {
+                "kind": kind,
+                "item_oid": item_oid,
+                "replica_uid": replica_uid,
+                "storage_id": storage_id,
+                "actor": actor,
+                "details": details or {},
+            }
+        ],
+    )
+
+
+def record_many(session: Session, rows: Iterable[dict[str, Any]]) -> int:
+    """Bulk-insert Events (dicts with kind, item_oid, replica_uid, storage_id, actor, details)."""
+    now = utcnow()
+    batch = [
+        {
+            "ts": now,
+            "kind": r["kind"],
+            "item_oid": r.get("item_oid"),
+            "replica_uid": r.get("replica_uid"),
+            "storage_id": r.get("storage_id"),
+            "actor": r.get("actor", "user"),
+            "details": redact_value(r.get("details") or {}),  # error texts may quote a URL
+        }
+        for r in rows
+    ]
+    if not batch:
+        return 0
+    # Core executemany: pages of VALUES, no per-row ORM bookkeeping
+    session.connection().execute(insert(Event.__table__), batch)  # type: ignore[attr-defined]
+    if _publishers:
+        pending = session.info.setdefault(_PENDING, [])
+        pending.extend(b for b in batch if b["kind"] in PUBLISHED_KINDS)
+    return len(batch)
+
+
+@sa_event.listens_for(Session, "after_commit")
+def _publish_after_commit(session: Session) -> None:
+    pending = session.info.pop(_PENDING, None)
+    if not pending:
+        return
+    for publisher in list(_publishers):
+        try:
+            publisher(pending)
+        except Exception:  # a publisher must never undo a committed change
+            log.exception("event publisher %r failed", publisher)
+
+
+@sa_event.listens_for(Session, "after_rollback")
+def _drop_after_rollback(session: Session) -> None:
+    session.info.pop(_PENDING, None)

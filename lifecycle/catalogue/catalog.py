@@ -1,0 +1,318 @@
+"""Catalogue operations: storages, ingest, items, datasets and status (the core the CLI calls).
+
+Every function takes a keyword-only `session`; the caller owns the transaction, so a failure
+anywhere leaves the catalogue unchanged. Every state change writes an Event (lifecycle.catalogue.audit).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlmodel import Session, col
+
+from lifecycle.catalogue import audit
+from lifecycle.catalogue.models import (
+    Dataset,
+    Event,
+    Item,
+    Location,
+    Replica,
+    Storage,
+    Transfer,
+    utcnow,
+)
+from lifecycle.catalogue.query import compile_filter
+from lifecycle.errors import (
+    ConflictError,
+    DatasetNotFoundError,
+    ItemNotFoundError,
+    PolicyViolationError,
+)
+from lifecycle.names import validate_slug
+from lifecycle.settings import get_settings
+from lifecycle.states import (
+    LIVE_REPLICA_STATES,
+    ItemState,
+    Phase,
+    ReplicaState,
+    StorageState,
+)
+
+# --------------------------------------------------------------------------- items
+
+
+def _parse_ref(ref: str) -> tuple[str, int | None]:
+    if "@v" in ref:
+        base, _, ver = ref.rpartition("@v")
+        if ver.isdigit():
+            return base, int(ver)
+    return ref, None
+
+
+def get_item(session: Session, ref: str) -> Item:
+    """An item by oid, NAME (newest version) or NAME@vN. Raises ItemNotFoundError."""
+    try:
+        oid = uuid.UUID(ref)
+    except ValueError:
+        oid = None
+    if oid is not None:
+        item = session.get(Item, oid)
+        if item is not None:
+            return item
+    name, version = _parse_ref(ref)
+    stmt = select(Item).where(col(Item.name) == name)
+    stmt = stmt.where(col(Item.version) == version) if version else stmt.order_by(col(Item.version).desc())
+    found = session.scalars(stmt).first()
+    if found is None:
+        raise ItemNotFoundError(f"no item {ref!r}")
+    return found
+
+
+def list_items(
+    session: Session, *, where: str | None = None, limit: int | None = 1000, offset: int = 0
+) -> list[Item]:
+    """Items matching a filter expression (lifecycle.catalogue.query), newest first by name and version.
+
+    Raises InvalidFilterError.
+    """
+    stmt = select(Item)
+    if where is not None:  # "" is an empty filter (an error), not "no filter"
+        stmt = stmt.where(compile_filter(where))
+    stmt = stmt.order_by(col(Item.name), col(Item.version)).offset(offset)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.execute(stmt).scalars().all())
+
+
+def iter_items(session: Session, *, where: str | None = None, chunk: int = 5000) -> Iterator[Item]:
+    """Every matching item, streamed. Raises InvalidFilterError."""
+    stmt = select(Item)
+    if where is not None:
+        stmt = stmt.where(compile_filter(where))
+    stmt = stmt.order_by(col(Item.name), col(Item.version)).execution_options(yield_per=chunk)
+    yield from session.execute(stmt).scalars()
+
+
+@dataclass
+class ItemDetail:
+    item: Item
+    replicas: list[tuple[Replica, str]]  # replica, storage name
+    events: list[Event]
+
+
+def item_detail(session: Session, ref: str, *, events: int = 50) -> ItemDetail:
+    item = get_item(session, ref)
+    reps = session.execute(
+        select(Replica, col(Storage.name))
+        .join(Storage, col(Storage.id) == col(Replica.storage_id))
+        .where(col(Replica.item_oid) == item.oid)
+        .order_by(col(Replica.created_at))
+    ).all()
+    evs = (
+        session.execute(
+            select(Event).where(col(Event.item_oid) == item.oid).order_by(col(Event.id).desc()).limit(events)
+        )
+        .scalars()
+        .all()
+    )
+    return ItemDetail(item, [(r, n) for r, n in reps], list(reversed(evs)))
+
+
+def set_phase(session: Session, ref: str, phase: Phase, *, actor: str = "user") -> Item:
+    """Change an item's target phase (the pipelines then converge placement to it)."""
+    item = get_item(session, ref)
+    if item.state in (ItemState.EXPIRED, ItemState.DELETED):
+        raise PolicyViolationError(f"item {item.name} v{item.version} is {item.state}: its phase is final")
+    old = item.target_phase
+    item.target_phase = phase
+    item.updated_at = utcnow()
+    session.add(item)
+    audit.record(
+        session,
+        "item.phase_changed",
+        item_oid=item.oid,
+        actor=actor,
+        details={"from": str(old), "to": phase.value},
+    )
+    return item
+
+
+def set_expiry(session: Session, ref: str, expires_at: datetime | None, *, actor: str = "user") -> Item:
+    """Set or clear an item's expiry time."""
+    item = get_item(session, ref)
+    if item.state in (ItemState.EXPIRED, ItemState.DELETED):
+        raise PolicyViolationError(f"item {item.name} v{item.version} is already {item.state}")
+    old = item.expires_at
+    item.expires_at = expires_at
+    item.updated_at = utcnow()
+    session.add(item)
+    audit.record(
+        session,
+        "item.expiry_changed",
+        item_oid=item.oid,
+        actor=actor,
+        details={
+            "from": old.isoformat() if old else None,
+            "to": expires_at.isoformat() if expires_at else None,
+        },
+    )
+    return item
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def create_dataset(
+    session: Session,
+    name: str,
+    where: str,
+    *,
+    description: str = "",
+    owner: str | None = None,
+    actor: str = "user",
+) -> Dataset:
+    """Save a named filter. Raises InvalidNameError, InvalidFilterError, ConflictError."""
+
+    validate_slug(name, what="dataset name")
+    compile_filter(where)
+    if session.execute(select(col(Dataset.id)).where(col(Dataset.name) == name)).first() is not None:
+        raise ConflictError(f"dataset {name!r} already exists")
+    ds = Dataset(name=name, where=where, description=description, owner=owner)
+    session.add(ds)
+    session.flush()
+    audit.record(session, "dataset.created", actor=actor, details={"name": name, "where": where})
+    return ds
+
+
+def get_dataset(session: Session, name: str) -> Dataset:
+    ds = session.scalars(select(Dataset).where(col(Dataset.name) == name)).first()
+    if ds is None:
+        raise DatasetNotFoundError(f"unknown dataset {name!r}")
+    return ds
+
+
+def list_datasets(session: Session) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).order_by(col(Dataset.name))).all())
+
+
+def delete_dataset(session: Session, name: str, *, actor: str = "user") -> None:
+    ds = get_dataset(session, name)
+    session.delete(ds)
+    audit.record(session, "dataset.deleted", actor=actor, details={"name": name})
+
+
+# --------------------------------------------------------------------------- status
+
+
+def required_copies_expr() -> Any:
+    """SQL CASE giving the copies an item's target phase needs (from the policy settings)."""
+    p = get_settings().policy
+    return case(
+        (col(Item.target_phase) == Phase.SOLID.value, p.copies_solid),
+        (col(Item.target_phase) == Phase.LIQUID.value, p.copies_liquid),
+        (col(Item.target_phase) == Phase.GAS.value, p.copies_gas),
+        else_=p.copies_plasma,
+    )
+
+
+def intact_counts_subquery() -> Any:
+    """Per item, the number of READY replicas on storages that are not offline or retired."""
+    return (
+        select(col(Replica.item_oid).label("item_oid"), func.count().label("n"))
+        .join(Storage, col(Storage.id) == col(Replica.storage_id))
+        .where(
+            col(Replica.state) == ReplicaState.READY.value,
+            col(Storage.state).in_([StorageState.ONLINE.value, StorageState.DRAINING.value]),
+        )
+        .group_by(col(Replica.item_oid))
+        .subquery()
+    )
+
+
+@dataclass
+class StorageUsage:
+    name: str
+    kind: str
+    tier: str
+    location: str | None
+    state: str
+    used_bytes: int
+    capacity_bytes: int | None
+    replicas: int
+
+
+@dataclass
+class Status:
+    storages: list[StorageUsage]
+    items_by_state: dict[str, int]
+    items_by_phase: dict[str, int]
+    below_target: int
+    bytes_total: int
+
+
+def status(session: Session) -> Status:
+    """Storages with usage, items by state and by target phase, items below their target."""
+    rep_counts: dict[uuid.UUID, int] = {
+        sid: int(n)
+        for sid, n in session.execute(
+            select(col(Replica.storage_id), func.count())
+            .where(col(Replica.state).in_(LIVE_REPLICA_STATES))
+            .group_by(col(Replica.storage_id))
+        ).all()
+    }
+    storages = []
+    for s in session.scalars(select(Storage).order_by(col(Storage.name))):
+        loc = session.get(Location, s.location_id) if s.location_id else None
+        storages.append(
+            StorageUsage(
+                s.name,
+                str(s.kind),
+                str(s.tier),
+                loc.name if loc else None,
+                str(s.state),
+                int(s.used_bytes),
+                s.capacity_bytes,
+                int(rep_counts.get(s.id, 0)),
+            )
+        )
+    by_state = {
+        str(k): int(v)
+        for k, v in session.execute(select(col(Item.state), func.count()).group_by(col(Item.state))).all()
+    }
+    live = col(Item.state).in_(
+        [ItemState.READY.value, ItemState.INITIALISED.value, ItemState.CORRUPTED.value]
+    )
+    by_phase = {
+        str(k): int(v)
+        for k, v in session.execute(
+            select(col(Item.target_phase), func.count()).where(live).group_by(col(Item.target_phase))
+        ).all()
+    }
+    counts = intact_counts_subquery()
+    below = session.execute(
+        select(func.count())
+        .select_from(Item)
+        .outerjoin(counts, counts.c.item_oid == col(Item.oid))
+        .where(live, func.coalesce(counts.c.n, 0) < required_copies_expr())
+    ).one()[0]
+    total = session.execute(select(func.coalesce(func.sum(col(Item.size)), 0)).where(live)).one()[0]
+    return Status(storages, by_state, by_phase, int(below), int(total))
+
+
+def table_counts(session: Session) -> Mapping[str, int]:
+    """Rows per catalogue table (used by tests and `dlm status --json`)."""
+    out: dict[str, int] = {}
+    for model in (Location, Storage, Item, Replica, Transfer, Event, Dataset):
+        out[model.__tablename__] = int(session.execute(select(func.count()).select_from(model)).one()[0])
+    return out
+
+
+def current_actor() -> str:
+    """Who acts: DLM_OWNER, else the login name."""
+    return get_settings().owner or os.environ.get("USER") or "user"

@@ -1,0 +1,40 @@
+"""The backend for a catalogue Storage row: posix, S3, rclone remote or memory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lifecycle.catalogue.models import Storage
+from lifecycle.storage.base import StorageBackend
+
+
+def backend_for(storage: Storage) -> StorageBackend:
+    """The backend for a catalogue Storage row. Raises InvalidValueError for an unknown kind."""
+    from lifecycle.errors import InvalidValueError
+    from lifecycle.states import StorageKind
+
+    kind = StorageKind(storage.kind)
+    if kind is StorageKind.POSIX:
+        from lifecycle.storage.posix import PosixStorage
+
+        return PosixStorage(storage.name, storage.root)
+    if kind is StorageKind.S3:
+        from lifecycle.storage.s3 import S3Storage
+
+        return S3Storage(
+            storage.name,
+            storage.root,
+            endpoint=storage.endpoint,
+            region=storage.region,
+            credentials_env=storage.credentials_env,
+        )
+    if kind is StorageKind.RCLONE:
+        from lifecycle.storage.rclone import RcloneStorage
+
+        return RcloneStorage(storage.name, storage.root)
+    if kind is StorageKind.MEMORY:
+        from lifecycle.storage.memory import MemoryStorage
+
+        return MemoryStorage.named(storage.name)
+    raise InvalidValueError(f"unknown storage kind {storage.kind!r}")
