@@ -1,7 +1,6 @@
-"""The real parts the tests run against: a PostgreSQL database and a SeaweedFS S3 server.
+"""A fresh PostgreSQL database for a test session or a benchmark, dropped afterwards.
 
-Used by tests/conftest.py, by bench/ and by `dlm demo` (which imports the S3 part from
-devrig.seaweed instead). When CI=true a missing part is a failure, not a skip.
+Used by tests/conftest.py and bench/. When CI=true a missing part is a failure, not a skip.
 """
 
 from __future__ import annotations

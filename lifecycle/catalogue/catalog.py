@@ -27,7 +27,7 @@ from lifecycle.catalogue.models import (
     Transfer,
     utcnow,
 )
-from lifecycle.catalogue.query import compile_filter
+from lifecycle.catalogue.query_sql import compile_filter
 from lifecycle.errors import (
     ConflictError,
     DatasetNotFoundError,

@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import Session
+from sqlmodel import Session, SQLModel
 
 from lifecycle.catalogue.db import session_scope
 from lifecycle.errors import DLMError
@@ -54,3 +55,8 @@ def chunks(seq: Sequence[Any], n: int = CHUNK) -> Iterable[Sequence[Any]]:
     """Consecutive slices of `seq` of at most `n` values, for `col.in_(chunk)` queries."""
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
+
+
+def core_table(name: str) -> Table:
+    """The Core table of a catalogue model (bulk paths bypass the ORM)."""
+    return SQLModel.metadata.tables[name]

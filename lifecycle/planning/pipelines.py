@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlmodel import Session
 
 from lifecycle.catalogue.models import utcnow
-from lifecycle.catalogue.query import compile_filter
+from lifecycle.catalogue.query_sql import compile_filter
 from lifecycle.errors import InvalidValueError
 from lifecycle.planning.expire import ExpirePlanner
 from lifecycle.planning.plan import Plan

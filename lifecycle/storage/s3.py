@@ -1,4 +1,8 @@
-"""A storage that is a bucket (or a prefix in one) of an S3 service, through boto3."""
+"""A storage that is a bucket (or a prefix in one) of an S3 service, through boto3.
+
+Long because S3Storage is one class: each StorageBackend method sits with the S3 error
+mapping, multipart and checksum rules it needs, and splitting the class would scatter them.
+"""
 
 from __future__ import annotations
 

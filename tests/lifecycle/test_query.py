@@ -25,9 +25,9 @@ from lifecycle.catalogue.query import (
     Not,
     Or,
     RelativeTime,
-    compile_filter,
-    parse,
 )
+from lifecycle.catalogue.query_parse import parse
+from lifecycle.catalogue.query_sql import compile_filter
 from lifecycle.errors import InvalidFilterError
 from lifecycle.states import ItemState, ItemType, Phase, ReplicaState, StorageKind
 
