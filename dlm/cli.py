@@ -102,7 +102,7 @@ def init() -> None:
 def status(json_: JsonOpt = False) -> None:
     """Storages with used/capacity, items by state and phase, items below target."""
     with catalogue() as s:
-        st = catalog.status(s)
+        st = catalog.status(session=s)
     if json_:
         render.print_json(
             {
@@ -178,8 +178,8 @@ def storage_add(
         trust_stored_checksums=trust_checksums,
     )
     with catalogue() as s:
-        st = storages.add_storage(s, data, check=check, actor=catalog.current_actor())
-        pub = storages.storage_public(s, st)
+        st = storages.add_storage(data, check=check, actor=catalog.current_actor(), session=s)
+        pub = storages.storage_public(st, session=s)
     if json_:
         render.print_json(pub)
     else:
@@ -202,7 +202,7 @@ def _validated(model: Any, **values: Any) -> Any:
 def storage_list(json_: JsonOpt = False) -> None:
     """All storages."""
     with catalogue() as s:
-        rows = storages.list_storages(s)
+        rows = storages.list_storages(session=s)
     if json_:
         render.print_json(rows)
         return
@@ -229,9 +229,9 @@ def storage_list(json_: JsonOpt = False) -> None:
 def storage_show(name: str, json_: JsonOpt = False) -> None:
     """One storage, with used and free space and its copies by state."""
     with catalogue() as s:
-        st = storages.get_storage(s, name)
-        pub = storages.storage_public(s, st)
-        counts = storages.storage_replica_counts(s, st.id)
+        st = storages.get_storage(name, session=s)
+        pub = storages.storage_public(st, session=s)
+        counts = storages.storage_replica_counts(st.id, session=s)
     free = pub.capacity_bytes - pub.used_bytes if pub.capacity_bytes is not None else None
     if json_:
         render.print_json({**pub.model_dump(mode="json"), "free_bytes": free, "replicas": counts})
@@ -256,7 +256,7 @@ def storage_show(name: str, json_: JsonOpt = False) -> None:
 def _storage_state_command(state: StorageState, doc: str) -> Any:
     def command(name: str) -> None:
         with catalogue() as s:
-            storages.set_storage_state(s, name, state, actor=catalog.current_actor())
+            storages.set_storage_state(name, state, actor=catalog.current_actor(), session=s)
         render.out.print(f"storage {name} is now {state.value}")
 
     command.__doc__ = doc
@@ -309,12 +309,12 @@ def ingest(
         _ingest_list(storage, from_list, phase_v, life, meta_v, who, json_)
         return
     with catalogue() as s:
-        st = storages.get_storage(s, storage)
-        sources = ingesting.plan_ingest(s, storage=st, paths=paths or [], upload=upload, name=name)
+        st = storages.get_storage(storage, session=s)
+        sources = ingesting.plan_ingest(storage=st, paths=paths or [], upload=upload, name=name, session=s)
         opts = ingesting.IngestOptions(phase=phase_v, lifetime=life, meta=meta_v, owner=who)
         with _progress(len(sources), "ingest") as advance:
             items = ingesting.ingest(
-                s, storage=st, sources=sources, options=opts, actor=who, progress=advance
+                storage=st, sources=sources, options=opts, actor=who, progress=advance, session=s
             )
         rows = [(i.name, i.version, i.size, i.checksum, str(i.oid)) for i in items]
     _announce_ready([r[4] for r in rows])
@@ -333,7 +333,7 @@ def _ingest_list(
     from lifecycle.catalogue.bulk import register_from_list
 
     with catalogue() as s:
-        st = storages.get_storage(s, storage)
+        st = storages.get_storage(storage, session=s)
         res = register_from_list(
             s, storage=st, source=path, phase=phase, lifetime=life, meta=meta, owner=who, actor=who
         )
@@ -398,7 +398,7 @@ def items_list(
 ) -> None:
     """Items matching a filter (see `--where`; fields include meta.KEY and storage)."""
     with catalogue() as s:
-        items = catalog.list_items(s, where=where, limit=limit)
+        items = catalog.list_items(where=where, limit=limit, session=s)
         rows = [_item_row(i) for i in items]
     if json_:
         render.print_json(rows)
@@ -429,7 +429,7 @@ def items_show(
 ) -> None:
     """One item with its replicas and its events."""
     with catalogue() as s:
-        d = catalog.item_detail(s, ref)
+        d = catalog.item_detail(ref, session=s)
         item = _item_row(d.item)
         item["parents"] = d.item.parents
         reps = [
@@ -475,7 +475,7 @@ def items_set_phase(ref: str, phase: str) -> None:
     """Change an item's target phase (PLASMA, GAS, LIQUID, SOLID)."""
     phase_v = _enum(phase, Phase, "phase")
     with catalogue() as s:
-        item = catalog.set_phase(s, ref, phase_v, actor=catalog.current_actor())
+        item = catalog.set_phase(ref, phase_v, actor=catalog.current_actor(), session=s)
         label = f"{item.name} v{item.version}"
     render.out.print(f"{label}: target phase {phase_v.value}")
 
@@ -499,7 +499,7 @@ def items_set_expiry(
     else:
         expires = utcnow() + parse_duration(lifetime or "")
     with catalogue() as s:
-        item = catalog.set_expiry(s, ref, expires, actor=catalog.current_actor())
+        item = catalog.set_expiry(ref, expires, actor=catalog.current_actor(), session=s)
         label = f"{item.name} v{item.version}"
     render.out.print(f"{label}: expires {render.when(expires) if expires else 'never'}")
 
@@ -514,7 +514,7 @@ def items_delete(
     from lifecycle.planning.pipelines import policy_from
 
     with catalogue() as s:
-        item = catalog.get_item(s, ref)
+        item = catalog.get_item(ref, session=s)
         oid, label = item.oid, f"{item.name} v{item.version}"
     if not yes:
         raise InvalidValueError(f"deleting {label} removes every copy: add --yes to confirm")
@@ -538,7 +538,7 @@ def url(
 
     seconds = int(parse_duration(expires).total_seconds())
     with catalogue() as s:
-        item = catalog.get_item(s, ref)
+        item = catalog.get_item(ref, session=s)
         [src] = best_sources(s, [item])
         link = backend_for(src.storage).url(src.path, seconds)
     render.out.print(link, markup=False, soft_wrap=True)
@@ -555,7 +555,7 @@ def datasets_create(
 ) -> None:
     """Save a named filter; its members are computed when it is read."""
     with catalogue() as s:
-        catalog.create_dataset(s, name, where, description=description, owner=catalog.current_actor())
+        catalog.create_dataset(name, where, description=description, owner=catalog.current_actor(), session=s)
     render.out.print(f"dataset {name} created")
 
 
@@ -571,7 +571,7 @@ def datasets_list(json_: JsonOpt = False) -> None:
                 "owner": d.owner,
                 "created_at": d.created_at,
             }
-            for d in catalog.list_datasets(s)
+            for d in catalog.list_datasets(session=s)
         ]
     if json_:
         render.print_json(rows)
@@ -589,8 +589,8 @@ def datasets_show(
 ) -> None:
     """A dataset and its current members."""
     with catalogue() as s:
-        ds = catalog.get_dataset(s, name)
-        members = [_item_row(i) for i in catalog.list_items(s, where=ds.where, limit=limit)]
+        ds = catalog.get_dataset(name, session=s)
+        members = [_item_row(i) for i in catalog.list_items(where=ds.where, limit=limit, session=s)]
         where = ds.where
     if json_:
         render.print_json({"name": name, "where": where, "members": members})
@@ -608,7 +608,7 @@ def datasets_show(
 def datasets_delete(name: str) -> None:
     """Forget a dataset (its items stay)."""
     with catalogue() as s:
-        catalog.delete_dataset(s, name, actor=catalog.current_actor())
+        catalog.delete_dataset(name, actor=catalog.current_actor(), session=s)
     render.out.print(f"dataset {name} deleted")
 
 
@@ -639,7 +639,7 @@ def run(
         parse_size(budget)
     with catalogue() as s:
         if storage:
-            storages.get_storage(s, storage)
+            storages.get_storage(storage, session=s)
     _use_running_server()
     if pipeline == "verify":
         from flows.integrity import verify

@@ -25,9 +25,9 @@ def checkout_now(items: list[str] | None, dataset: str | None, dest: str, actor:
         raise InvalidValueError("give item names or --dataset, not both and not neither")
     with session_scope() as s:
         if dataset:
-            chosen = list_items(s, where=get_dataset(s, dataset).where, limit=None)
+            chosen = list_items(where=get_dataset(dataset, session=s).where, limit=None, session=s)
         else:
-            chosen = [get_item(s, ref) for ref in items or []]
+            chosen = [get_item(ref, session=s) for ref in items or []]
         if not chosen:
             raise InvalidValueError(f"dataset {dataset!r} has no members")
         rep = checkout(s, chosen, dest, actor=actor, transfers=get_settings().transfer.transfers)

@@ -95,7 +95,7 @@ def _repair(
 
 def _below_target() -> int:
     with session_scope() as s:
-        return status(s).below_target
+        return status(session=s).below_target
 
 
 def _fail_if(failures: list[str], pipeline: str) -> None:

@@ -241,7 +241,7 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
     settled.update(settle_catalogue(quote(plan), actor, "after"))
     clock.lap("settle-after")
     with session_scope() as s:
-        below = status(s).below_target
+        below = status(session=s).below_target
     clock.lap("status")
     report.update(
         {

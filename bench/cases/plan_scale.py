@@ -143,14 +143,14 @@ def load(url: str, n: int) -> dict[str, Any]:
         for name, kind, tier, location, _ in STORAGES:
             root = f"/data/{name}" if kind == "posix" else f"bench-{name}"
             st = add_storage(
-                s,
                 StorageCreate(name=name, kind=kind, root=root, tier=tier, location=location),
                 check=False,
+                session=s,
             )
             ids.append(st.id.hex)
         for name, *_, state in STORAGES:
             if state != "online":
-                set_storage_state(s, name, StorageState(state))
+                set_storage_state(name, StorageState(state), session=s)
     get_engine(url).dispose()
     now = datetime.now(UTC)
     started = time.perf_counter()

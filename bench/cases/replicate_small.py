@@ -100,9 +100,8 @@ def build_catalogue(
             f.write(orjson.dumps({"name": p.name, "size": p.size, "checksum": p.md5}) + b"\n")
     server.create_bucket(bucket)
     with session_scope(url) as s:
-        src = add_storage(s, StorageCreate(name="bench-posix", kind="posix", root=str(src_root)))
+        src = add_storage(StorageCreate(name="bench-posix", kind="posix", root=str(src_root)), session=s)
         dst = add_storage(
-            s,
             StorageCreate(
                 name="bench-s3",
                 kind="s3",
@@ -111,6 +110,7 @@ def build_catalogue(
                 credentials_env=CREDS,
                 tier="warm",
             ),
+            session=s,
         )
         result = register_from_list(s, storage=src, source=listing, phase=Phase.LIQUID)
         if result.ready != len(payloads):

@@ -55,7 +55,7 @@ def _parse_ref(ref: str) -> tuple[str, int | None]:
     return ref, None
 
 
-def get_item(session: Session, ref: str) -> Item:
+def get_item(ref: str, *, session: Session) -> Item:
     """An item by oid, NAME (newest version) or NAME@vN. Raises ItemNotFoundError."""
     try:
         oid = uuid.UUID(ref)
@@ -75,7 +75,7 @@ def get_item(session: Session, ref: str) -> Item:
 
 
 def list_items(
-    session: Session, *, where: str | None = None, limit: int | None = 1000, offset: int = 0
+    *, session: Session, where: str | None = None, limit: int | None = 1000, offset: int = 0
 ) -> list[Item]:
     """Items matching a filter expression (lifecycle.catalogue.query), newest first by name and version.
 
@@ -90,7 +90,7 @@ def list_items(
     return list(session.execute(stmt).scalars().all())
 
 
-def iter_items(session: Session, *, where: str | None = None, chunk: int = 5000) -> Iterator[Item]:
+def iter_items(*, session: Session, where: str | None = None, chunk: int = 5000) -> Iterator[Item]:
     """Every matching item, streamed. Raises InvalidFilterError."""
     stmt = select(Item)
     if where is not None:
@@ -106,8 +106,8 @@ class ItemDetail:
     events: list[Event]
 
 
-def item_detail(session: Session, ref: str, *, events: int = 50) -> ItemDetail:
-    item = get_item(session, ref)
+def item_detail(ref: str, *, session: Session, events: int = 50) -> ItemDetail:
+    item = get_item(ref, session=session)
     reps = session.execute(
         select(Replica, col(Storage.name))
         .join(Storage, col(Storage.id) == col(Replica.storage_id))
@@ -124,9 +124,9 @@ def item_detail(session: Session, ref: str, *, events: int = 50) -> ItemDetail:
     return ItemDetail(item, [(r, n) for r, n in reps], list(reversed(evs)))
 
 
-def set_phase(session: Session, ref: str, phase: Phase, *, actor: str = "user") -> Item:
+def set_phase(ref: str, phase: Phase, *, session: Session, actor: str = "user") -> Item:
     """Change an item's target phase (the pipelines then converge placement to it)."""
-    item = get_item(session, ref)
+    item = get_item(ref, session=session)
     if item.state in (ItemState.EXPIRED, ItemState.DELETED):
         raise PolicyViolationError(f"item {item.name} v{item.version} is {item.state}: its phase is final")
     old = item.target_phase
@@ -143,9 +143,9 @@ def set_phase(session: Session, ref: str, phase: Phase, *, actor: str = "user") 
     return item
 
 
-def set_expiry(session: Session, ref: str, expires_at: datetime | None, *, actor: str = "user") -> Item:
+def set_expiry(ref: str, expires_at: datetime | None, *, session: Session, actor: str = "user") -> Item:
     """Set or clear an item's expiry time."""
-    item = get_item(session, ref)
+    item = get_item(ref, session=session)
     if item.state in (ItemState.EXPIRED, ItemState.DELETED):
         raise PolicyViolationError(f"item {item.name} v{item.version} is already {item.state}")
     old = item.expires_at
@@ -169,10 +169,10 @@ def set_expiry(session: Session, ref: str, expires_at: datetime | None, *, actor
 
 
 def create_dataset(
-    session: Session,
     name: str,
     where: str,
     *,
+    session: Session,
     description: str = "",
     owner: str | None = None,
     actor: str = "user",
@@ -190,19 +190,19 @@ def create_dataset(
     return ds
 
 
-def get_dataset(session: Session, name: str) -> Dataset:
+def get_dataset(name: str, *, session: Session) -> Dataset:
     ds = session.scalars(select(Dataset).where(col(Dataset.name) == name)).first()
     if ds is None:
         raise DatasetNotFoundError(f"unknown dataset {name!r}")
     return ds
 
 
-def list_datasets(session: Session) -> list[Dataset]:
+def list_datasets(*, session: Session) -> list[Dataset]:
     return list(session.scalars(select(Dataset).order_by(col(Dataset.name))).all())
 
 
-def delete_dataset(session: Session, name: str, *, actor: str = "user") -> None:
-    ds = get_dataset(session, name)
+def delete_dataset(name: str, *, session: Session, actor: str = "user") -> None:
+    ds = get_dataset(name, session=session)
     session.delete(ds)
     audit.record(session, "dataset.deleted", actor=actor, details={"name": name})
 
@@ -256,7 +256,7 @@ class Status:
     bytes_total: int
 
 
-def status(session: Session) -> Status:
+def status(*, session: Session) -> Status:
     """Storages with usage, items by state and by target phase, items below their target."""
     rep_counts: dict[uuid.UUID, int] = {
         sid: int(n)
@@ -305,7 +305,7 @@ def status(session: Session) -> Status:
     return Status(storages, by_state, by_phase, int(below), int(total))
 
 
-def table_counts(session: Session) -> Mapping[str, int]:
+def table_counts(*, session: Session) -> Mapping[str, int]:
     """Rows per catalogue table (used by tests and `dlm status --json`)."""
     out: dict[str, int] = {}
     for model in (Location, Storage, Item, Replica, Transfer, Event, Dataset):

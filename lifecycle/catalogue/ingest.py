@@ -80,12 +80,7 @@ def upload_path(name: str, version: int) -> str:
 
 
 def plan_ingest(
-    session: Session,
-    *,
-    storage: Storage,
-    paths: Sequence[str],
-    upload: bool,
-    name: str | None = None,
+    *, session: Session, storage: Storage, paths: Sequence[str], upload: bool, name: str | None = None
 ) -> list[IngestSource]:
     """Resolve and validate every path before any write.
 
@@ -145,8 +140,8 @@ def plan_ingest(
 
 
 def ingest(
-    session: Session,
     *,
+    session: Session,
     storage: Storage,
     sources: Sequence[IngestSource],
     options: IngestOptions,

@@ -210,7 +210,7 @@ def _location_id(session: Session, name: str | None) -> uuid.UUID | None:
     return loc.id
 
 
-def add_storage(session: Session, data: StorageCreate, *, check: bool = True, actor: str = "user") -> Storage:
+def add_storage(data: StorageCreate, *, session: Session, check: bool = True, actor: str = "user") -> Storage:
     """Register a storage volume after checking that DLM can reach it.
 
     Raises ConflictError (name taken), InvalidValueError (bad root or options, `/` as a posix
@@ -258,7 +258,7 @@ def add_storage(session: Session, data: StorageCreate, *, check: bool = True, ac
     return storage
 
 
-def get_storage(session: Session, name: str) -> Storage:
+def get_storage(name: str, *, session: Session) -> Storage:
     """The storage of that name. Raises StorageNotFoundError."""
     storage = session.scalars(select(Storage).where(col(Storage.name) == name)).first()
     if storage is None:
@@ -270,18 +270,18 @@ def get_storage(session: Session, name: str) -> Storage:
     return storage
 
 
-def storage_public(session: Session, storage: Storage) -> StoragePublic:
+def storage_public(storage: Storage, *, session: Session) -> StoragePublic:
     loc = session.get(Location, storage.location_id) if storage.location_id else None
     fields = {k: getattr(storage, k) for k in StoragePublic.model_fields if k != "location"}
     return StoragePublic.model_validate({**fields, "location": loc.name if loc else None})
 
 
-def list_storages(session: Session) -> list[StoragePublic]:
+def list_storages(*, session: Session) -> list[StoragePublic]:
     rows = session.scalars(select(Storage).order_by(col(Storage.name))).all()
-    return [storage_public(session, s) for s in rows]
+    return [storage_public(s, session=session) for s in rows]
 
 
-def storage_replica_counts(session: Session, storage_id: uuid.UUID) -> dict[str, int]:
+def storage_replica_counts(storage_id: uuid.UUID, *, session: Session) -> dict[str, int]:
     rows = session.execute(
         select(col(Replica.state), func.count())
         .where(col(Replica.storage_id) == storage_id)
@@ -290,14 +290,14 @@ def storage_replica_counts(session: Session, storage_id: uuid.UUID) -> dict[str,
     return {str(state): int(n) for state, n in rows}
 
 
-def set_storage_state(session: Session, name: str, state: StorageState, *, actor: str = "user") -> Storage:
+def set_storage_state(name: str, state: StorageState, *, session: Session, actor: str = "user") -> Storage:
     """Drain, take offline, bring online or retire a storage.
 
     Raises StorageNotFoundError, PolicyViolationError (retiring a storage that still holds
     live copies: drain it first), InvalidValueError (bringing back a retired storage whose
     root another storage now overlaps).
     """
-    storage = get_storage(session, name)
+    storage = get_storage(name, session=session)
     if state is StorageState.RETIRED:
         live = session.execute(
             select(func.count())

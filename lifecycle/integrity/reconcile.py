@@ -201,7 +201,7 @@ def reconcile_storage(
     """
     started = time.monotonic()
     with sessions() as s:
-        storage = get_storage(s, name)
+        storage = get_storage(name, session=s)
         s.expunge(storage)
     if storage.state in (StorageState.OFFLINE, StorageState.RETIRED):
         raise ConflictError(f"storage {name!r} is {storage.state}: it cannot be listed")

@@ -128,7 +128,7 @@ def select_checks(
     Raises StorageNotFoundError for an unknown storage name.
     """
     sel = Selection(budget_bytes=budget_bytes)
-    ids = [get_storage(session, name).id for name in storages or ()]
+    ids = [get_storage(name, session=session).id for name in storages or ()]
     q = (
         select(
             col(Replica.uid),

@@ -14,7 +14,7 @@ from lifecycle.catalogue.db import session_scope
 
 def _counts(url: str) -> dict[str, int]:
     with session_scope(url) as s:
-        return dict(table_counts(s))
+        return dict(table_counts(session=s))
 
 
 @pytest.fixture

@@ -91,10 +91,9 @@ def make_estate(
     (tmp / "src").mkdir()
     with session_scope() as s:
         src = add_storage(
-            s, StorageCreate(name="src", kind=StorageKind.POSIX, root=str(tmp / "src"), location="a")
+            StorageCreate(name="src", kind=StorageKind.POSIX, root=str(tmp / "src"), location="a"), session=s
         )
         add_storage(
-            s,
             StorageCreate(
                 name="dst",
                 kind=StorageKind.S3,
@@ -104,6 +103,7 @@ def make_estate(
                 tier=Tier.COLD,
                 location="b",
             ),
+            session=s,
         )
         names = []
         for i in range(n):
@@ -112,8 +112,8 @@ def make_estate(
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(hashlib.sha256(f"{i}".encode()).digest() * (size // 32))
             names.append(name)
-        sources = plan_ingest(s, storage=src, paths=names, upload=False)
-        ingest(s, storage=src, sources=sources, options=IngestOptions(phase=phase))
+        sources = plan_ingest(storage=src, paths=names, upload=False, session=s)
+        ingest(storage=src, sources=sources, options=IngestOptions(phase=phase), session=s)
     return names
 
 

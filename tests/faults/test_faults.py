@@ -85,7 +85,7 @@ def test_two_expire_and_two_replicate_runs_at_once(
     expired = names[:40]
     with session_scope() as s:
         for name in expired:
-            set_expiry(s, name, utcnow())
+            set_expiry(name, utcnow(), session=s)
     procs = [dlm_proc("run", p) for p in ("expire", "replicate", "expire", "replicate")]
     for p in procs:
         _out, err = p.communicate(timeout=600)
@@ -95,7 +95,7 @@ def test_two_expire_and_two_replicate_runs_at_once(
         p.communicate(timeout=600)
     with session_scope() as s:
         for name in expired:
-            assert get_item(s, name).state == "DELETED"
+            assert get_item(name, session=s).state == "DELETED"
         per_replica = s.execute(
             select(col(Event.replica_uid), func.count())
             .where(col(Event.kind) == "replica.deleted")
@@ -146,8 +146,8 @@ def test_recovery_leaves_live_claims_alone(db_url, tmp_path: Path, s3_env, s3_bu
 
     [name] = make_estate(tmp_path, s3=s3_env, bucket=s3_bucket, n=1, size=1024)
     with session_scope() as s:
-        item = get_item(s, name)
-        dst = get_storage(s, "dst")
+        item = get_item(name, session=s)
+        dst = get_storage("dst", session=s)
         s.add(
             Replica(
                 item_oid=item.oid, storage_id=dst.id, path=name, state="COPYING", claimed_by="elsewhere:1"

@@ -38,13 +38,12 @@ def _storages(tmp: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-de
         for name, tier, loc in (("a", Tier.HOT, "x"), ("b", Tier.WARM, "x"), ("c", Tier.WARM, "y")):
             (tmp / name).mkdir()
             add_storage(
-                s,
                 StorageCreate(
                     name=name, kind=StorageKind.POSIX, root=str(tmp / name), tier=tier, location=loc
                 ),
+                session=s,
             )
         add_storage(
-            s,
             StorageCreate(
                 name="s3",
                 kind=StorageKind.S3,
@@ -54,6 +53,7 @@ def _storages(tmp: Path, s3, bucket: str) -> None:  # type: ignore[no-untyped-de
                 tier=Tier.COLD,
                 location="y",
             ),
+            session=s,
         )
 
 
@@ -81,7 +81,7 @@ def _ingest(tmp: Path, start: int, n: int, rng: random.Random) -> None:
     listing = tmp / f"list-{start}.jsonl"
     listing.write_text("\n".join(lines) + "\n")
     with session_scope() as s:
-        register_from_list(s, storage=get_storage(s, "a"), source=listing)
+        register_from_list(s, storage=get_storage("a", session=s), source=listing)
 
 
 def _random_ops(tmp: Path, rng: random.Random, log: list[str]) -> None:
@@ -89,16 +89,16 @@ def _random_ops(tmp: Path, rng: random.Random, log: list[str]) -> None:
         live = list(s.scalars(select(Item).where(col(Item.state) == ItemState.READY)))
         for item in rng.sample(live, min(len(live), max(1, len(live) // 20))):
             phase = rng.choice(list(Phase))
-            set_phase(s, str(item.oid), phase)
+            set_phase(str(item.oid), phase, session=s)
         for item in rng.sample(live, min(len(live), max(1, len(live) // 30))):
-            set_expiry(s, str(item.oid), utcnow())
+            set_expiry(str(item.oid), utcnow(), session=s)
         log.append(f"phase changes and expiries on {len(live)} live items")
         storages = {st.name: st for st in s.scalars(select(Storage))}
         if storages["b"].state == StorageState.ONLINE and rng.random() < 0.4:
-            set_storage_state(s, "b", StorageState.DRAINING)
+            set_storage_state("b", StorageState.DRAINING, session=s)
             log.append("drain b")
         elif storages["b"].state == StorageState.DRAINING and rng.random() < 0.5:
-            set_storage_state(s, "b", StorageState.ONLINE)
+            set_storage_state("b", StorageState.ONLINE, session=s)
             log.append("b back online")
         # corrupt one posix copy of an item that has another intact copy
         rows = s.execute(
@@ -155,7 +155,7 @@ def test_soak(pg_db_url: str, tmp_path: Path, s3_env, s3_bucket, dlm_proc) -> No
             assert not corrupted, (
                 f"round {rnd}: items lost their last intact copy: {[i.name for i in corrupted]}"
             )
-            below = status(s).below_target
+            below = status(session=s).below_target
         for name in ("a", "b", "c", "s3"):
             rec = reconcile(storage=name, dry_run=True)
             assert rec["unknown"] == 0 and rec["missing"] == 0, (rnd, name, rec)

@@ -181,8 +181,12 @@ def _posix_estate(tmp: Path, n: int, size: int) -> None:
     for d in ("a", "b"):
         (tmp / d).mkdir()
     with session_scope() as s:
-        a = add_storage(s, StorageCreate(name="a", kind=StorageKind.POSIX, root=str(tmp / "a"), location="x"))
-        add_storage(s, StorageCreate(name="b", kind=StorageKind.POSIX, root=str(tmp / "b"), location="y"))
+        a = add_storage(
+            StorageCreate(name="a", kind=StorageKind.POSIX, root=str(tmp / "a"), location="x"), session=s
+        )
+        add_storage(
+            StorageCreate(name="b", kind=StorageKind.POSIX, root=str(tmp / "b"), location="y"), session=s
+        )
         names = []
         for i in range(n):
             name = f"d/f{i:03d}.bin"
@@ -190,8 +194,8 @@ def _posix_estate(tmp: Path, n: int, size: int) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(hashlib.sha256(str(i).encode()).digest() * (size // 32))
             names.append(name)
-        sources = plan_ingest(s, storage=a, paths=names, upload=False)
-        ingest(s, storage=a, sources=sources, options=IngestOptions(phase=Phase.LIQUID))
+        sources = plan_ingest(storage=a, paths=names, upload=False, session=s)
+        ingest(storage=a, sources=sources, options=IngestOptions(phase=Phase.LIQUID), session=s)
 
 
 @pytest.fixture
@@ -273,8 +277,8 @@ def test_the_next_run_removes_dead_uploads_temp_files_and_keeps_live_ones(  # ty
     mine.write_bytes(b"registered")
     os.utime(mine, (hour_ago, hour_ago))
     with session_scope() as s:
-        sources = plan_ingest(s, storage=get_storage(s, "a"), paths=[mine.name], upload=False)
-        ingest(s, storage=get_storage(s, "a"), sources=sources, options=IngestOptions())
+        sources = plan_ingest(storage=get_storage("a", session=s), paths=[mine.name], upload=False, session=s)
+        ingest(storage=get_storage("a", session=s), sources=sources, options=IngestOptions(), session=s)
     report = replicate()
     rec = report["recovered"]
     gone = [rel for rel, (_, _, keep) in files.items() if not keep]
@@ -305,8 +309,8 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
     # a run that died mid-copy to b: its COPYING row, a partial file at the path, rclone's
     # .partial of another file, and a temporary upload file of a live writer (this process)
     with session_scope() as s:
-        item = get_item(s, name)
-        dst_id = get_storage(s, "b").id
+        item = get_item(name, session=s)
+        dst_id = get_storage("b", session=s).id
         s.add(
             Replica(
                 item_oid=item.oid,
@@ -321,8 +325,10 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
     # a user's own file whose name looks temporary, registered in place: judged like any copy
     (b / "notes.partial").write_bytes(b"mine")
     with session_scope() as s:
-        sources = plan_ingest(s, storage=get_storage(s, "b"), paths=["notes.partial"], upload=False)
-        ingest(s, storage=get_storage(s, "b"), sources=sources, options=IngestOptions())
+        sources = plan_ingest(
+            storage=get_storage("b", session=s), paths=["notes.partial"], upload=False, session=s
+        )
+        ingest(storage=get_storage("b", session=s), sources=sources, options=IngestOptions(), session=s)
     (b / "d" / "f001.bin.4f2a91c0.partial").write_bytes(b"p" * 777)
     (b / f".dlm-tmp-{socket.gethostname()}-{os.getpid()}-up").write_bytes(b"q" * 33)
     report = reconcile(storage="b")

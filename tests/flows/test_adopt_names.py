@@ -29,7 +29,9 @@ def test_files_named_like_versions_or_with_padded_segments_are_reported_not_adop
     for rel, data in files.items():
         (root / rel).write_bytes(data)
     with session_scope() as s:
-        add_storage(s, StorageCreate(name="warm", kind=StorageKind.POSIX, root=str(root), tier=Tier.WARM))
+        add_storage(
+            StorageCreate(name="warm", kind=StorageKind.POSIX, root=str(root), tier=Tier.WARM), session=s
+        )
 
     report = reconcile(storage="warm", adopt=True)
 

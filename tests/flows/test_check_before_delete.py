@@ -73,7 +73,7 @@ def liquid_on_a_and_b(dlm: Any, R: Path, name: str = "l.dat") -> str:
     assert (R / "b" / name).read_bytes() == PAYLOAD
     assert copies(name) == [("disk-a", "READY"), ("disk-b", "READY")]
     with session_scope() as s:
-        checksum = get_item(s, name).checksum
+        checksum = get_item(name, session=s).checksum
     assert checksum == md5(PAYLOAD)
     return checksum
 
@@ -91,7 +91,7 @@ def run(pipeline: str) -> dict[str, Any]:
 def copies(name: str) -> list[tuple[str, str]]:
     """(storage, state) of every replica row of NAME but the DELETED ones, sorted."""
     with session_scope() as s:
-        item = get_item(s, name)
+        item = get_item(name, session=s)
         rows = s.execute(
             select(col(Storage.name), col(Replica.state))
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
@@ -108,7 +108,7 @@ def events(kind: str) -> list[dict[str, Any]]:
 
 def item_state(name: str) -> str:
     with session_scope() as s:
-        return str(get_item(s, name).state)
+        return str(get_item(name, session=s).state)
 
 
 def test_migrate_does_not_delete_the_last_bytes_when_the_other_copy_is_gone(dlm: Any, disks: Path) -> None:
@@ -196,7 +196,7 @@ def test_replica_expiry_waits_for_a_confirmed_copy(dlm: Any, disks: Path) -> Non
     checksum = liquid_on_a_and_b(dlm, R)
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     with session_scope() as s:
-        a = get_storage(s, "disk-a")
+        a = get_storage("disk-a", session=s)
         past = utcnow() - timedelta(hours=1)
         s.execute(update(Replica).where(col(Replica.storage_id) == a.id).values(expires_at=past))
     os.remove(R / "b" / "l.dat")
@@ -262,7 +262,7 @@ def test_two_concurrent_deletions_each_relying_on_the_other_copy_keep_the_bytes(
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     os.remove(R / "b" / "l.dat")
     with session_scope() as s:
-        oid = get_item(s, "l.dat").oid
+        oid = get_item("l.dat", session=s).oid
         reps = s.scalars(select(Replica).where(col(Replica.item_oid) == oid)).all()
         batches = [
             DeleteBatch(r.storage_id, (DeleteReplica(r.uid, oid, r.storage_id, r.path, 1, "test"),))
@@ -306,8 +306,8 @@ def test_enough_confirmed_copies_let_a_deletion_go_while_another_storage_is_unre
     ok(dlm("items", "set-phase", "l.dat", "GAS"))
     os.rename(R / "c", R / "c-unmounted")
     with session_scope() as s:
-        oid = get_item(s, "l.dat").oid
-        a = get_storage(s, "disk-a")
+        oid = get_item("l.dat", session=s).oid
+        a = get_storage("disk-a", session=s)
         rep = s.scalars(
             select(Replica).where(col(Replica.item_oid) == oid, col(Replica.storage_id) == a.id)
         ).one()

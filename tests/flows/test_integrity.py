@@ -29,13 +29,12 @@ def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env: Any, flows_env: 
         for name, tier in (("hot", Tier.HOT), ("warm", Tier.WARM)):
             (tmp_path / name).mkdir()
             storages.add_storage(
-                s,
                 StorageCreate(
                     name=name, kind=StorageKind.POSIX, root=str(tmp_path / name), tier=tier, location="site-a"
                 ),
+                session=s,
             )
         storages.add_storage(
-            s,
             StorageCreate(
                 name="cold",
                 kind=StorageKind.S3,
@@ -45,6 +44,7 @@ def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env: Any, flows_env: 
                 tier=Tier.COLD,
                 location="site-b",
             ),
+            session=s,
         )
     return {"root": tmp_path, "bucket": s3_bucket, "s3": s3_env}
 
@@ -76,11 +76,13 @@ def ingest(root: Path, names: Sequence[str], *, phase: Phase, size: int = 3000) 
         f.write_bytes(payload(name, size))
         files.append(str(f))
     with session_scope() as s:
-        hot = storages.get_storage(s, "hot")
-        sources = ingesting.plan_ingest(s, storage=hot, paths=files, upload=True)
+        hot = storages.get_storage("hot", session=s)
+        sources = ingesting.plan_ingest(storage=hot, paths=files, upload=True, session=s)
         for source, name in zip(sources, names, strict=True):
             source.name = name
-        ingesting.ingest(s, storage=hot, sources=sources, options=ingesting.IngestOptions(phase=phase))
+        ingesting.ingest(
+            storage=hot, sources=sources, options=ingesting.IngestOptions(phase=phase), session=s
+        )
 
 
 def flip_byte(path: Path, at: int = 1000) -> None:
@@ -92,7 +94,7 @@ def flip_byte(path: Path, at: int = 1000) -> None:
 def copies(name: str) -> dict[str, tuple[str, str]]:
     """storage name -> (replica state, path) of NAME's copies that are not DELETED."""
     with session_scope() as s:
-        item = catalog.get_item(s, name)
+        item = catalog.get_item(name, session=s)
         rows = s.execute(
             select(col(Storage.name), col(Replica.state), col(Replica.path))
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
@@ -103,12 +105,12 @@ def copies(name: str) -> dict[str, tuple[str, str]]:
 
 def item_state(name: str) -> str:
     with session_scope() as s:
-        return str(catalog.get_item(s, name).state)
+        return str(catalog.get_item(name, session=s).state)
 
 
 def event_kinds(name: str) -> list[str]:
     with session_scope() as s:
-        oid = catalog.get_item(s, name).oid
+        oid = catalog.get_item(name, session=s).oid
         return [
             e.kind for e in s.scalars(select(Event).where(col(Event.item_oid) == oid).order_by(col(Event.id)))
         ]
@@ -116,7 +118,7 @@ def event_kinds(name: str) -> list[str]:
 
 def below_target() -> int:
     with session_scope() as s:
-        return catalog.status(s).below_target
+        return catalog.status(session=s).below_target
 
 
 def s3_object(estate: dict[str, Any], key: str) -> bytes:
@@ -191,7 +193,7 @@ def test_flipped_byte_in_the_only_copy_corrupts_the_item_and_deletes_nothing(
     assert copies("solo.dat") == {"hot": ("CORRUPTED", "solo.dat")}
     assert path.read_bytes() == flipped  # nothing deleted or rewritten
     with session_scope() as s:
-        st = catalog.status(s)
+        st = catalog.status(session=s)
     assert st.below_target == 1 and st.items_by_state == {"CORRUPTED": 1}
     assert "item.corrupted" in [e["kind"] for e in published]
     # an operator restores the bytes: the next verify finds the copy intact and the item READY
@@ -213,7 +215,7 @@ def test_budget_reads_only_the_oldest_verified_copies(estate: dict[str, Any]) ->
     ages[names[3]] = now - timedelta(days=1)
     with session_scope() as s:
         for name, when in ages.items():
-            oid = catalog.get_item(s, name).oid
+            oid = catalog.get_item(name, session=s).oid
             s.execute(update(Replica).where(col(Replica.item_oid) == oid).values(verified_at=when))
     flip_byte(estate["root"] / "hot" / names[3])  # the newest-verified: outside a small budget
 
@@ -224,7 +226,9 @@ def test_budget_reads_only_the_oldest_verified_copies(estate: dict[str, Any]) ->
     with session_scope() as s:
         verified = {
             name: s.execute(
-                select(col(Replica.verified_at)).where(col(Replica.item_oid) == catalog.get_item(s, name).oid)
+                select(col(Replica.verified_at)).where(
+                    col(Replica.item_oid) == catalog.get_item(name, session=s).oid
+                )
             ).scalar_one()
             for name in names
         }
@@ -285,7 +289,7 @@ def test_file_deleted_behind_dlms_back_is_lost_then_repaired(
     ingest(root, ["r/a.dat", "r/b.dat"], phase=Phase.LIQUID)
     replicate()
     with session_scope() as s:
-        used_before = storages.get_storage(s, "hot").used_bytes
+        used_before = storages.get_storage("hot", session=s).used_bytes
     (root / "hot" / "r/a.dat").unlink()
 
     report = reconcile(storage="hot")
@@ -299,7 +303,7 @@ def test_file_deleted_behind_dlms_back_is_lost_then_repaired(
     assert {"replica.lost", "replica.repaired"} <= {e["kind"] for e in published}
     assert report["below_target_after"] == 0 and item_state("r/a.dat") == "READY"
     with session_scope() as s:
-        assert storages.get_storage(s, "hot").used_bytes == used_before
+        assert storages.get_storage("hot", session=s).used_bytes == used_before
     assert reconcile(storage="hot")["lost"] == 0
 
 
@@ -350,7 +354,7 @@ def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: di
     client.put_object(Bucket=estate["bucket"], Key="incoming/run-8.dat.a1b2c3.partial", Body=b"x")
     client.put_object(Bucket=estate["bucket"], Key=".dlm-checkout-abc/run-9.dat", Body=b"y")
     with session_scope() as s:
-        before = dict(catalog.table_counts(s))
+        before = dict(catalog.table_counts(session=s))
 
     seen = reconcile(storage="cold")
 
@@ -359,14 +363,14 @@ def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: di
     assert seen["unknown_objects"][0]["size"] == len(body)
     assert seen["adopted"] == 0 and seen["lost"] == 0
     with session_scope() as s:
-        assert dict(catalog.table_counts(s)) == before  # reporting changes nothing
+        assert dict(catalog.table_counts(session=s)) == before  # reporting changes nothing
 
     adopted = reconcile(storage="cold", adopt=True)
 
     assert adopted["adopted"] == 1 and adopted["unknown_objects"][0]["adopted as"]
     head = client.head_object(Bucket=estate["bucket"], Key="incoming/run-7.dat")
     with session_scope() as s:
-        item = catalog.get_item(s, "incoming/run-7.dat")
+        item = catalog.get_item("incoming/run-7.dat", session=s)
         assert str(item.oid) == adopted["unknown_objects"][0]["adopted as"]
         assert item.meta == head["Metadata"] == {"project": "p1", "kind": "raw", "detector": "B-12"}
         assert (item.checksum, item.checksum_algo) == (hashlib.md5(body).hexdigest(), "md5")

@@ -32,7 +32,6 @@ def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env, flows_env) -> di
         for name, tier in (("hot", Tier.HOT), ("warm", Tier.WARM)):
             (tmp_path / name).mkdir()
             storages.add_storage(
-                s,
                 StorageCreate(
                     name=name,
                     kind=StorageKind.POSIX,
@@ -41,9 +40,9 @@ def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env, flows_env) -> di
                     location="site-a",
                     capacity_bytes=10**9,
                 ),
+                session=s,
             )
         storages.add_storage(
-            s,
             StorageCreate(
                 name="cold",
                 kind=StorageKind.S3,
@@ -53,6 +52,7 @@ def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env, flows_env) -> di
                 tier=Tier.COLD,
                 location="site-b",
             ),
+            session=s,
         )
     return {"root": tmp_path, "bucket": s3_bucket, "s3": s3_env}
 
@@ -71,18 +71,21 @@ def ingest(
     src.mkdir(exist_ok=True)
     names = []
     with session_scope() as s:
-        st = storages.get_storage(s, storage)
+        st = storages.get_storage(storage, session=s)
         for i in range(n):
             f = src / f"f{i}.dat"
             f.write_bytes(hashlib.sha256(f"{prefix}{i}".encode()).digest() * (size // 32))
             names.append(f"{prefix}/f{i}.dat")
         sources = ingesting.plan_ingest(
-            s, storage=st, paths=[str(src / f"f{i}.dat") for i in range(n)], upload=True
+            storage=st, paths=[str(src / f"f{i}.dat") for i in range(n)], upload=True, session=s
         )
         for srcobj, name in zip(sources, names, strict=True):
             srcobj.name = name
         ingesting.ingest(
-            s, storage=st, sources=sources, options=ingesting.IngestOptions(phase=phase, lifetime=lifetime)
+            storage=st,
+            sources=sources,
+            options=ingesting.IngestOptions(phase=phase, lifetime=lifetime),
+            session=s,
         )
     return names
 
@@ -90,7 +93,7 @@ def ingest(
 def replicas_of(name: str) -> dict[str, str]:
     """storage name -> replica state, for the newest version of NAME."""
     with session_scope() as s:
-        item = catalog.get_item(s, name)
+        item = catalog.get_item(name, session=s)
         rows = s.execute(
             select(col(Storage.name), col(Replica.state))
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
@@ -101,7 +104,7 @@ def replicas_of(name: str) -> dict[str, str]:
 
 def counts() -> dict[str, int]:
     with session_scope() as s:
-        return dict(catalog.table_counts(s))
+        return dict(catalog.table_counts(session=s))
 
 
 def s3_bytes(estate: dict[str, object], key: str) -> bytes:
@@ -182,11 +185,11 @@ def test_expire_item_deletes_copies_and_leaves_tombstone(estate: dict[str, objec
     replicate()
     assert len(replicas_of(name)) == 2
     with session_scope() as s:
-        catalog.set_expiry(s, name, utcnow() - timedelta(seconds=1))
+        catalog.set_expiry(name, utcnow() - timedelta(seconds=1), session=s)
     report = expire()
     assert report["deleted"] == 2
     with session_scope() as s:
-        item = catalog.get_item(s, name)
+        item = catalog.get_item(name, session=s)
         assert item.state == "DELETED"
         kinds = [e.kind for e in s.scalars(select(Event).where(col(Event.item_oid) == item.oid))]
     assert "item.expired" in kinds and "item.deleted" in kinds and kinds.count("replica.deleted") == 2
@@ -202,7 +205,7 @@ def test_replica_expiry_refused_when_it_would_break_the_phase(estate: dict[str, 
     [name] = ingest(estate["root"], "hot", 1, phase=Phase.LIQUID)  # type: ignore[arg-type]
     replicate()
     with session_scope() as s:
-        item = catalog.get_item(s, name)
+        item = catalog.get_item(name, session=s)
         rep = s.scalars(select(Replica).where(col(Replica.item_oid) == item.oid)).first()
         assert rep is not None
         rep.expires_at = utcnow() - timedelta(hours=1)
@@ -220,11 +223,11 @@ def test_phase_change_then_migrate_adds_then_drops(estate: dict[str, object]) ->
 
     [name] = ingest(estate["root"], "hot", 1, phase=Phase.GAS)  # type: ignore[arg-type]
     with session_scope() as s:
-        catalog.set_phase(s, name, Phase.SOLID)
+        catalog.set_phase(name, Phase.SOLID, session=s)
     replicate()
     assert len(replicas_of(name)) == 3
     with session_scope() as s:
-        catalog.set_phase(s, name, Phase.GAS)
+        catalog.set_phase(name, Phase.GAS, session=s)
     report = migrate()
     assert report["deleted"] == 2
     left = replicas_of(name)
@@ -236,7 +239,7 @@ def test_drain_rebalance_then_retire(estate: dict[str, object]) -> None:
 
     names = ingest(estate["root"], "warm", 3, phase=Phase.GAS)  # type: ignore[arg-type]
     with session_scope() as s:
-        storages.set_storage_state(s, "warm", StorageState.DRAINING)
+        storages.set_storage_state("warm", StorageState.DRAINING, session=s)
     first = rebalance()
     assert first["copied"] == 3
     second = rebalance()
@@ -246,7 +249,7 @@ def test_drain_rebalance_then_retire(estate: dict[str, object]) -> None:
     third = rebalance()
     assert third["plan"]["drained"] == 1
     with session_scope() as s:
-        storages.set_storage_state(s, "warm", StorageState.RETIRED)
+        storages.set_storage_state("warm", StorageState.RETIRED, session=s)
         assert s.scalars(select(Event).where(col(Event.kind) == "storage.drained")).first() is not None
     assert list((estate["root"] / "warm").rglob("*.dat")) == []  # type: ignore[operator]
 
@@ -261,7 +264,7 @@ def test_s3_refusing_writes_leaves_failed_transfers_and_no_ready_claim(
     report = replicate()
     assert report["failed"] == 3
     with session_scope() as s:
-        cold = storages.get_storage(s, "cold")
+        cold = storages.get_storage("cold", session=s)
         on_cold = s.execute(
             select(func.count()).select_from(Replica).where(col(Replica.storage_id) == cold.id)
         ).one()[0]
@@ -300,9 +303,9 @@ def test_a_path_taken_by_another_item_is_not_planned_as_a_destination(estate: di
     """Planning reads other items' live rows at the chunk's paths: the copy goes elsewhere."""
     a, b = ingest(estate["root"], "hot", 2, phase=Phase.GAS)  # type: ignore[arg-type]
     with session_scope() as s:
-        catalog.set_phase(s, a, Phase.LIQUID)
-        warm = storages.get_storage(s, "warm")
-        other = catalog.get_item(s, b)
+        catalog.set_phase(a, Phase.LIQUID, session=s)
+        warm = storages.get_storage("warm", session=s)
+        other = catalog.get_item(b, session=s)
         s.add(Replica(item_oid=other.oid, storage_id=warm.id, path=a, state=ReplicaState.READY))
     with session_scope() as s:
         plan = make_plan(s, "replicate")
@@ -317,7 +320,7 @@ def test_checkout_verified(estate: dict[str, object], tmp_path: Path) -> None:
     names = ingest(estate["root"], "hot", 2, phase=Phase.LIQUID)  # type: ignore[arg-type]
     replicate()
     with session_scope() as s:
-        storages.set_storage_state(s, "hot", StorageState.OFFLINE)  # must come from the other copy
+        storages.set_storage_state("hot", StorageState.OFFLINE, session=s)  # must come from the other copy
     out = tmp_path / "out"
     result = checkout_flow(str(out), items=names)
     assert result["files"] == 2 and not result["failed"]
@@ -362,7 +365,7 @@ def test_deletions_rechecked_at_apply_time(estate: dict[str, object]) -> None:
     [name] = ingest(estate["root"], "hot", 1, phase=Phase.LIQUID)  # type: ignore[arg-type]
     replicate()
     with session_scope() as s:
-        item = catalog.get_item(s, name)
+        item = catalog.get_item(name, session=s)
         reps = s.scalars(select(Replica).where(col(Replica.item_oid) == item.oid)).all()
         assert len(reps) == 2
         item_oid = item.oid
@@ -378,7 +381,7 @@ def test_deletions_rechecked_at_apply_time(estate: dict[str, object]) -> None:
     ]
     assert sum(r.done for r in results) == 0  # LIQUID needs both
     with session_scope() as s:
-        catalog.set_phase(s, name, Phase.GAS)
+        catalog.set_phase(name, Phase.GAS, session=s)
     results = [
         apply_delete_batch(
             DeleteBatch(r.storage_id, (DeleteReplica(r.uid, item_oid, r.storage_id, r.path, 1, "test"),)),

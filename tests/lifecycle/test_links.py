@@ -276,20 +276,22 @@ def test_s3_copies_neither_read_a_posix_link_nor_land_through_one(
 def add_posix(name: str, root: Path, location: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with session_scope() as s:
-        add_storage(s, StorageCreate(name=name, kind=StorageKind.POSIX, root=str(root), location=location))
+        add_storage(
+            StorageCreate(name=name, kind=StorageKind.POSIX, root=str(root), location=location), session=s
+        )
 
 
 def ingest_in_place(storage: str, paths: list[str], phase: Phase) -> None:
     with session_scope() as s:
-        st = get_storage(s, storage)
-        sources = plan_ingest(s, storage=st, paths=paths, upload=False)
-        ingest(s, storage=st, sources=sources, options=IngestOptions(phase=phase))
+        st = get_storage(storage, session=s)
+        sources = plan_ingest(storage=st, paths=paths, upload=False, session=s)
+        ingest(storage=st, sources=sources, options=IngestOptions(phase=phase), session=s)
 
 
 def copies(name: str) -> dict[str, str]:
     """storage name -> state of NAME's copies that are not DELETED."""
     with session_scope() as s:
-        item = get_item(s, name)
+        item = get_item(name, session=s)
         rows = s.execute(
             select(col(Storage.name), col(Replica.state))
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
@@ -307,7 +309,7 @@ def events(kind: str) -> list[dict[str, Any]]:
 
 def item_state(name: str) -> str:
     with session_scope() as s:
-        return str(get_item(s, name).state)
+        return str(get_item(name, session=s).state)
 
 
 # --------------------------------------------------------------------------- ingest (CLI)

@@ -38,7 +38,7 @@ dlm = cli_conftest.dlm  # the in-process CLI fixture
 
 def _counts(url: str) -> dict[str, int]:
     with session_scope(url) as s:
-        return dict(table_counts(s))
+        return dict(table_counts(session=s))
 
 
 def _md5(data: bytes) -> str:
@@ -47,7 +47,7 @@ def _md5(data: bytes) -> str:
 
 def _item_checksum(name: str) -> str:
     with session_scope() as s:
-        item = get_item(s, name)
+        item = get_item(name, session=s)
         return str(item.checksum)
 
 
@@ -209,7 +209,7 @@ def test_s3_upload_refuses_an_object_another_item_owns(
     from lifecycle.storage.backends import backend_for
 
     with session_scope() as s:
-        st = backend_for(get_storage(s, "obj"))
+        st = backend_for(get_storage("obj", session=s))
     assert st.stat(name).metadata["dlm-name"] == name
     assert client.get_object(Bucket=s3_bucket, Key=name)["Body"].read() == b"NEW!\n"
 
@@ -281,7 +281,7 @@ def test_from_list_across_batches_sees_earlier_batches(disks: Path, db_url: str)
         "".join(json.dumps({"name": f"n{i}", "path": "same.dat", "size": 1}) + "\n" for i in range(3))
     )
     with pytest.raises(ConflictError, match=r"line 2: path 'same\.dat'"), session_scope() as s:
-        bulk.register_from_list(s, storage=get_storage(s, "disk-a"), source=source, batch_size=1)
+        bulk.register_from_list(s, storage=get_storage("disk-a", session=s), source=source, batch_size=1)
     assert _counts(db_url)["item"] == 0
 
 
@@ -290,7 +290,7 @@ def test_from_list_across_batches_sees_earlier_batches(disks: Path, db_url: str)
 
 def test_the_database_holds_one_live_copy_per_path(disks: Path, db_url: str) -> None:
     with session_scope() as s:
-        sid = get_storage(s, "disk-a").id
+        sid = get_storage("disk-a", session=s).id
         a, b = Item(name="a", size=1), Item(name="b", size=1)
         s.add_all([a, b])
         s.flush()
@@ -500,11 +500,12 @@ def test_replicate_leaves_a_stray_file_at_the_destination(
     with session_scope() as s:
         for name, sub, loc in (("disk-a", "a", "site-a"), ("disk-b", "b", "site-b")):
             add_storage(
-                s, StorageCreate(name=name, kind=StorageKind.POSIX, root=str(disks / sub), location=loc)
+                StorageCreate(name=name, kind=StorageKind.POSIX, root=str(disks / sub), location=loc),
+                session=s,
             )
-        a = get_storage(s, "disk-a")
-        sources = plan_ingest(s, storage=a, paths=["l.dat"], upload=False)
-        ingest(s, storage=a, sources=sources, options=IngestOptions(phase=Phase.LIQUID))
+        a = get_storage("disk-a", session=s)
+        sources = plan_ingest(storage=a, paths=["l.dat"], upload=False, session=s)
+        ingest(storage=a, sources=sources, options=IngestOptions(phase=Phase.LIQUID), session=s)
     (disks / "b" / "l.dat").write_bytes(b"nobody's, but not DLM's to replace\n")
     from flows.pipelines import replicate
 
@@ -537,12 +538,12 @@ def test_a_copy_claim_on_a_path_another_item_holds_is_skipped(
     (disks / "a" / "m.dat").write_bytes(b"item m\n")
     (disks / "b" / "m.dat").write_bytes(b"item n on b\n")
     with session_scope() as s:
-        a, b = get_storage(s, "disk-a"), get_storage(s, "disk-b")
+        a, b = get_storage("disk-a", session=s), get_storage("disk-b", session=s)
         for st, name in ((a, "m.dat"), (b, "n")):
             path = "m.dat"
-            srcs = plan_ingest(s, storage=st, paths=[path], upload=False, name=name)
-            ingest(s, storage=st, sources=srcs, options=IngestOptions())
-        m = get_item(s, "m.dat")
+            srcs = plan_ingest(storage=st, paths=[path], upload=False, name=name, session=s)
+            ingest(storage=st, sources=srcs, options=IngestOptions(), session=s)
+        m = get_item("m.dat", session=s)
         batch = CopyBatch(a.id, b.id, (Copy(m.oid, a.id, "m.dat", b.id, "m.dat", m.size, "test"),))
     result = apply_copy_batch(batch)
     assert (result.skipped, result.done, result.failed) == (1, 0, 0)
@@ -566,7 +567,7 @@ def test_a_lost_copy_does_not_come_back_over_another_items_path(dlm, disks: Path
     r = dlm("ingest", "-s", "disk-a", "--upload", str(disks / "new"), "--name", "p.dat")
     assert r.code == 0, r.err
     with session_scope() as s:
-        a = get_item(s, "item-a")
+        a = get_item("item-a", session=s)
         lost = s.scalars(select(Replica).where(col(Replica.item_oid) == a.oid)).one()
         check = Check(
             lost.uid, a.oid, lost.storage_id, "p.dat", a.size, str(a.checksum), "md5", ReplicaState.LOST
@@ -592,7 +593,6 @@ def test_adopt_decodes_percent_encoded_s3_metadata(
 
     with session_scope() as s:
         st = add_storage(
-            s,
             StorageCreate(
                 name="obj",
                 kind=StorageKind.S3,
@@ -600,6 +600,7 @@ def test_adopt_decodes_percent_encoded_s3_metadata(
                 endpoint=s3_env.endpoint,
                 credentials_env="DLM_TEST_S3",
             ),
+            session=s,
         )
         backend = backend_for(st)
     backend.put("obs/été.dat", io.BytesIO(b"summer"), metadata={"instrument": "télescope 100%"})
@@ -608,7 +609,7 @@ def test_adopt_decodes_percent_encoded_s3_metadata(
     result = reconcile_storage("obj", adopt=True)
     assert result.adopted == 1
     with session_scope() as s:
-        item = get_item(s, "obs/été.dat")
+        item = get_item("obs/été.dat", session=s)
         assert item.meta["instrument"] == "télescope 100%"
         assert item.checksum == _md5(b"summer")
 
