@@ -35,7 +35,7 @@ class TransferSettings(BaseModel):
     parallel_batches: int = Field(default=2, ge=1)
     max_items_per_run: int = 100_000
     max_bytes_per_run: int = 1024**4
-    retries: int = 2
+    retries: int = Field(default=2, ge=0)  # batch task retries after a transient error (tasks/common.py)
     # An in-flight row (COPYING, DELETING) untouched this long is taken as left by a dead run
     # on another host; on this host a dead claimer's pid is noticed at once.
     stale_after_s: int = 3600

@@ -8,7 +8,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from lifecycle.errors import TransientError
+from lifecycle.errors import DLMError, TransientError
+from lifecycle.settings import get_settings
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -22,16 +23,26 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def transfer_retries() -> int:
+    """DLM_TRANSFER__RETRIES (default 2): how often a batch task is retried after a transient
+    error. Read when the tasks are defined (a worker's start); an invalid setting leaves the
+    default here and is reported by the first core call that reads the settings."""
+    try:
+        return get_settings().transfer.retries
+    except DLMError:
+        return 2
+
+
 def dlm_task(
     name: str, *, task_run_name: str | None = None, retry_delay_seconds: float = 5
 ) -> Callable[[Any], Any]:
-    """A task that works on one batch: two retries for transient errors, never cached (its
-    inputs are large and its effects are not pure)."""
+    """A task that works on one batch: retried on transient errors only (transfer_retries()
+    times), never cached (its inputs are large and its effects are not pure)."""
     return task(
         name=name,
         task_run_name=task_run_name or name,
         cache_policy=NO_CACHE,
-        retries=2,
+        retries=transfer_retries(),
         retry_delay_seconds=retry_delay_seconds,
         retry_condition_fn=transient_only,
     )

@@ -1,4 +1,4 @@
-"""Applies planned actions to storages and the catalogue, in batches, safely under concurrency.
+"""Apply a copy batch to the storages and the catalogue, safely under concurrency.
 
 A copy batch (one source and one destination storage) is:
 1. *claimed*: one COPYING replica row per copy is inserted on the destination; the partial
@@ -10,12 +10,7 @@ A copy batch (one source and one destination storage) is:
 4. *settled* in one transaction: READY rows, FAILED transfers, claims of failed copies
    removed (the catalogue never claims a copy that is not there), one Event per change.
 
-A delete batch (one storage) claims its replicas (READY -> DELETING) after re-checking,
-with the item rows locked on PostgreSQL, that every item keeps its target phase and an
-intact copy without them (unless the item itself expired); the other copies such a deletion
-relies on are then confirmed on their storages (one listing per storage: check before
-delete), those found missing become LOST and the deletions no longer safe are given back;
-then one rclone process deletes the files, and the rows become DELETED.
+Delete batches are in lifecycle.apply.delete, the catalogue-only actions in records.
 """
 
 from __future__ import annotations
@@ -35,7 +30,14 @@ from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue import audit
 from lifecycle.catalogue.db import one_of
 from lifecycle.catalogue.models import Item, Replica, Storage, Transfer, utcnow
-from lifecycle.catalogue.sql import SessionFactory, default_sessions, insert_ignore, is_postgres, worker_id
+from lifecycle.catalogue.sql import (
+    SessionFactory,
+    chunks,
+    default_sessions,
+    insert_ignore,
+    is_postgres,
+    worker_id,
+)
 from lifecycle.errors import DLMError
 from lifecycle.planning.plan import CopyBatch
 from lifecycle.states import (
@@ -77,8 +79,7 @@ def _claim_copies(
     dialect = session.get_bind().dialect.name
     conn = session.connection()
     step = 2000 if dialect == "postgresql" else 500  # arrays on PostgreSQL, IN lists on SQLite
-    for i in range(0, len(oids), step):
-        chunk = oids[i : i + step]
+    for chunk in chunks(oids, step):
         if dialect == "postgresql":
             # A copy another run is claiming right now is left to it: a transaction-scoped
             # advisory lock per (item, destination) is taken without waiting (skip-locked
@@ -366,8 +367,7 @@ def _settle_copies(
         dialect = s.get_bind().dialect.name
         conn = s.connection()  # Core statements: no ORM session synchronisation to do
         step = 5000 if dialect == "postgresql" else 500
-        for i in range(0, len(good), step):
-            chunk = good[i : i + step]
+        for chunk in chunks(good, step):
             conn.execute(
                 update(Replica)
                 .where(one_of(dialect, col(Replica.uid), [c.replica_uid for c in chunk]))
@@ -378,8 +378,7 @@ def _settle_copies(
                 .where(one_of(dialect, col(Transfer.id), [c.transfer_id for c in chunk]))
                 .values(state=TransferState.DONE.value, duration_s=duration, finished_at=now)
             )
-        for i in range(0, len(bad), step):
-            chunk = bad[i : i + step]
+        for chunk in chunks(bad, step):
             uids = [c.replica_uid for c in chunk]
             conn.execute(delete(Replica).where(one_of(dialect, col(Replica.uid), uids)))
         for c in bad:

@@ -1,5 +1,12 @@
 """Apply a delete batch: claim the replicas, confirm the surviving copies physically exist
 (check before delete), delete in one rclone call, settle.
+
+A delete batch (one storage) claims its replicas (READY -> DELETING) after re-checking,
+with the item rows locked on PostgreSQL, that every item keeps its target phase and an
+intact copy without them (unless the item itself expired); the other copies such a deletion
+relies on are then confirmed on their storages (one listing per storage: check before
+delete), those found missing become LOST and the deletions no longer safe are given back;
+then one rclone process deletes the files, and the rows become DELETED.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from lifecycle.apply.result import BatchResult
 from lifecycle.apply.settle import Check, ReplicaChange, apply_replica_changes, settle_items
 from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage, utcnow
-from lifecycle.catalogue.sql import SessionFactory, default_sessions, is_postgres, worker_id
+from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions, is_postgres, worker_id
 from lifecycle.errors import DLMError
 from lifecycle.planning.actions import (
     DeleteReplica,
@@ -141,7 +148,7 @@ def _survivor_checks(
     counts), as verify.Check rows to confirm on their storages."""
     checks: list[Check] = []
     todo = sorted(oids)
-    for i in range(0, len(todo), 500):
+    for chunk in chunks(todo):
         for uid, oid, sid, path, size, checksum, algo in session.execute(
             select(
                 col(Replica.uid),
@@ -154,7 +161,7 @@ def _survivor_checks(
             )
             .join(Item, col(Item.oid) == col(Replica.item_oid))
             .where(
-                col(Replica.item_oid).in_(todo[i : i + 500]),
+                col(Replica.item_oid).in_(chunk),
                 col(Replica.state) == ReplicaState.READY.value,
                 col(Replica.storage_id).in_(list(intact)),
             )
@@ -342,8 +349,7 @@ def apply_delete_batch(
             if uid not in ok and uid not in bad:
                 bad[uid] = "rclone did not report this file"
         freed = 0
-        for i in range(0, len(ok), 500):
-            chunk = ok[i : i + 500]
+        for chunk in chunks(ok):
             s.execute(
                 update(Replica)
                 .where(col(Replica.uid).in_(chunk))

@@ -17,7 +17,7 @@ from lifecycle.catalogue.bulk_writers import SQLITE_IN_CHUNK, PostgresWriter, SQ
 from lifecycle.catalogue.db import one_of
 from lifecycle.catalogue.metadata import validate_metadata
 from lifecycle.catalogue.models import Storage, utcnow
-from lifecycle.catalogue.sql import core_table
+from lifecycle.catalogue.sql import chunks, core_table
 from lifecycle.errors import (
     ConflictError,
     InvalidMetadataError,
@@ -172,13 +172,13 @@ def _check_paths(session: Session, storage: Storage, batch: list[Row], label: st
     dialect = session.get_bind().dialect.name
     paths = list(lines)
     step = len(paths) if dialect == "postgresql" else SQLITE_IN_CHUNK
-    for i in range(0, len(paths), step):
+    for chunk in chunks(paths, step):
         taken = session.execute(
             select(t.c.path, items.c.name, items.c.version)
             .join(items, items.c.oid == t.c.item_oid)
             .where(
                 t.c.storage_id == storage.id,
-                one_of(dialect, t.c.path, paths[i : i + step]),
+                one_of(dialect, t.c.path, chunk),
                 t.c.state.notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]),
             )
             .limit(1)

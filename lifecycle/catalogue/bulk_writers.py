@@ -15,7 +15,7 @@ from sqlmodel import Session
 
 from lifecycle.catalogue.bulk_sources import Row
 from lifecycle.catalogue.metadata import MAX_META_BYTES, validate_metadata
-from lifecycle.catalogue.sql import core_table
+from lifecycle.catalogue.sql import chunks, core_table
 from lifecycle.errors import (
     ConflictError,
 )
@@ -194,8 +194,7 @@ class SQLiteWriter(_Writer):
 
     def max_versions(self, names: list[str]) -> dict[str, int]:
         out: dict[str, int] = {}
-        for i in range(0, len(names), SQLITE_IN_CHUNK):
-            chunk = names[i : i + SQLITE_IN_CHUNK]
+        for chunk in chunks(names, SQLITE_IN_CHUNK):
             t = self.item_table
             result = self.session.execute(
                 select(t.c.name, func.max(t.c.version)).where(t.c.name.in_(chunk)).group_by(t.c.name)

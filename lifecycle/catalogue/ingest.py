@@ -23,6 +23,7 @@ from lifecycle.catalogue.models import (
     Storage,
     utcnow,
 )
+from lifecycle.catalogue.sql import chunks
 from lifecycle.checksum import CHUNK, checksum_file, new_hasher
 from lifecycle.errors import (
     ConflictError,
@@ -63,8 +64,7 @@ class IngestOptions:
 def _next_versions(session: Session, names: Iterable[str]) -> dict[str, int]:
     names = list(set(names))
     found: dict[str, int] = {}
-    for i in range(0, len(names), 500):
-        chunk = names[i : i + 500]
+    for chunk in chunks(names):
         rows = session.execute(
             select(col(Item.name), func.max(col(Item.version)))
             .where(col(Item.name).in_(chunk))

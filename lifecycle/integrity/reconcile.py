@@ -41,7 +41,7 @@ from sqlmodel import col
 from lifecycle.apply.settle import Check, ReplicaChange, apply_replica_changes, settle_items
 from lifecycle.catalogue import audit, bulk
 from lifecycle.catalogue.models import Item, Replica, Storage, utcnow
-from lifecycle.catalogue.sql import SessionFactory, default_sessions
+from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.errors import ConflictError, InvalidNameError, StorageError
 from lifecycle.integrity.verify import native_hashes
@@ -72,7 +72,6 @@ _TRACKED = (
     ReplicaState.DELETING.value,
     ReplicaState.CORRUPTED.value,
 )
-_CHUNK = 500
 
 
 def is_temporary(path: str) -> bool:
@@ -279,8 +278,7 @@ def _settle(
     found_size = {uid: (want, got) for uid, want, got in resized}
     uids = [*missing, *found_size]
     base = {"storage": storage.name, "found_by": "reconcile"}
-    for i in range(0, len(uids), _CHUNK):
-        chunk = uids[i : i + _CHUNK]
+    for chunk in chunks(uids):
         with sessions() as s:
             rows = s.execute(
                 select(
@@ -356,7 +354,7 @@ def _skip_links(
                 )
     if dry_run or not links:
         return linked
-    for i in range(0, len(links), _CHUNK):
+    for chunk in chunks(links):
         with sessions() as s:
             audit.record_many(
                 s,
@@ -367,7 +365,7 @@ def _skip_links(
                         "actor": actor,
                         "details": {"storage": storage.name, "path": p, "reason": why},
                     }
-                    for p in links[i : i + _CHUNK]
+                    for p in chunk
                 ],
             )
     return linked

@@ -33,6 +33,7 @@ from sqlmodel import Session, col
 
 from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage, Transfer, utcnow
+from lifecycle.catalogue.sql import chunks
 from lifecycle.errors import DLMError
 from lifecycle.states import ItemState, ReplicaState, StorageKind, StorageState, TransferState
 from lifecycle.storage.backends import backend_for
@@ -42,7 +43,6 @@ from lifecycle.transfer.operations import delete_files, hashsum
 
 IN_FLIGHT = (ReplicaState.PENDING.value, ReplicaState.COPYING.value, ReplicaState.DELETING.value)
 _TEMP_EVENT_PATHS = 20
-_CHUNK = 500
 
 
 @dataclass
@@ -145,12 +145,12 @@ def remove_dead_temp_files(
         if found:
             held: set[str] = set()
             paths = list(found)
-            for i in range(0, len(paths), _CHUNK):
+            for chunk in chunks(paths):
                 held.update(
                     session.execute(
                         select(col(Replica.path)).where(
                             col(Replica.storage_id) == storage_id,
-                            col(Replica.path).in_(paths[i : i + _CHUNK]),
+                            col(Replica.path).in_(chunk),
                             col(Replica.state) != ReplicaState.DELETED.value,
                         )
                     ).scalars()
