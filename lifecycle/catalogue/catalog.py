@@ -1,4 +1,4 @@
-"""Catalogue operations: storages, ingest, items, datasets and status (the core the CLI calls).
+"""Item and dataset operations and the catalogue's status: the core the CLI calls.
 
 Every function takes a keyword-only `session`; the caller owns the transaction, so a failure
 anywhere leaves the catalogue unchanged. Every state change writes an Event (lifecycle.catalogue.audit).

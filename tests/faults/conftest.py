@@ -18,9 +18,9 @@ from sqlmodel import col
 
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.ingest import IngestOptions, ingest, plan_ingest
-from lifecycle.catalogue.models import Item, Replica, Storage, StorageCreate, Transfer
-from lifecycle.catalogue.storages import add_storage
-from lifecycle.states import ItemState, Phase, ReplicaState, StorageKind, Tier
+from lifecycle.catalogue.models import Item, Replica, Storage, Transfer
+from lifecycle.states import ItemState, Phase, ReplicaState, StorageKind
+from tests.factories import posix_storage, s3_storage
 
 DLM = [sys.executable, "-m", "dlm.cli"]
 
@@ -88,23 +88,9 @@ def make_estate(
     tmp: Path, *, s3: Any, bucket: str, n: int, size: int, phase: Phase = Phase.LIQUID
 ) -> list[str]:
     """A posix storage 'src' holding n files (ingested at `phase`) and an S3 storage 'dst'."""
-    (tmp / "src").mkdir()
     with session_scope() as s:
-        src = add_storage(
-            StorageCreate(name="src", kind=StorageKind.POSIX, root=str(tmp / "src"), location="a"), session=s
-        )
-        add_storage(
-            StorageCreate(
-                name="dst",
-                kind=StorageKind.S3,
-                root=bucket,
-                endpoint=s3.endpoint,
-                credentials_env="DLM_TEST_S3",
-                tier=Tier.COLD,
-                location="b",
-            ),
-            session=s,
-        )
+        src = posix_storage(s, "src", tmp / "src", location="a")
+        s3_storage(s, "dst", server=s3, bucket=bucket, location="b")
         names = []
         for i in range(n):
             name = f"data/f{i:05d}.bin"

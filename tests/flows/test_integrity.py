@@ -15,38 +15,18 @@ from sqlmodel import col
 from lifecycle.catalogue import audit, catalog, storages
 from lifecycle.catalogue import ingest as ingesting
 from lifecycle.catalogue.db import session_scope
-from lifecycle.catalogue.models import Event, Item, Replica, Storage, StorageCreate, Transfer, utcnow
-from lifecycle.states import Phase, StorageKind, Tier
+from lifecycle.catalogue.models import Event, Item, Replica, Storage, Transfer, utcnow
+from lifecycle.states import Phase
 from lifecycle.transfer import operations as rclone_mod
+from tests.factories import Estate, three_tier_estate
 
 pytestmark = [pytest.mark.prefect, pytest.mark.s3, pytest.mark.rclone]
 
 
 @pytest.fixture
-def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env: Any, flows_env: None) -> dict[str, Any]:
+def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env: object, flows_env: None) -> Estate:
     """hot posix (site-a), warm posix (site-a), cold S3 (site-b)."""
-    with session_scope() as s:
-        for name, tier in (("hot", Tier.HOT), ("warm", Tier.WARM)):
-            (tmp_path / name).mkdir()
-            storages.add_storage(
-                StorageCreate(
-                    name=name, kind=StorageKind.POSIX, root=str(tmp_path / name), tier=tier, location="site-a"
-                ),
-                session=s,
-            )
-        storages.add_storage(
-            StorageCreate(
-                name="cold",
-                kind=StorageKind.S3,
-                root=s3_bucket,
-                endpoint=s3_env.endpoint,
-                credentials_env="DLM_TEST_S3",
-                tier=Tier.COLD,
-                location="site-b",
-            ),
-            session=s,
-        )
-    return {"root": tmp_path, "bucket": s3_bucket, "s3": s3_env}
+    return three_tier_estate(tmp_path, server=s3_env, bucket=s3_bucket)
 
 
 @pytest.fixture
@@ -121,30 +101,30 @@ def below_target() -> int:
         return catalog.status(session=s).below_target
 
 
-def s3_object(estate: dict[str, Any], key: str) -> bytes:
-    body = estate["s3"].client().get_object(Bucket=estate["bucket"], Key=key)["Body"]
+def s3_object(estate: Estate, key: str) -> bytes:
+    body = estate.s3.client().get_object(Bucket=estate.bucket, Key=key)["Body"]
     try:
         return bytes(body.read())
     finally:
         body.close()
 
 
-def copy_bytes(estate: dict[str, Any], storage: str, path: str) -> bytes:
+def copy_bytes(estate: Estate, storage: str, path: str) -> bytes:
     if storage == "cold":
         return s3_object(estate, path)
-    return (estate["root"] / storage / path).read_bytes()  # type: ignore[no-any-return]
+    return (estate.root / storage / path).read_bytes()
 
 
 # --------------------------------------------------------------------------- verify
 
 
 def test_flipped_byte_in_a_posix_copy_is_found_and_repaired(
-    estate: dict[str, Any], published: list[dict[str, Any]]
+    estate: Estate, published: list[dict[str, Any]]
 ) -> None:
     from flows.integrity import verify
     from flows.pipelines import replicate
 
-    root = estate["root"]
+    root = estate.root
     ingest(root, ["obs/a.dat", "obs/b.dat"], phase=Phase.LIQUID)
     replicate()
     [(other, (_, other_path))] = [(n, v) for n, v in copies("obs/a.dat").items() if n != "hot"]
@@ -175,11 +155,11 @@ def test_flipped_byte_in_a_posix_copy_is_found_and_repaired(
 
 
 def test_flipped_byte_in_the_only_copy_corrupts_the_item_and_deletes_nothing(
-    estate: dict[str, Any], published: list[dict[str, Any]]
+    estate: Estate, published: list[dict[str, Any]]
 ) -> None:
     from flows.integrity import verify
 
-    root = estate["root"]
+    root = estate.root
     ingest(root, ["solo.dat"], phase=Phase.GAS)
     path = root / "hot" / "solo.dat"
     flip_byte(path)
@@ -205,11 +185,11 @@ def test_flipped_byte_in_the_only_copy_corrupts_the_item_and_deletes_nothing(
     assert below_target() == 0
 
 
-def test_budget_reads_only_the_oldest_verified_copies(estate: dict[str, Any]) -> None:
+def test_budget_reads_only_the_oldest_verified_copies(estate: Estate) -> None:
     from flows.integrity import verify
 
     names = [f"b/f{i}.dat" for i in range(4)]
-    ingest(estate["root"], names, phase=Phase.GAS, size=3000)
+    ingest(estate.root, names, phase=Phase.GAS, size=3000)
     now = utcnow()
     ages = {names[0]: None, names[1]: now - timedelta(days=3), names[2]: now - timedelta(days=2)}
     ages[names[3]] = now - timedelta(days=1)
@@ -217,7 +197,7 @@ def test_budget_reads_only_the_oldest_verified_copies(estate: dict[str, Any]) ->
         for name, when in ages.items():
             oid = catalog.get_item(name, session=s).oid
             s.execute(update(Replica).where(col(Replica.item_oid) == oid).values(verified_at=when))
-    flip_byte(estate["root"] / "hot" / names[3])  # the newest-verified: outside a small budget
+    flip_byte(estate.root / "hot" / names[3])  # the newest-verified: outside a small budget
 
     first = verify(budget="6000B")
 
@@ -240,13 +220,11 @@ def test_budget_reads_only_the_oldest_verified_copies(estate: dict[str, Any]) ->
     assert item_state(names[3]) == "CORRUPTED"
 
 
-def test_trusted_s3_checksums_are_not_downloaded(
-    estate: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_trusted_s3_checksums_are_not_downloaded(estate: Estate, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.integrity import verify
     from flows.pipelines import replicate
 
-    ingest(estate["root"], ["t/a.dat", "t/b.dat"], phase=Phase.SOLID)
+    ingest(estate.root, ["t/a.dat", "t/b.dat"], phase=Phase.SOLID)
     replicate()
     assert all(copies(n)["cold"][0] == "READY" for n in ("t/a.dat", "t/b.dat"))
     calls: list[list[str]] = []
@@ -280,12 +258,12 @@ def test_trusted_s3_checksums_are_not_downloaded(
 
 
 def test_file_deleted_behind_dlms_back_is_lost_then_repaired(
-    estate: dict[str, Any], published: list[dict[str, Any]]
+    estate: Estate, published: list[dict[str, Any]]
 ) -> None:
     from flows.integrity import reconcile
     from flows.pipelines import replicate
 
-    root = estate["root"]
+    root = estate.root
     ingest(root, ["r/a.dat", "r/b.dat"], phase=Phase.LIQUID)
     replicate()
     with session_scope() as s:
@@ -307,21 +285,21 @@ def test_file_deleted_behind_dlms_back_is_lost_then_repaired(
     assert reconcile(storage="hot")["lost"] == 0
 
 
-def test_lost_only_copy_corrupts_the_item_and_replicate_cannot_pretend(estate: dict[str, Any]) -> None:
+def test_lost_only_copy_corrupts_the_item_and_replicate_cannot_pretend(estate: Estate) -> None:
     from flows.integrity import reconcile
 
-    ingest(estate["root"], ["gone.dat"], phase=Phase.GAS)
-    (estate["root"] / "hot" / "gone.dat").unlink()
+    ingest(estate.root, ["gone.dat"], phase=Phase.GAS)
+    (estate.root / "hot" / "gone.dat").unlink()
     report = reconcile(storage="hot")
     assert report["lost"] == 1 and report["items_corrupted"] == 1 and report["repaired"] == 0
     assert item_state("gone.dat") == "CORRUPTED" and report["below_target_after"] == 1
 
 
-def test_size_mismatch_is_corrupted_then_repaired(estate: dict[str, Any]) -> None:
+def test_size_mismatch_is_corrupted_then_repaired(estate: Estate) -> None:
     from flows.integrity import reconcile
     from flows.pipelines import replicate
 
-    root = estate["root"]
+    root = estate.root
     ingest(root, ["s/a.dat"], phase=Phase.LIQUID)
     replicate()
     with (root / "hot" / "s/a.dat").open("ab") as f:
@@ -336,23 +314,23 @@ def test_size_mismatch_is_corrupted_then_repaired(estate: dict[str, Any]) -> Non
     assert kinds.index("replica.corrupted") < kinds.index("replica.repaired")
 
 
-def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: dict[str, Any]) -> None:
+def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: Estate) -> None:
     from flows.integrity import reconcile
     from flows.pipelines import replicate
 
-    ingest(estate["root"], ["known.dat"], phase=Phase.SOLID)
+    ingest(estate.root, ["known.dat"], phase=Phase.SOLID)
     replicate()
     assert copies("known.dat")["cold"][0] == "READY"
-    client = estate["s3"].client()
+    client = estate.s3.client()
     body = b"dark data from an instrument\n" * 100
     client.put_object(
-        Bucket=estate["bucket"],
+        Bucket=estate.bucket,
         Key="incoming/run-7.dat",
         Body=body,
         Metadata={"project": "p1", "kind": "raw", "detector": "B-12"},
     )
-    client.put_object(Bucket=estate["bucket"], Key="incoming/run-8.dat.a1b2c3.partial", Body=b"x")
-    client.put_object(Bucket=estate["bucket"], Key=".dlm-checkout-abc/run-9.dat", Body=b"y")
+    client.put_object(Bucket=estate.bucket, Key="incoming/run-8.dat.a1b2c3.partial", Body=b"x")
+    client.put_object(Bucket=estate.bucket, Key=".dlm-checkout-abc/run-9.dat", Body=b"y")
     with session_scope() as s:
         before = dict(catalog.table_counts(session=s))
 
@@ -368,7 +346,7 @@ def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: di
     adopted = reconcile(storage="cold", adopt=True)
 
     assert adopted["adopted"] == 1 and adopted["unknown_objects"][0]["adopted as"]
-    head = client.head_object(Bucket=estate["bucket"], Key="incoming/run-7.dat")
+    head = client.head_object(Bucket=estate.bucket, Key="incoming/run-7.dat")
     with session_scope() as s:
         item = catalog.get_item("incoming/run-7.dat", session=s)
         assert str(item.oid) == adopted["unknown_objects"][0]["adopted as"]
@@ -381,12 +359,12 @@ def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: di
     assert reconcile(storage="cold")["unknown"] == 0
 
 
-def test_reconcile_dry_run_and_bad_storage(estate: dict[str, Any]) -> None:
+def test_reconcile_dry_run_and_bad_storage(estate: Estate) -> None:
     from flows.integrity import reconcile
     from lifecycle.errors import StorageNotFoundError
 
-    ingest(estate["root"], ["d.dat"], phase=Phase.GAS)
-    (estate["root"] / "hot" / "d.dat").unlink()
+    ingest(estate.root, ["d.dat"], phase=Phase.GAS)
+    (estate.root / "hot" / "d.dat").unlink()
     report = reconcile(storage="hot", dry_run=True)
     assert report["missing"] == 1 and report["lost"] == 0
     assert copies("d.dat")["hot"][0] == "READY" and item_state("d.dat") == "READY"
@@ -394,11 +372,11 @@ def test_reconcile_dry_run_and_bad_storage(estate: dict[str, Any]) -> None:
         reconcile(storage="nowhere")
 
 
-def test_adopted_items_are_items_like_any_other(estate: dict[str, Any]) -> None:
+def test_adopted_items_are_items_like_any_other(estate: Estate) -> None:
     """An adopted posix file: MD5 computed from its bytes (posix keeps none), phase met."""
     from flows.integrity import reconcile
 
-    f = estate["root"] / "warm" / "lab" / "notes.txt"
+    f = estate.root / "warm" / "lab" / "notes.txt"
     f.parent.mkdir()
     f.write_bytes(b"lab notes")
     report = reconcile(storage="warm", adopt=True)
@@ -409,15 +387,13 @@ def test_adopted_items_are_items_like_any_other(estate: dict[str, Any]) -> None:
     assert report["below_target_after"] == 0
 
 
-def test_unreachable_storage_never_makes_copies_lost(
-    estate: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unreachable_storage_never_makes_copies_lost(estate: Estate, monkeypatch: pytest.MonkeyPatch) -> None:
     """Wrong keys: verify reports the copies unreadable and reconcile fails; no copy changes state."""
     from flows.integrity import reconcile, verify
     from flows.pipelines import replicate
     from lifecycle.errors import StorageError
 
-    ingest(estate["root"], ["k/a.dat"], phase=Phase.SOLID)
+    ingest(estate.root, ["k/a.dat"], phase=Phase.SOLID)
     replicate()
     monkeypatch.setenv("DLM_TEST_S3_SECRET_ACCESS_KEY", "wrong-secret")
     report = verify(storage="cold")

@@ -17,44 +17,19 @@ from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue import catalog, storages
 from lifecycle.catalogue import ingest as ingesting
 from lifecycle.catalogue.db import session_scope
-from lifecycle.catalogue.models import Event, Replica, Storage, StorageCreate, Transfer, utcnow
+from lifecycle.catalogue.models import Event, Replica, Storage, Transfer, utcnow
 from lifecycle.planning.pipelines import make_plan, policy_from
 from lifecycle.planning.plan import DeleteBatch, Plan, batch_copies
-from lifecycle.states import Phase, ReplicaState, StorageKind, StorageState, Tier
+from lifecycle.states import Phase, ReplicaState, StorageState
+from tests.factories import Estate, three_tier_estate
 
 pytestmark = [pytest.mark.prefect, pytest.mark.s3, pytest.mark.rclone]
 
 
 @pytest.fixture
-def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env, flows_env) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def estate(db_url: str, tmp_path: Path, s3_bucket: str, s3_env: object, flows_env: None) -> Estate:
     """hot posix (site-a), warm posix (site-a), cold S3 (site-b)."""
-    with session_scope() as s:
-        for name, tier in (("hot", Tier.HOT), ("warm", Tier.WARM)):
-            (tmp_path / name).mkdir()
-            storages.add_storage(
-                StorageCreate(
-                    name=name,
-                    kind=StorageKind.POSIX,
-                    root=str(tmp_path / name),
-                    tier=tier,
-                    location="site-a",
-                    capacity_bytes=10**9,
-                ),
-                session=s,
-            )
-        storages.add_storage(
-            StorageCreate(
-                name="cold",
-                kind=StorageKind.S3,
-                root=s3_bucket,
-                endpoint=s3_env.endpoint,
-                credentials_env="DLM_TEST_S3",
-                tier=Tier.COLD,
-                location="site-b",
-            ),
-            session=s,
-        )
-    return {"root": tmp_path, "bucket": s3_bucket, "s3": s3_env}
+    return three_tier_estate(tmp_path, server=s3_env, bucket=s3_bucket, posix_capacity_bytes=10**9)
 
 
 def ingest(
@@ -107,20 +82,20 @@ def counts() -> dict[str, int]:
         return dict(catalog.table_counts(session=s))
 
 
-def s3_bytes(estate: dict[str, object], key: str) -> bytes:
-    client = estate["s3"].client()  # type: ignore[attr-defined]
-    body = client.get_object(Bucket=estate["bucket"], Key=key)["Body"]
+def s3_bytes(estate: Estate, key: str) -> bytes:
+    client = estate.s3.client()
+    body = client.get_object(Bucket=estate.bucket, Key=key)["Body"]
     try:
-        return body.read()
+        return bytes(body.read())
     finally:
         body.close()
 
 
-def test_replicate_posix_to_s3_bytes_catalogue_events(estate: dict[str, object]) -> None:
+def test_replicate_posix_to_s3_bytes_catalogue_events(estate: Estate) -> None:
     from flows.pipelines import replicate
 
-    root = estate["root"]
-    names = ingest(root, "hot", 5, phase=Phase.LIQUID)  # type: ignore[arg-type]
+    root = estate.root
+    names = ingest(root, "hot", 5, phase=Phase.LIQUID)
     report = replicate()
     assert report["copied"] == 5 and report["failed"] == 0
     assert report["below_target_after"] == 0
@@ -144,18 +119,18 @@ def test_replicate_posix_to_s3_bytes_catalogue_events(estate: dict[str, object])
         ).one()[0]
     assert len(rows) == 5 and done == 5 and created == 10  # 5 at ingest + 5 copies
     for path, storage in rows:
-        original = (root / "hot" / path).read_bytes()  # type: ignore[operator]
-        copy = s3_bytes(estate, path) if storage == "cold" else (root / storage / path).read_bytes()  # type: ignore[operator]
+        original = (root / "hot" / path).read_bytes()
+        copy = s3_bytes(estate, path) if storage == "cold" else (root / storage / path).read_bytes()
         assert copy == original
     # a second run has nothing to do
     again = replicate()
     assert again["plan"]["copies"] == 0 and again["copied"] == 0
 
 
-def test_dry_run_changes_nothing(estate: dict[str, object]) -> None:
+def test_dry_run_changes_nothing(estate: Estate) -> None:
     from flows.pipelines import expire, migrate, rebalance, replicate
 
-    ingest(estate["root"], "hot", 3, phase=Phase.SOLID)  # type: ignore[arg-type]
+    ingest(estate.root, "hot", 3, phase=Phase.SOLID)
     before = counts()
     report = replicate(dry_run=True)
     assert report["plan"]["copies"] == 6  # SOLID: two more copies each
@@ -163,25 +138,25 @@ def test_dry_run_changes_nothing(estate: dict[str, object]) -> None:
     for f in (migrate, expire, rebalance):
         f(dry_run=True)
     assert counts() == before
-    assert list((estate["root"] / "warm").iterdir()) == []  # type: ignore[operator]
-    client = estate["s3"].client()  # type: ignore[attr-defined]
-    assert client.list_objects_v2(Bucket=estate["bucket"]).get("KeyCount", 0) == 0
+    assert list((estate.root / "warm").iterdir()) == []
+    client = estate.s3.client()
+    assert client.list_objects_v2(Bucket=estate.bucket).get("KeyCount", 0) == 0
 
 
-def test_solid_spans_locations_and_cold_tier(estate: dict[str, object]) -> None:
+def test_solid_spans_locations_and_cold_tier(estate: Estate) -> None:
     from flows.pipelines import replicate
 
-    [name] = ingest(estate["root"], "hot", 1, phase=Phase.SOLID)  # type: ignore[arg-type]
+    [name] = ingest(estate.root, "hot", 1, phase=Phase.SOLID)
     replicate()
     assert replicas_of(name) == {"hot": "READY", "warm": "READY", "cold": "READY"}
 
 
-def test_expire_item_deletes_copies_and_leaves_tombstone(estate: dict[str, object]) -> None:
+def test_expire_item_deletes_copies_and_leaves_tombstone(estate: Estate) -> None:
     from flows.pipelines import expire, replicate
 
-    root = estate["root"]
-    [name] = ingest(root, "hot", 1, phase=Phase.LIQUID, prefix="old")  # type: ignore[arg-type]
-    [keep] = ingest(root, "hot", 1, phase=Phase.GAS, prefix="keep")  # type: ignore[arg-type]
+    root = estate.root
+    [name] = ingest(root, "hot", 1, phase=Phase.LIQUID, prefix="old")
+    [keep] = ingest(root, "hot", 1, phase=Phase.GAS, prefix="keep")
     replicate()
     assert len(replicas_of(name)) == 2
     with session_scope() as s:
@@ -194,15 +169,15 @@ def test_expire_item_deletes_copies_and_leaves_tombstone(estate: dict[str, objec
         kinds = [e.kind for e in s.scalars(select(Event).where(col(Event.item_oid) == item.oid))]
     assert "item.expired" in kinds and "item.deleted" in kinds and kinds.count("replica.deleted") == 2
     assert replicas_of(name) == {}
-    assert not (root / "hot" / name).exists()  # type: ignore[operator]
-    assert (root / "hot" / keep).exists()  # type: ignore[operator]
+    assert not (root / "hot" / name).exists()
+    assert (root / "hot" / keep).exists()
     assert replicas_of(keep) == {"hot": "READY"}
 
 
-def test_replica_expiry_refused_when_it_would_break_the_phase(estate: dict[str, object]) -> None:
+def test_replica_expiry_refused_when_it_would_break_the_phase(estate: Estate) -> None:
     from flows.pipelines import expire, replicate
 
-    [name] = ingest(estate["root"], "hot", 1, phase=Phase.LIQUID)  # type: ignore[arg-type]
+    [name] = ingest(estate.root, "hot", 1, phase=Phase.LIQUID)
     replicate()
     with session_scope() as s:
         item = catalog.get_item(name, session=s)
@@ -218,10 +193,10 @@ def test_replica_expiry_refused_when_it_would_break_the_phase(estate: dict[str, 
     assert len(refused) == 1 and "phase" in refused[0].details["reason"]
 
 
-def test_phase_change_then_migrate_adds_then_drops(estate: dict[str, object]) -> None:
+def test_phase_change_then_migrate_adds_then_drops(estate: Estate) -> None:
     from flows.pipelines import migrate, replicate
 
-    [name] = ingest(estate["root"], "hot", 1, phase=Phase.GAS)  # type: ignore[arg-type]
+    [name] = ingest(estate.root, "hot", 1, phase=Phase.GAS)
     with session_scope() as s:
         catalog.set_phase(name, Phase.SOLID, session=s)
     replicate()
@@ -234,10 +209,10 @@ def test_phase_change_then_migrate_adds_then_drops(estate: dict[str, object]) ->
     assert list(left.values()) == ["READY"]
 
 
-def test_drain_rebalance_then_retire(estate: dict[str, object]) -> None:
+def test_drain_rebalance_then_retire(estate: Estate) -> None:
     from flows.pipelines import rebalance
 
-    names = ingest(estate["root"], "warm", 3, phase=Phase.GAS)  # type: ignore[arg-type]
+    names = ingest(estate.root, "warm", 3, phase=Phase.GAS)
     with session_scope() as s:
         storages.set_storage_state("warm", StorageState.DRAINING, session=s)
     first = rebalance()
@@ -251,15 +226,15 @@ def test_drain_rebalance_then_retire(estate: dict[str, object]) -> None:
     with session_scope() as s:
         storages.set_storage_state("warm", StorageState.RETIRED, session=s)
         assert s.scalars(select(Event).where(col(Event.kind) == "storage.drained")).first() is not None
-    assert list((estate["root"] / "warm").rglob("*.dat")) == []  # type: ignore[operator]
+    assert list((estate.root / "warm").rglob("*.dat")) == []
 
 
 def test_s3_refusing_writes_leaves_failed_transfers_and_no_ready_claim(
-    estate: dict[str, object], monkeypatch: pytest.MonkeyPatch
+    estate: Estate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.pipelines import replicate
 
-    names = ingest(estate["root"], "hot", 3, phase=Phase.SOLID)  # type: ignore[arg-type]
+    names = ingest(estate.root, "hot", 3, phase=Phase.SOLID)
     monkeypatch.setenv("DLM_TEST_S3_SECRET_ACCESS_KEY", "wrong-secret")
     report = replicate()
     assert report["failed"] == 3
@@ -276,32 +251,32 @@ def test_s3_refusing_writes_leaves_failed_transfers_and_no_ready_claim(
     assert len(failed) == 3 and all(t.error for t in failed) and events == 3
     for name in names:
         assert replicas_of(name) == {"hot": "READY", "warm": "READY"}  # what could land, landed
-    monkeypatch.setenv("DLM_TEST_S3_SECRET_ACCESS_KEY", estate["s3"].secret_key)  # type: ignore[attr-defined]
+    monkeypatch.setenv("DLM_TEST_S3_SECRET_ACCESS_KEY", estate.s3.secret_key)
     again = replicate()
     assert again["copied"] == 3 and again["below_target_after"] == 0
 
 
-def test_a_source_that_lost_the_items_bytes_is_not_copied(estate: dict[str, object]) -> None:
+def test_a_source_that_lost_the_items_bytes_is_not_copied(estate: Estate) -> None:
     """rclone's own hash check agrees at both ends, but with bytes that are not the item's: the
     copy is refused against the catalogue and removed, the other item lands."""
     from flows.pipelines import replicate
 
-    bad, good = ingest(estate["root"], "hot", 2, phase=Phase.LIQUID)  # type: ignore[arg-type]
-    source = estate["root"] / "hot" / bad  # type: ignore[operator]
+    bad, good = ingest(estate.root, "hot", 2, phase=Phase.LIQUID)
+    source = estate.root / "hot" / bad
     source.write_bytes(b"x" * source.stat().st_size)  # same size, other bytes
     report = replicate()
     assert report["copied"] == 1 and report["failed"] == 1
     assert replicas_of(bad) == {"hot": "READY"}
     assert replicas_of(good) == {"hot": "READY", "warm": "READY"}
-    assert not (estate["root"] / "warm" / bad).exists()  # type: ignore[operator]
+    assert not (estate.root / "warm" / bad).exists()
     with session_scope() as s:
         [failed] = s.scalars(select(Transfer).where(col(Transfer.state) == "FAILED")).all()
     assert failed.error is not None and "no longer holds the item's bytes" in failed.error
 
 
-def test_a_path_taken_by_another_item_is_not_planned_as_a_destination(estate: dict[str, object]) -> None:
+def test_a_path_taken_by_another_item_is_not_planned_as_a_destination(estate: Estate) -> None:
     """Planning reads other items' live rows at the chunk's paths: the copy goes elsewhere."""
-    a, b = ingest(estate["root"], "hot", 2, phase=Phase.GAS)  # type: ignore[arg-type]
+    a, b = ingest(estate.root, "hot", 2, phase=Phase.GAS)
     with session_scope() as s:
         catalog.set_phase(a, Phase.LIQUID, session=s)
         warm = storages.get_storage("warm", session=s)
@@ -313,11 +288,11 @@ def test_a_path_taken_by_another_item_is_not_planned_as_a_destination(estate: di
     assert [(names[c.dst_storage_id], c.dst_path) for c in plan.copies] == [("cold", a)]
 
 
-def test_checkout_verified(estate: dict[str, object], tmp_path: Path) -> None:
+def test_checkout_verified(estate: Estate, tmp_path: Path) -> None:
     from flows.checkout import checkout_flow
     from flows.pipelines import replicate
 
-    names = ingest(estate["root"], "hot", 2, phase=Phase.LIQUID)  # type: ignore[arg-type]
+    names = ingest(estate.root, "hot", 2, phase=Phase.LIQUID)
     replicate()
     with session_scope() as s:
         storages.set_storage_state("hot", StorageState.OFFLINE, session=s)  # must come from the other copy
@@ -325,12 +300,12 @@ def test_checkout_verified(estate: dict[str, object], tmp_path: Path) -> None:
     result = checkout_flow(str(out), items=names)
     assert result["files"] == 2 and not result["failed"]
     for name in names:
-        assert (out / name).read_bytes() == (estate["root"] / "hot" / name).read_bytes()  # type: ignore[operator]
+        assert (out / name).read_bytes() == (estate.root / "hot" / name).read_bytes()
 
 
 @pytest.mark.postgres
-def test_two_concurrent_replicate_runs_copy_nothing_twice(pg_db_url: str, estate: dict[str, object]) -> None:
-    ingest(estate["root"], "hot", 20, phase=Phase.LIQUID)  # type: ignore[arg-type]
+def test_two_concurrent_replicate_runs_copy_nothing_twice(pg_db_url: str, estate: Estate) -> None:
+    ingest(estate.root, "hot", 20, phase=Phase.LIQUID)
     with session_scope() as s:
         plans = [make_plan(s, "replicate"), make_plan(s, "replicate")]
     assert len(plans[0].copies) == len(plans[1].copies) == 20
@@ -358,11 +333,11 @@ def test_two_concurrent_replicate_runs_copy_nothing_twice(pg_db_url: str, estate
     assert all(n == 2 for _, n in per_item)
 
 
-def test_deletions_rechecked_at_apply_time(estate: dict[str, object]) -> None:
+def test_deletions_rechecked_at_apply_time(estate: Estate) -> None:
     """Two stale plans that each delete a different copy of a LIQUID->GAS item cannot both apply."""
     from flows.pipelines import replicate
 
-    [name] = ingest(estate["root"], "hot", 1, phase=Phase.LIQUID)  # type: ignore[arg-type]
+    [name] = ingest(estate.root, "hot", 1, phase=Phase.LIQUID)
     replicate()
     with session_scope() as s:
         item = catalog.get_item(name, session=s)

@@ -62,7 +62,7 @@ def _one_line_error(err: str) -> str:
 def _dlm_process(*args: str) -> cli_conftest.Result:
     """`dlm ARGS` in a child process: checkout loads Prefect, whose log handlers would keep
     the in-process fixture's captured stream for the rest of the test session."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "COLUMNS": "250"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3]), "COLUMNS": "250"}
     proc = subprocess.run(
         [sys.executable, "-m", "dlm.cli", *args], capture_output=True, text=True, env=env, timeout=300
     )

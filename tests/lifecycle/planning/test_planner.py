@@ -44,7 +44,7 @@ from lifecycle.states import (
     StorageState,
     Tier,
 )
-from tests.lifecycle.planner_model import GONE, NOW, Model, item, new_id, replica, storage
+from tests.lifecycle.planning.planner_model import GONE, NOW, Model, item, new_id, replica, storage
 
 DEFAULT = Policy()
 

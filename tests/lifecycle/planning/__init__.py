@@ -1,0 +1,1 @@
+"""Tests of lifecycle.planning: the planners, property-tested against a reference model."""

@@ -1,0 +1,1 @@
+"""Tests of lifecycle.storage: the posix, S3 and memory backends."""

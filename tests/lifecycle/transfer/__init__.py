@@ -1,0 +1,1 @@
+"""Tests of lifecycle.transfer: the rclone layer against the real binary."""
