@@ -160,3 +160,10 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture
 def flows_env(prefect_harness: None, rclone_path: str) -> None:
     """Flows can run: the Prefect harness is up and rclone is there."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run flows go last, in their order: the first one starts Prefect's harness,
+    whose threads use the global random module, and hypothesis fails a property test that
+    runs after that (FlakyStrategyDefinition). Everything else keeps its place."""
+    items.sort(key=lambda item: item.get_closest_marker("prefect") is not None)
