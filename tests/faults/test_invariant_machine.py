@@ -48,6 +48,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
+    initialize,
     multiple,
     precondition,
     rule,
@@ -80,6 +81,18 @@ OUTSIDE = {
     "sentinel/deep/keep.bin": bytes(range(256)),
 }
 NOT_OUTSIDE = {*STORAGES, "checkout", "db"}  # digested as "outside": everything else under ex
+
+# Swarm testing: each example switches on a random subset of these families of steps (ingest in
+# place and replicate are always on), so that the few steps of one failure come often enough.
+FAMILIES = (
+    "upload", "list", "migrate", "expire", "rebalance", "verify", "reconcile", "drain", "checkout",
+    "phase", "expire_now", "delete", "overlap", "rm", "flip", "link_copy", "link_dir",
+)  # fmt: skip
+
+
+def family(name: str) -> Any:
+    return precondition(lambda self: name in self.on)
+
 
 data_st = st.binary(max_size=48)
 phase_st = st.sampled_from(PHASES)
@@ -118,7 +131,8 @@ class InvariantMachine(RuleBasedStateMachine):
 
     base: ClassVar[Path]
     catalogue: ClassVar[Any]  # () -> DLM_DATABASE_URL of a fresh, migrated catalogue
-    counter: ClassVar[int] = 0
+    counter: ClassVar[int] = 0  # examples started
+    steps: ClassVar[int] = 0  # steps run, over all examples
 
     items = Bundle("items")
 
@@ -136,6 +150,7 @@ class InvariantMachine(RuleBasedStateMachine):
         self.expected: dict[str, str] = {}  # oid -> md5 of the bytes the user ingested
         self.unprotected: set[str] = set()  # deleted or expired by the user
         self.overlap_tried = False
+        self.on: set[str] = set(FAMILIES)
         self.n = 0
         self.log: list[str] = []
         for name, (tier, loc) in STORAGES.items():
@@ -261,6 +276,7 @@ class InvariantMachine(RuleBasedStateMachine):
 
     def step(self, what: str, *args: str) -> tuple[Result, Snap, Snap]:
         """Run one `dlm` command between two snapshots and check every invariant."""
+        InvariantMachine.steps += 1
         before = self.snapshot()
         res = self.cli(*args)
         after = self.snapshot()
@@ -342,6 +358,11 @@ class InvariantMachine(RuleBasedStateMachine):
             )
         return new
 
+    @initialize(on=st.sets(st.sampled_from(FAMILIES), min_size=4))
+    def switch_on(self, on: set[str]) -> None:
+        self.on = set(on)
+        self.log.append(f"steps switched on: in-place ingest, replicate, {', '.join(sorted(on))}")
+
     # ------------------------------------------------------------------ ingest
 
     @rule(
@@ -363,6 +384,7 @@ class InvariantMachine(RuleBasedStateMachine):
             return multiple()
         return multiple(*self.adopt_new(before, after, {(storage, path): want}))
 
+    @family("upload")
     @rule(target=items, storage=storage_st, name=st.sampled_from(NAMES), data=data_st, phase=phase_st)
     def ingest_upload(self, storage: str, name: str, data: bytes, phase: str) -> Any:
         local = self.ex / "local" / f"u{self.fresh()}.bin"
@@ -376,6 +398,7 @@ class InvariantMachine(RuleBasedStateMachine):
         new_rows = {(s, p) for _u, o, s, p, _st in after.rows if o not in before.items}
         return multiple(*self.adopt_new(before, after, dict.fromkeys(new_rows, md5(data))))
 
+    @family("list")
     @rule(
         target=items,
         storage=storage_st,
@@ -410,18 +433,22 @@ class InvariantMachine(RuleBasedStateMachine):
     def replicate(self) -> None:
         self.step("replicate", "run", "replicate")
 
+    @family("migrate")
     @rule()
     def migrate(self) -> None:
         self.step("migrate", "run", "migrate")
 
+    @family("expire")
     @rule()
     def expire(self) -> None:
         self.step("expire", "run", "expire")
 
+    @family("rebalance")
     @rule()
     def rebalance(self) -> None:
         self.step("rebalance", "run", "rebalance")
 
+    @family("verify")
     @rule()
     def verify(self) -> None:
         res, _, after = self.step("verify", "run", "verify")
@@ -434,6 +461,7 @@ class InvariantMachine(RuleBasedStateMachine):
             ]
             assert not stale, self.fail(f"verify exited 0 and left copies READY that are not intact: {stale}")
 
+    @family("reconcile")
     @rule(storage=st.sampled_from([*sorted(STORAGES), "n"]))
     def reconcile(self, storage: str) -> None:
         res, _, after = self.step("reconcile", "run", "reconcile", "--storage", storage)
@@ -454,16 +482,19 @@ class InvariantMachine(RuleBasedStateMachine):
                 missing.append(f"{self.describe(oid)} at {p}: wrong size")
         assert not missing, self.fail(f"reconcile exited 0 and left READY copies it did not find: {missing}")
 
+    @family("drain")
     @rule(storage=st.sampled_from([*sorted(STORAGES), "n"]))
     def drain(self, storage: str) -> None:
         self.step("drain", "storage", "drain", storage)
 
+    @family("drain")
     @rule(storage=st.sampled_from([*sorted(STORAGES), "n"]))
     def undrain(self, storage: str) -> None:
         self.step("back online", "storage", "online", storage)
 
     # ------------------------------------------------------------------ users
 
+    @family("checkout")
     @rule(item=items, into_root=st.none() | storage_st)
     def checkout(self, item: str, into_root: str | None) -> None:
         dest = self.root(into_root) if into_root else self.ex / "checkout" / f"k{self.fresh()}"
@@ -476,22 +507,25 @@ class InvariantMachine(RuleBasedStateMachine):
                 f"checkout of {self.describe(item)} exited 0 but wrote {[str(p) for p in names]}"
             )
 
+    @family("phase")
     @rule(item=items, phase=phase_st)
     def set_phase(self, item: str, phase: str) -> None:
         self.step("set phase", "items", "set-phase", item, phase)
 
+    @family("expire_now")
     @rule(item=items)
     def expire_item_now(self, item: str) -> None:
         res, _, _ = self.step("expire now", "items", "set-expiry", item, "--at", "2020-01-01")
         if res.code == 0:
             self.unprotected.add(item)
 
+    @family("delete")
     @rule(item=items)
     def delete_item(self, item: str) -> None:
         self.unprotected.add(item)  # the user means it, whatever comes of it
         self.step("delete", "items", "delete", item, "--yes")
 
-    @precondition(lambda self: not self.overlap_tried)
+    @precondition(lambda self: "overlap" in self.on and not self.overlap_tried)
     @rule(kind=st.sampled_from(["same root as b", "inside a"]))
     def add_overlapping_storage(self, kind: str) -> None:
         self.overlap_tried = True
@@ -525,9 +559,11 @@ class InvariantMachine(RuleBasedStateMachine):
         return [seen[k] for k in sorted(seen)]
 
     def outside_step(self, what: str) -> None:
+        InvariantMachine.steps += 1
         self.log.append(f"outside DLM: {what}")
         self.last = self.snapshot()
 
+    @family("rm")
     @rule(pick=pick_st)
     def interfere_delete_copy(self, pick: int) -> None:
         files = self.copies_on_disk()
@@ -536,6 +572,7 @@ class InvariantMachine(RuleBasedStateMachine):
             f.unlink()
             self.outside_step(f"rm {self.short(str(f))}")
 
+    @family("flip")
     @rule(pick=pick_st, at=pick_st)
     def interfere_flip_byte(self, pick: int, at: int) -> None:
         files = self.copies_on_disk(nonempty=True)
@@ -546,6 +583,7 @@ class InvariantMachine(RuleBasedStateMachine):
             f.write_bytes(bytes(data))
             self.outside_step(f"flip a byte of {self.short(str(f))}")
 
+    @family("link_copy")
     @rule(pick=pick_st, to_outside=st.booleans())
     def interfere_link_copy(self, pick: int, to_outside: bool) -> None:
         """Replace a stored copy by a symlink: to a file outside the roots, or to another copy."""
@@ -559,6 +597,7 @@ class InvariantMachine(RuleBasedStateMachine):
         f.symlink_to(target)
         self.outside_step(f"ln -sf {self.short(str(target))} {self.short(str(f))}")
 
+    @family("link_dir")
     @rule(storage=storage_st, dirname=st.sampled_from(["d", "e"]))
     def interfere_link_dir(self, storage: str, dirname: str) -> None:
         """A directory symlink to the outside folder where DLM may write d/... or e/..."""
@@ -584,6 +623,7 @@ def _run(base: Path, capsys: Any, catalogue: Any, cfg: settings, seed: int | Non
     InvariantMachine.base = base
     InvariantMachine.catalogue = staticmethod(catalogue)
     InvariantMachine.counter = 0
+    InvariantMachine.steps = 0
     started = time.monotonic()
     try:
 
@@ -599,7 +639,7 @@ def _run(base: Path, capsys: Any, catalogue: Any, cfg: settings, seed: int | Non
         with capsys.disabled():
             print(
                 f"\ninvariant machine: {InvariantMachine.counter} runs of up to {cfg.stateful_step_count} "
-                f"steps in {time.monotonic() - started:.0f}s"
+                f"steps, {InvariantMachine.steps} steps in all, in {time.monotonic() - started:.0f}s"
             )
 
 
