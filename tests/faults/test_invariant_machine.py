@@ -62,8 +62,8 @@ from lifecycle.db import dispose_engines, init_db, session_scope
 from lifecycle.models import Item, Replica, Storage
 from lifecycle.states import LIVE_ITEM_STATES, LIVE_REPLICA_STATES, ReplicaState
 
-MACHINE_EXAMPLES = 12
-MACHINE_STEPS = 25
+MACHINE_EXAMPLES = 10
+MACHINE_STEPS = 20
 
 # storages: name -> (tier, location): SOLID needs all three (two locations, one archive)
 STORAGES = {"a": ("hot", "x"), "b": ("warm", "x"), "c": ("archive", "y")}
