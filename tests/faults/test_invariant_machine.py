@@ -18,11 +18,13 @@ MD5 of the bytes the user ingested. After every `dlm` command:
 - no two live replicas share a file (the same storage and path, or overlapping roots);
 - every copy the command made READY is intact, and a successful ingest recorded the checksum of
   the bytes the user gave, on an intact copy;
-- after `dlm run verify` exits 0 every READY copy is intact; after `dlm run reconcile` exits 0
-  every READY copy on that storage is there with the item's size;
+- after `dlm run verify` exits 0 every READY copy of a live item is intact; after `dlm run
+  reconcile` exits 0 every READY copy on that storage is there with the item's size;
 - no command ends in an internal error (exit 70).
 
-In CI the examples are derandomized: MACHINE_EXAMPLES x MACHINE_STEPS steps. The soak
+Each example switches on a random subset of the kinds of steps (swarm testing), so the few
+steps of one failure come often enough in a short run. In CI the examples are derandomized:
+MACHINE_EXAMPLES runs of up to MACHINE_STEPS steps (about 3 minutes). The soak
 (`slow`, on SQLite and PostgreSQL) runs when DLM_SOAK_EXAMPLES is set, with DLM_SOAK_STEPS
 steps each (default 60) and random draws (DLM_SOAK_SEED fixes them).
 """
