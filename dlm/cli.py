@@ -841,6 +841,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("DLM_DEBUG"):
             raise
+        if isinstance(exc, RuntimeError) and "Prefect API server" in str(exc):
+            # Several `dlm run` at once on a loaded machine, each starting a temporary server.
+            _fail(
+                f"{exc} (several runs at once each start a temporary Prefect server: run `dlm serve`, "
+                "or set PREFECT_API_URL to a running server, and retry)",
+                1,
+            )
         _fail(f"internal error: {type(exc).__name__}: {exc} (set DLM_DEBUG=1 for the traceback)", 70)
     if isinstance(result, int) and result:
         raise SystemExit(result)

@@ -53,7 +53,7 @@ def postgres_url() -> Iterator[str]:
         _unavailable("PostgreSQL", str(exc))
 
 
-def _truncate_all(url: str) -> None:
+def truncate_all(url: str) -> None:
     engine = get_engine(url)
     with engine.begin() as conn:
         conn.execute(
@@ -71,7 +71,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
         init_db(url)
     else:
         url = request.getfixturevalue("postgres_url")
-        _truncate_all(url)
+        truncate_all(url)
     monkeypatch.setenv("DLM_DATABASE_URL", url)
     settings_mod.reset_settings()
     yield url
@@ -83,7 +83,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
 @pytest.fixture
 def pg_db_url(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """PostgreSQL only (claims, concurrency, COPY)."""
-    _truncate_all(postgres_url)
+    truncate_all(postgres_url)
     monkeypatch.setenv("DLM_DATABASE_URL", postgres_url)
     settings_mod.reset_settings()
     return postgres_url
@@ -160,3 +160,10 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture
 def flows_env(prefect_harness: None, rclone_path: str) -> None:
     """Flows can run: the Prefect harness is up and rclone is there."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run flows go last, in their order: the first one starts Prefect's harness,
+    whose threads use the global random module, and hypothesis fails a property test that
+    runs after that (FlakyStrategyDefinition). Everything else keeps its place."""
+    items.sort(key=lambda item: item.get_closest_marker("prefect") is not None)

@@ -9,6 +9,7 @@ catalogue's checksum at the destination; a mismatch is removed and reported.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
 import tempfile
@@ -35,6 +36,9 @@ from lifecycle.transfer.process import batch_deadline, run
 from lifecycle.transfer.target import RcloneTarget
 
 _TIER_RANK = {Tier.HOT: 0, Tier.WARM: 1, Tier.COLD: 2, Tier.ARCHIVE: 3}
+
+
+_EXISTS = "a different file already exists at the destination (left as it is)"
 
 
 @dataclass(frozen=True)
@@ -175,15 +179,14 @@ def checkout(
         same = [s for s in group if s.path == s.name]
         renamed = [s for s in group if s.path != s.name]
         if same:
-            # A checkout directory is the user's, outside every storage: a file of the same
-            # name there is replaced, as before (immutable is for storages).
+            # The checkout directory is the user's: a file of the same name with the same bytes
+            # counts as checked out; one with other bytes is left as it is and reported.
             res = copy_files(
                 src_target,
                 target,
                 [s.path for s in same],
                 transfers=transfers,
                 nbytes=sum(s.size for s in same),
-                immutable=False,
             )
             report.rclone_processes += 1
             report.failed.update(res.failed)
@@ -207,8 +210,14 @@ def checkout(
                     elif s.path in res.ok:
                         final = local / s.name
                         final.parent.mkdir(parents=True, exist_ok=True)
-                        os.replace(staging / s.path, final)
-                        landed.append(s)
+                        try:  # no-clobber: a user's file of that name is never replaced
+                            os.link(staging / s.path, final)
+                            landed.append(s)
+                        except FileExistsError:
+                            if filecmp.cmp(staging / s.path, final, shallow=False):
+                                landed.append(s)
+                            else:
+                                report.failed[s.name] = _EXISTS
                     else:
                         report.failed[s.name] = res.failed.get(s.path, "not copied")
             finally:
@@ -220,6 +229,7 @@ def checkout(
                         "copyto",
                         f"{src_target.spec.rstrip('/')}/{s.path}",
                         f"{target.spec.rstrip('/')}/{s.name}",
+                        "--immutable",
                     ],
                     env={**src_target.env, **target.env},
                     timeout=batch_deadline(files=1, nbytes=s.size),

@@ -222,3 +222,22 @@ def test_unreadable_files_are_one_line_and_change_nothing(pg_db_url: str) -> Non
 def test_missing_storage_root_is_bad_input(dlm, db_url: str, tmp_path: Path) -> None:
     r = dlm("storage", "add", "gone", "--kind", "posix", "--root", str(tmp_path / "no-such-dir"))
     assert r.code == 2 and "does not exist" in r.err
+
+
+def test_a_temporary_prefect_server_that_does_not_start_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several `dlm run` at once on a loaded machine: Prefect's temporary server times out.
+    The user gets one line saying what to do, exit 1, not an internal error."""
+    import dlm.cli as cli
+
+    def app(**_kwargs: object) -> None:
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.setattr(cli, "app", app)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "replicate"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert err.count("\n") == 1 and err.startswith("dlm: error: Timed out"), err
+    assert "dlm serve" in err and "internal error" not in err

@@ -303,6 +303,26 @@ def test_checkout_verified(estate: Estate, tmp_path: Path) -> None:
         assert (out / name).read_bytes() == (estate.root / "hot" / name).read_bytes()
 
 
+def test_checkout_never_replaces_a_users_different_file(estate: Estate, tmp_path: Path) -> None:
+    """A file of the same name already in the checkout directory: the same bytes count as
+    checked out, other bytes are left as they are and the item is reported failed."""
+    from flows.checkout import checkout_flow
+
+    names = ingest(estate.root, "hot", 2, phase=Phase.GAS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / names[0]).parent.mkdir(parents=True, exist_ok=True)
+    (out / names[0]).write_bytes(b"the user's own work, not DLM's")
+    same = (estate.root / "hot" / names[1]).read_bytes()
+    (out / names[1]).parent.mkdir(parents=True, exist_ok=True)
+    (out / names[1]).write_bytes(same)
+    result = checkout_flow(str(out), items=names)
+    assert (out / names[0]).read_bytes() == b"the user's own work, not DLM's"
+    assert (out / names[1]).read_bytes() == same
+    assert list(result["failed"]) == [names[0]]
+    assert "already exists" in str(result["failed"][names[0]])
+
+
 @pytest.mark.postgres
 def test_two_concurrent_replicate_runs_copy_nothing_twice(pg_db_url: str, estate: Estate) -> None:
     ingest(estate.root, "hot", 20, phase=Phase.LIQUID)
