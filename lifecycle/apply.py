@@ -13,9 +13,11 @@ A copy batch (one source and one destination storage) is:
 A delete batch (one storage) claims its replicas (READY -> DELETING) after re-checking,
 with the item rows locked on PostgreSQL, that every item keeps its target phase and an
 intact copy without them (unless the item itself expired); the other copies such a deletion
-relies on are then confirmed on their storages (one listing per storage: check before
-delete), those found missing become LOST and the deletions no longer safe are given back;
-then one rclone process deletes the files, and the rows become DELETED.
+relies on are then confirmed on their storages (check before delete: one listing per
+storage, and one `rclone hashsum` re-reading the copies whose hash the storage does not
+keep; a posix copy that is the same file as the one to delete does not count), those found
+missing become LOST (other bytes: CORRUPTED) and the deletions no longer safe are given
+back; then one rclone process deletes the files, and the rows become DELETED.
 """
 
 from __future__ import annotations
@@ -216,8 +218,9 @@ class BatchResult:
     skipped: int = 0
     bytes: int = 0
     duration_s: float = 0.0
-    # seconds spent per stage (claim, rclone, verify, settle) for copies
+    # seconds spent per stage (claim, rclone, verify, settle) for copies; confirm for deletes
     stages: dict[str, float] = field(default_factory=dict)
+    read_bytes: int = 0  # deletes: bytes of surviving copies re-hashed by the pre-delete check
     errors: dict[str, str] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -231,6 +234,7 @@ class BatchResult:
             "failed": self.failed,
             "skipped": self.skipped,
             "bytes": self.bytes,
+            **({"bytes read to confirm": self.read_bytes} if self.kind == "delete" else {}),
             "seconds": round(self.duration_s, 2),
             **{f"{k} s": round(v, 2) for k, v in self.stages.items()},
             "first error": next(iter(self.errors.values()), ""),
@@ -775,29 +779,41 @@ def _confirm_survivors(
     sessions: SessionFactory,
     actor: str,
     refusals: dict[uuid.UUID, str],
-) -> set[uuid.UUID]:
-    """Check before delete: confirm on their storages (one listing per storage, outside any
-    transaction) the copies the claimed deletions rely on; then, in one transaction, mark the
-    missing ones LOST (another size or stored hash: CORRUPTED), re-run the safety check
-    counting only the confirmed copies, and give back the claims no longer safe (their
-    previous state, `policy.refused`, the reason also put in `refusals`). A storage that
-    cannot be listed confirms nothing and marks nothing. Returns the replica uids still
-    claimed (to delete)."""
-    from lifecycle.verify import apply_replica_changes, confirm_copies, settle_items
+) -> tuple[set[uuid.UUID], int]:
+    """Check before delete: confirm on their storages (outside any transaction) the copies
+    the claimed deletions rely on: a survivor that is the same posix file as the copy to
+    delete (or as another survivor) does not count; the others are listed (one listing per
+    storage) and, where the storage keeps no hash of them, re-hashed from their bytes (one
+    `rclone hashsum` per storage). Then, in one transaction, mark the missing ones LOST
+    (another size or hash: CORRUPTED), re-run the safety check counting only the confirmed
+    copies, and give back the claims no longer safe (their previous state, `policy.refused`,
+    the reason also put in `refusals`). A storage that cannot be listed confirms nothing and
+    marks nothing. Returns the replica uids still claimed (to delete) and the bytes read."""
+    from lifecycle.verify import apply_replica_changes, confirm_copies, same_files, settle_items
 
     confirmed: set[uuid.UUID] = set()
     changes: dict[uuid.UUID, list[ReplicaChange]] = {}
     unlisted: dict[str, str] = {}  # storage name -> why it could not be listed
+    found: dict[uuid.UUID, list[str]] = defaultdict(list)  # item -> what the check found
+    doomed = {oid: path for oid, _, path in claim.rows.values() if oid in claim.relying}
+    twins = same_files(storage, doomed, claim.storages, claim.survivors)
+    for c in (c for checks in claim.survivors.values() for c in checks if c.replica_uid in twins):
+        found[c.item_oid].append(twins[c.replica_uid])
+    read = 0
     for sid, checks in claim.survivors.items():
         st = claim.storages[sid]
         try:
-            ok, bad = confirm_copies(st, checks)
+            got = confirm_copies(st, [c for c in checks if c.replica_uid not in twins])
         except DLMError as exc:
             unlisted[st.name] = " ".join(str(exc).split())[:300]
             continue
-        confirmed |= {c.replica_uid for c in ok}
-        if bad:
-            changes[sid] = bad
+        confirmed |= {c.replica_uid for c in got.intact}
+        read += got.bytes_read
+        for c in checks:
+            if c.path in got.unread:
+                found[c.item_oid].append(f"its copy on {st.name} could not be read ({got.unread[c.path]})")
+        if got.changes:
+            changes[sid] = got.changes
     now = utcnow()
     me = worker_id()
     with sessions() as s:
@@ -808,7 +824,6 @@ def _confirm_survivors(
         index = StorageIndex(tuple(storage_views(s)))
         candidates = [(uid, oid) for uid, (oid, _, _) in claim.rows.items() if oid in claim.relying]
         _, refused, _ = _safe_to_delete(s, policy, index, candidates, expiring, confirmed=confirmed)
-        found: dict[uuid.UUID, list[str]] = defaultdict(list)  # item -> what the check found
         for ch in damaged:
             where = claim.storages[ch.check.storage_id].name
             found[ch.check.item_oid].append(f"its copy on {where} is {ch.to.value}")
@@ -850,7 +865,7 @@ def _confirm_survivors(
             )
         audit.record_many(s, events)
         settle_items(s, {ch.check.item_oid for ch in damaged}, actor=actor)
-    return set(claim.rows) - set(refused)
+    return set(claim.rows) - set(refused), read
 
 
 def apply_delete_batch(
@@ -917,7 +932,8 @@ def apply_delete_batch(
     still = set(claim.rows)
     kept: dict[uuid.UUID, str] = {}
     if claim.rows and relying:
-        still = _confirm_survivors(
+        t0 = time.monotonic()
+        still, result.read_bytes = _confirm_survivors(
             claim,
             storage,
             want,
@@ -927,6 +943,7 @@ def apply_delete_batch(
             actor=actor,
             refusals=kept,
         )
+        result.stages["confirm"] = time.monotonic() - t0
     result.skipped = len(batch.deletes) - len(still)
     result.errors = {want[u].path: why for u, why in kept.items()}
     if not still:
