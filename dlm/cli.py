@@ -728,11 +728,10 @@ def render_report(report: dict[str, Any]) -> None:
         )
         return
     if report["batches"]:
-        render.table(
-            "Batches",
-            ["kind", "from", "to", "planned", "done", "failed", "skipped", "bytes", "seconds", "first error"],
-            [tuple(b.values()) for b in report["batches"]],
-        )
+        # copy and delete rows carry different stage columns: one column per key, the error last
+        keys = [k for k in dict.fromkeys(k for b in report["batches"] for k in b) if k != "first error"]
+        keys.append("first error")
+        render.table("Batches", keys, [tuple(b.get(k, "") for k in keys) for b in report["batches"]])
     render.out.print(
         f"copied {report['copied']} ({render.size(report['bytes_moved'])}), deleted {report['deleted']}, "
         f"failed {report['failed']}; items below target now: {report['below_target_after']}"

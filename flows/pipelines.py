@@ -251,6 +251,7 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
             "deleted": sum(r.done for r in results if r.kind == "delete"),
             "failed": sum(r.failed for r in results),
             "bytes_moved": sum(r.bytes for r in results if r.kind == "copy"),
+            "bytes_read_to_confirm": sum(r.read_bytes for r in results if r.kind == "delete"),
             "below_target_after": below,
         }
     )

@@ -4,9 +4,11 @@
 A delete batch (one storage) claims its replicas (READY -> DELETING) after re-checking,
 with the item rows locked on PostgreSQL, that every item keeps its target phase and an
 intact copy without them (unless the item itself expired); the other copies such a deletion
-relies on are then confirmed on their storages (one listing per storage: check before
-delete), those found missing become LOST and the deletions no longer safe are given back;
-then one rclone process deletes the files, and the rows become DELETED.
+relies on are then confirmed on their storages (check before delete: one listing per
+storage, and one `rclone hashsum` re-reading the copies whose hash the storage does not
+keep; a posix copy that is the same file as the one to delete does not count), those found
+missing become LOST (other bytes: CORRUPTED) and the deletions no longer safe are given
+back; then one rclone process deletes the files, and the rows become DELETED.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select, update
 from sqlmodel import Session, col
 
-from lifecycle.apply.confirm import confirm_copies
+from lifecycle.apply.confirm import confirm_copies, same_files
 from lifecycle.apply.result import BatchResult
 from lifecycle.apply.settle import Check, ReplicaChange, apply_replica_changes, settle_items
 from lifecycle.catalogue import audit
@@ -182,28 +184,39 @@ def _confirm_survivors(
     sessions: SessionFactory,
     actor: str,
     refusals: dict[uuid.UUID, str],
-) -> set[uuid.UUID]:
-    """Check before delete: confirm on their storages (one listing per storage, outside any
-    transaction) the copies the claimed deletions rely on; then, in one transaction, mark the
-    missing ones LOST (another size or stored hash: CORRUPTED), re-run the safety check
-    counting only the confirmed copies, and give back the claims no longer safe (their
-    previous state, `policy.refused`, the reason also put in `refusals`). A storage that
-    cannot be listed confirms nothing and marks nothing. Returns the replica uids still
-    claimed (to delete)."""
-
+) -> tuple[set[uuid.UUID], int]:
+    """Check before delete: confirm on their storages (outside any transaction) the copies
+    the claimed deletions rely on: a survivor that is the same posix file as the copy to
+    delete (or as another survivor) does not count; the others are listed (one listing per
+    storage) and, where the storage keeps no hash of them, re-hashed from their bytes (one
+    `rclone hashsum` per storage). Then, in one transaction, mark the missing ones LOST
+    (another size or hash: CORRUPTED), re-run the safety check counting only the confirmed
+    copies, and give back the claims no longer safe (their previous state, `policy.refused`,
+    the reason also put in `refusals`). A storage that cannot be listed confirms nothing and
+    marks nothing. Returns the replica uids still claimed (to delete) and the bytes read."""
     confirmed: set[uuid.UUID] = set()
     changes: dict[uuid.UUID, list[ReplicaChange]] = {}
     unlisted: dict[str, str] = {}  # storage name -> why it could not be listed
+    found: dict[uuid.UUID, list[str]] = defaultdict(list)  # item -> what the check found
+    doomed = {oid: path for oid, _, path in claim.rows.values() if oid in claim.relying}
+    twins = same_files(storage, doomed, claim.storages, claim.survivors)
+    for c in (c for checks in claim.survivors.values() for c in checks if c.replica_uid in twins):
+        found[c.item_oid].append(twins[c.replica_uid])
+    read = 0
     for sid, checks in claim.survivors.items():
         st = claim.storages[sid]
         try:
-            ok, bad = confirm_copies(st, checks)
+            got = confirm_copies(st, [c for c in checks if c.replica_uid not in twins])
         except DLMError as exc:
             unlisted[st.name] = " ".join(str(exc).split())[:300]
             continue
-        confirmed |= {c.replica_uid for c in ok}
-        if bad:
-            changes[sid] = bad
+        confirmed |= {c.replica_uid for c in got.intact}
+        read += got.bytes_read
+        for c in checks:
+            if c.path in got.unread:
+                found[c.item_oid].append(f"its copy on {st.name} could not be read ({got.unread[c.path]})")
+        if got.changes:
+            changes[sid] = got.changes
     now = utcnow()
     me = worker_id()
     with sessions() as s:
@@ -214,7 +227,6 @@ def _confirm_survivors(
         index = StorageIndex(tuple(storage_views(s)))
         candidates = [(uid, oid) for uid, (oid, _, _) in claim.rows.items() if oid in claim.relying]
         _, refused, _ = _safe_to_delete(s, policy, index, candidates, expiring, confirmed=confirmed)
-        found: dict[uuid.UUID, list[str]] = defaultdict(list)  # item -> what the check found
         for ch in damaged:
             where = claim.storages[ch.check.storage_id].name
             found[ch.check.item_oid].append(f"its copy on {where} is {ch.to.value}")
@@ -256,7 +268,7 @@ def _confirm_survivors(
             )
         audit.record_many(s, events)
         settle_items(s, {ch.check.item_oid for ch in damaged}, actor=actor)
-    return set(claim.rows) - set(refused)
+    return set(claim.rows) - set(refused), read
 
 
 def apply_delete_batch(
@@ -323,7 +335,8 @@ def apply_delete_batch(
     still = set(claim.rows)
     kept: dict[uuid.UUID, str] = {}
     if claim.rows and relying:
-        still = _confirm_survivors(
+        t0 = time.monotonic()
+        still, result.read_bytes = _confirm_survivors(
             claim,
             storage,
             want,
@@ -333,6 +346,7 @@ def apply_delete_batch(
             actor=actor,
             refusals=kept,
         )
+        result.stages["confirm"] = time.monotonic() - t0
     result.skipped = len(batch.deletes) - len(still)
     result.errors = {want[u].path: why for u, why in kept.items()}
     if not still:

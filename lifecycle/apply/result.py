@@ -21,8 +21,9 @@ class BatchResult:
     skipped: int = 0
     bytes: int = 0
     duration_s: float = 0.0
-    # seconds spent per stage (claim, rclone, verify, settle) for copies
+    # seconds spent per stage (claim, rclone, verify, settle) for copies; confirm for deletes
     stages: dict[str, float] = field(default_factory=dict)
+    read_bytes: int = 0  # deletes: bytes of surviving copies re-hashed by the pre-delete check
     errors: dict[str, str] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -36,6 +37,7 @@ class BatchResult:
             "failed": self.failed,
             "skipped": self.skipped,
             "bytes": self.bytes,
+            **({"bytes read to confirm": self.read_bytes} if self.kind == "delete" else {}),
             "seconds": round(self.duration_s, 2),
             **{f"{k} s": round(v, 2) for k, v in self.stages.items()},
             "first error": next(iter(self.errors.values()), ""),

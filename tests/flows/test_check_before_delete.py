@@ -149,6 +149,9 @@ def test_a_confirmed_survivor_lets_the_deletion_go(dlm: Any, disks: Path) -> Non
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum
     assert copies("l.dat") == [("disk-b", "READY")]
     assert events("replica.lost") == [] and events("replica.corrupted") == []
+    # posix keeps no hash: the survivor on disk-b was re-read once to confirm its bytes
+    [batch] = r["batches"]
+    assert batch["bytes read to confirm"] == len(PAYLOAD) == r["bytes_read_to_confirm"]
 
 
 def test_a_survivor_of_another_size_is_corrupted_and_blocks_the_deletion(dlm: Any, disks: Path) -> None:
@@ -318,6 +321,143 @@ def test_enough_confirmed_copies_let_a_deletion_go_while_another_storage_is_unre
     assert md5((R / "b" / "l.dat").read_bytes()) == checksum
     assert copies("l.dat") == [("disk-b", "READY"), ("disk-c", "READY")]
     assert events("replica.lost") == [] and events("replica.corrupted") == []
+
+
+# ------------------------------------------------------ survivors re-hashed, and one file seen twice
+
+
+def test_a_same_size_corrupted_survivor_blocks_the_deletion(dlm: Any, disks: Path) -> None:
+    """Finding 1: the copy on disk-b is rewritten with other bytes of the same size; set-phase
+    GAS + migrate used to delete R/a/c.dat, the only intact copy (posix keeps no hash, and
+    the sizes matched). The survivor is now re-hashed from its bytes: it is CORRUPTED, a's
+    copy stays."""
+    R = disks
+    (R / "a" / "c.dat").write_bytes(b"CCCC\n")
+    ok(dlm("ingest", "-s", "disk-a", str(R / "a" / "c.dat"), "--phase", "LIQUID"))
+    run("replicate")
+    assert (R / "b" / "c.dat").read_bytes() == b"CCCC\n"
+    (R / "b" / "c.dat").write_bytes(b"XCCC\n")
+    ok(dlm("items", "set-phase", "c.dat", "GAS"))
+    r = run("migrate")
+    assert r["deleted"] == 0
+    assert (R / "a" / "c.dat").read_bytes() == b"CCCC\n"  # the intact bytes are still there
+    assert copies("c.dat") == [("disk-a", "READY"), ("disk-b", "CORRUPTED")]
+    assert item_state("c.dat") == "READY"
+    [bad] = events("replica.corrupted")
+    assert bad["found_by"] == "pre-delete check" and bad["storage"] == "disk-b"
+    assert (bad["expected"], bad["found"]) == (md5(b"CCCC\n"), md5(b"XCCC\n"))
+    [refused] = [e for e in events("policy.refused") if e.get("found_by") == "pre-delete check"]
+    assert "last intact copy" in refused["reason"] and "disk-b is CORRUPTED" in refused["reason"]
+    assert r["bytes_read_to_confirm"] == 5
+    assert run("migrate")["plan"]["deletes"] == 0  # the CORRUPTED copy is not counted
+    assert (R / "a" / "c.dat").read_bytes() == b"CCCC\n"
+
+
+def test_drain_and_rebalance_keep_the_copy_whose_twin_has_other_bytes(dlm: Any, disks: Path) -> None:
+    """The drain variant of finding 1: a GAS item on a and b, disk-a draining, b's bytes
+    rewritten at the same size: rebalance used to delete a's copy. Now b is CORRUPTED and a
+    stays; verify repairs b from a, and then the drain deletes a's copy."""
+    R = disks
+    checksum = liquid_on_a_and_b(dlm, R)
+    ok(dlm("items", "set-phase", "l.dat", "GAS"))
+    ok(dlm("storage", "drain", "disk-a"))
+    other = bytes([PAYLOAD[0] ^ 1]) + PAYLOAD[1:]
+    (R / "b" / "l.dat").write_bytes(other)
+    r = run("rebalance")
+    assert r["deleted"] == 0
+    assert md5((R / "a" / "l.dat").read_bytes()) == checksum
+    assert (R / "b" / "l.dat").read_bytes() == other
+    assert copies("l.dat") == [("disk-a", "READY"), ("disk-b", "CORRUPTED")]
+    assert [e["found_by"] for e in events("replica.corrupted")] == ["pre-delete check"]
+    # verify repairs b's copy from a's intact bytes; the next rebalance drains a
+    from flows.integrity import verify
+
+    verify()
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    r = run("rebalance")
+    assert r["deleted"] == 1
+    assert not (R / "a" / "l.dat").exists()
+    assert md5((R / "b" / "l.dat").read_bytes()) == checksum
+    assert copies("l.dat") == [("disk-b", "READY")]
+
+
+def register_copy(name: str, storage: str, path: str) -> None:
+    """A READY copy of NAME on STORAGE at PATH in the catalogue, as replicate recorded one
+    when it found identical bytes already at the destination (finding 5)."""
+    from lifecycle.states import ReplicaState
+
+    with session_scope() as s:
+        item = get_item(name, session=s)
+        st = get_storage(storage, session=s)
+        s.add(Replica(item_oid=item.oid, storage_id=st.id, path=path, state=ReplicaState.READY))
+        s.execute(
+            update(Storage)
+            .where(col(Storage.id) == st.id)
+            .values(used_bytes=col(Storage.used_bytes) + item.size)
+        )
+
+
+def assert_kept_as_one_file(r: dict[str, Any], name: str, data: bytes, R: Path, path: str) -> None:
+    """migrate deleted nothing, the bytes are on disk, nothing is marked LOST or CORRUPTED,
+    and the refusal says why."""
+    assert r["deleted"] == 0
+    assert (R / "a" / path).read_bytes() == data
+    assert (R / "b" / path).read_bytes() == data
+    assert copies(name) == [("disk-a", "READY"), ("disk-b", "READY")]
+    assert events("replica.lost") == [] and events("replica.corrupted") == []
+    [refused] = [e for e in events("policy.refused") if e.get("found_by") == "pre-delete check"]
+    assert "last intact copy" in refused["reason"]
+    assert (
+        "its copy on disk-b is the same file (hard link or bind mount) as the one to delete"
+        in (refused["reason"])
+    )
+    assert r["bytes_read_to_confirm"] == 0  # the same file is not read as a survivor
+
+
+def test_a_hard_link_in_another_root_is_not_a_second_copy(dlm: Any, disks: Path) -> None:
+    """Finding 5 (deletion side): ln R/a/h.dat R/b/h.dat registered as b's copy is one inode,
+    not two copies: set-phase GAS + migrate used to delete a's copy, i.e. the file."""
+    R = disks
+    data = PAYLOAD + b"h"
+    (R / "a" / "h.dat").write_bytes(data)
+    ok(dlm("ingest", "-s", "disk-a", str(R / "a" / "h.dat"), "--phase", "LIQUID"))
+    os.link(R / "a" / "h.dat", R / "b" / "h.dat")
+    register_copy("h.dat", "disk-b", "h.dat")
+    ok(dlm("items", "set-phase", "h.dat", "GAS"))
+    r = run("migrate")
+    assert_kept_as_one_file(r, "h.dat", data, R, "h.dat")
+    assert os.stat(R / "a" / "h.dat").st_nlink == 2
+
+
+def test_one_directory_under_two_roots_by_a_bind_mount_is_not_a_second_copy(dlm: Any, disks: Path) -> None:
+    """Finding 3 (deletion side): R/a/sub bind-mounted on R/b/sub puts one file under both
+    roots; counting b's "copy" made migrate delete the only file."""
+    import shutil
+    import subprocess
+
+    R = disks
+    if not shutil.which("mount"):
+        pytest.skip("no mount command")
+    (R / "a" / "sub").mkdir()
+    (R / "b" / "sub").mkdir()
+    data = PAYLOAD + b"bind"
+    (R / "a" / "sub" / "x.dat").write_bytes(data)
+    ok(dlm("ingest", "-s", "disk-a", str(R / "a" / "sub" / "x.dat"), "--phase", "LIQUID"))
+    bind = subprocess.run(
+        ["mount", "--bind", str(R / "a" / "sub"), str(R / "b" / "sub")], capture_output=True, text=True
+    )
+    if bind.returncode != 0:
+        pytest.skip(f"mount --bind is not permitted here: {bind.stderr.strip()}")
+    try:
+        assert (R / "b" / "sub" / "x.dat").read_bytes() == data
+        register_copy("sub/x.dat", "disk-b", "sub/x.dat")
+        ok(dlm("items", "set-phase", "sub/x.dat", "GAS"))
+        r = run("migrate")
+        assert_kept_as_one_file(r, "sub/x.dat", data, R, "sub/x.dat")
+    finally:
+        subprocess.run(["umount", str(R / "b" / "sub")], check=True)
+    assert (R / "a" / "sub" / "x.dat").read_bytes() == data
+    assert not (R / "b" / "sub" / "x.dat").exists()  # unmounted: b never held bytes of its own
 
 
 # --------------------------------------------------------------------------- an S3 survivor
