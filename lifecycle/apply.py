@@ -62,7 +62,7 @@ from lifecycle.states import (
     TransferKind,
     TransferState,
 )
-from lifecycle.storage import backend_for
+from lifecycle.storage import backend_for, identity
 from lifecycle.storage.base import RcloneTarget
 
 if TYPE_CHECKING:  # lifecycle.verify imports this module
@@ -506,15 +506,22 @@ def apply_copy_batch(
     started = time.monotonic()
     src_target = backend_for(src).rclone_target()
     dst_target = backend_for(dst).rclone_target()
-    report = rclone.copy_files(
-        src_target,
-        dst_target,
-        [c.path for c in claims],
-        transfers=transfers,
-        checkers=checkers,
-        traverse=traverse,
-        nbytes=sum(c.size for c in claims),
+    refused = identity.refusal(src, dst)  # both roots are still the storages' own
+    report = (
+        rclone.copy_files(
+            src_target,
+            dst_target,
+            [c.path for c in claims],
+            transfers=transfers,
+            checkers=checkers,
+            traverse=traverse,
+            nbytes=sum(c.size for c in claims),
+        )
+        if refused is None
+        else rclone.CopyReport(failed=dict.fromkeys((c.path for c in claims), refused))
     )
+    report.failed.update(identity.shared_files(dst, sorted(report.ok - set(report.failed))))
+    report.ok -= set(report.failed)
     t1 = time.monotonic()
     result.stages["rclone"] = t1 - started
     mismatches = _verify_destination(dst_target, claims, report.ok, report.hashes)
@@ -933,7 +940,12 @@ def apply_delete_batch(
         return result
     started = time.monotonic()
     paths = {path: uid for uid, (_, _, path) in claim.rows.items() if uid in still}
-    report = rclone.delete_files(backend_for(storage).rclone_target(), list(paths))
+    not_ours = identity.refusal(storage)  # the root is still this storage's own
+    report = (
+        rclone.delete_files(backend_for(storage).rclone_target(), list(paths))
+        if not_ours is None
+        else rclone.DeleteReport(failed=dict.fromkeys(paths, not_ours))
+    )
     duration = time.monotonic() - started
     now = utcnow()
     with sessions() as s:

@@ -54,7 +54,7 @@ from lifecycle.states import (
     TransferKind,
     TransferState,
 )
-from lifecycle.storage import backend_for
+from lifecycle.storage import backend_for, identity
 from lifecycle.storage.base import RcloneTarget
 
 __all__ = [
@@ -333,6 +333,7 @@ def confirm_copies(
     """
     if not copies:
         return [], []
+    identity.check_identity(storage, write=False)  # another storage's root now confirms nothing
     algo = "md5" if "md5" in native_hashes(storage) else None
     if timeout is None:
         timeout = CONFIRM_TIMEOUT_S + CONFIRM_TIMEOUT_PER_FILE_S * len(copies)
