@@ -217,12 +217,15 @@ def _check_s3(storage: Storage, write: bool) -> None:
 
 
 def _claim(storage: Storage, found: Marker | None, writer: Any, write: bool) -> None:
-    """Refuse a marker naming another storage; write ours where there is none (with `write`)."""
+    """Refuse a marker naming another storage; write ours where there is none (with `write`;
+    best effort: a root DLM may not write to, such as a read-only source, stays unmarked)."""
     if found is None:
         if not write:
             return
         try:
             writer(marker_bytes(storage.id, storage.name))
+            return
+        except StorageError:  # a read-only root (a source): marked at a later, writable use
             return
         except FileExistsError:  # written meanwhile: check what it says
             found = read_marker(storage)
