@@ -29,14 +29,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lifecycle.errors import SourceNotFoundError, StorageError
+from lifecycle.names import STORAGE_MARKER
 from lifecycle.states import StorageKind
 
 if TYPE_CHECKING:
     from lifecycle.models import Storage
     from lifecycle.storage.s3 import S3Storage
 
-MARKER = ".dlm-storage"
+MARKER = STORAGE_MARKER  # ".dlm-storage"
 _KIND = "dlm-storage-marker"
+_META_ID, _META_NAME = "dlm-storage-id", "dlm-storage-name"  # S3 user metadata of the marker
 
 
 @dataclass(frozen=True)
@@ -158,13 +160,17 @@ def _s3_key(backend: S3Storage, prefix: str) -> str:
 
 
 def _read_s3(backend: S3Storage, prefix: str) -> Marker | None:
-    """The marker object under `prefix` of the backend's bucket, or None. Raises StorageError
-    and subclasses."""
+    """The marker object under `prefix` of the backend's bucket, or None: one HEAD (the
+    marker's id and name are also its user metadata), a GET only for a marker without them.
+    Raises StorageError and subclasses."""
     key = _s3_key(backend, prefix)
     where = f"s3://{backend.bucket}/{key}"
     client = backend.client()
     try:
         with backend._errors(MARKER):
+            meta = client.head_object(Bucket=backend.bucket, Key=key).get("Metadata", {})
+            if _META_ID in meta:
+                return Marker(meta[_META_ID], meta.get(_META_NAME, ""), where)
             body = client.get_object(Bucket=backend.bucket, Key=key)["Body"]
             try:
                 data = body.read(4096)
@@ -185,7 +191,9 @@ def _write_s3(backend: S3Storage, data: bytes, *, replace: bool) -> None:
         if replace:
             client.delete_object(Bucket=backend.bucket, Key=key)
         try:
-            client.put_object(Bucket=backend.bucket, Key=key, Body=data, IfNoneMatch="*")
+            found = _parse(data, f"s3://{backend.bucket}/{key}")
+            meta = {_META_ID: found.storage_id, _META_NAME: found.name}
+            client.put_object(Bucket=backend.bucket, Key=key, Body=data, Metadata=meta, IfNoneMatch="*")
         except Exception as exc:
             try:
                 backend._conflict(exc, MARKER)
@@ -327,11 +335,15 @@ def foreign_root(root: str, others: dict[str, str]) -> tuple[str, str] | None:
 def refusal(*storages: Storage) -> str | None:
     """Why a batch on these storages must not run (check_identity of each, in order), or None.
     Raises nothing: an unreachable storage is a refusal too."""
-    from lifecycle.errors import DLMError
+    from lifecycle.errors import DLMError, StorageUnavailableError
 
     for storage in storages:
         try:
             check_identity(storage)
+        except StorageUnavailableError as exc:  # no answer within the stall timeout, or none at all
+            stalled = "ReadTimeout" in type(exc.__cause__).__name__
+            why = "the storage stalled while its root was checked" if stalled else "cannot check its root"
+            return f"storage {storage.name}: {why} ({' '.join(str(exc).split())[:400]})"
         except DLMError as exc:
             return " ".join(str(exc).split())[:500]
     return None
