@@ -164,6 +164,22 @@ def test_a_missing_marker_is_written_at_first_use(db_url: str, tmp_path: Path) -
     assert why is not None and "'elsewhere'" in why and "refusing to write or delete" in why
 
 
+def test_storage_add_refuses_a_root_marked_by_another_storage(dlm: Any, disks: Path) -> None:
+    """What a marker tells that paths cannot: a root (or a directory above it) that holds
+    another live storage's marker, e.g. the same volume mounted elsewhere."""
+    R = disks
+    (R / "x" / "deep").mkdir(parents=True)
+    (R / "x" / identity.MARKER).write_bytes((R / "a" / identity.MARKER).read_bytes())
+    (R / "x" / "deep" / "keep.dat").write_bytes(PAYLOAD)
+    for root in (R / "x", R / "x" / "deep"):
+        refused(dlm("storage", "add", "disk-x", "--kind", "posix", "--root", str(root)), "marker", "'disk-a'")
+    assert (R / "x" / "deep" / "keep.dat").read_bytes() == PAYLOAD
+    assert marker_of(R / "x")["name"] == "disk-a"  # nothing rewritten
+    ok(dlm("storage", "retire", "disk-a"))  # a retired storage's root may be taken over
+    ok(dlm("storage", "add", "disk-x", "--kind", "posix", "--root", str(R / "x")))
+    assert marker_of(R / "x")["name"] == "disk-x"
+
+
 # --------------------------------------------------------------------------- finding 2: S3 aliases
 
 
