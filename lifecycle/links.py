@@ -43,9 +43,10 @@ class LinkGuard:
             self._dirs[rel] = state
         return state
 
-    def why_refused(self, path: str) -> str | None:
+    def why_refused(self, path: str, *, one_name: bool = False) -> str | None:
         """None if `path` (relative to the root) may be used; else why not, to follow the path
-        in a message ("is a symbolic link", "goes through a symbolic link ('run')")."""
+        in a message ("is a symbolic link", "goes through a symbolic link ('run')"). With
+        `one_name`, a file with other names (a hard link: not a copy of its own) is refused too."""
         parts = path.split("/")
         if path.startswith("/") or any(part in ("", ".", "..") for part in parts):
             return "is not a plain path inside the root"
@@ -58,10 +59,12 @@ class LinkGuard:
             if state == _ABSENT:
                 return None  # nothing exists below: nothing to follow
         try:
-            mode = os.lstat(os.path.join(self.root, path)).st_mode
+            st = os.lstat(os.path.join(self.root, path))
         except OSError:
             return None
-        return "is a symbolic link" if stat.S_ISLNK(mode) else None
+        if one_name and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            return f"is a hard link shared with another file ({st.st_nlink} names, one physical copy)"
+        return "is a symbolic link" if stat.S_ISLNK(st.st_mode) else None
 
     def refused(self, paths: Iterable[str]) -> dict[str, str]:
         """path -> why it is refused, for the paths that are refused."""

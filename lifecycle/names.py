@@ -14,6 +14,8 @@ MAX_NAME_LENGTH = 1024
 MAX_SEGMENT_LENGTH = 255  # characters, and bytes in UTF-8 (what file systems count)
 MAX_OWNER_LENGTH = 255
 VERSION_SEPARATOR = "@"  # NAME@vN names a version: an item name may not hold it
+RESERVED_PREFIX = ".dlm-"  # DLM's own files (the `.dlm-storage` marker, `.dlm-tmp-*`): no item name
+STORAGE_MARKER = ".dlm-storage"  # lifecycle.storage.identity's marker: no item name nor path
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Slashes that NFKC does not map to '/' or '\\' but that look like one (fraction, division, big
 # solidus, box-drawing diagonals): a name holding one would read as a different path.
@@ -33,12 +35,14 @@ def validate_name(name: str, *, what: str = "item name", item: bool | None = Non
     """A relative, normalised, path-like name; raises InvalidNameError if it could escape a root.
 
     Refuses: empty names, absolute paths, '..' or '.' segments, empty segments, backslashes,
-    NUL and other control characters, names over 1024 characters or segments over 255
+    NUL and other control characters, the storage marker's name `.dlm-storage` as a segment,
+    names over 1024 characters or segments over 255
     characters or 255 bytes in UTF-8, names that are not in Unicode NFC form (lookalike
     spellings of the same name), and lookalikes of path syntax: slashes such as U+FF0F or
     U+2215, segments such as U+FF0E U+FF0E.
 
-    Item names (`item`, by default when `what` is "item name") also refuse '@' (the version
+    Item names (`item`, by default when `what` is "item name") also refuse segments starting
+    with '.dlm-' (DLM's own files: markers, temporary files), '@' (the version
     separator of NAME@vN) and segments that are blank or start or end with whitespace; paths
     of files already on a storage keep those.
     """
@@ -83,6 +87,11 @@ def validate_name(name: str, *, what: str = "item name", item: bool | None = Non
         if not part.isascii() and len(part.encode("utf-8", "surrogatepass")) > MAX_SEGMENT_LENGTH:
             raise InvalidNameError(
                 f"invalid {what} {shown}: a path segment is longer than {MAX_SEGMENT_LENGTH} bytes in UTF-8"
+            )
+        if (part.lower() == STORAGE_MARKER) or (item and part[:5].lower() == RESERVED_PREFIX):
+            raise InvalidNameError(
+                f"invalid {what} {shown}: names starting with {RESERVED_PREFIX!r} are reserved for "
+                f"DLM's own files (the storage marker {STORAGE_MARKER!r}, temporary files)"
             )
         if item and (part.strip() != part):
             raise InvalidNameError(

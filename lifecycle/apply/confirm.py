@@ -15,6 +15,7 @@ from lifecycle.states import (
     ReplicaState,
     StorageKind,
 )
+from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for
 from lifecycle.transfer.listing import list_files
 from lifecycle.transfer.log import HASHES
@@ -75,6 +76,7 @@ def confirm_copies(
     out = Confirmation()
     if not copies:
         return out
+    identity.check_identity(storage, write=False)  # another storage's root now confirms nothing
     algo = "md5" if "md5" in native_hashes(storage) else None
     if timeout is None:
         timeout = CONFIRM_TIMEOUT_S + CONFIRM_TIMEOUT_PER_FILE_S * len(copies)

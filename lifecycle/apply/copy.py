@@ -47,9 +47,10 @@ from lifecycle.states import (
     TransferKind,
     TransferState,
 )
+from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for
 from lifecycle.transfer.log import HASHES
-from lifecycle.transfer.operations import copy_files, delete_files, hashsum
+from lifecycle.transfer.operations import CopyReport, copy_files, delete_files, hashsum
 from lifecycle.transfer.target import RcloneTarget
 
 # --------------------------------------------------------------------------- copies
@@ -307,15 +308,22 @@ def apply_copy_batch(
     started = time.monotonic()
     src_target = backend_for(src).rclone_target()
     dst_target = backend_for(dst).rclone_target()
-    report = copy_files(
-        src_target,
-        dst_target,
-        [c.path for c in claims],
-        transfers=transfers,
-        checkers=checkers,
-        traverse=traverse,
-        nbytes=sum(c.size for c in claims),
+    refused = identity.refusal(src, dst)  # both roots are still the storages' own
+    report = (
+        copy_files(
+            src_target,
+            dst_target,
+            [c.path for c in claims],
+            transfers=transfers,
+            checkers=checkers,
+            traverse=traverse,
+            nbytes=sum(c.size for c in claims),
+        )
+        if refused is None
+        else CopyReport(failed=dict.fromkeys((c.path for c in claims), refused))
     )
+    report.failed.update(identity.shared_files(dst, sorted(report.ok - set(report.failed))))
+    report.ok -= set(report.failed)
     t1 = time.monotonic()
     result.stages["rclone"] = t1 - started
     mismatches = _verify_destination(dst_target, claims, report.ok, report.hashes)

@@ -47,8 +47,9 @@ from lifecycle.states import (
     ReplicaState,
     StorageState,
 )
+from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for
-from lifecycle.transfer.operations import delete_files
+from lifecycle.transfer.operations import DeleteReport, delete_files
 
 # --------------------------------------------------------------------------- deletions
 
@@ -353,7 +354,12 @@ def apply_delete_batch(
         return result
     started = time.monotonic()
     paths = {path: uid for uid, (_, _, path) in claim.rows.items() if uid in still}
-    report = delete_files(backend_for(storage).rclone_target(), list(paths))
+    not_ours = identity.refusal(storage)  # the root is still this storage's own
+    report = (
+        delete_files(backend_for(storage).rclone_target(), list(paths))
+        if not_ours is None
+        else DeleteReport(failed=dict.fromkeys(paths, not_ours))
+    )
     duration = time.monotonic() - started
     now = utcnow()
     with sessions() as s:

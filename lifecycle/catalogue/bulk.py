@@ -21,9 +21,11 @@ from lifecycle.catalogue.sql import chunks, core_table
 from lifecycle.errors import (
     ConflictError,
     InvalidMetadataError,
+    InvalidNameError,
     InvalidValueError,
 )
-from lifecycle.states import Phase, ReplicaState, StorageState
+from lifecycle.links import LinkGuard
+from lifecycle.states import Phase, ReplicaState, StorageKind, StorageState
 
 __all__ = ["BulkResult", "register_from_list"]
 
@@ -108,6 +110,8 @@ def register_from_list(
         default_expiry=default_expiry,
         meta=meta or {},
     )
+    # On a posix storage, no path that is or goes through a link, nor a file with other names.
+    guard = LinkGuard(storage.root) if storage.kind == StorageKind.POSIX.value else None
     with Source(source, fmt) as (label, records, parse):
         writer.label = label
         batch: list[Row] = []
@@ -117,13 +121,13 @@ def register_from_list(
             except RowError as exc:
                 raise exc.cls(f"{label} line {lineno}: {exc.message}") from None
             if len(batch) >= batch_size:
-                _check_paths(session, storage, batch, label)
+                _check_paths(session, storage, batch, label, guard)
                 writer.write(batch)
                 batch = []
                 if progress is not None:
                     progress(writer.count)
         if batch:
-            _check_paths(session, storage, batch, label)
+            _check_paths(session, storage, batch, label, guard)
             writer.write(batch)
             if progress is not None:
                 progress(writer.count)
@@ -151,13 +155,17 @@ def register_from_list(
     )
 
 
-def _check_paths(session: Session, storage: Storage, batch: list[Row], label: str) -> None:
+def _check_paths(
+    session: Session, storage: Storage, batch: list[Row], label: str, guard: LinkGuard | None = None
+) -> None:
     """Refuse a row whose path another row of the list, or a live copy in the catalogue, holds
     on the storage: two items on one file would delete each other's bytes. One query per
-    batch (earlier batches are already in the transaction, so they count too).
+    batch (earlier batches are already in the transaction, so they count too). With `guard`
+    (a posix storage), also a path that is or goes through a symbolic link, or a file with
+    other names (a hard link): one lstat per path, directories cached.
 
     Raises InvalidValueError (the same path twice in the list), ConflictError (a path already
-    registered), each naming the line."""
+    registered), InvalidNameError (a link), each naming the line."""
 
     lines: dict[str, int] = {}
     for row in batch:
@@ -166,6 +174,12 @@ def _check_paths(session: Session, storage: Storage, batch: list[Row], label: st
             raise InvalidValueError(
                 f"{label} line {row[9]}: path {row[1]!r} is already listed on line {first}: "
                 "one file can belong to one item only"
+            )
+        why = guard.why_refused(row[1], one_name=True) if guard is not None else None
+        if why is not None:
+            raise InvalidNameError(
+                f"{label} line {row[9]}: path {row[1]!r} on storage {storage.name!r} {why}; "
+                "nothing was registered"
             )
     t = core_table("replica")
     items = core_table("item")

@@ -38,6 +38,7 @@ from lifecycle.states import (
     Phase,
     ReplicaState,
 )
+from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for
 
 # --------------------------------------------------------------------------- ingest
@@ -115,6 +116,12 @@ def plan_ingest(
         else:
             rel = backend.resolve(raw)
             backend.stat(rel)  # raises SourceNotFoundError
+            names = identity.link_count(storage, rel)
+            if names > 1:  # one inode is one physical copy, whatever names it has
+                raise InvalidValueError(
+                    f"{raw} is a hard link shared with another file ({names} names, one physical "
+                    "copy): DLM counts copies by their bytes; ingest a file of its own"
+                )
             sources.append(IngestSource(validate_name(name if name is not None else rel), rel))
     seen: set[str] = set()
     for s in sources:

@@ -35,6 +35,7 @@ from lifecycle.states import (
     StorageKind,
     StorageState,
 )
+from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for
 from lifecycle.transfer.process import run
 
@@ -90,6 +91,47 @@ def _normalise_endpoint(endpoint: str | None) -> str:
     if port is None or (scheme, port) in (("http", 80), ("https", 443)):
         return f"{(parts.hostname or '').lower()}"
     return f"{(parts.hostname or '').lower()}:{port}"
+
+
+def _endpoint_hosts(endpoint: str | None) -> tuple[frozenset[str], str]:
+    """The addresses an S3 endpoint's host resolves to (a loopback address is 'loopback', an
+    IPv4-mapped IPv6 address its IPv4 one) and its scheme-qualified port, so that aliases of
+    one server (`localhost`, `127.0.0.1`, `127.1`, `[::ffff:127.0.0.1]`) compare equal. A host
+    that does not resolve is compared by name only."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    if not endpoint:
+        return frozenset(), "aws"
+    parts = urlsplit(endpoint.strip() if "://" in endpoint else "https://" + endpoint.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme, 0)
+        infos = socket.getaddrinfo(parts.hostname or "", port, proto=socket.IPPROTO_TCP)
+    except (OSError, ValueError, UnicodeError):
+        return frozenset(), f"{scheme}:{parts.port}"
+    found: set[str] = set()
+    for info in infos:
+        try:
+            addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        except ValueError:
+            continue
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        found.add("loopback" if addr.is_loopback else str(addr))
+    return frozenset(found), str(port)
+
+
+def _same_endpoint(a: str | None, b: str | None) -> bool:
+    """Whether two S3 endpoints reach the same server: the same host and port as written, or
+    hosts resolving to a shared address on the same port."""
+    if _normalise_endpoint(a) == _normalise_endpoint(b):
+        return True
+    if not a or not b:
+        return False
+    (addrs_a, port_a), (addrs_b, port_b) = _endpoint_hosts(a), _endpoint_hosts(b)
+    return port_a == port_b and bool(addrs_a & addrs_b)
 
 
 def rclone_remotes() -> dict[str, Any]:
@@ -185,7 +227,12 @@ def check_overlap(session: Session, name: str, kind: StorageKind, root: str, end
         if okind is StorageKind.MEMORY:
             continue
         space = storage_space(okind, oroot, oendpoint, remotes)
-        if space[0] == mine[0] and paths_nested(space[1], mine[1]):
+        same = space[0] == mine[0] or (
+            okind is kind is StorageKind.S3
+            and oroot.partition("/")[0] == root.partition("/")[0]
+            and _same_endpoint(oendpoint, endpoint)
+        )
+        if same and paths_nested(space[1], mine[1]):
             how = (
                 "is the same as"
                 if space[1] == mine[1]
@@ -197,6 +244,37 @@ def check_overlap(session: Session, name: str, kind: StorageKind, root: str, end
                 f"root {root!r} of storage {name!r} {how} the root {oroot!r} of storage {other!r}: "
                 "storages may not share files"
             )
+    if kind is StorageKind.POSIX:  # another path to the same directory: a bind mount, a hard-linked dir
+        posix = {str(o[0]): str(o[2]) for o in others if o[1] == StorageKind.POSIX.value and o[0] != name}
+        hit = identity.foreign_root(root, posix)
+        if hit is not None:
+            raise InvalidValueError(
+                f"root {root!r} of storage {name!r} {hit[1]} the root {posix[hit[0]]!r} of storage "
+                f"{hit[0]!r} (the same directory reached by another path, e.g. a bind mount): "
+                "storages may not share files"
+            )
+
+
+def _refuse_marked_root(session: Session, storage: Storage) -> None:
+    """Refuse a root where a marker of another non-retired storage is found at the root or at a
+    parent directory / prefix (the same bytes under another name: an endpoint alias, a bind
+    mount). Raises InvalidValueError naming the other storage; StorageError and subclasses
+    when the markers cannot be read."""
+    for marker in identity.markers_around(storage):
+        if marker.storage_id == str(storage.id):
+            continue
+        other = session.execute(
+            select(col(Storage.name), col(Storage.state)).where(
+                col(Storage.id) == uuid.UUID(marker.storage_id)
+            )
+        ).first()
+        if other is None or other[1] == StorageState.RETIRED.value:
+            continue  # another catalogue's, or a retired storage's: the root is free
+        raise InvalidValueError(
+            f"root {storage.root!r} of storage {storage.name!r} holds the marker of storage "
+            f"{other[0]!r} ({marker.where}): it is that storage's root, or lies inside it, reached "
+            "another way (an endpoint alias, a bind mount); storages may not share files"
+        )
 
 
 def _location_id(session: Session, name: str | None) -> uuid.UUID | None:
@@ -243,11 +321,15 @@ def add_storage(data: StorageCreate, *, session: Session, check: bool = True, ac
     if check:
         backend_for(storage).check()
     check_overlap(session, data.name, kind, root, data.endpoint)
+    if check:
+        _refuse_marked_root(session, storage)
     session.add(storage)
     try:
         session.flush()
     except IntegrityError:
         raise ConflictError(f"storage {data.name!r} already exists") from None
+    if check:
+        identity.write_marker(storage)
     audit.record(
         session,
         "storage.added",

@@ -47,6 +47,7 @@ from lifecycle.errors import ConflictError, InvalidNameError, StorageError
 from lifecycle.integrity.verify import native_hashes
 from lifecycle.names import validate_name
 from lifecycle.states import ItemState, Phase, ReplicaState, StorageKind, StorageState
+from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for
 from lifecycle.storage.rclone import SYSTEM_METADATA
 from lifecycle.transfer.listing import list_files
@@ -205,6 +206,7 @@ def reconcile_storage(
     if storage.state in (StorageState.OFFLINE, StorageState.RETIRED):
         raise ConflictError(f"storage {name!r} is {storage.state}: it cannot be listed")
     result = ReconcileResult(storage.name, dry_run=dry_run, adopt=adopt)
+    identity.check_identity(storage, write=False)  # never list (nor adopt) another storage's root as this one
     target = backend_for(storage).rclone_target()
     known = _load_catalogue(sessions, storage.id)
     resized: list[tuple[uuid.UUID, int, int]] = []  # uid, catalogue size, found size
@@ -217,6 +219,10 @@ def reconcile_storage(
         result.listed += 1
         result.listed_bytes += info.size
         entry = known.pop(info.path, None)
+        if entry is None and identity.is_marker(info.path):  # the storage's marker: not an object
+            result.listed -= 1
+            result.listed_bytes -= info.size
+            continue
         if entry is None and is_temporary(info.path):  # a tracked copy is judged whatever its name
             result.ignored += 1
             result.temporary_bytes += info.size

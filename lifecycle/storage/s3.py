@@ -424,7 +424,9 @@ class S3Storage:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix):
                 for obj in page.get("Contents", []):
                     key = obj.get("Key", "")
-                    name = None if key.endswith("/") else self._name_of(key)
+                    if key.endswith("/") or key.rpartition("/")[2] == ".dlm-storage":  # the marker
+                        continue
+                    name = self._name_of(key)
                     if name is None:
                         continue
                     md5 = _md5_of(str(obj.get("ETag", "")), {})

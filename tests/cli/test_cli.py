@@ -270,4 +270,5 @@ def test_bad_input_one_line_nonzero_nothing_changed(dlm, estate: Path, db_url: s
     assert "Traceback" not in r.err
     assert message.lower() in r.err.lower(), r.err
     assert _counts(db_url) == before
-    assert sorted(p.name for p in (estate / "disk-a").iterdir()) == ["existing"]
+    # the storage's marker and the one file, nothing else
+    assert sorted(p.name for p in (estate / "disk-a").iterdir()) == [".dlm-storage", "existing"]

@@ -211,7 +211,7 @@ def test_unreadable_files_are_one_line_and_change_nothing(pg_db_url: str) -> Non
             assert "internal error" not in r.stderr and "Traceback" not in r.stderr
         listed = dlm_cli("items", "list", "--json")
         assert listed.returncode == 0 and json.loads(listed.stdout) == []
-        assert sorted(p.name for p in root.iterdir()) == ["closed", "locked.dat"]
+        assert sorted(p.name for p in root.iterdir()) == [".dlm-storage", "closed", "locked.dat"]
     finally:
         for p in (base / "disk" / "closed", base / "disk" / "locked.dat", base / "local.dat"):
             if p.exists() or p.is_symlink():

@@ -138,9 +138,11 @@ def test_dry_run_changes_nothing(estate: Estate) -> None:
     for f in (migrate, expire, rebalance):
         f(dry_run=True)
     assert counts() == before
-    assert list((estate.root / "warm").iterdir()) == []
+    # nothing but the storages' markers (written by storage add)
+    assert [p.name for p in (estate.root / "warm").iterdir()] == [".dlm-storage"]
     client = estate.s3.client()
-    assert client.list_objects_v2(Bucket=estate.bucket).get("KeyCount", 0) == 0
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=estate.bucket).get("Contents", [])]
+    assert keys == [".dlm-storage"]
 
 
 def test_solid_spans_locations_and_cold_tier(estate: Estate) -> None:
