@@ -123,7 +123,7 @@ def _endpoint_hosts(endpoint: str | None) -> tuple[frozenset[str], str]:
     return frozenset(found), str(port)
 
 
-def _same_endpoint(a: str | None, b: str | None) -> bool:
+def same_endpoint(a: str | None, b: str | None) -> bool:
     """Whether two S3 endpoints reach the same server: the same host and port as written, or
     hosts resolving to a shared address on the same port."""
     if _normalise_endpoint(a) == _normalise_endpoint(b):
@@ -230,7 +230,7 @@ def check_overlap(session: Session, name: str, kind: StorageKind, root: str, end
         same = space[0] == mine[0] or (
             okind is kind is StorageKind.S3
             and oroot.partition("/")[0] == root.partition("/")[0]
-            and _same_endpoint(oendpoint, endpoint)
+            and same_endpoint(oendpoint, endpoint)
         )
         if same and paths_nested(space[1], mine[1]):
             how = (

@@ -244,7 +244,7 @@ def test_an_old_alias_storage_gets_no_copy_and_migrate_keeps_the_only_object(
 
 
 def test_endpoint_aliases_compare_equal() -> None:
-    same = storages._same_endpoint
+    same = storages.same_endpoint
     assert same("http://127.0.0.1:8333", "http://localhost:8333")
     assert same("http://127.0.0.1:8333", "http://127.1:8333")
     assert same("http://127.0.0.1:8333", "http://[::ffff:127.0.0.1]:8333")
