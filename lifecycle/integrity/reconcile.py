@@ -216,13 +216,11 @@ def reconcile_storage(
         target, hash=bool(native_hashes(storage)), hash_types=("md5",), timeout=timeout, links=links
     )
     for info in listing:
+        if identity.is_marker(info.path) and info.path not in known:  # the storage's marker
+            continue
         result.listed += 1
         result.listed_bytes += info.size
         entry = known.pop(info.path, None)
-        if entry is None and identity.is_marker(info.path):  # the storage's marker: not an object
-            result.listed -= 1
-            result.listed_bytes -= info.size
-            continue
         if entry is None and is_temporary(info.path):  # a tracked copy is judged whatever its name
             result.ignored += 1
             result.temporary_bytes += info.size
