@@ -24,7 +24,7 @@ from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage, Transfer, utcnow
 from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions
 from lifecycle.errors import DLMError, StorageError
-from lifecycle.integrity.verify import CHECKED_ITEMS, DAMAGED, READABLE
+from lifecycle.integrity.verify import CHECKED_ITEMS, COPY_COLUMNS, DAMAGED, READABLE
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
     ReplicaState,
@@ -72,16 +72,7 @@ def plan_repairs(
     rows: list[Any] = []
     for chunk in chunks(uids):
         rows += session.execute(
-            select(
-                col(Replica.uid),
-                col(Replica.item_oid),
-                col(Replica.storage_id),
-                col(Replica.path),
-                col(Replica.state),
-                col(Item.size),
-                col(Item.checksum),
-                col(Item.checksum_algo),
-            )
+            select(*COPY_COLUMNS)
             .join(Item, col(Item.oid) == col(Replica.item_oid))
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
             .where(

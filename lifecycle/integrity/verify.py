@@ -77,6 +77,17 @@ __all__ = [
 DEFAULT_BUDGET_BYTES = 100 * 1024**3
 READABLE = (StorageState.ONLINE.value, StorageState.DRAINING.value)
 DAMAGED = (ReplicaState.CORRUPTED.value, ReplicaState.LOST.value)
+# A copy to check or repair: uid, item, storage, path, state, and the item's size and checksum.
+COPY_COLUMNS = (
+    col(Replica.uid),
+    col(Replica.item_oid),
+    col(Replica.storage_id),
+    col(Replica.path),
+    col(Replica.state),
+    col(Item.size),
+    col(Item.checksum),
+    col(Item.checksum_algo),
+)
 CHECKED_ITEMS = (ItemState.READY.value, ItemState.CORRUPTED.value)
 
 
@@ -131,14 +142,7 @@ def select_checks(
     ids = [get_storage(name, session=session).id for name in storages or ()]
     q = (
         select(
-            col(Replica.uid),
-            col(Replica.item_oid),
-            col(Replica.storage_id),
-            col(Replica.path),
-            col(Replica.state),
-            col(Item.size),
-            col(Item.checksum),
-            col(Item.checksum_algo),
+            *COPY_COLUMNS,
             col(Storage.name),
         )
         .join(Item, col(Item.oid) == col(Replica.item_oid))
