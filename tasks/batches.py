@@ -9,37 +9,32 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
 
 from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.apply.delete import apply_delete_batch
-from lifecycle.apply.records import (
-    apply_phase_changes,
-    finish_expired,
-    mark_expired,
-    record_drained,
-    record_refusals,
-)
+from lifecycle.apply.records import SettleStage, settle_plan
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.db import session_scope
 from lifecycle.integrity.recovery import settle_in_flight as settle
 from lifecycle.planning.pipelines import make_plan, policy_from
 from lifecycle.planning.plan import CopyBatch, DeleteBatch, Plan
+from lifecycle.reports import Recovered, Settled
+from lifecycle.runs import Pipeline
 from lifecycle.settings import get_settings
 from lifecycle.states import TransferKind
 from tasks.common import dlm_task
 
 
 @dlm_task("settle-in-flight", retry_delay_seconds=2)
-def settle_in_flight(actor: str) -> dict[str, Any]:
+def settle_in_flight(actor: str) -> Recovered:
     """Settle the rows a dead run left in flight, before planning (crash recovery)."""
     with session_scope() as s:
         rep = settle(s, stale_after=timedelta(seconds=get_settings().transfer.stale_after_s), actor=actor)
-    return vars(rep)
+    return Recovered.model_validate(vars(rep))
 
 
 @dlm_task("plan", task_run_name="plan-{pipeline}", retry_delay_seconds=2)
-def plan_pipeline(pipeline: str, only: Sequence[str] | None = None) -> Plan:
+def plan_pipeline(pipeline: Pipeline, only: Sequence[str] | None = None) -> Plan:
     """Read the catalogue and plan the pipeline (changes nothing)."""
     oids = [uuid.UUID(o) for o in only] if only else None
     with session_scope() as s:
@@ -69,16 +64,8 @@ def delete_batch(batch: DeleteBatch, name: str, actor: str) -> BatchResult:
 
 
 @dlm_task("settle-catalogue", retry_delay_seconds=2)
-def settle_catalogue(plan: Plan, actor: str, stage: str) -> dict[str, Any]:
-    """Catalogue-only actions: expiries before deletion ('before'), tombstones, phase changes,
-    refusals and drained storages after ('after')."""
-    out: dict[str, Any] = {}
+def settle_catalogue(plan: Plan, actor: str, stage: SettleStage) -> Settled:
+    """Catalogue-only actions: expiries and phase changes before the batches (BEFORE);
+    tombstones, refusals and drained storages after them (AFTER)."""
     with session_scope() as s:
-        if stage == "before":
-            out["expired"] = mark_expired(s, plan.expires, actor=actor)
-            out["phase_changes"] = apply_phase_changes(s, plan.phases, actor=actor)
-        else:
-            out["deleted_items"] = finish_expired(s, actor=actor)
-            out["refusals"] = record_refusals(s, plan.refusals, actor=actor)
-            out["drained"] = record_drained(s, plan.drained, actor=actor)
-    return out
+        return settle_plan(plan, stage, session=s, actor=actor)

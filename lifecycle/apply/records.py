@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from enum import StrEnum
 
 from sqlalchemy import select, update
 from sqlmodel import Session, col
@@ -23,10 +24,11 @@ from lifecycle.planning.actions import (
     Refusal,
     SetPhase,
 )
-from lifecycle.planning.plan import batch_deletes
+from lifecycle.planning.plan import Plan, batch_deletes
 from lifecycle.planning.policy import (
     Policy,
 )
+from lifecycle.reports import Settled
 from lifecycle.states import (
     LIVE_ITEM_STATES,
     ItemState,
@@ -36,6 +38,27 @@ from lifecycle.states import (
 )
 
 # --------------------------------------------------------------------------- catalogue-only actions
+
+
+class SettleStage(StrEnum):
+    """When a run applies its catalogue-only actions: before its copies and deletions, or after."""
+
+    BEFORE = "before"  # expiries (their copies are deleted next), phase changes
+    AFTER = "after"  # tombstones for items with no copy left, refusals, drained storages
+
+
+def settle_plan(plan: Plan, stage: SettleStage, *, session: Session, actor: str) -> Settled:
+    """Apply the plan's catalogue-only actions of `stage`; the other stage's counts stay 0."""
+    if stage is SettleStage.BEFORE:
+        return Settled(
+            expired=mark_expired(session, plan.expires, actor=actor),
+            phase_changes=apply_phase_changes(session, plan.phases, actor=actor),
+        )
+    return Settled(
+        deleted_items=finish_expired(session, actor=actor),
+        refusals=record_refusals(session, plan.refusals, actor=actor),
+        drained=record_drained(session, plan.drained, actor=actor),
+    )
 
 
 def mark_expired(session: Session, expires: Sequence[ExpireItem], *, actor: str) -> int:

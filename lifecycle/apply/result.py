@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lifecycle.reports import BatchRow
+
 # --------------------------------------------------------------------------- results
 
 
@@ -27,18 +29,18 @@ class BatchResult:
     errors: dict[str, str] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def row(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "from": self.src or "-",
-            "to": self.dst or "-",
-            "planned": self.planned,
-            "done": self.done,
-            "failed": self.failed,
-            "skipped": self.skipped,
-            "bytes": self.bytes,
-            **({"bytes read to confirm": self.read_bytes} if self.kind == "delete" else {}),
-            "seconds": round(self.duration_s, 2),
-            **{f"{k} s": round(v, 2) for k, v in self.stages.items()},
-            "first error": next(iter(self.errors.values()), ""),
-        }
+    def row(self) -> BatchRow:
+        return BatchRow(
+            kind=self.kind,
+            from_=self.src or "-",
+            to=self.dst or "-",
+            planned=self.planned,
+            done=self.done,
+            failed=self.failed,
+            skipped=self.skipped,
+            bytes=self.bytes,
+            bytes_read_to_confirm=self.read_bytes if self.kind == "delete" else None,
+            seconds=round(self.duration_s, 2),
+            stages={k: round(v, 2) for k, v in self.stages.items()},
+            first_error=next(iter(self.errors.values()), ""),
+        )

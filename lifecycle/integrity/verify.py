@@ -27,7 +27,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlmodel import Session, col
@@ -45,6 +44,7 @@ from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.errors import StorageError
 from lifecycle.planning.batching import cut
+from lifecycle.reports import VerifyBatchRow
 from lifecycle.settings import Settings, get_settings
 from lifecycle.states import (
     ItemState,
@@ -216,20 +216,20 @@ class VerifyResult:
     damaged: list[uuid.UUID] = field(default_factory=list)  # CORRUPTED or LOST now: repair them
     errors: dict[str, str] = field(default_factory=dict)
 
-    def row(self) -> dict[str, Any]:
-        return {
-            "storage": self.storage,
-            "algo": self.algo + (" (stored)" if self.trusted else ""),
-            "planned": self.planned,
-            "intact": self.matched,
-            "corrupted": self.corrupted,
-            "lost": self.lost,
-            "recovered": self.recovered,
-            "unreadable": self.unreadable,
-            "bytes": self.bytes,
-            "seconds": round(self.duration_s, 2),
-            "first error": next(iter(self.errors.values()), ""),
-        }
+    def row(self) -> VerifyBatchRow:
+        return VerifyBatchRow(
+            storage=self.storage,
+            algo=self.algo + (" (stored)" if self.trusted else ""),
+            planned=self.planned,
+            intact=self.matched,
+            corrupted=self.corrupted,
+            lost=self.lost,
+            recovered=self.recovered,
+            unreadable=self.unreadable,
+            bytes=self.bytes,
+            seconds=round(self.duration_s, 2),
+            first_error=next(iter(self.errors.values()), ""),
+        )
 
 
 def verify_batch(

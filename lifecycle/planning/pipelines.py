@@ -14,7 +14,6 @@ from sqlmodel import Session
 
 from lifecycle.catalogue.models import utcnow
 from lifecycle.catalogue.query_sql import compile_filter
-from lifecycle.errors import InvalidValueError
 from lifecycle.planning.expire import ExpirePlanner
 from lifecycle.planning.plan import Plan
 from lifecycle.planning.planner import MigratePlanner, ReplicatePlanner
@@ -29,10 +28,9 @@ from lifecycle.planning.snapshot import (
     shedding_storages,
     storage_views,
 )
+from lifecycle.runs import PLACEMENT, Pipeline, parse_pipeline
 from lifecycle.settings import Settings, get_settings
 from lifecycle.states import StorageState
-
-PIPELINES = ("replicate", "migrate", "expire", "rebalance")
 
 
 def policy_from(settings: Settings | None = None) -> Policy:
@@ -43,7 +41,7 @@ def policy_from(settings: Settings | None = None) -> Policy:
 
 def make_plan(
     session: Session,
-    pipeline: str,
+    pipeline: Pipeline | str,
     *,
     now: datetime | None = None,
     only: Sequence[uuid.UUID] | None = None,
@@ -53,12 +51,12 @@ def make_plan(
 ) -> Plan:
     """Plan one pipeline over the catalogue as it is now.
 
-    `only` restricts replicate to those items (an event-triggered run). Raises
-    InvalidValueError for an unknown pipeline or a bad policy, InvalidFilterError for an
-    aging rule whose filter does not parse.
+    `pipeline` is a placement pipeline (lifecycle.runs.PLACEMENT), or its name. `only`
+    restricts replicate to those items (an event-triggered run). Raises InvalidValueError
+    for an unknown pipeline (or one that does not plan) or a bad policy, InvalidFilterError
+    for an aging rule whose filter does not parse.
     """
-    if pipeline not in PIPELINES:
-        raise InvalidValueError(f"unknown pipeline {pipeline!r}: use one of {', '.join(PIPELINES)}")
+    pipeline = parse_pipeline(pipeline, among=PLACEMENT)
     settings = get_settings()
     policy = policy or policy_from(settings)
     now = now or utcnow()
@@ -67,20 +65,22 @@ def make_plan(
     storages = storage_views(session)
     index = StorageIndex(storages)
     paths = PathIndex(storages=[s.id for s in storages if s.state == StorageState.ONLINE])
-    if pipeline == "replicate":
+    if pipeline is Pipeline.REPLICATE:
         planner: ReplicatePlanner | MigratePlanner | ExpirePlanner | RebalancePlanner = ReplicatePlanner(
             policy, now=now, path_owner=paths
         )
         groups = replicate_groups(session, policy, index, now=now, only=only, path_index=paths)
-    elif pipeline == "migrate":
+    elif pipeline is Pipeline.MIGRATE:
         planner = MigratePlanner(policy, now=now, path_owner=paths)
         groups = migrate_groups(session, policy, now=now, compile_rule=compile_filter, path_index=paths)
-    elif pipeline == "expire":
+    elif pipeline is Pipeline.EXPIRE:
         planner = ExpirePlanner(policy, now=now)
         groups = expire_groups(session, now=now)
-    else:
+    else:  # Pipeline.REBALANCE
         planner = RebalancePlanner(policy, now=now, path_owner=paths)
         groups = rebalance_groups(session, shedding_storages(storages, policy), path_index=paths)
-    plan = Plan.collect(pipeline, planner.plan(storages, groups), max_items=max_items, max_bytes=max_bytes)
+    plan = Plan.collect(
+        pipeline.value, planner.plan(storages, groups), max_items=max_items, max_bytes=max_bytes
+    )
     plan.counters.update({k: int(v) for k, v in planner.counters.items()})
     return plan

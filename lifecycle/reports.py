@@ -1,0 +1,303 @@
+"""What a run reports: one typed model per kind of run, the JSON `dlm run --json` prints.
+
+A placement pipeline (replicate, migrate, expire, rebalance) returns a `PipelineReport`,
+verify a `VerifyReport`, reconcile a `ReconcileReport`; `RunReport` is any of them, told
+apart by `pipeline`. The flows build them, the CLI renders them, the artifacts summarise
+them, and `as_json()` is the JSON a script or an API reads (`parse_report` reads it back).
+
+The JSON keys are those the reports always had, some with spaces (`first error`, `adopted
+as`, `<stage> s`): the fields carry them as aliases. A field that does not apply to a run
+(a dry run has nothing copied) is None and left out of the JSON.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_serializer, model_validator
+from pydantic_core.core_schema import SerializerFunctionWrapHandler
+
+from lifecycle.runs import Pipeline
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(
+        validate_by_name=True, validate_by_alias=True, serialize_by_alias=True, extra="forbid"
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON form: the documented keys, what does not apply left out."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        return data
+
+
+# --------------------------------------------------------------------------- rows
+
+
+class PlannedAction(StrEnum):
+    COPY = "copy"
+    DELETE = "delete"
+    EXPIRE = "expire"
+    SET_PHASE = "set-phase"
+    REFUSED = "refused"
+    SHORTFALL = "shortfall"
+    DRAINED = "drained"
+
+
+class ActionRow(_Row):
+    """One planned action (what a dry run shows): copy, delete, expire, set-phase, refused,
+    shortfall or drained. `item` is empty for a drained storage."""
+
+    action: PlannedAction
+    item: str = ""
+    from_: str = Field(default="", alias="from")
+    to: str = ""
+    path: str = ""
+    bytes: int = 0
+    reason: str = ""
+
+
+class BatchRow(_Row):
+    """What one copy, delete or repair batch did (one rclone process)."""
+
+    kind: str
+    from_: str = Field(default="-", alias="from")
+    to: str = "-"
+    planned: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    bytes_read_to_confirm: int | None = Field(default=None, alias="bytes read to confirm")  # deletes
+    seconds: float = 0.0
+    stages: dict[str, float] = Field(default_factory=dict)  # JSON: one `<stage> s` key each
+    first_error: str = Field(default="", alias="first error")
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        stages = data.pop("stages", {})
+        error_key = "first error" if "first error" in data else "first_error"
+        error = data.pop(error_key, "")
+        out = {k: v for k, v in data.items() if v is not None}
+        out.update({f"{stage} s": seconds for stage, seconds in stages.items()})
+        out[error_key] = error
+        return out
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "stages" not in data:
+            stages = {k[:-2]: v for k, v in data.items() if isinstance(k, str) and k.endswith(" s")}
+            if stages:
+                data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.endswith(" s"))}
+                data["stages"] = stages
+        return data
+
+
+class VerifyBatchRow(_Row):
+    """A verify batch: planned (a dry run: storage, algo, planned, bytes) or done."""
+
+    storage: str
+    algo: str  # "md5", or "md5 (stored)" where the storage's own hashes were used
+    planned: int
+    intact: int | None = None
+    corrupted: int | None = None
+    lost: int | None = None
+    recovered: int | None = None
+    unreadable: int | None = None
+    bytes: int = 0
+    seconds: float | None = None
+    first_error: str | None = Field(default=None, alias="first error")
+
+
+class UnknownObjectRow(_Row):
+    """An object on a storage that no catalogue copy tracks (and the item it was adopted as)."""
+
+    path: str
+    size: int
+    md5: str = ""
+    adopted_as: str = Field(default="", alias="adopted as")
+    note: str = ""
+
+
+class TemporaryObjectRow(_Row):
+    """A temporary file (DLM's or rclone's) an interrupted write left on a storage."""
+
+    path: str
+    size: int
+    modified: str = ""
+
+
+# --------------------------------------------------------------------------- parts
+
+
+class PlanSummary(_Row):
+    """How many actions of each kind a plan holds."""
+
+    copies: int = 0
+    copy_bytes: int = 0
+    deletes: int = 0
+    expired_items: int = 0
+    phase_changes: int = 0
+    refusals: int = 0
+    shortfalls: int = 0
+    drained: int = 0
+    deferred: int = 0  # copies beyond the run's bounds, left for the next run
+
+
+class Recovered(_Row):
+    """What settling the rows a dead run left in flight did (before planning)."""
+
+    completed: int = 0
+    rolled_back: int = 0
+    deleted: int = 0
+    restored: int = 0
+    skipped_live: int = 0
+    temp_removed: int = 0
+    temp_removed_bytes: int = 0
+    temp_kept_live: int = 0
+    errors: dict[str, str] = Field(default_factory=dict)
+
+
+class Settled(_Row):
+    """The catalogue-only actions a run applied: before its deletions, then after them."""
+
+    expired: int = 0
+    phase_changes: int = 0
+    deleted_items: int = 0
+    refusals: int = 0
+    drained: list[str] = Field(default_factory=list)  # storages found empty: can be retired
+
+
+class Repairs(_Row):
+    """Damaged copies copied over from intact ones (verify and reconcile)."""
+
+    repairs: list[BatchRow] = Field(default_factory=list)
+    repaired: int = 0
+    repair_failed: int = 0
+    unrepairable: dict[str, str] = Field(default_factory=dict)  # replica uid -> why not now
+
+
+# --------------------------------------------------------------------------- reports
+
+
+class PipelineReport(_Row):
+    """A placement run: the plan, then (unless a dry run) its batches and totals."""
+
+    pipeline: Literal[Pipeline.REPLICATE, Pipeline.MIGRATE, Pipeline.EXPIRE, Pipeline.REBALANCE]
+    dry_run: bool
+    plan: PlanSummary
+    counters: dict[str, int] = Field(default_factory=dict)
+    batches: list[BatchRow] = Field(default_factory=list)
+    actions: list[ActionRow] = Field(default_factory=list)  # the first 200 of each kind
+    recovered: Recovered = Field(default_factory=Recovered)
+    stages: dict[str, float] = Field(default_factory=dict)  # seconds per stage of the run
+    # None in a dry run:
+    settled: Settled | None = None
+    copied: int | None = None
+    deleted: int | None = None
+    failed: int | None = None
+    bytes_moved: int | None = None
+    bytes_read_to_confirm: int | None = None
+    below_target_after: int | None = None
+
+    @property
+    def has_failures(self) -> bool:
+        """Some copy or deletion failed (the next run retries it)."""
+        return bool(self.failed)
+
+
+class VerifyReport(_Row):
+    """A verify run: what it selected within its budget, then what it read and repaired."""
+
+    pipeline: Literal[Pipeline.VERIFY] = Pipeline.VERIFY
+    dry_run: bool
+    budget_bytes: int
+    selected: int
+    selected_bytes: int
+    budget_reached: bool
+    recovered: int = 0  # CORRUPTED or LOST copies found intact again
+    unsupported: int = 0
+    batches: list[VerifyBatchRow] = Field(default_factory=list)
+    # None in a dry run:
+    intact: int | None = None
+    corrupted: int | None = None
+    lost: int | None = None
+    unreadable: int | None = None
+    bytes_read: int | None = None
+    bytes_trusted: int | None = None
+    items_corrupted: int | None = None
+    items_repaired: int | None = None
+    damaged: int | None = None
+    # None in a dry run or without repair:
+    repairs: list[BatchRow] | None = None
+    repaired: int | None = None
+    repair_failed: int | None = None
+    unrepairable: dict[str, str] | None = None
+    below_target_after: int | None = None
+    failures: list[str] | None = None
+
+    @property
+    def has_failures(self) -> bool:
+        """A repair failed or a copy could not be read."""
+        return bool(self.repair_failed or self.unreadable)
+
+
+class ReconcileReport(_Row):
+    """A reconcile run: one storage's listing (or several, summed) against the catalogue."""
+
+    pipeline: Literal[Pipeline.RECONCILE] = Pipeline.RECONCILE
+    storage: str  # its name; the names, comma-separated, when the run took every storage
+    dry_run: bool = False
+    adopt: bool = False
+    listed: int = 0
+    listed_bytes: int = 0
+    matched: int = 0  # tracked copies found with the right size
+    in_flight: int = 0  # objects of rows being copied or deleted
+    reappeared: int = 0  # objects back at LOST copies' paths (verify checks them)
+    ignored: int = 0  # temporary files: not judged
+    temporary_bytes: int = 0
+    unknown: int = 0
+    unknown_bytes: int = 0
+    links: int = 0  # symbolic links found (never followed nor adopted)
+    link_paths: list[str] = Field(default_factory=list)
+    adopted: int = 0
+    lost: int = 0
+    corrupted: int = 0
+    items_corrupted: int = 0
+    missing: int = 0  # tracked copies absent (dry run: would be LOST)
+    resized: int = 0  # tracked copies of another size (dry run: would be CORRUPTED)
+    duration_s: float = 0.0
+    recovered: Recovered = Field(default_factory=Recovered)
+    unknown_objects: list[UnknownObjectRow] = Field(default_factory=list)
+    temporary_objects: list[TemporaryObjectRow] = Field(default_factory=list)
+    # None in a dry run or without repair:
+    repairs: list[BatchRow] | None = None
+    repaired: int | None = None
+    repair_failed: int | None = None
+    unrepairable: dict[str, str] | None = None
+    below_target_after: int | None = None
+    failures: list[str] = Field(default_factory=list)
+
+    @property
+    def has_failures(self) -> bool:
+        """A repair failed."""
+        return bool(self.repair_failed)
+
+
+RunReport = Annotated[PipelineReport | VerifyReport | ReconcileReport, Field(discriminator="pipeline")]
+_REPORT: TypeAdapter[PipelineReport | VerifyReport | ReconcileReport] = TypeAdapter(RunReport)
+
+
+def parse_report(data: str | bytes | dict[str, Any]) -> PipelineReport | VerifyReport | ReconcileReport:
+    """A report from its JSON (as `as_json()` gave it, or as text). Raises pydantic's ValidationError."""
+    if isinstance(data, dict):
+        return _REPORT.validate_python(data)
+    return _REPORT.validate_json(data)
