@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.types.entrypoint import EntrypointType
 
-from flows.pipelines import FLOWS
+from flows.registry import FLOWS
+from lifecycle.runs import PIPELINES, Pipeline
 from lifecycle.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -35,30 +36,22 @@ def ready_trigger() -> DeploymentEventTrigger:
 
 
 def build_deployments(settings: Settings | None = None) -> list[RunnerDeployment]:
-    """One deployment per pipeline on its cron schedule (DLM_SCHEDULES__<PIPELINE>), named after
-    the pipeline, and `replicate-on-ready` started by the `dlm.item.ready` event."""
+    """One deployment per pipeline of the registry (lifecycle.runs), named after it, on its cron
+    schedule (DLM_SCHEDULES__<PIPELINE>), and `replicate-on-ready` started by the
+    `dlm.item.ready` event."""
     crons = (settings or get_settings()).schedules
     deployments = [
-        flow.to_deployment(
-            name=name,
-            cron=getattr(crons, name),
+        FLOWS[pipeline].to_deployment(
+            name=spec.name,
+            cron=getattr(crons, spec.schedule),
+            description=spec.description,
             tags=TAGS,
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
-        for name, flow in FLOWS.items()
+        for pipeline, spec in PIPELINES.items()
     ]
-    from flows.integrity import verify
-
     deployments.append(
-        verify.to_deployment(
-            name="verify",
-            cron=crons.verify,
-            tags=TAGS,
-            entrypoint_type=EntrypointType.MODULE_PATH,
-        )
-    )
-    deployments.append(
-        FLOWS["replicate"].to_deployment(
+        FLOWS[Pipeline.REPLICATE].to_deployment(
             name=ON_READY,
             triggers=[ready_trigger()],
             tags=[*TAGS, "event"],

@@ -37,6 +37,7 @@ from lifecycle.errors import (
 )
 from lifecycle.names import validate_owner
 from lifecycle.redact import install_log_redaction, redact
+from lifecycle.runs import PIPELINES, Pipeline, RunOption, accepting, parse_pipeline
 from lifecycle.settings import get_settings
 from lifecycle.states import Phase, StorageKind, StorageState, Tier
 from lifecycle.units import parse_duration, parse_size, parse_timestamp
@@ -614,57 +615,55 @@ def datasets_delete(name: str) -> None:
 
 # --------------------------------------------------------------------------- pipelines
 
-PIPELINE_NAMES = ("replicate", "migrate", "expire", "rebalance", "verify", "reconcile")
+RUN_HELP = "\n\n".join(
+    [
+        "Run one pipeline now (plan, then apply in batches) and print what it did.",
+        "\b\n" + "\n".join(f"{spec.name:<10} {spec.description}" for spec in PIPELINES.values()),
+    ]
+)
 
 
-@app.command()
+def _accepted_by(option: RunOption) -> str:
+    names = [p.value for p in accepting(option)]
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+@app.command(help=RUN_HELP)
 def run(
-    pipeline: Annotated[
-        str, typer.Argument(help="replicate, migrate, expire, rebalance, verify or reconcile")
-    ],
+    pipeline: Annotated[str, typer.Argument(help=", ".join(Pipeline), show_default=False)],
     dry_run: Annotated[bool, typer.Option(help="print the plan and change nothing")] = False,
     storage: Annotated[
-        str | None, typer.Option(help="verify: only this storage; reconcile: the storage (required)")
+        str | None,
+        typer.Option(help="verify: only this storage; reconcile: only this storage (default: every one)"),
     ] = None,
     budget: Annotated[str | None, typer.Option(help="verify: bytes to re-read, e.g. 10GiB")] = None,
     adopt: Annotated[bool, typer.Option(help="reconcile: register unknown objects as items")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Run one pipeline now (plan, then apply in batches) and print what it did."""
-    if pipeline not in PIPELINE_NAMES:
-        raise InvalidValueError(f"unknown pipeline {pipeline!r}: use one of {', '.join(PIPELINE_NAMES)}")
-    if pipeline not in ("verify", "reconcile") and (storage or budget or adopt):
-        raise InvalidValueError("--storage, --budget and --adopt apply to verify and reconcile only")
+    chosen = parse_pipeline(pipeline)
+    spec = PIPELINES[chosen]
+    given = {RunOption.STORAGE: storage, RunOption.BUDGET: budget, RunOption.ADOPT: adopt or None}
+    options: dict[str, Any] = {}
+    for option, value in given.items():
+        if value is None:
+            continue
+        if option not in spec.options:
+            raise InvalidValueError(f"--{option} applies to {_accepted_by(option)} only")
+        options[option.value] = value
     if budget is not None:
         parse_size(budget)
     with catalogue() as s:
         if storage:
             storages.get_storage(storage, session=s)
     _use_running_server()
-    if pipeline == "verify":
-        from flows.integrity import verify
+    from flows.registry import FLOWS
 
-        report = verify(storage=storage, budget=budget, dry_run=dry_run)
-        failed = bool(report.get("repair_failed") or report.get("unreadable"))
-    elif pipeline == "reconcile":
-        if not storage:
-            raise InvalidValueError("reconcile needs --storage NAME")
-        from flows.integrity import reconcile
-
-        report = reconcile(storage=storage, adopt=adopt, dry_run=dry_run)
-        failed = bool(report.get("repair_failed"))
-    else:
-        from flows.pipelines import FLOWS
-
-        report = FLOWS[pipeline](dry_run=dry_run)
-        failed = bool(report.get("failed"))
+    report = FLOWS[chosen](dry_run=dry_run, **options)
     if json_:
-        render.print_json(report)
-    elif pipeline in ("verify", "reconcile"):
-        render_integrity(pipeline, report)
+        render.print_json(report.as_json())
     else:
-        render_report(report)
-    if failed:
+        render.run_report(report)
+    if report.has_failures:
         raise SystemExit(1)  # some transfers, deletions or reads failed: the next run retries them
 
 
@@ -689,53 +688,6 @@ def _use_running_server() -> None:
         alive = False  # a stale file of a `dlm serve` that died
     if alive:
         os.environ["PREFECT_API_URL"] = url
-
-
-def render_integrity(pipeline: str, report: dict[str, Any]) -> None:
-    """Counters, batches, repairs and unknown objects of a verify or reconcile run."""
-    skip = {"batches", "repairs", "unknown_objects", "temporary_objects", "pipeline", "dry_run"}
-    counters = {k: v for k, v in report.items() if k not in skip and isinstance(v, int | float | str | bool)}
-    title = pipeline + (" (dry run: nothing changed)" if report.get("dry_run") else "")
-    render.out.print(f"[bold]{title}[/]: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
-    for key, heading in (
-        ("batches", "Batches"),
-        ("repairs", "Repairs"),
-        ("unknown_objects", "Unknown objects"),
-        ("temporary_objects", "Temporary files (left by interrupted writes)"),
-    ):
-        rows = report.get(key) or []
-        if rows and isinstance(rows[0], dict):
-            render.table(heading, list(rows[0]), [tuple(r.values()) for r in rows])
-
-
-def render_report(report: dict[str, Any]) -> None:
-    p = report["plan"]
-    title = f"{report['pipeline']}" + (" (dry run: nothing changed)" if report["dry_run"] else "")
-    render.out.print(
-        f"[bold]{title}[/]: planned {p['copies']} copies ({render.size(p['copy_bytes'])}), "
-        f"{p['deletes']} deletions, {p['expired_items']} item expiries, {p['phase_changes']} phase changes, "
-        f"{p['refusals']} refused, {p['shortfalls']} shortfalls"
-        + (f", {p['drained']} storages drained (can be retired)" if p.get("drained") else "")
-    )
-    if report["dry_run"]:
-        render.table(
-            "Plan",
-            ["action", "item", "from", "to", "path", "bytes", "reason"],
-            [
-                (a["action"], a["item"][:8], a["from"], a["to"], a["path"], a["bytes"], a["reason"])
-                for a in report["actions"]
-            ],
-        )
-        return
-    if report["batches"]:
-        # copy and delete rows carry different stage columns: one column per key, the error last
-        keys = [k for k in dict.fromkeys(k for b in report["batches"] for k in b) if k != "first error"]
-        keys.append("first error")
-        render.table("Batches", keys, [tuple(b.get(k, "") for k in keys) for b in report["batches"]])
-    render.out.print(
-        f"copied {report['copied']} ({render.size(report['bytes_moved'])}), deleted {report['deleted']}, "
-        f"failed {report['failed']}; items below target now: {report['below_target_after']}"
-    )
 
 
 @app.command()

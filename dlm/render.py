@@ -1,4 +1,4 @@
-"""Rendering for the CLI: rich tables for people, JSON for scripts."""
+"""Rendering for the CLI: rich tables for people, JSON for scripts, and run reports."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lifecycle.redact import redact
+from lifecycle.reports import PipelineReport, ReconcileReport, ReportModel, VerifyReport
 from lifecycle.units import format_size
 
 out = Console(highlight=False, soft_wrap=True)
@@ -50,3 +51,73 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for r in rows:
         t.add_row(*("-" if v is None else redact(str(v)) for v in r))
     out.print(t)
+
+
+# --------------------------------------------------------------------------- run reports
+
+
+def run_report(report: PipelineReport | VerifyReport | ReconcileReport) -> None:
+    """A run's report for people: its counts, then its batches (a dry run: its planned actions)."""
+    if isinstance(report, PipelineReport):
+        _pipeline_report(report)
+    else:
+        _integrity_report(report)
+
+
+def _dry(report: PipelineReport | VerifyReport | ReconcileReport) -> str:
+    return f"{report.pipeline}" + (" (dry run: nothing changed)" if report.dry_run else "")
+
+
+def _rows_table(heading: str, rows: Sequence[ReportModel]) -> None:
+    """Rows of one kind; a column per key any row has, `first error` last."""
+    data = [r.as_json() for r in rows]
+    if not data:
+        return
+    keys = [k for k in dict.fromkeys(k for d in data for k in d) if k != "first error"]
+    if any("first error" in d for d in data):
+        keys.append("first error")
+    table(heading, keys, [tuple(d.get(k, "") for k in keys) for d in data])
+
+
+def _pipeline_report(report: PipelineReport) -> None:
+    p = report.plan
+    out.print(
+        f"[bold]{_dry(report)}[/]: planned {p.copies} copies ({size(p.copy_bytes)}), "
+        f"{p.deletes} deletions, {p.expired_items} item expiries, {p.phase_changes} phase changes, "
+        f"{p.refusals} refused, {p.shortfalls} shortfalls"
+        + (f", {p.drained} storages drained (can be retired)" if p.drained else "")
+    )
+    if report.dry_run:
+        table(
+            "Plan",
+            ["action", "item", "from", "to", "path", "bytes", "reason"],
+            [(a.action, a.item[:8], a.from_, a.to, a.path, a.bytes, a.reason) for a in report.actions],
+        )
+        return
+    # copy and delete rows carry different stage columns: one column per key, the error last
+    _rows_table("Batches", report.batches)
+    out.print(
+        f"copied {report.copied} ({size(report.bytes_moved)}), deleted {report.deleted}, "
+        f"failed {report.failed}; items below target now: {report.below_target_after}"
+    )
+
+
+_ROW_FIELDS = ("batches", "repairs", "unknown_objects", "temporary_objects")
+
+
+def _integrity_report(report: VerifyReport | ReconcileReport) -> None:
+    """Counters, batches, repairs and unknown objects of a verify or reconcile run."""
+    data = report.as_json()
+    skip = {*_ROW_FIELDS, "pipeline", "dry_run"}
+    counters = {k: v for k, v in data.items() if k not in skip and isinstance(v, int | float | str | bool)}
+    out.print(f"[bold]{_dry(report)}[/]: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    tables: list[tuple[str, Sequence[ReportModel]]] = [("Repairs", report.repairs or [])]
+    if isinstance(report, VerifyReport):
+        tables.insert(0, ("Batches", report.batches))
+    else:
+        tables += [
+            ("Unknown objects", report.unknown_objects),
+            ("Temporary files (left by interrupted writes)", report.temporary_objects),
+        ]
+    for heading, rows in tables:
+        _rows_table(heading, rows)

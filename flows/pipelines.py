@@ -26,12 +26,15 @@ from sqlalchemy.engine import make_url
 from sqlmodel import col
 
 from flows.events import enable_publishing
+from lifecycle.apply.records import SettleStage
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, utcnow
 from lifecycle.errors import ConflictError, DLMError
 from lifecycle.planning.plan import Plan, batch_copies, batch_deletes
+from lifecycle.reports import ActionRow, PipelineReport, PlannedAction, PlanSummary, Recovered, Settled
+from lifecycle.runs import PIPELINES, Pipeline
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
 from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue, settle_in_flight
@@ -172,7 +175,9 @@ def _artifact_key(pipeline: str) -> str:
     return f"dlm-{pipeline}"
 
 
-def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    pipeline: Pipeline, *, dry_run: bool = False, items: list[str] | None = None
+) -> PipelineReport:
     """Plan `pipeline`, then (unless dry_run) apply it: catalogue-only actions, copy batches,
     delete batches, in that order. Returns the run's report (also published as artifacts)."""
     enable_publishing()
@@ -184,32 +189,34 @@ def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | Non
         return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor)
 
 
-def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, actor: str) -> dict[str, Any]:
+def _plan_and_apply(
+    pipeline: Pipeline, *, dry_run: bool, items: list[str] | None, actor: str
+) -> PipelineReport:
     logger = get_run_logger()
     settings = get_settings()
     clock = _Stopwatch()
-    recovered = settle_in_flight(actor) if not dry_run else {}
+    recovered = settle_in_flight(actor) if not dry_run else Recovered()
     clock.lap("recover")
     plan: Plan = plan_pipeline(pipeline, items)
     clock.lap("plan")
     names = storage_names()
-    report: dict[str, Any] = {
-        "pipeline": pipeline,
-        "dry_run": dry_run,
-        "plan": plan.summary(),
-        "counters": dict(plan.counters),
-        "batches": [],
-        "actions": _plan_rows(plan, names),
-        "recovered": recovered,
-        "stages": clock.laps,
-    }
-    logger.info("%s plan: %s", pipeline, plan.summary())
+    summary = PlanSummary.model_validate(plan.summary())
+    logger.info("%s plan: %s", pipeline, summary.as_json())
     if dry_run:
+        report = PipelineReport(
+            pipeline=pipeline,
+            dry_run=True,
+            plan=summary,
+            counters=dict(plan.counters),
+            actions=plan_rows(plan, names),
+            recovered=recovered,
+            stages=clock.laps,
+        )
         _publish(report)
         return report
     # quote(): Prefect would otherwise walk every action of a large plan or batch looking for
     # futures in the task's inputs
-    settled = settle_catalogue(quote(plan), actor, "before")
+    before = settle_catalogue(quote(plan), actor, SettleStage.BEFORE)
     clock.lap("settle-before")
     t = settings.transfer
     copy_batches = batch_copies(plan.copies, max_files=t.batch_files, max_bytes=t.batch_bytes)
@@ -238,156 +245,137 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
     ]
     results += [f.result() for f in delete_futures]
     clock.lap("delete")
-    settled.update(settle_catalogue(quote(plan), actor, "after"))
+    after = settle_catalogue(quote(plan), actor, SettleStage.AFTER)
     clock.lap("settle-after")
     with session_scope() as s:
         below = status(session=s).below_target
     clock.lap("status")
-    report.update(
-        {
-            "batches": [r.row() for r in results],
-            "settled": settled,
-            "copied": sum(r.done for r in results if r.kind == "copy"),
-            "deleted": sum(r.done for r in results if r.kind == "delete"),
-            "failed": sum(r.failed for r in results),
-            "bytes_moved": sum(r.bytes for r in results if r.kind == "copy"),
-            "bytes_read_to_confirm": sum(r.read_bytes for r in results if r.kind == "delete"),
-            "below_target_after": below,
-        }
+    report = PipelineReport(
+        pipeline=pipeline,
+        dry_run=False,
+        plan=summary,
+        counters=dict(plan.counters),
+        batches=[r.row() for r in results],
+        actions=plan_rows(plan, names),
+        recovered=recovered,
+        stages=clock.laps,
+        settled=Settled(
+            expired=before.expired,
+            phase_changes=before.phase_changes,
+            deleted_items=after.deleted_items,
+            refusals=after.refusals,
+            drained=after.drained,
+        ),
+        copied=sum(r.done for r in results if r.kind == "copy"),
+        deleted=sum(r.done for r in results if r.kind == "delete"),
+        failed=sum(r.failed for r in results),
+        bytes_moved=sum(r.bytes for r in results if r.kind == "copy"),
+        bytes_read_to_confirm=sum(r.read_bytes for r in results if r.kind == "delete"),
+        below_target_after=below,
     )
     logger.info(
         "%s: copied %s (%s), deleted %s, failed %s, %s items still below target",
         pipeline,
-        report["copied"],
-        format_size(report["bytes_moved"]),
-        report["deleted"],
-        report["failed"],
+        report.copied,
+        format_size(report.bytes_moved),
+        report.deleted,
+        report.failed,
         below,
     )
     _publish(report)
     return report
 
 
-def _plan_rows(plan: Plan, names: dict[Any, str], limit: int = 200) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for c in plan.copies[:limit]:
-        rows.append(
-            {
-                "action": "copy",
-                "item": str(c.item_oid),
-                "from": names.get(c.src_storage_id, "?"),
-                "to": names.get(c.dst_storage_id, "?"),
-                "path": c.dst_path,
-                "bytes": c.size,
-                "reason": c.reason,
-            }
+def plan_rows(plan: Plan, names: dict[Any, str], limit: int = 200) -> list[ActionRow]:
+    """The plan's actions as rows (the first `limit` of each kind), storages by name."""
+    rows = [
+        ActionRow(
+            action=PlannedAction.COPY,
+            item=str(c.item_oid),
+            from_=names.get(c.src_storage_id, "?"),
+            to=names.get(c.dst_storage_id, "?"),
+            path=c.dst_path,
+            bytes=c.size,
+            reason=c.reason,
         )
-    for d in plan.deletes[:limit]:
-        rows.append(
-            {
-                "action": "delete",
-                "item": str(d.item_oid),
-                "from": names.get(d.storage_id, "?"),
-                "to": "",
-                "path": d.path,
-                "bytes": d.size,
-                "reason": d.reason,
-            }
+        for c in plan.copies[:limit]
+    ]
+    rows += [
+        ActionRow(
+            action=PlannedAction.DELETE,
+            item=str(d.item_oid),
+            from_=names.get(d.storage_id, "?"),
+            path=d.path,
+            bytes=d.size,
+            reason=d.reason,
         )
-    for e in plan.expires[:limit]:
-        rows.append(
-            {
-                "action": "expire",
-                "item": str(e.item_oid),
-                "from": "",
-                "to": "",
-                "path": "",
-                "bytes": 0,
-                "reason": e.reason,
-            }
+        for d in plan.deletes[:limit]
+    ]
+    rows += [
+        ActionRow(action=PlannedAction.EXPIRE, item=str(e.item_oid), reason=e.reason)
+        for e in plan.expires[:limit]
+    ]
+    rows += [
+        ActionRow(action=PlannedAction.SET_PHASE, item=str(p.item_oid), to=p.phase.value, reason=p.reason)
+        for p in plan.phases[:limit]
+    ]
+    rows += [
+        ActionRow(action=PlannedAction.REFUSED, item=str(r.item_oid), reason=r.reason)
+        for r in plan.refusals[:limit]
+    ]
+    rows += [
+        ActionRow(action=PlannedAction.SHORTFALL, item=str(s.item_oid), reason=s.reason)
+        for s in plan.shortfalls[:limit]
+    ]
+    rows += [
+        ActionRow(
+            action=PlannedAction.DRAINED,
+            from_=names.get(dr.storage_id, "?"),
+            reason="no live copies left: the storage can be retired",
         )
-    for p in plan.phases[:limit]:
-        rows.append(
-            {
-                "action": "set-phase",
-                "item": str(p.item_oid),
-                "from": "",
-                "to": p.phase.value,
-                "path": "",
-                "bytes": 0,
-                "reason": p.reason,
-            }
-        )
-    for r in plan.refusals[:limit]:
-        rows.append(
-            {
-                "action": "refused",
-                "item": str(r.item_oid),
-                "from": "",
-                "to": "",
-                "path": "",
-                "bytes": 0,
-                "reason": r.reason,
-            }
-        )
-    for s in plan.shortfalls[:limit]:
-        rows.append(
-            {
-                "action": "shortfall",
-                "item": str(s.item_oid),
-                "from": "",
-                "to": "",
-                "path": "",
-                "bytes": 0,
-                "reason": s.reason,
-            }
-        )
-    for dr in plan.drained:
-        rows.append(
-            {
-                "action": "drained",
-                "item": "",
-                "from": names.get(dr.storage_id, "?"),
-                "to": "",
-                "path": "",
-                "bytes": 0,
-                "reason": "no live copies left: the storage can be retired",
-            }
-        )
+        for dr in plan.drained
+    ]
     return rows
 
 
-def _publish(report: dict[str, Any]) -> None:
+def _publish(report: PipelineReport) -> None:
     """A table artifact of the actions (or batches) and a markdown summary."""
-    key = _artifact_key(report["pipeline"])
-    rows = report["batches"] if not report["dry_run"] else report["actions"]
+    key = _artifact_key(report.pipeline)
+    rows = report.batches if not report.dry_run else report.actions
     if rows:
-        create_table_artifact(rows, key=f"{key}-actions", description=f"{report['pipeline']} actions")
-    p = report["plan"]
-    lines = [
-        f"# {report['pipeline']}{' (dry run)' if report['dry_run'] else ''}",
-        "",
-        f"- planned: {p['copies']} copies ({format_size(p['copy_bytes'])}), {p['deletes']} deletions, "
-        f"{p['expired_items']} item expiries, {p['phase_changes']} phase changes",
-        f"- refused by policy: {p['refusals']}; shortfalls: {p['shortfalls']}; deferred to a later run: "
-        f"{p['deferred']}",
-    ]
-    if not report["dry_run"]:
-        lines += [
-            f"- copied: {report['copied']} ({format_size(report['bytes_moved'])}); "
-            f"deleted: {report['deleted']}; "
-            f"failures: {report['failed']}",
-            f"- items still below their target phase: {report['below_target_after']}",
-        ]
+        create_table_artifact(
+            [r.as_json() for r in rows], key=f"{key}-actions", description=f"{report.pipeline} actions"
+        )
     create_markdown_artifact(
-        "\n".join(lines), key=f"{key}-summary", description=f"{report['pipeline']} summary"
+        summary_markdown(report), key=f"{key}-summary", description=f"{report.pipeline} summary"
     )
 
 
-@flow(name="replicate", log_prints=True)
+def summary_markdown(report: PipelineReport) -> str:
+    """The run's summary in markdown, for its artifact."""
+    p = report.plan
+    lines = [
+        f"# {report.pipeline}{' (dry run)' if report.dry_run else ''}",
+        "",
+        f"- planned: {p.copies} copies ({format_size(p.copy_bytes)}), {p.deletes} deletions, "
+        f"{p.expired_items} item expiries, {p.phase_changes} phase changes",
+        f"- refused by policy: {p.refusals}; shortfalls: {p.shortfalls}; deferred to a later run: "
+        f"{p.deferred}",
+    ]
+    if not report.dry_run:
+        lines += [
+            f"- copied: {report.copied} ({format_size(report.bytes_moved)}); "
+            f"deleted: {report.deleted}; "
+            f"failures: {report.failed}",
+            f"- items still below their target phase: {report.below_target_after}",
+        ]
+    return "\n".join(lines)
+
+
+@flow(name="replicate", description=PIPELINES[Pipeline.REPLICATE].description, log_prints=True)
 def replicate(
     dry_run: bool = False, items: list[str] | None = None, item: str | None = None
-) -> dict[str, Any]:
+) -> PipelineReport:
     """Add copies until each READY item meets its target phase (optionally only some items).
 
     `item` takes one oid or a Prefect resource id `dlm.item.<oid>` (the event trigger's form).
@@ -395,25 +383,22 @@ def replicate(
     chosen = list(items or [])
     if item:
         chosen.append(item.removeprefix("dlm.item."))
-    return run_pipeline("replicate", dry_run=dry_run, items=chosen or None)
+    return run_pipeline(Pipeline.REPLICATE, dry_run=dry_run, items=chosen or None)
 
 
-@flow(name="migrate", log_prints=True)
-def migrate(dry_run: bool = False) -> dict[str, Any]:
+@flow(name="migrate", description=PIPELINES[Pipeline.MIGRATE].description, log_prints=True)
+def migrate(dry_run: bool = False) -> PipelineReport:
     """Bring placement to what phases and aging rules ask; drop surplus copies once safe."""
-    return run_pipeline("migrate", dry_run=dry_run)
+    return run_pipeline(Pipeline.MIGRATE, dry_run=dry_run)
 
 
-@flow(name="expire", log_prints=True)
-def expire(dry_run: bool = False) -> dict[str, Any]:
+@flow(name="expire", description=PIPELINES[Pipeline.EXPIRE].description, log_prints=True)
+def expire(dry_run: bool = False) -> PipelineReport:
     """Delete expired copies the policy can spare, and expired items (leaving tombstones)."""
-    return run_pipeline("expire", dry_run=dry_run)
+    return run_pipeline(Pipeline.EXPIRE, dry_run=dry_run)
 
 
-@flow(name="rebalance", log_prints=True)
-def rebalance(dry_run: bool = False) -> dict[str, Any]:
+@flow(name="rebalance", description=PIPELINES[Pipeline.REBALANCE].description, log_prints=True)
+def rebalance(dry_run: bool = False) -> PipelineReport:
     """Move copies off storages above high water or draining, to storages below low water."""
-    return run_pipeline("rebalance", dry_run=dry_run)
-
-
-FLOWS = {"replicate": replicate, "migrate": migrate, "expire": expire, "rebalance": rebalance}
+    return run_pipeline(Pipeline.REBALANCE, dry_run=dry_run)

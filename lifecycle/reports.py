@@ -21,7 +21,7 @@ from pydantic_core.core_schema import SerializerFunctionWrapHandler
 from lifecycle.runs import Pipeline
 
 
-class _Row(BaseModel):
+class ReportModel(BaseModel):
     model_config = ConfigDict(
         validate_by_name=True, validate_by_alias=True, serialize_by_alias=True, extra="forbid"
     )
@@ -50,7 +50,7 @@ class PlannedAction(StrEnum):
     DRAINED = "drained"
 
 
-class ActionRow(_Row):
+class ActionRow(ReportModel):
     """One planned action (what a dry run shows): copy, delete, expire, set-phase, refused,
     shortfall or drained. `item` is empty for a drained storage."""
 
@@ -63,7 +63,7 @@ class ActionRow(_Row):
     reason: str = ""
 
 
-class BatchRow(_Row):
+class BatchRow(ReportModel):
     """What one copy, delete or repair batch did (one rclone process)."""
 
     kind: str
@@ -101,7 +101,7 @@ class BatchRow(_Row):
         return data
 
 
-class VerifyBatchRow(_Row):
+class VerifyBatchRow(ReportModel):
     """A verify batch: planned (a dry run: storage, algo, planned, bytes) or done."""
 
     storage: str
@@ -117,7 +117,7 @@ class VerifyBatchRow(_Row):
     first_error: str | None = Field(default=None, alias="first error")
 
 
-class UnknownObjectRow(_Row):
+class UnknownObjectRow(ReportModel):
     """An object on a storage that no catalogue copy tracks (and the item it was adopted as)."""
 
     path: str
@@ -127,7 +127,7 @@ class UnknownObjectRow(_Row):
     note: str = ""
 
 
-class TemporaryObjectRow(_Row):
+class TemporaryObjectRow(ReportModel):
     """A temporary file (DLM's or rclone's) an interrupted write left on a storage."""
 
     path: str
@@ -138,7 +138,7 @@ class TemporaryObjectRow(_Row):
 # --------------------------------------------------------------------------- parts
 
 
-class PlanSummary(_Row):
+class PlanSummary(ReportModel):
     """How many actions of each kind a plan holds."""
 
     copies: int = 0
@@ -152,7 +152,7 @@ class PlanSummary(_Row):
     deferred: int = 0  # copies beyond the run's bounds, left for the next run
 
 
-class Recovered(_Row):
+class Recovered(ReportModel):
     """What settling the rows a dead run left in flight did (before planning)."""
 
     completed: int = 0
@@ -166,7 +166,7 @@ class Recovered(_Row):
     errors: dict[str, str] = Field(default_factory=dict)
 
 
-class Settled(_Row):
+class Settled(ReportModel):
     """The catalogue-only actions a run applied: before its deletions, then after them."""
 
     expired: int = 0
@@ -176,7 +176,7 @@ class Settled(_Row):
     drained: list[str] = Field(default_factory=list)  # storages found empty: can be retired
 
 
-class Repairs(_Row):
+class Repairs(ReportModel):
     """Damaged copies copied over from intact ones (verify and reconcile)."""
 
     repairs: list[BatchRow] = Field(default_factory=list)
@@ -188,7 +188,7 @@ class Repairs(_Row):
 # --------------------------------------------------------------------------- reports
 
 
-class PipelineReport(_Row):
+class PipelineReport(ReportModel):
     """A placement run: the plan, then (unless a dry run) its batches and totals."""
 
     pipeline: Literal[Pipeline.REPLICATE, Pipeline.MIGRATE, Pipeline.EXPIRE, Pipeline.REBALANCE]
@@ -214,7 +214,7 @@ class PipelineReport(_Row):
         return bool(self.failed)
 
 
-class VerifyReport(_Row):
+class VerifyReport(ReportModel):
     """A verify run: what it selected within its budget, then what it read and repaired."""
 
     pipeline: Literal[Pipeline.VERIFY] = Pipeline.VERIFY
@@ -250,7 +250,7 @@ class VerifyReport(_Row):
         return bool(self.repair_failed or self.unreadable)
 
 
-class ReconcileReport(_Row):
+class ReconcileReport(ReportModel):
     """A reconcile run: one storage's listing (or several, summed) against the catalogue."""
 
     pipeline: Literal[Pipeline.RECONCILE] = Pipeline.RECONCILE

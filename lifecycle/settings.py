@@ -62,11 +62,14 @@ class VerifySettings(BaseModel):
 
 
 class ScheduleSettings(BaseModel):
+    """The cron (UTC) of each pipeline's served deployment (lifecycle.runs.PipelineSpec.schedule)."""
+
     replicate: str = "*/5 * * * *"
     expire: str = "0 * * * *"
     rebalance: str = "30 * * * *"
     migrate: str = "0 3 * * *"
     verify: str = "0 4 * * *"
+    reconcile: str = "0 5 * * *"  # every online or draining storage, one listing each
 
 
 class Settings(BaseSettings):
