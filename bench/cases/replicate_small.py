@@ -147,7 +147,7 @@ def run_replicate() -> tuple[float, uuid.UUID, dict[str, Any]]:
     started = time.perf_counter()
     state = replicate(return_state=True)
     seconds = time.perf_counter() - started
-    report = state.result()
+    report = state.result().as_json()
     flow_run_id = state.state_details.flow_run_id
     return seconds, flow_run_id, report
 

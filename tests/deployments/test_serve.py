@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -20,19 +21,14 @@ import pytest
 import yaml
 
 from deployments.serve import ON_READY, READY_EVENT, build_deployments
-from flows.pipelines import FLOWS
+from flows.registry import FLOWS
 from lifecycle import settings as settings_mod
+from lifecycle.runs import PIPELINES, Pipeline
 from lifecycle.settings import ScheduleSettings
 
 REPO = Path(__file__).resolve().parents[2]
-SERVED = {
-    "replicate/replicate",
-    "migrate/migrate",
-    "expire/expire",
-    "rebalance/rebalance",
-    "verify/verify",
-    f"replicate/{ON_READY}",
-}
+# Every pipeline of the registry under its own name, and replicate once more on the ready event.
+SERVED = {f"{p}/{p}" for p in Pipeline} | {f"replicate/{ON_READY}"}
 TEMPLATE = "{{ event.resource.id }}"
 
 
@@ -54,13 +50,28 @@ def test_build_deployments_has_every_pipeline_on_its_configured_cron(monkeypatch
         "expire/expire": ["15 */2 * * *"],
         "rebalance/rebalance": ["30 * * * *"],
         "verify/verify": ["0 4 * * *"],
+        "reconcile/reconcile": ["0 5 * * *"],
         f"replicate/{ON_READY}": [],
     }
     # Module entrypoints: the runs import the installed package, whatever the working directory.
-    assert {d.entrypoint for d in deps.values()} == {f"flows.pipelines.{n}" for n in FLOWS} | {
-        "flows.integrity.verify"
+    assert {d.entrypoint for d in deps.values()} == {
+        *(f"flows.pipelines.{p}" for p in Pipeline if PIPELINES[p].plans),
+        "flows.integrity.verify",
+        "flows.integrity.reconcile",
     }
     assert all(not d.triggers for name, d in deps.items() if name != f"replicate/{ON_READY}")
+    for p, spec in PIPELINES.items():
+        assert deps[f"{p}/{p}"].description == spec.description, p
+
+
+def test_every_pipeline_in_the_registry_has_a_flow_and_a_schedule() -> None:
+    """A pipeline added to lifecycle.runs without its flow or its cron setting fails here."""
+    assert set(FLOWS) == set(Pipeline) == set(PIPELINES)
+    defaults = ScheduleSettings()
+    for p, spec in PIPELINES.items():
+        assert FLOWS[p].name == spec.name
+        assert getattr(defaults, spec.schedule), p
+    assert set(ScheduleSettings.model_fields) == {spec.schedule for spec in PIPELINES.values()}
 
 
 def test_replicate_on_ready_runs_for_the_announced_item() -> None:
@@ -107,6 +118,7 @@ def test_prefect_yaml_deploys_the_same_pipelines_through_its_anchors(prefect_yam
         (schedule,) = d["schedules"]
         assert schedule is defs["schedules"][name], name
         assert schedule["cron"] == getattr(defaults, name), f"{name}: prefect.yaml and settings disagree"
+        assert d["description"] == PIPELINES[Pipeline(name)].description, name
     (trigger,) = deps[ON_READY]["triggers"]
     assert trigger is defs["triggers"]["item_ready"]
     assert trigger["expect"] == [READY_EVENT]
@@ -139,7 +151,10 @@ def test_prefect_yaml_loads_in_prefect_and_its_entrypoints_are_the_flows(
         flow = load_flow_from_entrypoint(d["entrypoint"])
         assert isinstance(flow, Flow)
         assert flow.name == d["entrypoint"].rsplit(":", 1)[1]
-        assert flow.name in FLOWS or flow.name == "verify"
+        # the entrypoint is where the registry's flow of that name is defined
+        served = FLOWS[Pipeline(flow.name)]
+        source = Path(inspect.getsourcefile(served.fn) or "").relative_to(REPO)
+        assert d["entrypoint"] == f"{source}:{served.fn.__name__}"
 
 
 # --------------------------------------------------------------------------- dlm serve, end to end

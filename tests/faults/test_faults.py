@@ -32,7 +32,7 @@ def test_kill_9_mid_batch_then_rerun_converges(db_url, tmp_path: Path, s3_env, s
     time.sleep(2.5)
     kill_group(p)
     assert in_flight() > 0  # the crash left claims behind
-    report = replicate()
+    report = replicate().as_json()
     assert report["recovered"]["rolled_back"] + report["recovered"]["completed"] > 0
     assert ready_on("dst") == len(names)
     assert_truthful(s3_env, s3_bucket, tmp_path)
@@ -69,7 +69,7 @@ def test_s3_server_stopped_mid_run_then_restart_completes(db_url, tmp_path: Path
         assert ready_on("src") == len(names)  # every item keeps its phase-1 copy
         assert in_flight() == 0
         server.start()  # same ports, same data
-        report = replicate()
+        report = replicate().as_json()
         assert report["failed"] == 0
         assert ready_on("dst") == len(names)
         assert_truthful(server, "outage", tmp_path)
@@ -132,7 +132,7 @@ def test_database_connection_dropped_mid_run(pg_db_url, tmp_path: Path, s3_env, 
     _out, err = p.communicate(timeout=300)
     text = err.decode()
     assert "Traceback" not in text.split("dlm: error:")[-1]
-    report = replicate()
+    report = replicate().as_json()
     assert report["failed"] == 0
     assert ready_on("dst") == len(names)
     assert_truthful(s3_env, s3_bucket, tmp_path)

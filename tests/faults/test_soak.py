@@ -141,7 +141,7 @@ def test_soak(pg_db_url: str, tmp_path: Path, s3_env, s3_bucket, dlm_proc) -> No
             kill_group(p)
             figures["kills"] += 1
             log.append("killed a replicate run")
-        v = verify(budget="1GiB")
+        v = verify(budget="1GiB").as_json()
         figures["corruptions_repaired"] += v.get("repaired", 0)
         for flow in (replicate, expire, rebalance, replicate, rebalance):
             r = flow()
@@ -157,7 +157,7 @@ def test_soak(pg_db_url: str, tmp_path: Path, s3_env, s3_bucket, dlm_proc) -> No
             )
             below = status(session=s).below_target
         for name in ("a", "b", "c", "s3"):
-            rec = reconcile(storage=name, dry_run=True)
+            rec = reconcile(storage=name, dry_run=True).as_json()
             assert rec["unknown"] == 0 and rec["missing"] == 0, (rnd, name, rec)
         print(f"round {rnd}: {'; '.join(log)}; below target {below}")
     figures["seconds"] = round(time.monotonic() - started)

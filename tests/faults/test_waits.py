@@ -111,7 +111,7 @@ def test_stalled_s3_fails_the_run_within_the_bound_then_next_run_completes(  # t
     assert ready_on("dst") == 0 and ready_on("src") == len(names)
     assert in_flight() == 0
     _thaw(stalled_s3)
-    report = replicate()
+    report = replicate().as_json()
     assert report["failed"] == 0
     assert ready_on("dst") == len(names)
     assert_truthful(stalled_s3, "stalls", tmp_path)  # the objects in the bucket are the catalogue's
@@ -281,7 +281,7 @@ def test_the_next_run_removes_dead_uploads_temp_files_and_keeps_live_ones(  # ty
             storage=get_storage("a", session=s), paths=[mine.name], upload=False, name="mine", session=s
         )
         ingest(storage=get_storage("a", session=s), sources=sources, options=IngestOptions(), session=s)
-    report = replicate()
+    report = replicate().as_json()
     rec = report["recovered"]
     gone = [rel for rel, (_, _, keep) in files.items() if not keep]
     assert rec["temp_removed"] == len(gone)
@@ -333,7 +333,7 @@ def test_reconcile_settles_a_dead_claim_and_reports_stray_temporary_files(  # ty
         ingest(storage=get_storage("b", session=s), sources=sources, options=IngestOptions(), session=s)
     (b / "d" / "f001.bin.4f2a91c0.partial").write_bytes(b"p" * 777)
     (b / f".dlm-tmp-{socket.gethostname()}-{os.getpid()}-up").write_bytes(b"q" * 33)
-    report = reconcile(storage="b")
+    report = reconcile(storage="b").as_json()
     assert report["recovered"]["rolled_back"] == 1
     assert in_flight() == 0
     assert not (b / name).exists()  # the dead run's partial copy is gone, not adopted or judged

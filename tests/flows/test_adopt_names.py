@@ -33,7 +33,7 @@ def test_files_named_like_versions_or_with_padded_segments_are_reported_not_adop
             StorageCreate(name="warm", kind=StorageKind.POSIX, root=str(root), tier=Tier.WARM), session=s
         )
 
-    report = reconcile(storage="warm", adopt=True)
+    report = reconcile(storage="warm", adopt=True).as_json()
 
     assert report["adopted"] == 1, report["unknown_objects"]
     notes = {o["path"]: o["note"] for o in report["unknown_objects"]}

@@ -81,9 +81,9 @@ def liquid_on_a_and_b(dlm: Any, R: Path, name: str = "l.dat") -> str:
 def run(pipeline: str) -> dict[str, Any]:
     """`dlm run PIPELINE`'s flow, called directly (Prefect's log handlers outlive one test's
     captured stdout, so the in-process CLI runs every command but this one)."""
-    from flows.pipelines import FLOWS
+    from flows.registry import FLOWS
 
-    report: dict[str, Any] = FLOWS[pipeline]()
+    report: dict[str, Any] = FLOWS[pipeline]().as_json()
     assert report["failed"] == 0
     return report
 

@@ -131,7 +131,7 @@ def test_flipped_byte_in_a_posix_copy_is_found_and_repaired(
     good = payload("obs/a.dat", 3000)
     flip_byte(root / "hot" / "obs/a.dat")
 
-    report = verify()
+    report = verify().as_json()
 
     assert report["corrupted"] == 1 and report["lost"] == 0
     assert report["intact"] == 3  # b on both storages, a's other copy
@@ -150,7 +150,7 @@ def test_flipped_byte_in_a_posix_copy_is_found_and_repaired(
         transfers = s.scalars(select(Transfer)).all()
     assert [t.state for t in transfers if t.kind == "copy"][-1] == "DONE"
     assert below_target() == 0
-    again = verify()  # everything intact now
+    again = verify().as_json()  # everything intact now
     assert again["corrupted"] == again["lost"] == 0 and again["intact"] == 4
 
 
@@ -165,7 +165,7 @@ def test_flipped_byte_in_the_only_copy_corrupts_the_item_and_deletes_nothing(
     flip_byte(path)
     flipped = path.read_bytes()
 
-    report = verify()
+    report = verify().as_json()
 
     assert report["corrupted"] == 1 and report["items_corrupted"] == 1 and report["repaired"] == 0
     assert list(report["unrepairable"].values()) == ["no intact copy on another online storage"]
@@ -178,7 +178,7 @@ def test_flipped_byte_in_the_only_copy_corrupts_the_item_and_deletes_nothing(
     assert "item.corrupted" in [e["kind"] for e in published]
     # an operator restores the bytes: the next verify finds the copy intact and the item READY
     path.write_bytes(payload("solo.dat", 3000))
-    again = verify()
+    again = verify().as_json()
     assert again["recovered"] == 1 and again["items_repaired"] == 1
     assert item_state("solo.dat") == "READY" and copies("solo.dat") == {"hot": ("READY", "solo.dat")}
     assert event_kinds("solo.dat")[-2:] == ["replica.repaired", "item.repaired"]
@@ -199,7 +199,7 @@ def test_budget_reads_only_the_oldest_verified_copies(estate: Estate) -> None:
             s.execute(update(Replica).where(col(Replica.item_oid) == oid).values(verified_at=when))
     flip_byte(estate.root / "hot" / names[3])  # the newest-verified: outside a small budget
 
-    first = verify(budget="6000B")
+    first = verify(budget="6000B").as_json()
 
     assert first["selected"] == 2 and first["bytes_read"] == 6000 and first["budget_reached"]
     assert first["corrupted"] == 0  # the corrupt copy was not read
@@ -215,7 +215,7 @@ def test_budget_reads_only_the_oldest_verified_copies(estate: Estate) -> None:
     assert verified[names[0]] is not None and verified[names[0]] >= now
     assert verified[names[1]] is not None and verified[names[1]] >= now
     assert verified[names[2]] == ages[names[2]] and verified[names[3]] == ages[names[3]]
-    second = verify(budget=6000)  # now f2 and f3 are the oldest
+    second = verify(budget=6000).as_json()  # now f2 and f3 are the oldest
     assert second["selected"] == 2 and second["corrupted"] == 1
     assert item_state(names[3]) == "CORRUPTED"
 
@@ -236,7 +236,7 @@ def test_trusted_s3_checksums_are_not_downloaded(estate: Estate, monkeypatch: py
 
     monkeypatch.setattr(rclone_mod, "run", spy)
 
-    untrusted = verify(storage="cold")
+    untrusted = verify(storage="cold").as_json()
     hashsums = [a for a in calls if a[0] == "hashsum"]
     assert untrusted["intact"] == 2 and untrusted["bytes_read"] == 6000 and untrusted["bytes_trusted"] == 0
     assert len(hashsums) == 1 and "--download" in hashsums[0]  # one process, bytes recomputed
@@ -244,7 +244,7 @@ def test_trusted_s3_checksums_are_not_downloaded(estate: Estate, monkeypatch: py
     with session_scope() as s:
         s.execute(update(Storage).where(col(Storage.name) == "cold").values(trust_stored_checksums=True))
     calls.clear()
-    trusted = verify(storage="cold")
+    trusted = verify(storage="cold").as_json()
     hashsums = [a for a in calls if a[0] == "hashsum"]
     assert trusted["intact"] == 2 and trusted["bytes_read"] == 0 and trusted["bytes_trusted"] == 6000
     assert len(hashsums) == 1 and "--download" not in hashsums[0]  # the ETags, no download
@@ -270,7 +270,7 @@ def test_file_deleted_behind_dlms_back_is_lost_then_repaired(
         used_before = storages.get_storage("hot", session=s).used_bytes
     (root / "hot" / "r/a.dat").unlink()
 
-    report = reconcile(storage="hot")
+    report = reconcile(storage="hot").as_json()
 
     assert report["missing"] == 1 and report["lost"] == 1 and report["matched"] == 1
     assert report["unknown"] == 0 and report["repaired"] == 1
@@ -282,7 +282,7 @@ def test_file_deleted_behind_dlms_back_is_lost_then_repaired(
     assert report["below_target_after"] == 0 and item_state("r/a.dat") == "READY"
     with session_scope() as s:
         assert storages.get_storage("hot", session=s).used_bytes == used_before
-    assert reconcile(storage="hot")["lost"] == 0
+    assert reconcile(storage="hot").as_json()["lost"] == 0
 
 
 def test_lost_only_copy_corrupts_the_item_and_replicate_cannot_pretend(estate: Estate) -> None:
@@ -290,7 +290,7 @@ def test_lost_only_copy_corrupts_the_item_and_replicate_cannot_pretend(estate: E
 
     ingest(estate.root, ["gone.dat"], phase=Phase.GAS)
     (estate.root / "hot" / "gone.dat").unlink()
-    report = reconcile(storage="hot")
+    report = reconcile(storage="hot").as_json()
     assert report["lost"] == 1 and report["items_corrupted"] == 1 and report["repaired"] == 0
     assert item_state("gone.dat") == "CORRUPTED" and report["below_target_after"] == 1
 
@@ -305,7 +305,7 @@ def test_size_mismatch_is_corrupted_then_repaired(estate: Estate) -> None:
     with (root / "hot" / "s/a.dat").open("ab") as f:
         f.write(b"appended behind DLM's back")
 
-    report = reconcile(storage="hot")
+    report = reconcile(storage="hot").as_json()
 
     assert report["resized"] == 1 and report["corrupted"] == 1 and report["repaired"] == 1
     assert (root / "hot" / "s/a.dat").read_bytes() == payload("s/a.dat", 3000)
@@ -334,7 +334,7 @@ def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: Es
     with session_scope() as s:
         before = dict(catalog.table_counts(session=s))
 
-    seen = reconcile(storage="cold")
+    seen = reconcile(storage="cold").as_json()
 
     assert seen["unknown"] == 1 and seen["ignored"] == 2 and seen["matched"] == 1
     assert [o["path"] for o in seen["unknown_objects"]] == ["incoming/run-7.dat"]
@@ -343,7 +343,7 @@ def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: Es
     with session_scope() as s:
         assert dict(catalog.table_counts(session=s)) == before  # reporting changes nothing
 
-    adopted = reconcile(storage="cold", adopt=True)
+    adopted = reconcile(storage="cold", adopt=True).as_json()
 
     assert adopted["adopted"] == 1 and adopted["unknown_objects"][0]["adopted as"]
     head = client.head_object(Bucket=estate.bucket, Key="incoming/run-7.dat")
@@ -356,7 +356,7 @@ def test_unknown_s3_object_is_reported_then_adopted_with_its_metadata(estate: Es
         events = s.scalars(select(Event).where(col(Event.item_oid) == item.oid)).all()
         assert len(events) == 1 and events[0].kind == "item.ready"
     assert copies("incoming/run-7.dat") == {"cold": ("READY", "incoming/run-7.dat")}
-    assert reconcile(storage="cold")["unknown"] == 0
+    assert reconcile(storage="cold").as_json()["unknown"] == 0
 
 
 def test_reconcile_dry_run_and_bad_storage(estate: Estate) -> None:
@@ -365,7 +365,7 @@ def test_reconcile_dry_run_and_bad_storage(estate: Estate) -> None:
 
     ingest(estate.root, ["d.dat"], phase=Phase.GAS)
     (estate.root / "hot" / "d.dat").unlink()
-    report = reconcile(storage="hot", dry_run=True)
+    report = reconcile(storage="hot", dry_run=True).as_json()
     assert report["missing"] == 1 and report["lost"] == 0
     assert copies("d.dat")["hot"][0] == "READY" and item_state("d.dat") == "READY"
     with pytest.raises(StorageNotFoundError):
@@ -379,7 +379,7 @@ def test_adopted_items_are_items_like_any_other(estate: Estate) -> None:
     f = estate.root / "warm" / "lab" / "notes.txt"
     f.parent.mkdir()
     f.write_bytes(b"lab notes")
-    report = reconcile(storage="warm", adopt=True)
+    report = reconcile(storage="warm", adopt=True).as_json()
     assert report["adopted"] == 1
     with session_scope() as s:
         item = s.scalars(select(Item).where(col(Item.name) == "lab/notes.txt")).one()
@@ -396,7 +396,7 @@ def test_unreachable_storage_never_makes_copies_lost(estate: Estate, monkeypatch
     ingest(estate.root, ["k/a.dat"], phase=Phase.SOLID)
     replicate()
     monkeypatch.setenv("DLM_TEST_S3_SECRET_ACCESS_KEY", "wrong-secret")
-    report = verify(storage="cold")
+    report = verify(storage="cold").as_json()
     assert report["unreadable"] == 1 and report["lost"] == report["corrupted"] == 0
     with pytest.raises(StorageError):  # the listing failed: nothing is judged missing
         reconcile(storage="cold")

@@ -96,7 +96,7 @@ def test_replicate_posix_to_s3_bytes_catalogue_events(estate: Estate) -> None:
 
     root = estate.root
     names = ingest(root, "hot", 5, phase=Phase.LIQUID)
-    report = replicate()
+    report = replicate().as_json()
     assert report["copied"] == 5 and report["failed"] == 0
     assert report["below_target_after"] == 0
     for name in names:
@@ -123,7 +123,7 @@ def test_replicate_posix_to_s3_bytes_catalogue_events(estate: Estate) -> None:
         copy = s3_bytes(estate, path) if storage == "cold" else (root / storage / path).read_bytes()
         assert copy == original
     # a second run has nothing to do
-    again = replicate()
+    again = replicate().as_json()
     assert again["plan"]["copies"] == 0 and again["copied"] == 0
 
 
@@ -132,7 +132,7 @@ def test_dry_run_changes_nothing(estate: Estate) -> None:
 
     ingest(estate.root, "hot", 3, phase=Phase.SOLID)
     before = counts()
-    report = replicate(dry_run=True)
+    report = replicate(dry_run=True).as_json()
     assert report["plan"]["copies"] == 6  # SOLID: two more copies each
     assert {a["action"] for a in report["actions"]} == {"copy"}
     for f in (migrate, expire, rebalance):
@@ -163,7 +163,7 @@ def test_expire_item_deletes_copies_and_leaves_tombstone(estate: Estate) -> None
     assert len(replicas_of(name)) == 2
     with session_scope() as s:
         catalog.set_expiry(name, utcnow() - timedelta(seconds=1), session=s)
-    report = expire()
+    report = expire().as_json()
     assert report["deleted"] == 2
     with session_scope() as s:
         item = catalog.get_item(name, session=s)
@@ -187,7 +187,7 @@ def test_replica_expiry_refused_when_it_would_break_the_phase(estate: Estate) ->
         assert rep is not None
         rep.expires_at = utcnow() - timedelta(hours=1)
         s.add(rep)
-    report = expire()
+    report = expire().as_json()
     assert report["deleted"] == 0 and report["plan"]["refusals"] == 1
     assert len(replicas_of(name)) == 2
     with session_scope() as s:
@@ -205,7 +205,7 @@ def test_phase_change_then_migrate_adds_then_drops(estate: Estate) -> None:
     assert len(replicas_of(name)) == 3
     with session_scope() as s:
         catalog.set_phase(name, Phase.GAS, session=s)
-    report = migrate()
+    report = migrate().as_json()
     assert report["deleted"] == 2
     left = replicas_of(name)
     assert list(left.values()) == ["READY"]
@@ -217,13 +217,13 @@ def test_drain_rebalance_then_retire(estate: Estate) -> None:
     names = ingest(estate.root, "warm", 3, phase=Phase.GAS)
     with session_scope() as s:
         storages.set_storage_state("warm", StorageState.DRAINING, session=s)
-    first = rebalance()
+    first = rebalance().as_json()
     assert first["copied"] == 3
-    second = rebalance()
+    second = rebalance().as_json()
     assert second["deleted"] == 3
     for name in names:
         assert "warm" not in replicas_of(name) and len(replicas_of(name)) == 1
-    third = rebalance()
+    third = rebalance().as_json()
     assert third["plan"]["drained"] == 1
     with session_scope() as s:
         storages.set_storage_state("warm", StorageState.RETIRED, session=s)
@@ -238,7 +238,7 @@ def test_s3_refusing_writes_leaves_failed_transfers_and_no_ready_claim(
 
     names = ingest(estate.root, "hot", 3, phase=Phase.SOLID)
     monkeypatch.setenv("DLM_TEST_S3_SECRET_ACCESS_KEY", "wrong-secret")
-    report = replicate()
+    report = replicate().as_json()
     assert report["failed"] == 3
     with session_scope() as s:
         cold = storages.get_storage("cold", session=s)
@@ -254,7 +254,7 @@ def test_s3_refusing_writes_leaves_failed_transfers_and_no_ready_claim(
     for name in names:
         assert replicas_of(name) == {"hot": "READY", "warm": "READY"}  # what could land, landed
     monkeypatch.setenv("DLM_TEST_S3_SECRET_ACCESS_KEY", estate.s3.secret_key)
-    again = replicate()
+    again = replicate().as_json()
     assert again["copied"] == 3 and again["below_target_after"] == 0
 
 
@@ -266,7 +266,7 @@ def test_a_source_that_lost_the_items_bytes_is_not_copied(estate: Estate) -> Non
     bad, good = ingest(estate.root, "hot", 2, phase=Phase.LIQUID)
     source = estate.root / "hot" / bad
     source.write_bytes(b"x" * source.stat().st_size)  # same size, other bytes
-    report = replicate()
+    report = replicate().as_json()
     assert report["copied"] == 1 and report["failed"] == 1
     assert replicas_of(bad) == {"hot": "READY"}
     assert replicas_of(good) == {"hot": "READY", "warm": "READY"}

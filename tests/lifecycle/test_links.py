@@ -393,7 +393,7 @@ def test_replicate_never_writes_outside_the_root_through_a_link(two_sites: Path,
     (r / "b" / "run").symlink_to(outside, target_is_directory=True)
     before = tree_digest(outside)
 
-    report = replicate()
+    report = replicate().as_json()
 
     assert report["copied"] == 0 and report["failed"] == 1
     assert tree_digest(outside) == before  # the user's outside/f0.dat is untouched
@@ -404,7 +404,7 @@ def test_replicate_never_writes_outside_the_root_through_a_link(two_sites: Path,
     assert (r / "a" / "run" / "f0.dat").read_bytes() == b"DLM's f0 bytes\n"
 
     (r / "b" / "run").unlink()  # the operator removes the link: the next run copies
-    again = replicate()
+    again = replicate().as_json()
     assert again["copied"] == 1 and again["below_target_after"] == 0
     assert (r / "b" / "run" / "f0.dat").read_bytes() == b"DLM's f0 bytes\n"
     assert tree_digest(outside) == before
@@ -420,14 +420,14 @@ def test_expire_never_deletes_outside_the_root_through_a_link(two_sites: Path, o
     (r / "a" / "run").mkdir()
     (r / "a" / "run" / "f0.dat").write_bytes(b"DLM's f0 bytes\n")
     ingest_in_place("disk-a", ["run/f0.dat"], Phase.LIQUID)
-    assert replicate()["copied"] == 1
+    assert replicate().as_json()["copied"] == 1
     (r / "b" / "run").rename(r / "b-run-moved")
     (r / "b" / "run").symlink_to(outside, target_is_directory=True)
     before = tree_digest(outside)
     with session_scope() as s:
         s.execute(update(Item).values(expires_at=utcnow()))
 
-    report = expire()
+    report = expire().as_json()
 
     assert report["failed"] == 1  # the deletion through the link was refused
     assert tree_digest(outside) == before  # outside/f0.dat still there, with its bytes
@@ -449,26 +449,26 @@ def test_verify_finds_a_link_planted_in_place_of_a_copy_and_the_phase_comes_back
     r = two_sites
     (r / "a" / "x.dat").write_bytes(b"DLM's x bytes\n")
     ingest_in_place("disk-a", ["x.dat"], Phase.LIQUID)
-    assert replicate()["copied"] == 1
+    assert replicate().as_json()["copied"] == 1
     copy = r / "b" / "x.dat"
     (outside / "x-lookalike.dat").write_bytes(copy.read_bytes())
     copy.unlink()
     copy.symlink_to(outside / "x-lookalike.dat")
     before = tree_digest(outside)
 
-    report = verify()
+    report = verify().as_json()
 
     assert report["lost"] == 1 and report["unreadable"] == 0 and report["intact"] == 1
     assert copies("x.dat") == {"disk-a": "READY", "disk-b": "LOST"} and item_state("x.dat") == "READY"
     [lost] = events("replica.lost")
     assert lost["path"] == "x.dat" and "is a symbolic link" in lost["reason"]
     assert report["repair_failed"] == 1  # repair does not write through the link
-    retry = replicate()  # nor does replicate, with a clear reason
+    retry = replicate().as_json()  # nor does replicate, with a clear reason
     assert retry["failed"] == 1 and "is a symbolic link" in retry["batches"][0]["first error"]
     assert os.path.islink(copy) and tree_digest(outside) == before
 
     copy.unlink()  # the operator removes the link: the phase comes back
-    again = replicate()
+    again = replicate().as_json()
 
     assert again["copied"] == 1 and again["below_target_after"] == 0
     assert copy.read_bytes() == b"DLM's x bytes\n" and not copy.is_symlink()
@@ -492,12 +492,12 @@ def test_verify_of_an_only_copy_replaced_by_a_link_corrupts_the_item(two_sites: 
     ingest_in_place("disk-a", ["real.dat", "solo.dat"], Phase.GAS)
     with session_scope() as s:
         s.execute(update(Item).where(col(Item.name) == "real.dat").values(expires_at=utcnow()))
-    assert expire()["deleted"] == 1
+    assert expire().as_json()["deleted"] == 1
     assert not (a / "real.dat").exists() and os.path.islink(a / "link.dat")  # the link is not DLM's
     (a / "solo.dat").unlink()
     (a / "solo.dat").symlink_to(outside / "o.dat")
 
-    report = verify()
+    report = verify().as_json()
 
     assert report["lost"] == 1 and report["items_corrupted"] == 1 and report["unreadable"] == 0
     assert item_state("solo.dat") == "CORRUPTED" and copies("solo.dat") == {"disk-a": "LOST"}
@@ -517,7 +517,7 @@ def test_reconcile_skips_links_with_an_event_and_never_adopts_them(two_sites: Pa
     (a / "sub" / "out").symlink_to(outside, target_is_directory=True)
     before = tree_digest(outside)
 
-    report = reconcile(storage="disk-a", adopt=True)
+    report = reconcile(storage="disk-a", adopt=True).as_json()
 
     assert report["links"] == 2 and sorted(report["link_paths"]) == ["link.dat", "sub/out"]
     assert report["adopted"] == 1 and report["matched"] == 1 and report["lost"] == 0
@@ -538,13 +538,13 @@ def test_reconcile_finds_a_copy_replaced_by_a_link_lost(two_sites: Path, outside
     (r / "a" / "run" / "f0.dat").write_bytes(b"DLM's f0 bytes\n")
     (r / "a" / "keep.dat").write_bytes(b"keep\n")
     ingest_in_place("disk-a", ["run/f0.dat", "keep.dat"], Phase.LIQUID)
-    assert replicate()["copied"] == 2
+    assert replicate().as_json()["copied"] == 2
     (r / "b" / "run" / "f0.dat").unlink()
     (r / "b" / "run").rmdir()
     (r / "b" / "run").symlink_to(outside, target_is_directory=True)  # outside/f0.dat is the user's
     before = tree_digest(outside)
 
-    report = reconcile(storage="disk-b")
+    report = reconcile(storage="disk-b").as_json()
 
     assert report["lost"] == 1 and report["matched"] == 1 and report["links"] == 1
     assert report["repaired"] == 0 and report["repair_failed"] == 1  # no write through the link

@@ -70,9 +70,9 @@ def _prefect_console_on_real_stderr() -> Iterator[None]:
 
 def run(pipeline: str) -> dict[str, Any]:
     """The pipeline's flow, called directly (not through the in-process CLI)."""
-    from flows.pipelines import FLOWS
+    from flows.registry import FLOWS
 
-    report: dict[str, Any] = FLOWS[pipeline]()
+    report: dict[str, Any] = FLOWS[pipeline]().as_json()
     return report
 
 
@@ -143,7 +143,7 @@ def test_reconcile_neither_reports_nor_adopts_the_marker(dlm: Any, disks: Path, 
     (R / "a" / "x.dat").write_bytes(PAYLOAD)
     from flows.integrity import reconcile
 
-    report = reconcile(storage="disk-a", adopt=True, dry_run=False)
+    report = reconcile(storage="disk-a", adopt=True, dry_run=False).as_json()
     assert report["unknown"] == 1, report
     with session_scope() as s:
         assert s.scalars(select(col(Item.name))).all() == ["x.dat"]
