@@ -634,10 +634,14 @@ def run(
     dry_run: Annotated[bool, typer.Option(help="print the plan and change nothing")] = False,
     storage: Annotated[
         str | None,
-        typer.Option(help="verify: only this storage; reconcile: only this storage (default: every one)"),
+        typer.Option(help=f"{_accepted_by(RunOption.STORAGE)}: only this storage (default: every one)"),
     ] = None,
-    budget: Annotated[str | None, typer.Option(help="verify: bytes to re-read, e.g. 10GiB")] = None,
-    adopt: Annotated[bool, typer.Option(help="reconcile: register unknown objects as items")] = False,
+    budget: Annotated[
+        str | None, typer.Option(help=f"{_accepted_by(RunOption.BUDGET)}: bytes to re-read, e.g. 10GiB")
+    ] = None,
+    adopt: Annotated[
+        bool, typer.Option(help=f"{_accepted_by(RunOption.ADOPT)}: register unknown objects as items")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     chosen = parse_pipeline(pipeline)

@@ -178,6 +178,10 @@ def test_every_pipeline_runs_from_the_cli_and_prints_its_report(estate: dict[str
     assert isinstance(report, PipelineReport)
     assert [(a.action, a.from_, a.to) for a in report.actions] == [("copy", "a", "b")]
     assert "copied" not in data  # what a dry run did not do is not in its JSON
+    shown = _dlm(env, "run", "replicate", "--dry-run")  # for people: the same plan, as a table
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("replicate (dry run: nothing changed): planned 1 copies")
+    assert report.actions[0].item[:8] in shown.stdout and "Plan" in shown.stdout
 
     _, report = _run_json(env, "replicate")
     assert isinstance(report, PipelineReport)
@@ -190,6 +194,10 @@ def test_every_pipeline_runs_from_the_cli_and_prints_its_report(estate: dict[str
     _, verified = _run_json(env, "verify")
     assert isinstance(verified, VerifyReport)
     assert (verified.intact, verified.corrupted, verified.lost) == (2, 0, 0)
+    shown = _dlm(env, "run", "verify", "--storage", "b")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("verify: budget_bytes ") and "intact 1" in shown.stdout
+    assert "Batches" in shown.stdout
 
     # reconcile without --storage takes every storage, as its daily schedule does
     _, reconciled = _run_json(env, "reconcile")
