@@ -7,7 +7,8 @@ them, and `as_json()` is the JSON a script or an API reads (`parse_report` reads
 
 The JSON keys are those the reports always had, some with spaces (`first error`, `adopted
 as`, `<stage> s`): the fields carry them as aliases. A field that does not apply to a run
-(a dry run has nothing copied) is None and left out of the JSON.
+(a dry run has nothing copied) is None and left out of the JSON (`as_json`, or
+`exclude_none` where an API renders the model).
 """
 
 from __future__ import annotations
@@ -26,14 +27,9 @@ class ReportModel(BaseModel):
         validate_by_name=True, validate_by_alias=True, serialize_by_alias=True, extra="forbid"
     )
 
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        return {k: v for k, v in data.items() if v is not None}
-
     def as_json(self) -> dict[str, Any]:
-        """The JSON form: the documented keys, what does not apply left out."""
-        data: dict[str, Any] = self.model_dump(mode="json")
+        """The JSON form: the documented keys, what does not apply (None) left out."""
+        data: dict[str, Any] = self.model_dump(mode="json", exclude_none=True)
         return data
 
 
