@@ -13,11 +13,13 @@ storage tables in lifecycle.catalogue.models and follows the same rules.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextvars import ContextVar
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from lifecycle.catalogue.metadata import (
     MAX_META_KEY_LENGTH,
@@ -55,9 +57,12 @@ def parse_choice(value: Any, enum: type[E], what: str) -> E:
     raise InvalidValueError(f"invalid {what} {text!r}: use one of {choices}")
 
 
-def _label(info: ValidationInfo, field: str) -> str:
-    labels = (info.context or {}).get("labels") or {}
-    return str(labels.get(field, field))
+# How the edge building a model names its fields in messages (InputModel.build).
+_LABELS: ContextVar[Mapping[str, str] | None] = ContextVar("input_labels", default=None)
+
+
+def _label(field: str) -> str:
+    return (_LABELS.get() or {}).get(field, field)
 
 
 class InputModel(BaseModel):
@@ -72,12 +77,13 @@ class InputModel(BaseModel):
             raise invalid_value(exc) from None
 
     @classmethod
-    def build(cls, labels: dict[str, str] | None = None, **values: Any) -> Self:
+    def build(cls, labels: Mapping[str, str] | None = None, **values: Any) -> Self:
         """The model from raw values; `labels` names fields in messages the edge's way."""
+        token = _LABELS.set(labels)
         try:
-            return cls.model_validate(values, context={"labels": labels or {}})
-        except ValidationError as exc:
-            raise invalid_value(exc) from None
+            return cls(**values)
+        finally:
+            _LABELS.reset(token)
 
 
 # --------------------------------------------------------------------------- items
@@ -129,8 +135,8 @@ class ItemOptions(InputModel):
 
     @field_validator("owner")
     @classmethod
-    def _owner(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else validate_owner(value, what=_label(info, "owner"))
+    def _owner(cls, value: str | None) -> str | None:
+        return None if value is None else validate_owner(value, what=_label("owner"))
 
     @field_validator("parents")
     @classmethod
@@ -225,11 +231,11 @@ class ExpiryChange(InputModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _exactly_one(cls, data: Any, info: ValidationInfo) -> Any:
+    def _exactly_one(cls, data: Any) -> Any:
         if isinstance(data, dict):
             given = [data.get("lifetime") is not None, data.get("at") is not None, bool(data.get("never"))]
             if sum(given) != 1:
-                names = [_label(info, f) for f in ("lifetime", "at", "never")]
+                names = [_label(f) for f in ("lifetime", "at", "never")]
                 raise InvalidValueError(f"give exactly one of {names[0]}, {names[1]} or {names[2]}")
         return data
 
