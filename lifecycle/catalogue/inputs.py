@@ -13,6 +13,7 @@ storage tables in lifecycle.catalogue.models and follows the same rules.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime, timedelta
@@ -35,6 +36,9 @@ from lifecycle.states import Phase
 from lifecycle.units import MAX_BYTES, MAX_LIFETIME, parse_duration, parse_timestamp
 
 E = TypeVar("E", bound=Enum)
+DEFAULT_ALGO = "md5"  # a listed checksum without its algorithm
+HEX_DIGITS = {algo: hashlib.new(algo).digest_size * 2 for algo in ALGORITHMS}
+_HEX = frozenset("0123456789abcdef")
 
 
 def invalid_value(exc: ValidationError) -> InvalidValueError:
@@ -96,6 +100,32 @@ def check_lifetime(value: timedelta) -> timedelta:
     if value > MAX_LIFETIME:
         raise InvalidValueError(f"invalid lifetime {value}: longer than 1000 years")
     return value
+
+
+def valid_size(value: Any) -> int:
+    """An item's size: a whole number of bytes, 0 to 2**63-1 (not a bool, not text)."""
+    if type(value) is not int or value < 0 or value > MAX_BYTES:
+        raise InvalidValueError(f"invalid size {value!r}: must be a non-negative integer")
+    return value
+
+
+def valid_algo(algo: str) -> str:
+    """A checksum algorithm DLM knows (lifecycle.checksum.ALGORITHMS)."""
+    if algo not in HEX_DIGITS:
+        raise InvalidValueError(f"unknown checksum algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
+    return algo
+
+
+def valid_checksum(checksum: str, algo: str | None) -> tuple[str, str]:
+    """A hex digest (lower-cased) and its algorithm (default md5), the digest as long as the
+    algorithm's. Raises InvalidValueError."""
+    algo = valid_algo(algo or DEFAULT_ALGO)
+    value = checksum.lower()
+    if len(value) != HEX_DIGITS[algo] or not _HEX.issuperset(value):
+        raise InvalidValueError(
+            f"invalid {algo} checksum {value[:140]!r}: must be {HEX_DIGITS[algo]} hex digits"
+        )
+    return value, algo
 
 
 class ItemOptions(InputModel):
@@ -170,32 +200,17 @@ class ItemCreate(ItemOptions):
     @field_validator("size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
-        if type(value) is not int or value < 0 or value > MAX_BYTES:
-            raise InvalidValueError(f"invalid size {value!r}: must be a non-negative integer")
-        return value
+        return valid_size(value)
 
     @field_validator("checksum_algo")
     @classmethod
     def _algo(cls, value: str | None) -> str | None:
-        if value is not None and value not in ALGORITHMS:
-            raise InvalidValueError(
-                f"unknown checksum algorithm {value!r}: use one of {', '.join(ALGORITHMS)}"
-            )
-        return value
+        return None if value is None else valid_algo(value)
 
     @model_validator(mode="after")
     def _checksum(self) -> Self:
         if self.checksum is not None:
-            import hashlib
-
-            algo = self.checksum_algo or "md5"
-            digits = hashlib.new(algo).digest_size * 2
-            value = self.checksum.lower()
-            if len(value) != digits or not set(value) <= set("0123456789abcdef"):
-                raise InvalidValueError(
-                    f"invalid {algo} checksum {value[:140]!r}: must be {digits} hex digits"
-                )
-            self.checksum, self.checksum_algo = value, algo
+            self.checksum, self.checksum_algo = valid_checksum(self.checksum, self.checksum_algo)
         return self
 
 

@@ -213,3 +213,25 @@ def test_a_dotted_key_is_set_nested_where_the_filter_reads_it() -> None:
         "obs": {"band": "r", "night": 3},
         "kind": "raw",
     }
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"checksum": "xyz"}, {"checksum": "ab" * 20, "checksum_algo": "sha1x"}, {"size": -1}, {"size": True}],
+    ids=["checksum", "algo", "size-negative", "size-bool"],
+)
+def test_a_list_row_is_refused_with_the_item_create_message(bad: dict[str, Any]) -> None:
+    """`--from-list` rows keep their fast path but share ItemCreate's rules and words."""
+    import io
+    import json
+
+    from lifecycle.catalogue.bulk_sources import RowError, Source
+
+    row = {"name": "bulk/a.dat", "size": 10, **bad}
+    with pytest.raises(InvalidValueError) as model_error:
+        ItemCreate(**row)
+    with Source(io.StringIO(json.dumps(row) + "\n"), "jsonl") as (_label, records, parse_row):
+        [(lineno, record)] = list(records)
+        with pytest.raises(RowError) as row_error:
+            parse_row(record, lineno)
+    assert row_error.value.message == str(model_error.value)
