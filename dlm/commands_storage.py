@@ -36,7 +36,8 @@ def storage_add(
     json_: JsonOpt = False,
 ) -> None:
     """Register a storage volume (credentials stay in the environment, never in the DB)."""
-    data = StorageCreate(
+    data = StorageCreate.build(
+        {"endpoint": "--endpoint", "region": "--region"},
         name=name,
         kind=kind,
         root=root,

@@ -14,7 +14,8 @@ storage tables in lifecycle.catalogue.models and follows the same rules.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta
 from enum import Enum
@@ -65,8 +66,19 @@ def parse_choice(value: Any, enum: type[E], what: str) -> E:
 _LABELS: ContextVar[Mapping[str, str] | None] = ContextVar("input_labels", default=None)
 
 
-def _label(field: str) -> str:
+def field_label(field: str) -> str:
+    """How the edge now building a model names `field` (`labelled`), else the field's name."""
     return (_LABELS.get() or {}).get(field, field)
+
+
+@contextmanager
+def labelled(labels: Mapping[str, str] | None) -> Iterator[None]:
+    """Models built inside name their fields in messages as `labels` says (e.g. owner: --owner)."""
+    token = _LABELS.set(labels)
+    try:
+        yield
+    finally:
+        _LABELS.reset(token)
 
 
 class InputModel(BaseModel):
@@ -83,11 +95,8 @@ class InputModel(BaseModel):
     @classmethod
     def build(cls, labels: Mapping[str, str] | None = None, **values: Any) -> Self:
         """The model from raw values; `labels` names fields in messages the edge's way."""
-        token = _LABELS.set(labels)
-        try:
+        with labelled(labels):
             return cls(**values)
-        finally:
-            _LABELS.reset(token)
 
 
 # --------------------------------------------------------------------------- items
@@ -166,7 +175,7 @@ class ItemOptions(InputModel):
     @field_validator("owner")
     @classmethod
     def _owner(cls, value: str | None) -> str | None:
-        return None if value is None else validate_owner(value, what=_label("owner"))
+        return None if value is None else validate_owner(value, what=field_label("owner"))
 
     @field_validator("parents")
     @classmethod
@@ -250,7 +259,7 @@ class ExpiryChange(InputModel):
         if isinstance(data, dict):
             given = [data.get("lifetime") is not None, data.get("at") is not None, bool(data.get("never"))]
             if sum(given) != 1:
-                names = [_label(f) for f in ("lifetime", "at", "never")]
+                names = [field_label(f) for f in ("lifetime", "at", "never")]
                 raise InvalidValueError(f"give exactly one of {names[0]}, {names[1]} or {names[2]}")
         return data
 

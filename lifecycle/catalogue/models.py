@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +30,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-from lifecycle.catalogue.inputs import invalid_value, parse_choice
+from lifecycle.catalogue.inputs import field_label, invalid_value, labelled, parse_choice
 from lifecycle.errors import InvalidValueError
 from lifecycle.names import validate_endpoint, validate_slug
 from lifecycle.states import (
@@ -121,6 +122,12 @@ class StorageCreate(StorageBase):
         except ValidationError as exc:
             raise invalid_value(exc) from None
 
+    @classmethod
+    def build(cls, labels: Mapping[str, str] | None = None, **values: Any) -> StorageCreate:
+        """The model from raw values; `labels` names fields in messages the edge's way."""
+        with labelled(labels):
+            return cls(**values)
+
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str) -> str:
@@ -168,7 +175,8 @@ class StorageCreate(StorageBase):
     @model_validator(mode="after")
     def _s3_only(self) -> StorageCreate:
         if self.kind is not StorageKind.S3 and (self.endpoint or self.region):
-            raise InvalidValueError("--endpoint and --region apply to s3 storages only")
+            endpoint, region = field_label("endpoint"), field_label("region")
+            raise InvalidValueError(f"{endpoint} and {region} apply to s3 storages only")
         return self
 
 

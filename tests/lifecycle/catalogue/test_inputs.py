@@ -79,7 +79,12 @@ REFUSED: list[tuple[str, type[Any], dict[str, Any], str]] = [
         {**GOOD_STORAGE, "credentials_env": "lower"},
         "credentials env prefix",
     ),
-    ("storage-posix-region", StorageCreate, {**GOOD_STORAGE, "region": "eu"}, "apply to s3 storages only"),
+    (
+        "storage-posix-region",
+        StorageCreate,
+        {**GOOD_STORAGE, "region": "eu"},
+        "endpoint and region apply to s3 storages only",
+    ),
     (
         "storage-endpoint-secret",
         StorageCreate,
@@ -123,6 +128,8 @@ def test_an_edge_names_fields_its_own_way() -> None:
         ExpiryChange.build({"lifetime": "--lifetime", "at": "--at", "never": "--never"})
     with pytest.raises(InvalidValueError, match=r"^invalid owner '   ': empty$"):  # labels do not stick
         ItemOptions(owner="   ")
+    with pytest.raises(InvalidValueError, match=r"^--endpoint and --region apply to s3 storages only$"):
+        StorageCreate.build({"endpoint": "--endpoint", "region": "--region"}, **GOOD_STORAGE, region="eu")
 
 
 def test_input_models_normalise_what_they_accept() -> None:
