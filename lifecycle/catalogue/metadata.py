@@ -104,7 +104,8 @@ def set_meta_key(meta: dict[str, Any], key: str, value: Any) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise InvalidMetadataError(
-                f"invalid --meta {key[:80]!r}: {'.'.join(parents[: i + 1])!r} holds a value, not an object"
+                f"invalid metadata key {key[:80]!r}: {'.'.join(parents[: i + 1])!r} holds a value, "
+                "not an object"
             )
         node = child
     node[last] = value
