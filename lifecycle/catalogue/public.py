@@ -17,6 +17,7 @@ from sqlmodel import Session
 
 from lifecycle.catalogue import catalog, storages
 from lifecycle.catalogue.models import Dataset, Event, Item, Replica, StoragePublic
+from lifecycle.errors import InvalidValueError
 from lifecycle.states import ItemState, Phase, ReplicaState
 
 IsoDateTime = Annotated[datetime, PlainSerializer(lambda v: v.isoformat(), return_type=str, when_used="json")]
@@ -170,11 +171,19 @@ class IngestedPublic(BaseModel):
 # --------------------------------------------------------------------------- builders
 
 
-def list_items(*, session: Session, where: str | None = None, limit: int | None = 1000) -> list[ItemPublic]:
-    """Items matching a filter, by name and version (lifecycle.catalogue.catalog.list_items).
+def list_items(
+    *, session: Session, where: str | None = None, limit: int | None = 1000, offset: int = 0
+) -> list[ItemPublic]:
+    """Items matching a filter, by name and version (lifecycle.catalogue.catalog.list_items), at
+    most `limit` (None: all) after skipping `offset`.
 
-    Raises InvalidFilterError."""
-    return [ItemPublic.of(i) for i in catalog.list_items(where=where, limit=limit, session=session)]
+    Raises InvalidFilterError, InvalidValueError (a limit below 1, a negative offset)."""
+    if limit is not None and limit < 1:
+        raise InvalidValueError(f"invalid limit {limit}: must be at least 1")
+    if offset < 0:
+        raise InvalidValueError(f"invalid offset {offset}: must not be negative")
+    rows = catalog.list_items(where=where, limit=limit, offset=offset, session=session)
+    return [ItemPublic.of(i) for i in rows]
 
 
 def item_detail(ref: str, *, session: Session, events: int = 50) -> ItemDetailPublic:

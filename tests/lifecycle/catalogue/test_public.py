@@ -168,3 +168,16 @@ def test_a_dotted_meta_key_set_by_ingest_is_found_by_the_filter(cli: Run, estate
     found = cli("items", "list", "--where", "meta.obs.night = 3 and meta.1x = 'on' and meta.a-b_c > 2")
     assert [i["name"] for i in found] == ["k.dat"]
     assert found[0]["metadata"] == {"obs": {"night": 3}, "1x": "on", "a-b_c": 2.5}
+
+
+def test_listing_pages_and_refuses_a_bad_limit(estate: Path, db_url: str) -> None:
+    from lifecycle.errors import InvalidValueError
+
+    with session_scope(db_url) as s:
+        names = [(i.name, i.version) for i in public.list_items(session=s, limit=None)]
+        page = [(i.name, i.version) for i in public.list_items(session=s, limit=2, offset=1)]
+        assert page == names[1:3] == [("run/b.dat", 1), ("run/b.dat", 2)]
+        with pytest.raises(InvalidValueError, match="invalid limit 0: must be at least 1"):
+            public.list_items(session=s, limit=0)
+        with pytest.raises(InvalidValueError, match="invalid offset -1"):
+            public.list_items(session=s, offset=-1)
