@@ -2,10 +2,11 @@
 
 DLMError                      anything DLM reports to a user (one clear line)
 +-- UserInputError            bad input: nothing was changed
-|   +-- InvalidNameError      a name or path that escapes its root, NUL, control chars
-|   +-- InvalidFilterError    a malformed --where expression
-|   +-- InvalidMetadataError  bad --meta / --meta-json
-|   +-- InvalidValueError     a bad phase, lifetime, size, tier, kind...
+|   +-- InvalidValueError     a bad phase, lifetime, size, tier, kind...: what every input
+|       |                     model (lifecycle.catalogue.inputs) raises, so an edge catches one type
+|       +-- InvalidNameError      a name or path that escapes its root, NUL, control chars
+|       +-- InvalidFilterError    a malformed --where expression
+|       +-- InvalidMetadataError  bad --meta / --meta-json
 +-- NotFoundError
 |   +-- ItemNotFoundError
 |   +-- StorageNotFoundError
@@ -37,19 +38,19 @@ class UserInputError(DLMError):
     pass
 
 
-class InvalidNameError(UserInputError):
-    pass
-
-
-class InvalidFilterError(UserInputError):
-    pass
-
-
-class InvalidMetadataError(UserInputError):
-    pass
-
-
 class InvalidValueError(UserInputError):
+    pass
+
+
+class InvalidNameError(InvalidValueError):
+    pass
+
+
+class InvalidFilterError(InvalidValueError):
+    pass
+
+
+class InvalidMetadataError(InvalidValueError):
     pass
 
 

@@ -1,6 +1,8 @@
 """The catalogue database and the operations on it.
 
-Owns the table models and their Create/Public models (models), engines, sessions and migrations
+Owns the table models (models), the input models every edge validates through (inputs, with
+StorageCreate in models) and the output models every listing prints (public, with StoragePublic
+in models), engines, sessions and migrations
 (db, sql, migrations/), the storage registry (storages), ingest of new items (ingest), bulk
 registration from a list (bulk, bulk_sources, bulk_writers), item and dataset operations and
 status (catalog), the filter language (query, query_parse, query_sql), metadata rules

@@ -15,12 +15,11 @@ from sqlmodel import Session
 from lifecycle.catalogue.bulk_sources import Row, RowError, Source
 from lifecycle.catalogue.bulk_writers import SQLITE_IN_CHUNK, PostgresWriter, SQLiteWriter
 from lifecycle.catalogue.db import one_of
-from lifecycle.catalogue.metadata import validate_metadata
+from lifecycle.catalogue.inputs import ItemOptions
 from lifecycle.catalogue.models import Storage, utcnow
 from lifecycle.catalogue.sql import chunks, core_table
 from lifecycle.errors import (
     ConflictError,
-    InvalidMetadataError,
     InvalidNameError,
     InvalidValueError,
 )
@@ -91,12 +90,12 @@ def register_from_list(
         raise InvalidValueError(f"invalid batch size {batch_size}: must be at least 1")
     if storage.state == StorageState.RETIRED:
         raise ConflictError(f"storage {storage.name!r} is retired: nothing can be registered on it")
-    if meta is not None and not isinstance(meta, dict):
-        raise InvalidMetadataError("invalid metadata: must be a JSON object")
-    meta = validate_metadata(meta) if meta else meta
-    phase_value = Phase(phase).value
+    # the defaults go through the same input model as ingest's options (rows share its rules)
+    defaults = ItemOptions(phase=phase, lifetime=lifetime, metadata={} if meta is None else meta, owner=owner)
+    meta, owner = defaults.metadata, defaults.owner
+    phase_value = defaults.phase.value
     now = utcnow()
-    default_expiry = now + lifetime if lifetime is not None else None
+    default_expiry = defaults.expiry(now)
     session.flush()  # the storage row (and anything else pending) must exist for the foreign keys
     dialect = session.get_bind().dialect.name
     writer_class = PostgresWriter if dialect == "postgresql" else SQLiteWriter

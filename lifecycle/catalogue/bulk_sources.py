@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
@@ -12,7 +11,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from lifecycle.checksum import ALGORITHMS
+from lifecycle.catalogue.inputs import valid_algo, valid_checksum, valid_size
 from lifecycle.errors import (
     DLMError,
     InvalidMetadataError,
@@ -25,9 +24,6 @@ from lifecycle.states import Phase
 from lifecycle.units import MAX_BYTES, parse_timestamp
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-DEFAULT_ALGO = "md5"
-HEX_LENGTH = {algo: hashlib.new(algo).digest_size * 2 for algo in ALGORITHMS}
-HEX = frozenset("0123456789abcdef")
 FIELDS = frozenset(
     ("name", "path", "size", "checksum", "checksum_algo", "metadata", "meta", "phase", "expires_at", "owner")
 )
@@ -152,10 +148,13 @@ def _row_from_object(obj: Any, lineno: int) -> Row:
     elif type(path) is not str:
         raise RowError(InvalidValueError, "'path' must be a string")
     size = obj.get("size")
-    if type(size) is not int or size < 0 or size > MAX_BYTES:
+    if type(size) is not int or size < 0 or size > MAX_BYTES:  # the fast check of inputs.valid_size
         if size is None:
             raise RowError(InvalidValueError, "'size' is required")
-        raise RowError(InvalidValueError, f"invalid size {size!r}: must be a non-negative integer")
+        try:
+            size = valid_size(size)
+        except InvalidValueError as exc:
+            raise RowError(InvalidValueError, str(exc)) from None
     row_meta = obj.get("metadata")
     if "meta" in obj:
         if row_meta is not None:
@@ -258,18 +257,13 @@ def _validated(
 ) -> Row:
     name = _valid_name(name, "item name")
     path = name if path == name else _valid_name(path, "path")
-    if algo is not None and algo not in HEX_LENGTH:
-        raise RowError(
-            InvalidValueError, f"unknown checksum algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}"
-        )
-    if checksum is not None:
-        algo = algo or DEFAULT_ALGO
-        checksum = checksum.lower()
-        if len(checksum) != HEX_LENGTH[algo] or not HEX.issuperset(checksum):
-            raise RowError(
-                InvalidValueError,
-                f"invalid {algo} checksum {checksum[:140]!r}: must be {HEX_LENGTH[algo]} hex digits",
-            )
+    try:  # the rules of lifecycle.catalogue.inputs.ItemCreate
+        if algo is not None:
+            valid_algo(algo)
+        if checksum is not None:
+            checksum, algo = valid_checksum(checksum, algo)
+    except InvalidValueError as exc:
+        raise RowError(InvalidValueError, str(exc)) from None
     if phase is not None:
         phase = PHASES.get(phase.upper()) if type(phase) is str else None
         if phase is None:

@@ -17,6 +17,7 @@ from sqlalchemy import case, func, select
 from sqlmodel import Session, col
 
 from lifecycle.catalogue import audit
+from lifecycle.catalogue.inputs import DatasetCreate, ExpiryChange, PhaseChange
 from lifecycle.catalogue.models import (
     Dataset,
     Event,
@@ -34,7 +35,6 @@ from lifecycle.errors import (
     ItemNotFoundError,
     PolicyViolationError,
 )
-from lifecycle.names import validate_slug
 from lifecycle.settings import get_settings
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
@@ -124,8 +124,12 @@ def item_detail(ref: str, *, session: Session, events: int = 50) -> ItemDetail:
     return ItemDetail(item, [(r, n) for r, n in reps], list(reversed(evs)))
 
 
-def set_phase(ref: str, phase: Phase, *, session: Session, actor: str = "user") -> Item:
-    """Change an item's target phase (the pipelines then converge placement to it)."""
+def set_phase(ref: str, phase: Phase | str, *, session: Session, actor: str = "user") -> Item:
+    """Change an item's target phase (the pipelines then converge placement to it).
+
+    `phase` is validated through PhaseChange (any letter case). Raises InvalidValueError,
+    ItemNotFoundError, PolicyViolationError (an expired or deleted item)."""
+    phase = PhaseChange(phase=phase).phase
     item = get_item(ref, session=session)
     if item.state in (ItemState.EXPIRED, ItemState.DELETED):
         raise PolicyViolationError(f"item {item.name} v{item.version} is {item.state}: its phase is final")
@@ -143,8 +147,14 @@ def set_phase(ref: str, phase: Phase, *, session: Session, actor: str = "user") 
     return item
 
 
-def set_expiry(ref: str, expires_at: datetime | None, *, session: Session, actor: str = "user") -> Item:
-    """Set or clear an item's expiry time."""
+def set_expiry(
+    ref: str, expires_at: datetime | ExpiryChange | None, *, session: Session, actor: str = "user"
+) -> Item:
+    """Set or clear an item's expiry time (an ExpiryChange counts a lifetime from now).
+
+    Raises ItemNotFoundError, PolicyViolationError (an expired or deleted item)."""
+    if isinstance(expires_at, ExpiryChange):
+        expires_at = expires_at.expires_at(utcnow())
     item = get_item(ref, session=session)
     if item.state in (ItemState.EXPIRED, ItemState.DELETED):
         raise PolicyViolationError(f"item {item.name} v{item.version} is already {item.state}")
@@ -168,22 +178,13 @@ def set_expiry(ref: str, expires_at: datetime | None, *, session: Session, actor
 # --------------------------------------------------------------------------- datasets
 
 
-def create_dataset(
-    name: str,
-    where: str,
-    *,
-    session: Session,
-    description: str = "",
-    owner: str | None = None,
-    actor: str = "user",
-) -> Dataset:
-    """Save a named filter. Raises InvalidNameError, InvalidFilterError, ConflictError."""
-
-    validate_slug(name, what="dataset name")
-    compile_filter(where)
+def create_dataset(data: DatasetCreate, *, session: Session, actor: str = "user") -> Dataset:
+    """Save a named filter (validated when `data` was built: InvalidNameError, InvalidFilterError).
+    Raises ConflictError (the name is taken)."""
+    name, where = data.name, data.where
     if session.execute(select(col(Dataset.id)).where(col(Dataset.name) == name)).first() is not None:
         raise ConflictError(f"dataset {name!r} already exists")
-    ds = Dataset(name=name, where=where, description=description, owner=owner)
+    ds = Dataset(name=name, where=where, description=data.description, owner=data.owner)
     session.add(ds)
     session.flush()
     audit.record(session, "dataset.created", actor=actor, details={"name": name, "where": where})

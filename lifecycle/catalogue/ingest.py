@@ -7,8 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from lifecycle.catalogue import audit
+from lifecycle.catalogue.inputs import ItemCreate, ItemOptions
 from lifecycle.catalogue.models import (
     Item,
     Replica,
@@ -35,7 +35,6 @@ from lifecycle.settings import get_settings
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
     ItemState,
-    Phase,
     ReplicaState,
 )
 from lifecycle.storage import identity
@@ -53,13 +52,8 @@ class IngestSource:
     local: Path | None = None  # for --upload
 
 
-@dataclass
-class IngestOptions:
-    phase: Phase = Phase.GAS
-    lifetime: timedelta | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    owner: str | None = None
-    parents: list[str] = field(default_factory=list)
+# What a user sets on the items of one ingest (phase, expiry, owner, metadata, parents), validated.
+IngestOptions = ItemOptions
 
 
 def _next_versions(session: Session, names: Iterable[str]) -> dict[str, int]:
@@ -169,7 +163,7 @@ def ingest(
     backend = backend_for(storage)
     versions = _next_versions(session, (s.name for s in sources))
     now = utcnow()
-    expires = now + options.lifetime if options.lifetime else None
+    expires = options.expiry(now)
     items: list[Item] = []
     total = 0
     written: list[str] = []
@@ -209,16 +203,17 @@ def ingest(
                     raise InvalidValueError(
                         f"{path} changed while it was read; ingest it again when it is complete"
                     )
+            new = ItemCreate(name=src.name, size=size, checksum=digest, checksum_algo=algo)
             item = Item(
-                name=src.name,
+                name=new.name,
                 version=version,
-                size=size,
-                checksum=digest,
-                checksum_algo=algo,
+                size=new.size,
+                checksum=new.checksum,
+                checksum_algo=new.checksum_algo,
                 target_phase=options.phase,
                 expires_at=expires,
                 owner=options.owner,
-                meta=dict(options.meta),
+                meta=dict(options.metadata),
                 parents=list(options.parents),
                 state=ItemState.READY,
                 created_at=now,

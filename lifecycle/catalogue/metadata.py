@@ -13,7 +13,11 @@ from lifecycle.errors import InvalidMetadataError
 
 MAX_META_BYTES = 64 * 1024  # an item's metadata as compact UTF-8 JSON
 MAX_META_FILE_BYTES = 1024 * 1024  # a --meta-json file is not read past this
-_META_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
+# A key path as `--meta KEY=VALUE` sets it and the filter language reads it (`meta.KEY`): segments
+# of letters, digits, '_' and '-', dots between nested keys (`obs.band` is {"obs": {"band": ...}}).
+# One pattern for both, so a key that can be set can be queried and the reverse.
+META_KEY = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
+MAX_META_KEY_LENGTH = 128
 _BAD_KEY_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn")
 
 
@@ -84,6 +88,29 @@ def _scalar_ok(value: Any, where: str) -> None:
         raise InvalidMetadataError(f"{where}invalid metadata value of type {type(value).__name__}")
 
 
+def is_meta_key(key: str) -> bool:
+    """Whether `key` is a metadata key path that `--meta KEY=VALUE` sets and `meta.KEY` queries."""
+    return len(key) <= MAX_META_KEY_LENGTH and META_KEY.fullmatch(key) is not None
+
+
+def set_meta_key(meta: dict[str, Any], key: str, value: Any) -> None:
+    """Set the (nested, dotted) key path `key` in `meta`, creating the objects on the way.
+
+    Raises InvalidMetadataError for a path through a value that is not an object.
+    """
+    *parents, last = key.split(".")
+    node = meta
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise InvalidMetadataError(
+                f"invalid metadata key {key[:80]!r}: {'.'.join(parents[: i + 1])!r} holds a value, "
+                "not an object"
+            )
+        node = child
+    node[last] = value
+
+
 def scalar(text: str) -> Any:
     """`--meta k=v` values: integers, decimals, true/false become JSON numbers/booleans."""
     if re.fullmatch(r"-?\d{1,18}", text):
@@ -96,7 +123,8 @@ def scalar(text: str) -> Any:
 
 
 def parse_meta(pairs: list[str] | None, meta_json: Path | None) -> dict[str, Any]:
-    """Metadata from a JSON object file overlaid with key=value pairs, validated.
+    """Metadata from a JSON object file overlaid with key=value pairs, validated. A dotted key
+    sets a nested one (`obs.band=r` is {"obs": {"band": "r"}}), as `meta.obs.band` reads it.
 
     Raises InvalidMetadataError for an unreadable or invalid file, a malformed pair, or
     metadata that validate_metadata refuses.
@@ -123,11 +151,11 @@ def parse_meta(pairs: list[str] | None, meta_json: Path | None) -> dict[str, Any
         meta.update(doc)
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not _META_KEY.match(key):
+        if not sep or not is_meta_key(key):
             raise InvalidMetadataError(
                 f"invalid --meta {pair[:80]!r}: use key=value with a key of letters, digits, _ . -"
             )
-        meta[key] = scalar(value)
+        set_meta_key(meta, key, scalar(value))
     return validate_metadata(meta)
 
 

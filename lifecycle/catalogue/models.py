@@ -1,16 +1,19 @@
 """The catalogue's tables (SQLModel) and their input/output models.
 
 Table models do not validate on construction, so input is validated by the
-`*Create` models first; output goes through the `*Public` models.
+`*Create` models first (`StorageCreate` here, the others in lifecycle.catalogue.inputs); output
+goes through the `*Public` models (`StoragePublic` here, the others in lifecycle.catalogue.public).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import ValidationError, field_validator, model_validator
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -27,6 +30,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
+from lifecycle.catalogue.inputs import field_label, invalid_value, labelled, parse_choice
+from lifecycle.errors import InvalidValueError
 from lifecycle.names import validate_endpoint, validate_slug
 from lifecycle.states import (
     ItemState,
@@ -40,6 +45,7 @@ from lifecycle.states import (
     TransferState,
     check_constraint,
 )
+from lifecycle.units import parse_size
 
 
 def utcnow() -> datetime:
@@ -104,19 +110,46 @@ class StorageBase(SQLModel):
 
 
 class StorageCreate(StorageBase):
+    """A storage to register, as `dlm storage add` (or any edge) gives it: kind and tier in any
+    letter case, a capacity in bytes or as text (`10GiB`). Refuses a bad value with
+    InvalidValueError (or InvalidNameError), one line; see lifecycle.catalogue.inputs."""
+
     location: str | None = None
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise invalid_value(exc) from None
+
+    @classmethod
+    def build(cls, labels: Mapping[str, str] | None = None, **values: Any) -> StorageCreate:
+        """The model from raw values; `labels` names fields in messages the edge's way."""
+        with labelled(labels):
+            return cls(**values)
 
     @field_validator("name")
     @classmethod
     def _slug(cls, value: str) -> str:
-
         return validate_slug(value, what="storage name")
 
-    @field_validator("endpoint")
+    @field_validator("kind", mode="before")
     @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
+    def _kind(cls, value: Any) -> StorageKind:
+        kind = parse_choice(value, StorageKind, "storage kind")
+        if kind is StorageKind.MEMORY:
+            raise InvalidValueError("memory storages exist for unit tests only")
+        return kind
 
-        return None if value is None else validate_endpoint(value)
+    @field_validator("tier", mode="before")
+    @classmethod
+    def _tier(cls, value: Any) -> Tier:
+        return parse_choice(value, Tier, "tier")
+
+    @field_validator("capacity_bytes", mode="before")
+    @classmethod
+    def _capacity_text(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("capacity_bytes")
     @classmethod
@@ -124,6 +157,27 @@ class StorageCreate(StorageBase):
         if value is not None and value <= 0:
             raise ValueError("capacity must be positive")
         return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else validate_endpoint(value)
+
+    @field_validator("credentials_env")
+    @classmethod
+    def _credentials_env(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
+            raise InvalidValueError(
+                f"invalid credentials env prefix {value!r}: use upper-case letters, digits, _"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _s3_only(self) -> StorageCreate:
+        if self.kind is not StorageKind.S3 and (self.endpoint or self.region):
+            endpoint, region = field_label("endpoint"), field_label("region")
+            raise InvalidValueError(f"{endpoint} and {region} apply to s3 storages only")
+        return self
 
 
 class Storage(StorageBase, table=True):
@@ -191,13 +245,6 @@ class Item(ItemBase, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
-class ItemPublic(ItemBase):
-    oid: uuid.UUID
-    state: ItemState
-    created_at: datetime
-    updated_at: datetime
-
-
 # --------------------------------------------------------------------------- Replica
 
 
@@ -248,17 +295,6 @@ class Replica(SQLModel, table=True):
     claimed_by: str | None = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-
-
-class ReplicaPublic(SQLModel):
-    uid: uuid.UUID
-    item_oid: uuid.UUID
-    storage: str
-    path: str
-    state: ReplicaState
-    expires_at: datetime | None
-    verified_at: datetime | None
-    created_at: datetime
 
 
 # --------------------------------------------------------------------------- Transfer

@@ -26,7 +26,6 @@ null or an absent key. Literals become bound parameters; SQL is never built from
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -138,4 +137,3 @@ FIELD_SPECS: Final[dict[str, Field]] = {
     "expires": Field("date", nullable=True),
     "storage": Field("storage", nullable=True, glob=True, ordered=False),
 }
-META_KEY = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)

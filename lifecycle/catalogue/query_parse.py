@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
+from lifecycle.catalogue.metadata import MAX_META_KEY_LENGTH, is_meta_key
 from lifecycle.catalogue.query import (
     FIELD_SPECS,
     MAX_DEPTH,
     MAX_LENGTH,
     MAX_TERMS,
-    META_KEY,
     And,
     Compare,
     CompareOp,
@@ -285,11 +285,12 @@ def _resolve_field(tok: _Token) -> tuple[str, Field]:
         return lowered, FIELD_SPECS[lowered]
     if lowered == "meta" or lowered.startswith("meta."):
         key = tok.text[5:]
-        if not META_KEY.fullmatch(key):
+        if not is_meta_key(key):  # the keys `--meta KEY=VALUE` sets (lifecycle.catalogue.metadata)
             raise _error(
                 tok.pos,
                 f"bad metadata key {_show(key)} in {_show(tok.text)}: use meta.KEY with letters, "
-                "digits, _ and -, dots for nested keys (meta.obs.band)",
+                f"digits, _ and -, dots for nested keys (meta.obs.band), at most {MAX_META_KEY_LENGTH} "
+                "characters",
             )
         return "meta." + key, _META
     known = [*FIELD_SPECS, "meta.KEY"]

@@ -205,7 +205,7 @@ def _number_postgresql(element: _MetaNumber, compiler: SQLCompiler, **kw: Any) -
 
 
 def _meta_args(keys: list[str]) -> list[Any]:
-    path = "$" + "".join(f'."{key}"' for key in keys)  # keys are [A-Za-z0-9_-]+, see META_KEY
+    path = "$" + "".join(f'."{key}"' for key in keys)  # keys are [A-Za-z0-9_-]+, see metadata.META_KEY
     return [
         col(Item.meta),
         sa.literal(path, sa.String()),

@@ -291,6 +291,9 @@ def _location_id(session: Session, name: str | None) -> uuid.UUID | None:
 def add_storage(data: StorageCreate, *, session: Session, check: bool = True, actor: str = "user") -> Storage:
     """Register a storage volume after checking that DLM can reach it.
 
+    `data` was validated when it was built (name, kind, tier, capacity, endpoint, credentials
+    prefix: lifecycle.catalogue.models.StorageCreate); here the root is checked against the file
+    system and the other storages.
     Raises ConflictError (name taken), InvalidValueError (bad root or options, `/` as a posix
     root, a root equal to, inside or containing another non-retired storage's root),
     CredentialsError / StorageUnavailableError / StorageError (the check failed).
@@ -298,12 +301,6 @@ def add_storage(data: StorageCreate, *, session: Session, check: bool = True, ac
     if session.execute(select(col(Storage.id)).where(col(Storage.name) == data.name)).first() is not None:
         raise ConflictError(f"storage {data.name!r} already exists")
     kind = StorageKind(data.kind)
-    if data.credentials_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", data.credentials_env):
-        raise InvalidValueError(
-            f"invalid credentials env prefix {data.credentials_env!r}: use upper-case letters, digits, _"
-        )
-    if kind is not StorageKind.S3 and (data.endpoint or data.region):
-        raise InvalidValueError("--endpoint and --region apply to s3 storages only")
     root = _normalise_root(data)
     _refuse_whole_fs(data.name, kind, root)
     storage = Storage(
