@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from botocore.exceptions import ClientError
 from sqlalchemy import select
@@ -225,13 +226,17 @@ def copy_on(name: str, storage: str) -> CopyRow:
     return row
 
 
-def event_kinds(name: str) -> list[str]:
-    """The kinds of item NAME's audit events, oldest first."""
+def events_of(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, details) of item NAME's audit events, oldest first."""
     with session_scope() as s:
         oid = get_item(name, session=s).oid
-        return [
-            e.kind for e in s.scalars(select(Event).where(col(Event.item_oid) == oid).order_by(col(Event.id)))
-        ]
+        rows = s.scalars(select(Event).where(col(Event.item_oid) == oid).order_by(col(Event.id)))
+        return [(e.kind, dict(e.details or {})) for e in rows]
+
+
+def event_kinds(name: str) -> list[str]:
+    """The kinds of item NAME's audit events, oldest first."""
+    return [kind for kind, _ in events_of(name)]
 
 
 def copy_batch(names: Sequence[str], src: str, dst: str) -> CopyBatch:
