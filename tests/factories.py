@@ -209,7 +209,9 @@ def copies_of(name: str, *, deleted: bool = False) -> list[CopyRow]:
             .join(Storage, col(Storage.id) == col(Replica.storage_id))
             .where(col(Replica.item_oid) == oid)
         ).all()
-    found = [CopyRow(uid, oid, sname, sid, path, ReplicaState(state)) for uid, sid, sname, path, state in rows]
+    found = [
+        CopyRow(uid, oid, sname, sid, path, ReplicaState(state)) for uid, sid, sname, path, state in rows
+    ]
     return sorted(
         (c for c in found if deleted or c.state != ReplicaState.DELETED), key=lambda c: (c.storage, c.state)
     )

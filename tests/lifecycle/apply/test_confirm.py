@@ -30,7 +30,9 @@ def checks(names: tuple[str, ...], storage: str) -> list[Check]:
     with session_scope() as s:
         items = [get_item(name, session=s) for name in names]
     return [
-        Check(r.uid, r.item_oid, r.storage_id, r.path, i.size, i.checksum or "", i.checksum_algo or "", r.state)
+        Check(
+            r.uid, r.item_oid, r.storage_id, r.path, i.size, i.checksum or "", i.checksum_algo or "", r.state
+        )
         for r, i in zip(rows, items, strict=True)
     ]
 

@@ -37,7 +37,9 @@ def used_bytes(storage: str) -> int:
 
 
 @pytest.mark.parametrize("dst", ["warm", "cold"])
-def test_a_copy_batch_lands_the_items_bytes_and_marks_them_ready(estate: Estate, tmp_path: Path, dst: str) -> None:
+def test_a_copy_batch_lands_the_items_bytes_and_marks_them_ready(
+    estate: Estate, tmp_path: Path, dst: str
+) -> None:
     ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
     result = apply_copy_batch(copy_batch(NAMES, "hot", dst))
     assert (result.done, result.failed, result.bytes) == (3, 0, 3 * 3000), result.errors
