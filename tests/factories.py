@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlmodel import Session, col
 
 from devrig.seaweed import SeaweedServer
+from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.catalogue import ingest as ingesting
 from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
@@ -179,6 +180,17 @@ def ingest_payloads(
         options = ingesting.IngestOptions(phase=phase, lifetime=lifetime)
         ingesting.ingest(storage=st, sources=sources, options=options, session=s)
         return {name: get_item(name, session=s).oid for name in payloads}
+
+
+def on_hot_and(
+    dst: str, names: Sequence[str], *, staging: Path, phase: Phase = Phase.GAS
+) -> dict[str, uuid.UUID]:
+    """Items NAMES with their payload() uploaded to 'hot' and copied to DST (one copy batch),
+    both copies READY; returns name -> item oid."""
+    oids = ingest_payloads("hot", {n: payload(n) for n in names}, staging=staging, phase=phase)
+    result = apply_copy_batch(copy_batch(names, "hot", dst))
+    assert result.done == len(names), result.errors
+    return oids
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 
 from lifecycle.apply.checkout import best_sources, checkout
-from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.storages import set_storage_state
 from lifecycle.errors import InvalidValueError
 from lifecycle.states import StorageState
-from tests.factories import Estate, copy_batch, event_kinds, ingest_payloads, payload
+from tests.factories import Estate, event_kinds, ingest_payloads, on_hot_and, payload
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -32,8 +31,7 @@ def check_out(names: tuple[str, ...], dest: Path) -> tuple[int, dict[str, str]]:
 def test_the_best_copy_lands_verified_and_an_offline_storage_is_not_used(
     estate: Estate, tmp_path: Path
 ) -> None:
-    ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(NAMES, "hot", "cold")).done == 2
+    on_hot_and("cold", NAMES, staging=tmp_path / "staging")
     with session_scope() as s:
         first = best_sources(s, [get_item(n, session=s) for n in NAMES])
         assert {src.storage.name for src in first} == {"hot"}  # the fastest tier first

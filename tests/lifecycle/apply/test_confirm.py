@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 
 from lifecycle.apply.confirm import confirm_copies, same_files
-from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.apply.settle import Check
 from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.errors import StorageError
 from lifecycle.states import ReplicaState
-from tests.factories import Estate, copy_batch, copy_on, ingest_payloads, payload
+from tests.factories import Estate, copy_on, on_hot_and, payload
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -43,8 +42,7 @@ def test_each_copy_is_found_intact_lost_or_corrupted(
 ) -> None:
     """Posix copies are hashed from their bytes (the intact one and the rotten one: 6000
     bytes); S3 is judged by the MD5 it stores, reading nothing."""
-    ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(NAMES, "hot", storage)).done == 4
+    on_hot_and(storage, NAMES, staging=tmp_path / "staging")
     estate.remove(storage, "gone.dat")
     estate.flip_byte(storage, "rotten.dat")
     estate.write(storage, "short.dat", payload("short.dat")[:-1])
@@ -62,8 +60,7 @@ def test_each_copy_is_found_intact_lost_or_corrupted(
 
 
 def test_an_unmounted_root_confirms_nothing(estate: Estate, tmp_path: Path) -> None:
-    ingest_payloads("hot", {"intact.dat": payload("intact.dat")}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(["intact.dat"], "hot", "warm")).done == 1
+    on_hot_and("warm", ["intact.dat"], staging=tmp_path / "staging")
     survivors = checks(("intact.dat",), "warm")
     (estate.root / "warm").rename(estate.root / "elsewhere")
     with session_scope() as s:
@@ -74,8 +71,7 @@ def test_an_unmounted_root_confirms_nothing(estate: Estate, tmp_path: Path) -> N
 
 def test_a_hard_link_into_another_root_is_not_a_second_copy(estate: Estate, tmp_path: Path) -> None:
     """The 'copy' on warm is the same inode as the one to delete on hot: it does not count."""
-    ingest_payloads("hot", {"intact.dat": payload("intact.dat")}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(["intact.dat"], "hot", "warm")).done == 1
+    on_hot_and("warm", ["intact.dat"], staging=tmp_path / "staging")
     [survivor] = checks(("intact.dat",), "warm")
     os.unlink(estate.root / "warm" / "intact.dat")
     os.link(estate.root / "hot" / "intact.dat", estate.root / "warm" / "intact.dat")

@@ -4,21 +4,21 @@ reads the bytes left on the storages."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.apply.delete import apply_delete_batch
 from lifecycle.planning.pipelines import policy_from
 from lifecycle.states import Phase
 from tests.factories import (
     Estate,
-    copy_batch,
     delete_batch,
     event_kinds,
     events_of,
     ingest_payloads,
+    on_hot_and,
     payload,
     states_of,
 )
@@ -27,12 +27,7 @@ pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
 NAME = "obs/frame.fits"
 DATA = payload(NAME)
-
-
-def on_hot_and(survivor: str, staging: Path, phase: Phase = Phase.GAS) -> None:
-    """NAME on hot and copied to SURVIVOR, both READY."""
-    ingest_payloads("hot", {NAME: DATA}, staging=staging, phase=phase)
-    assert apply_copy_batch(copy_batch([NAME], "hot", survivor)).done == 1
+DAMAGE: dict[str, Callable[[Estate, str, str], None]] = {"LOST": Estate.remove, "CORRUPTED": Estate.flip_byte}
 
 
 @pytest.mark.parametrize(("survivor", "hashed"), [("warm", 3000), ("cold", 0)])
@@ -40,7 +35,7 @@ def test_a_deletion_goes_once_the_surviving_copy_is_confirmed(
     estate: Estate, tmp_path: Path, survivor: str, hashed: int
 ) -> None:
     """A posix survivor is re-read (its bytes hashed); S3 keeps the MD5, so none is read."""
-    on_hot_and(survivor, tmp_path / "staging")
+    on_hot_and(survivor, [NAME], staging=tmp_path / "staging")
     result = apply_delete_batch(delete_batch(NAME, "hot"), policy=policy_from())
     assert (result.done, result.failed, result.skipped) == (1, 0, 0), result.errors
     assert result.read_bytes == hashed
@@ -51,37 +46,26 @@ def test_a_deletion_goes_once_the_surviving_copy_is_confirmed(
 
 
 @pytest.mark.parametrize("survivor", ["warm", "cold"])
-def test_a_deletion_relying_on_a_vanished_copy_is_refused_and_the_file_stays(
-    estate: Estate, tmp_path: Path, survivor: str
+@pytest.mark.parametrize("found", ["LOST", "CORRUPTED"])
+def test_a_deletion_relying_on_a_damaged_copy_is_refused_and_the_file_stays(
+    estate: Estate, tmp_path: Path, survivor: str, found: str
 ) -> None:
-    on_hot_and(survivor, tmp_path / "staging")
-    estate.remove(survivor, NAME)
+    """The survivor vanished (LOST), or holds the same size of other bytes (CORRUPTED: found by
+    re-reading a posix file, by S3's stored MD5)."""
+    on_hot_and(survivor, [NAME], staging=tmp_path / "staging")
+    DAMAGE[found](estate, survivor, NAME)
     result = apply_delete_batch(delete_batch(NAME, "hot"), policy=policy_from())
     assert (result.done, result.skipped) == (0, 1)
-    assert "last intact copy" in result.errors[NAME] and f"{survivor} is LOST" in result.errors[NAME]
+    assert "last intact copy" in result.errors[NAME] and f"{survivor} is {found}" in result.errors[NAME]
     assert estate.read("hot", NAME) == DATA
-    assert states_of(NAME) == sorted([("hot", "READY"), (survivor, "LOST")])
-    assert event_kinds(NAME)[-2:] == ["replica.lost", "policy.refused"]
-
-
-@pytest.mark.parametrize("survivor", ["warm", "cold"])
-def test_a_deletion_relying_on_a_rotten_copy_is_refused_and_the_file_stays(
-    estate: Estate, tmp_path: Path, survivor: str
-) -> None:
-    """Same size, other bytes: found by re-reading (posix) or by S3's stored MD5."""
-    on_hot_and(survivor, tmp_path / "staging")
-    estate.flip_byte(survivor, NAME)
-    result = apply_delete_batch(delete_batch(NAME, "hot"), policy=policy_from())
-    assert result.done == 0
-    assert f"{survivor} is CORRUPTED" in result.errors[NAME]
-    assert estate.read("hot", NAME) == DATA
-    assert states_of(NAME) == sorted([("hot", "READY"), (survivor, "CORRUPTED")])
+    assert states_of(NAME) == sorted([("hot", "READY"), (survivor, found)])
+    assert event_kinds(NAME)[-2:] == [f"replica.{found.lower()}", "policy.refused"]
 
 
 def test_an_unmounted_survivor_storage_refuses_the_deletion_and_marks_nothing(
     estate: Estate, tmp_path: Path
 ) -> None:
-    on_hot_and("warm", tmp_path / "staging")
+    on_hot_and("warm", [NAME], staging=tmp_path / "staging")
     (estate.root / "warm").rename(estate.root / "warm-unmounted")
     result = apply_delete_batch(delete_batch(NAME, "hot"), policy=policy_from())
     assert result.done == 0 and "could not be listed" in result.errors[NAME]
@@ -90,7 +74,7 @@ def test_an_unmounted_survivor_storage_refuses_the_deletion_and_marks_nothing(
 
 
 def test_a_deletion_that_would_break_the_phase_is_refused(estate: Estate, tmp_path: Path) -> None:
-    on_hot_and("cold", tmp_path / "staging", phase=Phase.LIQUID)
+    on_hot_and("cold", [NAME], staging=tmp_path / "staging", phase=Phase.LIQUID)
     result = apply_delete_batch(delete_batch(NAME, "cold"), policy=policy_from())
     assert (result.done, result.skipped) == (0, 1)
     assert estate.read("hot", NAME) == DATA and estate.read("cold", NAME) == DATA

@@ -10,7 +10,6 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import col
 
-from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.apply.records import (
     apply_phase_changes,
     delete_item_now,
@@ -26,7 +25,7 @@ from lifecycle.errors import PolicyViolationError
 from lifecycle.planning.actions import Drained, ExpireItem, SetPhase
 from lifecycle.planning.pipelines import policy_from
 from lifecycle.states import Phase, StorageState
-from tests.factories import Estate, copy_batch, event_kinds, ingest_payloads, payload, states_of
+from tests.factories import Estate, event_kinds, ingest_payloads, on_hot_and, payload, states_of
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -42,8 +41,7 @@ def item_state(name: str = NAME) -> tuple[str, str]:
 def test_an_explicit_delete_removes_every_copys_bytes_and_leaves_a_tombstone(
     estate: Estate, tmp_path: Path
 ) -> None:
-    oids = ingest_payloads("hot", {NAME: payload(NAME)}, staging=tmp_path / "staging", phase=Phase.LIQUID)
-    assert apply_copy_batch(copy_batch([NAME], "hot", "cold")).done == 1
+    oids = on_hot_and("cold", [NAME], staging=tmp_path / "staging", phase=Phase.LIQUID)
     results = delete_item_now(oids[NAME], policy=policy_from())
     assert sum(r.done for r in results) == 2 and not any(r.errors for r in results)
     assert estate.read("hot", NAME) is None and estate.read("cold", NAME) is None

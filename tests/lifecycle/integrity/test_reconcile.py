@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.errors import ItemNotFoundError
 from lifecycle.integrity.reconcile import reconcile_storage
-from tests.factories import Estate, copies_of, copy_batch, ingest_payloads, md5, payload, states_of
+from tests.factories import (
+    Estate,
+    copies_of,
+    md5,
+    on_hot_and,
+    payload,
+    states_of,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -35,8 +41,7 @@ def is_item(name: str) -> bool:
 def test_unknown_objects_are_reported_and_adopted_only_when_asked(
     estate: Estate, tmp_path: Path, storage: str
 ) -> None:
-    ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(NAMES, "hot", storage)).done == 3
+    on_hot_and(storage, NAMES, staging=tmp_path / "staging")
     estate.write(storage, FOUND, payload(FOUND, 1234))
     estate.write(storage, TEMP, b"half an upload")
     estate.remove(storage, "gone.dat")

@@ -15,14 +15,20 @@ import pytest
 from sqlalchemy import select, update
 from sqlmodel import col
 
-from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Event, Replica, Storage
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.integrity.recovery import remove_dead_temp_files, settle_in_flight
 from lifecycle.states import ReplicaState
 from lifecycle.storage.posix import TEMP_PREFIX
-from tests.factories import Estate, copy_batch, copy_on, event_kinds, ingest_payloads, payload, states_of
+from tests.factories import (
+    Estate,
+    copy_on,
+    event_kinds,
+    on_hot_and,
+    payload,
+    states_of,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -77,8 +83,7 @@ def test_a_dead_runs_rows_are_settled_by_what_the_storage_holds(
     estate: Estate, tmp_path: Path, dead_pid: int, storage: str
 ) -> None:
     names = ("landed.dat", "partial.dat", "deleted.dat", "undeleted.dat", "live.dat")
-    ingest_payloads("hot", {n: payload(n) for n in names}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(names, "hot", storage)).done == 5
+    on_hot_and(storage, names, staging=tmp_path / "staging")
     dead = f"{socket.gethostname()}:{dead_pid}"
     put_in_flight("landed.dat", storage, ReplicaState.COPYING, dead)
     put_in_flight("partial.dat", storage, ReplicaState.COPYING, dead)

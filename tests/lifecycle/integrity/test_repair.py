@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.catalogue.db import session_scope
 from lifecycle.integrity.repair import plan_repairs, repair_batch
 from lifecycle.integrity.verify import batch_checks, select_checks, verify_batch
-from tests.factories import Estate, copy_batch, copy_on, event_kinds, ingest_payloads, payload, states_of
+from tests.factories import (
+    Estate,
+    copy_on,
+    event_kinds,
+    ingest_payloads,
+    on_hot_and,
+    payload,
+    states_of,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -31,8 +38,7 @@ def damaged_after_verify() -> list[uuid.UUID]:
 def test_a_corrupted_and_a_lost_copy_get_the_items_bytes_back(
     estate: Estate, tmp_path: Path, damaged: str
 ) -> None:
-    ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(NAMES, "hot", damaged)).done == 2
+    on_hot_and(damaged, NAMES, staging=tmp_path / "staging")
     estate.flip_byte(damaged, "rotten.dat")
     estate.remove(damaged, "gone.dat")
     uids = damaged_after_verify()
@@ -67,8 +73,7 @@ def test_a_source_that_rotted_since_the_plan_repairs_nothing_with_its_bytes(
     estate: Estate, tmp_path: Path
 ) -> None:
     """The repair reads its result back: bytes that are not the item's are never marked READY."""
-    ingest_payloads("hot", {"gone.dat": payload("gone.dat")}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(["gone.dat"], "hot", "warm")).done == 1
+    on_hot_and("warm", ["gone.dat"], staging=tmp_path / "staging")
     estate.remove("warm", "gone.dat")
     uids = damaged_after_verify()
     with session_scope() as s:

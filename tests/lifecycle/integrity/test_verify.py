@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.integrity.verify import VerifyResult, batch_checks, select_checks, verify_batch
-from tests.factories import Estate, copy_batch, event_kinds, ingest_payloads, payload, states_of
+from tests.factories import Estate, event_kinds, ingest_payloads, on_hot_and, payload, states_of
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -35,8 +34,7 @@ def item_state(name: str) -> str:
 def test_a_flipped_byte_is_corrupted_and_a_missing_copy_lost(
     estate: Estate, tmp_path: Path, storage: str
 ) -> None:
-    ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
-    assert apply_copy_batch(copy_batch(NAMES, "hot", storage)).done == 3
+    on_hot_and(storage, NAMES, staging=tmp_path / "staging")
     estate.flip_byte(storage, "rotten.dat")
     estate.remove(storage, "gone.dat")
     result = verify(storage)
