@@ -26,6 +26,7 @@ from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Event, Replica, Storage, StorageCreate
 from lifecycle.catalogue.storages import add_storage, get_storage
+from lifecycle.integrity.verify import VerifyResult, batch_checks, select_checks, verify_batch
 from lifecycle.planning.actions import Copy, DeleteReplica
 from lifecycle.planning.plan import CopyBatch, DeleteBatch
 from lifecycle.states import Phase, ReplicaState, StorageKind, Tier
@@ -272,3 +273,11 @@ def delete_batch(name: str, storage: str, *, expiring: bool = False) -> DeleteBa
         size = get_item(name, session=s).size
     action = DeleteReplica(row.uid, row.item_oid, row.storage_id, row.path, size, "test")
     return DeleteBatch(row.storage_id, (action,), frozenset({row.item_oid} if expiring else ()))
+
+
+def verify_copies(*storages: str) -> list[VerifyResult]:
+    """Re-read every copy (on STORAGES; all when none is named) with verify, one batch per
+    storage and algorithm."""
+    with session_scope() as s:
+        sel = select_checks(s, budget_bytes=10**12, storages=storages or None)
+    return [verify_batch(b) for b in batch_checks(sel.checks, max_files=1000, max_bytes=10**12)]

@@ -12,14 +12,7 @@ from sqlmodel import col
 from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, Transfer
-from tests.factories import (
-    Estate,
-    copy_batch,
-    event_kinds,
-    ingest_payloads,
-    payload,
-    states_of,
-)
+from tests.factories import Estate, copy_batch, event_kinds, ingest_payloads, payload, states_of
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 

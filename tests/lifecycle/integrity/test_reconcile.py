@@ -12,14 +12,7 @@ from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.errors import ItemNotFoundError
 from lifecycle.integrity.reconcile import reconcile_storage
-from tests.factories import (
-    Estate,
-    copies_of,
-    md5,
-    on_hot_and,
-    payload,
-    states_of,
-)
+from tests.factories import Estate, copies_of, md5, on_hot_and, payload, states_of
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 

@@ -21,14 +21,7 @@ from lifecycle.catalogue.storages import get_storage
 from lifecycle.integrity.recovery import remove_dead_temp_files, settle_in_flight
 from lifecycle.states import ReplicaState
 from lifecycle.storage.posix import TEMP_PREFIX
-from tests.factories import (
-    Estate,
-    copy_on,
-    event_kinds,
-    on_hot_and,
-    payload,
-    states_of,
-)
+from tests.factories import Estate, copy_on, event_kinds, on_hot_and, payload, states_of
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 

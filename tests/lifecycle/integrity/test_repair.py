@@ -10,7 +10,6 @@ import pytest
 
 from lifecycle.catalogue.db import session_scope
 from lifecycle.integrity.repair import plan_repairs, repair_batch
-from lifecycle.integrity.verify import batch_checks, select_checks, verify_batch
 from tests.factories import (
     Estate,
     copy_on,
@@ -19,6 +18,7 @@ from tests.factories import (
     on_hot_and,
     payload,
     states_of,
+    verify_copies,
 )
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
@@ -28,10 +28,7 @@ NAMES = ("rotten.dat", "gone.dat")
 
 def damaged_after_verify() -> list[uuid.UUID]:
     """Verify every copy; the replica uids found damaged."""
-    with session_scope() as s:
-        sel = select_checks(s, budget_bytes=10**9)
-    batches = batch_checks(sel.checks, max_files=100, max_bytes=10**9)
-    return [uid for batch in batches for uid in verify_batch(batch).damaged]
+    return [uid for result in verify_copies() for uid in result.damaged]
 
 
 @pytest.mark.parametrize("damaged", ["warm", "cold"])

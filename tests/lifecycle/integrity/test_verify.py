@@ -10,7 +10,15 @@ import pytest
 from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.integrity.verify import VerifyResult, batch_checks, select_checks, verify_batch
-from tests.factories import Estate, event_kinds, ingest_payloads, on_hot_and, payload, states_of
+from tests.factories import (
+    Estate,
+    event_kinds,
+    ingest_payloads,
+    on_hot_and,
+    payload,
+    states_of,
+    verify_copies,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -18,11 +26,9 @@ NAMES = ("intact.dat", "rotten.dat", "gone.dat")
 
 
 def verify(storage: str) -> VerifyResult:
-    """Verify every copy on STORAGE in one batch."""
-    with session_scope() as s:
-        sel = select_checks(s, budget_bytes=10**9, storages=[storage])
-    [batch] = batch_checks(sel.checks, max_files=100, max_bytes=10**9)
-    return verify_batch(batch)
+    """Verify every copy on STORAGE (one batch)."""
+    [result] = verify_copies(storage)
+    return result
 
 
 def item_state(name: str) -> str:
