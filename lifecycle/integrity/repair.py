@@ -14,6 +14,7 @@ from sqlmodel import Session, col
 
 from lifecycle.apply.result import BatchResult
 from lifecycle.apply.settle import (
+    COPY_COLUMNS,
     Check,
     ReplicaChange,
     apply_replica_changes,
@@ -24,7 +25,7 @@ from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage, Transfer, utcnow
 from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions
 from lifecycle.errors import DLMError, StorageError
-from lifecycle.integrity.verify import CHECKED_ITEMS, COPY_COLUMNS, DAMAGED, READABLE
+from lifecycle.integrity.verify import CHECKED_ITEMS, DAMAGED, READABLE
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
     ReplicaState,
