@@ -169,16 +169,8 @@ def select_checks(
 
 def batch_checks(checks: Sequence[Check], *, max_files: int, max_bytes: int) -> list[VerifyBatch]:
     """Group checks by (storage, algorithm), then cut at max_files or max_bytes."""
-    return [
-        VerifyBatch(sid, algo, batch)
-        for (sid, algo), batch in cut(
-            checks,
-            key=lambda c: (c.storage_id, c.algo),
-            size=lambda c: c.size,
-            max_files=max_files,
-            max_bytes=max_bytes,
-        )
-    ]
+    cuts = cut(checks, key=lambda c: (c.storage_id, c.algo), max_files=max_files, max_bytes=max_bytes)
+    return [VerifyBatch(sid, algo, batch) for (sid, algo), batch in cuts]
 
 
 # --------------------------------------------------------------------------- verify
