@@ -194,6 +194,14 @@ def on_hot_and(
     return oids
 
 
+def rot_and_lose(estate: Estate, storage: str, names: Sequence[str], *, staging: Path) -> None:
+    """NAMES on 'hot' and copied to STORAGE; there, behind DLM's back, 'rotten.dat' (one of
+    NAMES) gets a flipped byte and 'gone.dat' (another) is removed."""
+    on_hot_and(storage, names, staging=staging)
+    estate.flip_byte(storage, "rotten.dat")
+    estate.remove(storage, "gone.dat")
+
+
 @dataclass(frozen=True)
 class CopyRow:
     """One replica row of an item, as a test reads it back."""

@@ -16,7 +16,7 @@ from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.errors import StorageError
 from lifecycle.states import ReplicaState
-from tests.factories import Estate, copy_on, on_hot_and, payload
+from tests.factories import Estate, copy_on, on_hot_and, payload, rot_and_lose
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -42,9 +42,7 @@ def test_each_copy_is_found_intact_lost_or_corrupted(
 ) -> None:
     """Posix copies are hashed from their bytes (the intact one and the rotten one: 6000
     bytes); S3 is judged by the MD5 it stores, reading nothing."""
-    on_hot_and(storage, NAMES, staging=tmp_path / "staging")
-    estate.remove(storage, "gone.dat")
-    estate.flip_byte(storage, "rotten.dat")
+    rot_and_lose(estate, storage, NAMES, staging=tmp_path / "staging")
     estate.write(storage, "short.dat", payload("short.dat")[:-1])
     with session_scope() as s:
         st = get_storage(storage, session=s)

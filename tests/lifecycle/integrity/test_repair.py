@@ -17,6 +17,7 @@ from tests.factories import (
     ingest_payloads,
     on_hot_and,
     payload,
+    rot_and_lose,
     states_of,
     verify_copies,
 )
@@ -35,9 +36,7 @@ def damaged_after_verify() -> list[uuid.UUID]:
 def test_a_corrupted_and_a_lost_copy_get_the_items_bytes_back(
     estate: Estate, tmp_path: Path, damaged: str
 ) -> None:
-    on_hot_and(damaged, NAMES, staging=tmp_path / "staging")
-    estate.flip_byte(damaged, "rotten.dat")
-    estate.remove(damaged, "gone.dat")
+    rot_and_lose(estate, damaged, NAMES, staging=tmp_path / "staging")
     uids = damaged_after_verify()
     assert sorted(uids) == sorted(copy_on(n, damaged).uid for n in NAMES)
     with session_scope() as s:

@@ -10,15 +10,7 @@ import pytest
 from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.integrity.verify import VerifyResult, batch_checks, select_checks, verify_batch
-from tests.factories import (
-    Estate,
-    event_kinds,
-    ingest_payloads,
-    on_hot_and,
-    payload,
-    states_of,
-    verify_copies,
-)
+from tests.factories import Estate, event_kinds, ingest_payloads, payload, rot_and_lose, states_of
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -26,9 +18,11 @@ NAMES = ("intact.dat", "rotten.dat", "gone.dat")
 
 
 def verify(storage: str) -> VerifyResult:
-    """Verify every copy on STORAGE (one batch)."""
-    [result] = verify_copies(storage)
-    return result
+    """Select every copy on STORAGE and verify them in one batch."""
+    with session_scope() as s:
+        sel = select_checks(s, budget_bytes=10**9, storages=[storage])
+    [batch] = batch_checks(sel.checks, max_files=100, max_bytes=10**9)
+    return verify_batch(batch)
 
 
 def item_state(name: str) -> str:
@@ -40,9 +34,7 @@ def item_state(name: str) -> str:
 def test_a_flipped_byte_is_corrupted_and_a_missing_copy_lost(
     estate: Estate, tmp_path: Path, storage: str
 ) -> None:
-    on_hot_and(storage, NAMES, staging=tmp_path / "staging")
-    estate.flip_byte(storage, "rotten.dat")
-    estate.remove(storage, "gone.dat")
+    rot_and_lose(estate, storage, NAMES, staging=tmp_path / "staging")
     result = verify(storage)
     assert (result.matched, result.corrupted, result.lost, result.unreadable) == (1, 1, 1, 0), result.errors
     assert not result.trusted  # the bytes were read, not the stored hashes
