@@ -31,7 +31,7 @@ from lifecycle.errors import InvalidValueError, PolicyViolationError
 from lifecycle.states import ItemState, ReplicaState, StorageKind, StorageState, Tier
 from lifecycle.storage.backends import backend_for
 from lifecycle.transfer.log import HASHES
-from lifecycle.transfer.operations import copy_files, delete_files, hashsum, refused_paths
+from lifecycle.transfer.operations import CopyReport, copy_files, delete_files, hashsum, refused_paths
 from lifecycle.transfer.process import batch_deadline, run
 from lifecycle.transfer.target import RcloneTarget
 
@@ -156,6 +156,17 @@ def destination_target(dest: str) -> tuple[RcloneTarget, Path | None]:
     return RcloneTarget(str(local), local_root=str(local)), local  # no file lands through a link
 
 
+def _copy_group(
+    src: RcloneTarget, dst: RcloneTarget, group: Sequence[Source], *, transfers: int, report: CheckoutReport
+) -> CopyReport:
+    """Copy the group's files from their storage to `dst` at their paths, in ONE rclone process
+    (counted in the report); never over a file already there."""
+    report.rclone_processes += 1
+    return copy_files(
+        src, dst, [s.path for s in group], transfers=transfers, nbytes=sum(s.size for s in group)
+    )
+
+
 def checkout(
     session: Session, items: Sequence[Item], dest: str, *, actor: str = "user", transfers: int = 8
 ) -> CheckoutReport:
@@ -181,28 +192,14 @@ def checkout(
         if same:
             # The checkout directory is the user's: a file of the same name with the same bytes
             # counts as checked out; one with other bytes is left as it is and reported.
-            res = copy_files(
-                src_target,
-                target,
-                [s.path for s in same],
-                transfers=transfers,
-                nbytes=sum(s.size for s in same),
-            )
-            report.rclone_processes += 1
+            res = _copy_group(src_target, target, same, transfers=transfers, report=report)
             report.failed.update(res.failed)
             landed += [s for s in same if s.path in res.ok]
         if renamed and local is not None:
             staging = Path(tempfile.mkdtemp(prefix=".dlm-checkout-", dir=local))
             try:
                 stage = RcloneTarget(str(staging), local_root=str(staging))
-                res = copy_files(
-                    src_target,
-                    stage,
-                    [s.path for s in renamed],
-                    transfers=transfers,
-                    nbytes=sum(s.size for s in renamed),
-                )
-                report.rclone_processes += 1
+                res = _copy_group(src_target, stage, renamed, transfers=transfers, report=report)
                 links = refused_paths(target, [s.name for s in renamed])
                 for s in renamed:
                     if s.name in links:

@@ -336,39 +336,28 @@ def apply_copy_batch(
     if mismatches:  # a copy that is not the item's bytes must not stay behind
         delete_files(dst_target, list(mismatches))
     duration = time.monotonic() - started
-    good = [c for c in claims if c.path not in failed]
-    bad = [c for c in claims if c.path in failed]
     t2 = time.monotonic()
-    _settle_copies(
-        s_factory=sessions,
-        batch=batch,
-        good=good,
-        bad=bad,
-        failed=failed,
-        duration=duration,
-        actor=actor,
-        src_name=src.name,
-        dst_name=dst.name,
-        result=result,
-    )
+    _settle_copies(sessions, batch, claims, failed, duration=duration, actor=actor, result=result)
     result.duration_s = duration
     result.stages["settle"] = time.monotonic() - t2
     return result
 
 
 def _settle_copies(
-    *,
     s_factory: SessionFactory,
     batch: CopyBatch,
-    good: Sequence[_Claim],
-    bad: Sequence[_Claim],
+    claims: Sequence[_Claim],
     failed: dict[str, str],
+    *,
     duration: float,
     actor: str,
-    src_name: str,
-    dst_name: str,
     result: BatchResult,
 ) -> None:
+    """Settle the claimed copies: READY where they landed intact, the claims of the `failed`
+    ones (path -> why) removed, their transfers and events."""
+    good = [c for c in claims if c.path not in failed]
+    bad = [c for c in claims if c.path in failed]
+    src_name, dst_name = result.src, result.dst
     now = utcnow()
     events: list[dict[str, Any]] = []
     with s_factory() as s:

@@ -24,7 +24,14 @@ from sqlmodel import Session, col
 
 from lifecycle.apply.confirm import confirm_copies, same_files
 from lifecycle.apply.result import BatchResult
-from lifecycle.apply.settle import Check, ReplicaChange, apply_replica_changes, settle_items
+from lifecycle.apply.settle import (
+    COPY_COLUMNS,
+    Check,
+    ReplicaChange,
+    apply_replica_changes,
+    check_of,
+    settle_items,
+)
 from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage, utcnow
 from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions, is_postgres, worker_id
@@ -40,7 +47,7 @@ from lifecycle.planning.policy import (
     StorageIndex,
     phase_satisfied,
 )
-from lifecycle.planning.snapshot import ITEM_COLUMNS, item_view, storage_views
+from lifecycle.planning.snapshot import ITEM_COLUMNS, REPLICA_COLUMNS, item_view, storage_views
 from lifecycle.states import (
     LIVE_ITEM_STATES,
     ItemState,
@@ -97,15 +104,7 @@ def _safe_to_delete(
         r[0]: item_view(r) for r in session.execute(select(*ITEM_COLUMNS).where(col(Item.oid).in_(oids)))
     }
     reps: dict[uuid.UUID, list[ReplicaView]] = defaultdict(list)
-    for r in session.execute(
-        select(
-            col(Replica.uid),
-            col(Replica.item_oid),
-            col(Replica.storage_id),
-            col(Replica.path),
-            col(Replica.state),
-        ).where(col(Replica.item_oid).in_(oids))
-    ):
+    for r in session.execute(select(*REPLICA_COLUMNS).where(col(Replica.item_oid).in_(oids))):
         reps[r[1]].append(ReplicaView(r[0], r[1], r[2], r[3], ReplicaState(r[4])))
     for oid, uids in by_item.items():
         item = items.get(oid)
@@ -152,26 +151,18 @@ def _survivor_checks(
     checks: list[Check] = []
     todo = sorted(oids)
     for chunk in chunks(todo):
-        for uid, oid, sid, path, size, checksum, algo in session.execute(
-            select(
-                col(Replica.uid),
-                col(Replica.item_oid),
-                col(Replica.storage_id),
-                col(Replica.path),
-                col(Item.size),
-                col(Item.checksum),
-                col(Item.checksum_algo),
-            )
-            .join(Item, col(Item.oid) == col(Replica.item_oid))
-            .where(
-                col(Replica.item_oid).in_(chunk),
-                col(Replica.state) == ReplicaState.READY.value,
-                col(Replica.storage_id).in_(list(intact)),
-            )
-        ):
-            checks.append(
-                Check(uid, oid, sid, path, int(size), checksum or "", algo or "md5", ReplicaState.READY)
-            )
+        checks += map(
+            check_of,
+            session.execute(
+                select(*COPY_COLUMNS)
+                .join(Item, col(Item.oid) == col(Replica.item_oid))
+                .where(
+                    col(Replica.item_oid).in_(chunk),
+                    col(Replica.state) == ReplicaState.READY.value,
+                    col(Replica.storage_id).in_(list(intact)),
+                )
+            ),
+        )
     return checks
 
 

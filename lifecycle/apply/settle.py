@@ -168,3 +168,23 @@ class Check:
     checksum: str
     algo: str
     state: ReplicaState  # when selected; every update is guarded by it
+
+
+# A copy to check, confirm or repair: uid, item, storage, path, state, and the item's size and
+# checksum (select them joined with Item; `check_of` makes the row a Check).
+COPY_COLUMNS = (
+    col(Replica.uid),
+    col(Replica.item_oid),
+    col(Replica.storage_id),
+    col(Replica.path),
+    col(Replica.state),
+    col(Item.size),
+    col(Item.checksum),
+    col(Item.checksum_algo),
+)
+
+
+def check_of(row: Sequence[Any]) -> Check:
+    """The Check of a row that starts with COPY_COLUMNS (no checksum: "", no algorithm: md5)."""
+    uid, oid, sid, path, state, size, checksum, algo = row[:8]
+    return Check(uid, oid, sid, path, int(size), checksum or "", algo or "md5", ReplicaState(state))

@@ -38,7 +38,7 @@ import orjson
 from sqlalchemy import select
 from sqlmodel import col
 
-from lifecycle.apply.settle import Check, ReplicaChange, apply_replica_changes, settle_items
+from lifecycle.apply.settle import COPY_COLUMNS, ReplicaChange, apply_replica_changes, check_of, settle_items
 from lifecycle.catalogue import audit, bulk
 from lifecycle.catalogue.models import Item, Replica, Storage, utcnow
 from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions
@@ -285,25 +285,15 @@ def _settle(
     for chunk in chunks(uids):
         with sessions() as s:
             rows = s.execute(
-                select(
-                    col(Replica.uid),
-                    col(Replica.item_oid),
-                    col(Replica.path),
-                    col(Replica.state),
-                    col(Item.size),
-                    col(Item.checksum),
-                    col(Item.checksum_algo),
-                )
+                select(*COPY_COLUMNS)
                 .join(Item, col(Item.oid) == col(Replica.item_oid))
                 .where(col(Replica.uid).in_(chunk), col(Replica.state).in_(_JUDGED))
             ).all()
             changes: list[ReplicaChange] = []
-            for uid, oid, path, state, size, checksum, algo in rows:
-                check = Check(
-                    uid, oid, storage.id, path, int(size), checksum or "", algo or "md5", ReplicaState(state)
-                )
+            for check in map(check_of, rows):
+                uid, path = check.replica_uid, check.path
                 if uid in found_size:
-                    if state != ReplicaState.READY.value:
+                    if check.state != ReplicaState.READY:
                         continue
                     want, got = found_size[uid]
                     details = {**base, "path": path, "expected_size": want, "found_size": got}
@@ -312,7 +302,7 @@ def _settle(
                     details = {**base, "path": path}
                     if uid in linked:
                         details["reason"] = linked[uid]
-                    lost = ReplicaChange(check, ReplicaState.LOST, "replica.lost", details, -int(size))
+                    lost = ReplicaChange(check, ReplicaState.LOST, "replica.lost", details, -check.size)
                     changes.append(lost)
             applied = apply_replica_changes(s, changes, storage_id=storage.id, actor=actor, now=utcnow())
             for ch in applied:

@@ -35,6 +35,7 @@ from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage, Transfer, utcnow
 from lifecycle.catalogue.sql import chunks
 from lifecycle.errors import DLMError
+from lifecycle.planning.snapshot import REPLICA_COLUMNS
 from lifecycle.states import ItemState, ReplicaState, StorageKind, StorageState, TransferState
 from lifecycle.storage.backends import backend_for
 from lifecycle.storage.posix import TEMP_PREFIX
@@ -201,11 +202,7 @@ def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "
     cutoff = utcnow() - stale_after
     rows = session.execute(
         select(
-            col(Replica.uid),
-            col(Replica.item_oid),
-            col(Replica.storage_id),
-            col(Replica.path),
-            col(Replica.state),
+            *REPLICA_COLUMNS,
             col(Replica.claimed_by),
             col(Replica.updated_at),
             col(Item.checksum),

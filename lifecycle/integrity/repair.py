@@ -14,6 +14,7 @@ from sqlmodel import Session, col
 
 from lifecycle.apply.result import BatchResult
 from lifecycle.apply.settle import (
+    COPY_COLUMNS,
     Check,
     ReplicaChange,
     apply_replica_changes,
@@ -24,7 +25,8 @@ from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage, Transfer, utcnow
 from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions
 from lifecycle.errors import DLMError, StorageError
-from lifecycle.integrity.verify import CHECKED_ITEMS, COPY_COLUMNS, DAMAGED, READABLE
+from lifecycle.integrity.verify import CHECKED_ITEMS, DAMAGED, READABLE
+from lifecycle.planning.batching import cut
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
     ReplicaState,
@@ -99,7 +101,7 @@ def plan_repairs(
             .order_by(col(Storage.name))
         ):
             sources[oid].append((sid, path, name))
-    groups: dict[tuple[uuid.UUID, uuid.UUID], list[Repair]] = defaultdict(list)
+    planned: dict[Repair, tuple[uuid.UUID, uuid.UUID]] = {}  # -> (source, destination storage)
     for uid, oid, sid, path, state, size, checksum, algo in rows:
         algo = algo or "md5"
         others = [src for src in sources[oid] if src[0] != sid]
@@ -112,23 +114,10 @@ def plan_repairs(
             skipped[uid] = "no intact copy at the same path (replicate will add a new copy)"
         else:
             skipped.pop(uid)
-            groups[(same_path[0][0], sid)].append(
-                Repair(uid, oid, path, int(size), checksum, algo, ReplicaState(state))
-            )
-            continue
-    batches: list[RepairBatch] = []
-    for (src, dst), group in groups.items():
-        current: list[Repair] = []
-        nbytes = 0
-        for r in group:
-            if current and (len(current) >= max_files or nbytes + r.size > max_bytes):
-                batches.append(RepairBatch(src, dst, tuple(current)))
-                current, nbytes = [], 0
-            current.append(r)
-            nbytes += r.size
-        if current:
-            batches.append(RepairBatch(src, dst, tuple(current)))
-    return batches, skipped
+            repair = Repair(uid, oid, path, int(size), checksum, algo, ReplicaState(state))
+            planned[repair] = (same_path[0][0], sid)
+    cuts = cut(planned, key=planned.__getitem__, max_files=max_files, max_bytes=max_bytes)
+    return [RepairBatch(src, dst, group) for (src, dst), group in cuts], skipped
 
 
 def repair_batch(

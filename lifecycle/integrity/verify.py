@@ -33,9 +33,11 @@ from sqlmodel import Session, col
 
 from lifecycle.apply.confirm import native_hashes
 from lifecycle.apply.settle import (
+    COPY_COLUMNS,
     Check,
     ReplicaChange,
     apply_replica_changes,
+    check_of,
     no_other_live_copy,
     settle_items,
 )
@@ -77,17 +79,6 @@ __all__ = [
 DEFAULT_BUDGET_BYTES = 100 * 1024**3
 READABLE = (StorageState.ONLINE.value, StorageState.DRAINING.value)
 DAMAGED = (ReplicaState.CORRUPTED.value, ReplicaState.LOST.value)
-# A copy to check or repair: uid, item, storage, path, state, and the item's size and checksum.
-COPY_COLUMNS = (
-    col(Replica.uid),
-    col(Replica.item_oid),
-    col(Replica.storage_id),
-    col(Replica.path),
-    col(Replica.state),
-    col(Item.size),
-    col(Item.checksum),
-    col(Item.checksum_algo),
-)
 CHECKED_ITEMS = (ItemState.READY.value, ItemState.CORRUPTED.value)
 
 
@@ -141,10 +132,7 @@ def select_checks(
     sel = Selection(budget_bytes=budget_bytes)
     ids = [get_storage(name, session=session).id for name in storages or ()]
     q = (
-        select(
-            *COPY_COLUMNS,
-            col(Storage.name),
-        )
+        select(*COPY_COLUMNS, col(Storage.name))
         .join(Item, col(Item.oid) == col(Replica.item_oid))
         .join(Storage, col(Storage.id) == col(Replica.storage_id))
         .where(
@@ -160,19 +148,19 @@ def select_checks(
         q = q.where(col(Replica.storage_id).in_(ids))
     result = session.execute(q.execution_options(yield_per=2000))
     try:
-        for uid, oid, sid, path, state, size, checksum, algo, sname in result:
-            algo = algo or "md5"
-            if algo not in HASHES:
+        for row in result:
+            check = check_of(row)
+            if check.algo not in HASHES:
                 sel.unsupported += 1
                 continue
-            cost = 0 if state == ReplicaState.LOST else int(size)
+            cost = 0 if check.state == ReplicaState.LOST else check.size
             if (limit is not None and len(sel.checks) >= limit) or (
                 sel.checks and sel.bytes + cost > budget_bytes
             ):
                 sel.budget_reached = True
                 break
-            sel.checks.append(Check(uid, oid, sid, path, int(size), checksum, algo, ReplicaState(state)))
-            sel.storage_ids[sid] = sname
+            sel.checks.append(check)
+            sel.storage_ids[check.storage_id] = row[8]
             sel.bytes += cost
     finally:
         result.close()
@@ -181,16 +169,8 @@ def select_checks(
 
 def batch_checks(checks: Sequence[Check], *, max_files: int, max_bytes: int) -> list[VerifyBatch]:
     """Group checks by (storage, algorithm), then cut at max_files or max_bytes."""
-    return [
-        VerifyBatch(sid, algo, batch)
-        for (sid, algo), batch in cut(
-            checks,
-            key=lambda c: (c.storage_id, c.algo),
-            size=lambda c: c.size,
-            max_files=max_files,
-            max_bytes=max_bytes,
-        )
-    ]
+    cuts = cut(checks, key=lambda c: (c.storage_id, c.algo), max_files=max_files, max_bytes=max_bytes)
+    return [VerifyBatch(sid, algo, batch) for (sid, algo), batch in cuts]
 
 
 # --------------------------------------------------------------------------- verify

@@ -5,22 +5,26 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-T = TypeVar("T")
+
+class Sized(Protocol):
+    """A thing to move or read: its size in bytes."""
+
+    @property
+    def size(self) -> int: ...
+
+
+T = TypeVar("T", bound=Sized)
 K = TypeVar("K", bound=Hashable)
 
 
 def cut(
-    things: Iterable[T],
-    *,
-    key: Callable[[T], K],
-    size: Callable[[T], int],
-    max_files: int,
-    max_bytes: int,
+    things: Iterable[T], *, key: Callable[[T], K], max_files: int, max_bytes: int
 ) -> list[tuple[K, tuple[T, ...]]]:
     """(key, batch) pairs: things grouped by key in first-seen order, each group cut so a batch
-    holds at most max_files things and max_bytes bytes (a single larger thing is its own batch)."""
+    holds at most max_files things and max_bytes bytes of their `size` (a single larger thing
+    is its own batch)."""
     groups: dict[K, list[T]] = defaultdict(list)
     for t in things:
         groups[key(t)].append(t)
@@ -29,7 +33,7 @@ def cut(
         current: list[T] = []
         total = 0
         for t in group:
-            n = size(t)
+            n = t.size
             if current and (len(current) >= max_files or total + n > max_bytes):
                 batches.append((k, tuple(current)))
                 current, total = [], 0

@@ -6,6 +6,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lifecycle.planning.actions import (
     Action,
@@ -47,29 +48,25 @@ class Plan:
     ) -> Plan:
         """Sort actions by kind; copies beyond the run's item or byte bound are left for later."""
         plan = cls(pipeline)
+        by_kind: dict[type, list[Any]] = {
+            DeleteReplica: plan.deletes,
+            ExpireItem: plan.expires,
+            SetPhase: plan.phases,
+            Refusal: plan.refusals,
+            Shortfall: plan.shortfalls,
+            Drained: plan.drained,
+        }
         copied_bytes = 0
         for a in actions:
-            if isinstance(a, Copy):
-                if max_items is not None and len(plan.copies) >= max_items:
-                    plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
-                    continue
-                if max_bytes is not None and copied_bytes + a.size > max_bytes and plan.copies:
-                    plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
-                    continue
+            if not isinstance(a, Copy):
+                by_kind[type(a)].append(a)
+            elif (max_items is not None and len(plan.copies) >= max_items) or (
+                max_bytes is not None and copied_bytes + a.size > max_bytes and plan.copies
+            ):
+                plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
+            else:
                 copied_bytes += a.size
                 plan.copies.append(a)
-            elif isinstance(a, DeleteReplica):
-                plan.deletes.append(a)
-            elif isinstance(a, ExpireItem):
-                plan.expires.append(a)
-            elif isinstance(a, SetPhase):
-                plan.phases.append(a)
-            elif isinstance(a, Refusal):
-                plan.refusals.append(a)
-            elif isinstance(a, Shortfall):
-                plan.shortfalls.append(a)
-            elif isinstance(a, Drained):
-                plan.drained.append(a)
         return plan
 
     @property
@@ -112,16 +109,10 @@ class DeleteBatch:
 
 def batch_copies(copies: Sequence[Copy], *, max_files: int, max_bytes: int) -> list[CopyBatch]:
     """Group copies by (source, destination) storage, then cut at max_files or max_bytes."""
-    return [
-        CopyBatch(src, dst, batch)
-        for (src, dst), batch in cut(
-            copies,
-            key=lambda c: (c.src_storage_id, c.dst_storage_id),
-            size=lambda c: c.size,
-            max_files=max_files,
-            max_bytes=max_bytes,
-        )
-    ]
+    cuts = cut(
+        copies, key=lambda c: (c.src_storage_id, c.dst_storage_id), max_files=max_files, max_bytes=max_bytes
+    )
+    return [CopyBatch(src, dst, batch) for (src, dst), batch in cuts]
 
 
 def batch_deletes(

@@ -23,14 +23,7 @@ from uuid import UUID
 
 from lifecycle.planning.actions import Action, Copy, DeleteReplica, ItemGroup, PathOwner, SetPhase, Shortfall
 from lifecycle.planning.policy import ItemView, Policy, ReplicaView, StorageIndex, StorageView
-from lifecycle.states import (
-    ItemState,
-    Phase,
-    ReplicaState,
-    StorageKind,
-    StorageState,
-    Tier,
-)
+from lifecycle.states import ItemState, Phase, ReplicaState, StorageKind, StorageState, Tier
 
 __all__ = [
     "Action",

@@ -73,6 +73,16 @@ ITEM_COLUMNS = (
 )
 
 
+# A copy as the planners see it: uid, item, storage, path, state (a ReplicaView's first five).
+REPLICA_COLUMNS = (
+    col(Replica.uid),
+    col(Replica.item_oid),
+    col(Replica.storage_id),
+    col(Replica.path),
+    col(Replica.state),
+)
+
+
 def item_view(row: Any) -> ItemView:
     return ItemView(
         row[0], row[1], row[2], int(row[3]), Phase(row[4]), ItemState(row[5]), row[6], row[7], row[8]
@@ -123,15 +133,7 @@ def stream_groups(
         reps: dict[uuid.UUID, list[ReplicaView]] = {o: [] for o in oids}
         paths: set[str] = set()
         for r in conn.execute(
-            select(
-                col(Replica.uid),
-                col(Replica.item_oid),
-                col(Replica.storage_id),
-                col(Replica.path),
-                col(Replica.state),
-                col(Replica.expires_at),
-                col(Replica.created_at),
-            ).where(
+            select(*REPLICA_COLUMNS, col(Replica.expires_at), col(Replica.created_at)).where(
                 one_of(conn.dialect.name, col(Replica.item_oid), oids),
                 col(Replica.state).notin_([ReplicaState.DELETED.value]),
             )
