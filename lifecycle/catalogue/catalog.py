@@ -38,6 +38,7 @@ from lifecycle.names import validate_slug
 from lifecycle.settings import get_settings
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
+    EventKind,
     ItemState,
     Phase,
     ReplicaState,
@@ -135,7 +136,7 @@ def set_phase(ref: str, phase: Phase, *, session: Session, actor: str = "user") 
     session.add(item)
     audit.record(
         session,
-        "item.phase_changed",
+        EventKind.ITEM_PHASE_CHANGED,
         item_oid=item.oid,
         actor=actor,
         details={"from": str(old), "to": phase.value},
@@ -154,7 +155,7 @@ def set_expiry(ref: str, expires_at: datetime | None, *, session: Session, actor
     session.add(item)
     audit.record(
         session,
-        "item.expiry_changed",
+        EventKind.ITEM_EXPIRY_CHANGED,
         item_oid=item.oid,
         actor=actor,
         details={
@@ -186,7 +187,7 @@ def create_dataset(
     ds = Dataset(name=name, where=where, description=description, owner=owner)
     session.add(ds)
     session.flush()
-    audit.record(session, "dataset.created", actor=actor, details={"name": name, "where": where})
+    audit.record(session, EventKind.DATASET_CREATED, actor=actor, details={"name": name, "where": where})
     return ds
 
 
@@ -204,7 +205,7 @@ def list_datasets(*, session: Session) -> list[Dataset]:
 def delete_dataset(name: str, *, session: Session, actor: str = "user") -> None:
     ds = get_dataset(name, session=session)
     session.delete(ds)
-    audit.record(session, "dataset.deleted", actor=actor, details={"name": name})
+    audit.record(session, EventKind.DATASET_DELETED, actor=actor, details={"name": name})
 
 
 # --------------------------------------------------------------------------- status

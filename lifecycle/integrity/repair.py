@@ -27,6 +27,7 @@ from lifecycle.errors import DLMError, StorageError
 from lifecycle.integrity.verify import CHECKED_ITEMS, COPY_COLUMNS, DAMAGED, READABLE
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
+    EventKind,
     ReplicaState,
     TransferKind,
     TransferState,
@@ -265,7 +266,7 @@ def repair_batch(
                     r.state,
                 ),
                 ReplicaState.READY,
-                "replica.repaired",
+                EventKind.REPLICA_REPAIRED,
                 {
                     "storage": dst.name,
                     "path": r.path,
@@ -310,7 +311,7 @@ def repair_batch(
             s,
             [
                 {
-                    "kind": "replica.repair_failed",
+                    "kind": EventKind.REPLICA_REPAIR_FAILED,
                     "item_oid": r.item_oid,
                     "replica_uid": r.replica_uid,
                     "storage_id": batch.dst_storage_id,

@@ -47,6 +47,7 @@ from lifecycle.errors import StorageError
 from lifecycle.planning.batching import cut
 from lifecycle.settings import Settings, get_settings
 from lifecycle.states import (
+    EventKind,
     ItemState,
     ReplicaState,
     StorageState,
@@ -279,7 +280,7 @@ def verify_batch(
                     ReplicaChange(
                         c,
                         ReplicaState.READY,
-                        "replica.repaired",
+                        EventKind.REPLICA_REPAIRED,
                         {**base, "path": c.path, "was": c.state.value, "how": "found intact again"},
                         c.size if c.state == ReplicaState.LOST else 0,
                     )
@@ -290,7 +291,9 @@ def verify_batch(
                 result.damaged.append(c.replica_uid)
             else:
                 delta = c.size if c.state == ReplicaState.LOST else 0
-                changes.append(ReplicaChange(c, ReplicaState.CORRUPTED, "replica.corrupted", details, delta))
+                changes.append(
+                    ReplicaChange(c, ReplicaState.CORRUPTED, EventKind.REPLICA_CORRUPTED, details, delta)
+                )
         elif c.state == ReplicaState.LOST:
             result.damaged.append(c.replica_uid)
         else:
@@ -298,7 +301,7 @@ def verify_batch(
             details = {**base, "path": c.path}
             if c.path in links:
                 details["reason"] = result.errors[c.path] = links[c.path]
-            changes.append(ReplicaChange(c, ReplicaState.LOST, "replica.lost", details, delta))
+            changes.append(ReplicaChange(c, ReplicaState.LOST, EventKind.REPLICA_LOST, details, delta))
     now = utcnow()
     with sessions() as s:
         for chunk in chunks([c.replica_uid for c in intact]):
