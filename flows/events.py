@@ -10,6 +10,7 @@ from typing import Any
 
 from lifecycle.catalogue import audit
 from lifecycle.settings import get_settings
+from lifecycle.states import EventKind
 
 # Past this many events in one transaction, the rest are published as one `dlm.events.summary`
 # per kind (a count and a sample of items): the event bus is for
@@ -92,7 +93,7 @@ def announce_items_ready(oids: Sequence[str]) -> bool:
 
         events = [
             Event(
-                event="dlm.item.ready",
+                event=f"dlm.{EventKind.ITEM_READY}",
                 resource={"prefect.resource.id": f"dlm.item.{oid}", "dlm.item.oid": oid},
             ).model_dump(mode="json")
             for oid in oids[:MAX_ANNOUNCED]

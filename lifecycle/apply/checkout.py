@@ -28,7 +28,7 @@ from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage
 from lifecycle.catalogue.storages import path_segments, paths_nested, rclone_remotes, storage_space
 from lifecycle.errors import InvalidValueError, PolicyViolationError
-from lifecycle.states import ItemState, ReplicaState, StorageKind, StorageState, Tier
+from lifecycle.states import EventKind, ItemState, ReplicaState, StorageKind, StorageState, Tier
 from lifecycle.storage.backends import backend_for
 from lifecycle.transfer.log import HASHES
 from lifecycle.transfer.operations import CopyReport, copy_files, delete_files, hashsum, refused_paths
@@ -261,7 +261,7 @@ def checkout(
         session,
         [
             {
-                "kind": "item.checked_out",
+                "kind": EventKind.ITEM_CHECKED_OUT,
                 "item_oid": s.item_oid,
                 "storage_id": s.storage.id,
                 "actor": actor,

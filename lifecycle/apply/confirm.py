@@ -12,6 +12,7 @@ from lifecycle.apply.settle import Check, ReplicaChange
 from lifecycle.catalogue.models import Storage
 from lifecycle.errors import DLMError, StorageError
 from lifecycle.states import (
+    EventKind,
     ReplicaState,
     StorageKind,
 )
@@ -90,7 +91,7 @@ def confirm_copies(
         entry = found.get(c.path)
         if entry is None:
             out.changes.append(
-                ReplicaChange(c, ReplicaState.LOST, "replica.lost", {**base, "path": c.path}, -c.size)
+                ReplicaChange(c, ReplicaState.LOST, EventKind.REPLICA_LOST, {**base, "path": c.path}, -c.size)
             )
             continue
         size = entry.get("Size")
@@ -105,7 +106,7 @@ def confirm_copies(
         else:
             out.intact.append(c)
             continue
-        out.changes.append(ReplicaChange(c, ReplicaState.CORRUPTED, "replica.corrupted", details))
+        out.changes.append(ReplicaChange(c, ReplicaState.CORRUPTED, EventKind.REPLICA_CORRUPTED, details))
     for hash_algo, group in to_hash.items():
         try:
             digests = hashsum(
@@ -125,7 +126,9 @@ def confirm_copies(
                 out.intact.append(c)
             else:
                 details = {**base, "path": c.path, "algo": c.algo, "expected": c.checksum, "found": got}
-                out.changes.append(ReplicaChange(c, ReplicaState.CORRUPTED, "replica.corrupted", details))
+                out.changes.append(
+                    ReplicaChange(c, ReplicaState.CORRUPTED, EventKind.REPLICA_CORRUPTED, details)
+                )
     return out
 
 

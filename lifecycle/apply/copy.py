@@ -42,6 +42,7 @@ from lifecycle.errors import DLMError
 from lifecycle.planning.plan import CopyBatch
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
+    EventKind,
     ItemState,
     ReplicaState,
     TransferKind,
@@ -359,7 +360,7 @@ def _settle_copies(
     bad = [c for c in claims if c.path in failed]
     src_name, dst_name = result.src, result.dst
     now = utcnow()
-    events: list[dict[str, Any]] = []
+    events: list[audit.EventRow] = []
     with s_factory() as s:
         dialect = s.get_bind().dialect.name
         conn = s.connection()  # Core statements: no ORM session synchronisation to do
@@ -400,7 +401,7 @@ def _settle_copies(
         for c in good:
             events.append(
                 {
-                    "kind": "replica.created",
+                    "kind": EventKind.REPLICA_CREATED,
                     "item_oid": c.item_oid,
                     "replica_uid": c.replica_uid,
                     "storage_id": batch.dst_storage_id,
@@ -416,7 +417,7 @@ def _settle_copies(
         for c in bad:
             events.append(
                 {
-                    "kind": "transfer.failed",
+                    "kind": EventKind.TRANSFER_FAILED,
                     "item_oid": c.item_oid,
                     "storage_id": batch.dst_storage_id,
                     "actor": actor,

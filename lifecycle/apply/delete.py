@@ -50,6 +50,7 @@ from lifecycle.planning.policy import (
 from lifecycle.planning.snapshot import ITEM_COLUMNS, REPLICA_COLUMNS, item_view, storage_views
 from lifecycle.states import (
     LIVE_ITEM_STATES,
+    EventKind,
     ItemState,
     ReplicaState,
     StorageState,
@@ -227,7 +228,7 @@ def _confirm_survivors(
             if name in unlisted:
                 for c in checks:
                     found[c.item_oid].append(f"{name} could not be listed ({unlisted[name]})")
-        events = []
+        events: list[audit.EventRow] = []
         back: dict[str, list[uuid.UUID]] = defaultdict(list)
         for uid, why in refused.items():
             oid, was, _ = claim.rows[uid]
@@ -235,7 +236,7 @@ def _confirm_survivors(
             refusals[uid] = f"kept: {why} ({'; '.join(found[oid]) or 'other copies unconfirmed'})"
             events.append(
                 {
-                    "kind": "policy.refused",
+                    "kind": EventKind.POLICY_REFUSED,
                     "item_oid": oid,
                     "replica_uid": uid,
                     "storage_id": storage.id,
@@ -312,7 +313,7 @@ def apply_delete_batch(
             s,
             [
                 {
-                    "kind": "policy.refused",
+                    "kind": EventKind.POLICY_REFUSED,
                     "item_oid": want[u].item_oid,
                     "replica_uid": u,
                     "storage_id": batch.storage_id,
@@ -379,31 +380,29 @@ def apply_delete_batch(
                 .where(col(Replica.uid) == uid)
                 .values(state=previous[uid], updated_at=now, claimed_by=None)
             )
-        audit.record_many(
-            s,
-            [
-                {
-                    "kind": "replica.deleted",
-                    "item_oid": want[u].item_oid,
-                    "replica_uid": u,
-                    "storage_id": batch.storage_id,
-                    "actor": actor,
-                    "details": {"path": want[u].path, "reason": want[u].reason, "storage": storage.name},
-                }
-                for u in ok
-            ]
-            + [
-                {
-                    "kind": "replica.delete_failed",
-                    "item_oid": want[u].item_oid,
-                    "replica_uid": u,
-                    "storage_id": batch.storage_id,
-                    "actor": actor,
-                    "details": {"path": want[u].path, "error": err[:500]},
-                }
-                for u, err in bad.items()
-            ],
-        )
+        events: list[audit.EventRow] = [
+            {
+                "kind": EventKind.REPLICA_DELETED,
+                "item_oid": want[u].item_oid,
+                "replica_uid": u,
+                "storage_id": batch.storage_id,
+                "actor": actor,
+                "details": {"path": want[u].path, "reason": want[u].reason, "storage": storage.name},
+            }
+            for u in ok
+        ]
+        events += [
+            {
+                "kind": EventKind.REPLICA_DELETE_FAILED,
+                "item_oid": want[u].item_oid,
+                "replica_uid": u,
+                "storage_id": batch.storage_id,
+                "actor": actor,
+                "details": {"path": want[u].path, "error": err[:500]},
+            }
+            for u, err in bad.items()
+        ]
+        audit.record_many(s, events)
     result.done = len(ok)
     result.failed = len(bad)
     result.bytes = freed

@@ -31,6 +31,7 @@ from lifecycle.planning.policy import (
 from lifecycle.reports import Settled
 from lifecycle.states import (
     LIVE_ITEM_STATES,
+    EventKind,
     ItemState,
     Phase,
     ReplicaState,
@@ -76,7 +77,12 @@ def mark_expired(session: Session, expires: Sequence[ExpireItem], *, actor: str)
     audit.record_many(
         session,
         [
-            {"kind": "item.expired", "item_oid": r[0], "actor": actor, "details": {"reason": reasons[r[0]]}}
+            {
+                "kind": EventKind.ITEM_EXPIRED,
+                "item_oid": r[0],
+                "actor": actor,
+                "details": {"reason": reasons[r[0]]},
+            }
             for r in done
         ],
     )
@@ -101,7 +107,7 @@ def finish_expired(session: Session, *, actor: str) -> int:
         session,
         [
             {
-                "kind": "item.deleted",
+                "kind": EventKind.ITEM_DELETED,
                 "item_oid": r[0],
                 "actor": actor,
                 "details": {"name": r[1], "version": r[2]},
@@ -127,7 +133,7 @@ def apply_phase_changes(session: Session, changes: Sequence[SetPhase], *, actor:
             n += 1
             audit.record(
                 session,
-                "item.phase_changed",
+                EventKind.ITEM_PHASE_CHANGED,
                 item_oid=ch.item_oid,
                 actor=actor,
                 details={"to": ch.phase.value, "reason": ch.reason},
@@ -141,7 +147,7 @@ def record_refusals(session: Session, refusals: Sequence[Refusal], *, actor: str
         session,
         [
             {
-                "kind": "policy.refused",
+                "kind": EventKind.POLICY_REFUSED,
                 "item_oid": r.item_oid,
                 "replica_uid": r.replica_uid,
                 "actor": actor,
@@ -169,10 +175,10 @@ def record_drained(session: Session, drained: Sequence[Drained], *, actor: str) 
             .order_by(col(Event.id).desc())
             .limit(1)
         ).first()
-        if last is None or last.kind != "storage.drained":
+        if last is None or last.kind != EventKind.STORAGE_DRAINED:
             audit.record(
                 session,
-                "storage.drained",
+                EventKind.STORAGE_DRAINED,
                 storage_id=d.storage_id,
                 actor=actor,
                 details={"name": storage.name},

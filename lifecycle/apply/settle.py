@@ -19,6 +19,7 @@ from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Item, Replica, Storage, utcnow
 from lifecycle.catalogue.sql import chunks
 from lifecycle.states import (
+    EventKind,
     ItemState,
     ReplicaState,
 )
@@ -52,7 +53,7 @@ def settle_items(session: Session, oids: Iterable[uuid.UUID], *, actor: str) -> 
     CORRUPTED items with a READY copy again become READY (`item.repaired`). Returns
     (corrupted, repaired)."""
     todo = sorted(set(oids))
-    events: list[dict[str, Any]] = []
+    events: list[audit.EventRow] = []
     now = utcnow()
     has_ready = (
         select(col(Replica.uid))
@@ -77,7 +78,7 @@ def settle_items(session: Session, oids: Iterable[uuid.UUID], *, actor: str) -> 
         repaired += len(back)
         events += [
             {
-                "kind": "item.corrupted",
+                "kind": EventKind.ITEM_CORRUPTED,
                 "item_oid": oid,
                 "actor": actor,
                 "details": {"name": name, "version": version, "reason": "no intact copy left"},
@@ -86,7 +87,7 @@ def settle_items(session: Session, oids: Iterable[uuid.UUID], *, actor: str) -> 
         ]
         events += [
             {
-                "kind": "item.repaired",
+                "kind": EventKind.ITEM_REPAIRED,
                 "item_oid": oid,
                 "actor": actor,
                 "details": {"name": name, "version": version},
@@ -103,7 +104,7 @@ class ReplicaChange:
 
     check: Check
     to: ReplicaState
-    kind: str | None
+    kind: EventKind | None
     details: dict[str, Any]
     used_delta: int = 0
 

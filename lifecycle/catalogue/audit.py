@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Required, TypedDict
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import insert
@@ -14,6 +14,7 @@ from sqlmodel import Session
 
 from lifecycle.catalogue.models import Event, utcnow
 from lifecycle.redact import redact_value
+from lifecycle.states import EventKind
 
 log = logging.getLogger(__name__)
 
@@ -21,20 +22,33 @@ Publisher = Callable[[Sequence[dict[str, Any]]], None]
 _publishers: list[Publisher] = []
 _PENDING = "dlm_pending_events"
 # Kinds that are announced to publishers (others stay in the audit table only).
-PUBLISHED_KINDS = {
-    "item.ready",
-    "item.expired",
-    "item.deleted",
-    "item.corrupted",
-    "replica.created",
-    "replica.deleted",
-    "replica.corrupted",
-    "replica.lost",
-    "replica.repaired",
-    "item.repaired",
-    "transfer.failed",
-    "storage.drained",
-}
+PUBLISHED_KINDS = frozenset(
+    {
+        EventKind.ITEM_READY,
+        EventKind.ITEM_EXPIRED,
+        EventKind.ITEM_DELETED,
+        EventKind.ITEM_CORRUPTED,
+        EventKind.REPLICA_CREATED,
+        EventKind.REPLICA_DELETED,
+        EventKind.REPLICA_CORRUPTED,
+        EventKind.REPLICA_LOST,
+        EventKind.REPLICA_REPAIRED,
+        EventKind.ITEM_REPAIRED,
+        EventKind.TRANSFER_FAILED,
+        EventKind.STORAGE_DRAINED,
+    }
+)
+
+
+class EventRow(TypedDict, total=False):
+    """One event for record_many: its kind, and whichever of the rest apply."""
+
+    kind: Required[EventKind]
+    item_oid: uuid.UUID | None
+    replica_uid: uuid.UUID | None
+    storage_id: uuid.UUID | None
+    actor: str
+    details: dict[str, Any]
 
 
 def add_publisher(publisher: Publisher) -> None:
@@ -50,7 +64,7 @@ def remove_publisher(publisher: Publisher) -> None:
 
 def record(
     session: Session,
-    kind: str,
+    kind: EventKind,
     *,
     item_oid: uuid.UUID | None = None,
     replica_uid: uuid.UUID | None = None,
@@ -74,13 +88,16 @@ def record(
     )
 
 
-def record_many(session: Session, rows: Iterable[dict[str, Any]]) -> int:
-    """Bulk-insert Events (dicts with kind, item_oid, replica_uid, storage_id, actor, details)."""
+def record_many(session: Session, rows: Iterable[EventRow]) -> int:
+    """Bulk-insert Events (dicts with kind, item_oid, replica_uid, storage_id, actor, details).
+
+    Raises ValueError for a kind that is not an EventKind (the database would refuse it too).
+    """
     now = utcnow()
     batch = [
         {
             "ts": now,
-            "kind": r["kind"],
+            "kind": EventKind(r["kind"]).value,  # publishers get the plain string
             "item_oid": r.get("item_oid"),
             "replica_uid": r.get("replica_uid"),
             "storage_id": r.get("storage_id"),

@@ -19,7 +19,7 @@ from lifecycle.catalogue.sql import chunks, core_table
 from lifecycle.errors import (
     ConflictError,
 )
-from lifecycle.states import ItemState, ItemType, ReplicaState
+from lifecycle.states import EventKind, ItemState, ItemType, ReplicaState
 
 # --------------------------------------------------------------------------- writing
 
@@ -139,9 +139,9 @@ class PostgresWriter(_Writer):
             oid, uid = ids[i], ids[n + i]
             nbytes += size
             if checksum is None:
-                state, rstate, kind, ck = "INITIALISED", "PENDING", "item.registered", "\\N"
+                state, rstate, kind, ck = "INITIALISED", "PENDING", EventKind.ITEM_REGISTERED, "\\N"
             else:
-                state, rstate, kind, ck = "READY", "READY", "item.ready", checksum
+                state, rstate, kind, ck = "READY", "READY", EventKind.ITEM_READY, checksum
                 ready += 1
             if row_meta is None:
                 meta_text = default_meta
@@ -221,9 +221,9 @@ class SQLiteWriter(_Writer):
             if row_meta is not None:
                 meta = self.checked(meta, lineno)[0]
             if checksum is None:
-                state, rstate, kind = ItemState.INITIALISED, ReplicaState.PENDING, "item.registered"
+                state, rstate, kind = ItemState.INITIALISED, ReplicaState.PENDING, EventKind.ITEM_REGISTERED
             else:
-                state, rstate, kind = ItemState.READY, ReplicaState.READY, "item.ready"
+                state, rstate, kind = ItemState.READY, ReplicaState.READY, EventKind.ITEM_READY
                 ready += 1
             items.append(
                 {
@@ -260,7 +260,7 @@ class SQLiteWriter(_Writer):
             events.append(
                 {
                     "ts": now,
-                    "kind": kind,
+                    "kind": kind.value,
                     "item_oid": oid,
                     "replica_uid": uid,
                     "storage_id": sid,

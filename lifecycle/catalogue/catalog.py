@@ -38,6 +38,7 @@ from lifecycle.errors import (
 from lifecycle.settings import get_settings
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
+    EventKind,
     ItemState,
     Phase,
     ReplicaState,
@@ -139,7 +140,7 @@ def set_phase(ref: str, phase: Phase | str, *, session: Session, actor: str = "u
     session.add(item)
     audit.record(
         session,
-        "item.phase_changed",
+        EventKind.ITEM_PHASE_CHANGED,
         item_oid=item.oid,
         actor=actor,
         details={"from": str(old), "to": phase.value},
@@ -164,7 +165,7 @@ def set_expiry(
     session.add(item)
     audit.record(
         session,
-        "item.expiry_changed",
+        EventKind.ITEM_EXPIRY_CHANGED,
         item_oid=item.oid,
         actor=actor,
         details={
@@ -187,7 +188,7 @@ def create_dataset(data: DatasetCreate, *, session: Session, actor: str = "user"
     ds = Dataset(name=name, where=where, description=data.description, owner=data.owner)
     session.add(ds)
     session.flush()
-    audit.record(session, "dataset.created", actor=actor, details={"name": name, "where": where})
+    audit.record(session, EventKind.DATASET_CREATED, actor=actor, details={"name": name, "where": where})
     return ds
 
 
@@ -205,7 +206,7 @@ def list_datasets(*, session: Session) -> list[Dataset]:
 def delete_dataset(name: str, *, session: Session, actor: str = "user") -> None:
     ds = get_dataset(name, session=session)
     session.delete(ds)
-    audit.record(session, "dataset.deleted", actor=actor, details={"name": name})
+    audit.record(session, EventKind.DATASET_DELETED, actor=actor, details={"name": name})
 
 
 # --------------------------------------------------------------------------- status

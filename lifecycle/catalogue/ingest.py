@@ -34,6 +34,7 @@ from lifecycle.names import validate_name
 from lifecycle.settings import get_settings
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
+    EventKind,
     ItemState,
     ReplicaState,
 )
@@ -236,7 +237,7 @@ def ingest(
                 session,
                 [
                     {
-                        "kind": "replica.created",
+                        "kind": EventKind.REPLICA_CREATED,
                         "item_oid": item.oid,
                         "replica_uid": replica.uid,
                         "storage_id": storage.id,
@@ -244,7 +245,7 @@ def ingest(
                         "details": {"path": path, "uploaded": src.local is not None},
                     },
                     {
-                        "kind": "item.ready",
+                        "kind": EventKind.ITEM_READY,
                         "item_oid": item.oid,
                         "actor": actor,
                         "details": {

@@ -28,12 +28,13 @@ from sqlalchemy import DateTime as SADateTime
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
-from sqlmodel import Field, SQLModel
+from sqlmodel import AutoString, Field, SQLModel
 
 from lifecycle.catalogue.inputs import field_label, invalid_value, labelled, parse_choice
 from lifecycle.errors import InvalidValueError
 from lifecycle.names import validate_endpoint, validate_slug
 from lifecycle.states import (
+    EventKind,
     ItemState,
     ItemType,
     Phase,
@@ -333,6 +334,7 @@ class Event(SQLModel, table=True):
 
     __tablename__ = "event"
     __table_args__ = (
+        CheckConstraint(check_constraint("kind", EventKind), name="ck_event_kind"),
         Index("ix_event_item", "item_oid"),
         Index("ix_event_ts", "ts"),
         # storage-level events only (item events carry an item_oid), for "last state change"
@@ -347,7 +349,7 @@ class Event(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BigIntType)
     ts: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
-    kind: str
+    kind: EventKind = Field(sa_type=AutoString)
     item_oid: uuid.UUID | None = None
     replica_uid: uuid.UUID | None = None
     storage_id: uuid.UUID | None = None

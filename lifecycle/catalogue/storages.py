@@ -32,6 +32,8 @@ from lifecycle.errors import (
 from lifecycle.names import validate_name
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
+    STORAGE_STATE_EVENTS,
+    EventKind,
     StorageKind,
     StorageState,
 )
@@ -329,7 +331,7 @@ def add_storage(data: StorageCreate, *, session: Session, check: bool = True, ac
         identity.write_marker(storage)
     audit.record(
         session,
-        "storage.added",
+        EventKind.STORAGE_ADDED,
         storage_id=storage.id,
         actor=actor,
         details={"name": storage.name, "kind": storage.kind, "root": storage.root},
@@ -395,7 +397,7 @@ def set_storage_state(name: str, state: StorageState, *, session: Session, actor
     session.add(storage)
     audit.record(
         session,
-        f"storage.{state.value}",
+        STORAGE_STATE_EVENTS[state],
         storage_id=storage.id,
         actor=actor,
         details={"from": str(old), "to": state.value},

@@ -46,7 +46,7 @@ from lifecycle.catalogue.storages import get_storage
 from lifecycle.errors import ConflictError, InvalidNameError, StorageError
 from lifecycle.integrity.verify import native_hashes
 from lifecycle.names import validate_name
-from lifecycle.states import ItemState, Phase, ReplicaState, StorageKind, StorageState
+from lifecycle.states import EventKind, ItemState, Phase, ReplicaState, StorageKind, StorageState
 from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for
 from lifecycle.storage.rclone import SYSTEM_METADATA
@@ -297,12 +297,14 @@ def _settle(
                         continue
                     want, got = found_size[uid]
                     details = {**base, "path": path, "expected_size": want, "found_size": got}
-                    changes.append(ReplicaChange(check, ReplicaState.CORRUPTED, "replica.corrupted", details))
+                    bad = ReplicaChange(check, ReplicaState.CORRUPTED, EventKind.REPLICA_CORRUPTED, details)
+                    changes.append(bad)
                 else:
                     details = {**base, "path": path}
                     if uid in linked:
                         details["reason"] = linked[uid]
-                    lost = ReplicaChange(check, ReplicaState.LOST, "replica.lost", details, -check.size)
+                    lost_kind = EventKind.REPLICA_LOST
+                    lost = ReplicaChange(check, ReplicaState.LOST, lost_kind, details, -check.size)
                     changes.append(lost)
             applied = apply_replica_changes(s, changes, storage_id=storage.id, actor=actor, now=utcnow())
             for ch in applied:
@@ -354,7 +356,7 @@ def _skip_links(
                 s,
                 [
                     {
-                        "kind": "reconcile.link_skipped",
+                        "kind": EventKind.RECONCILE_LINK_SKIPPED,
                         "storage_id": storage.id,
                         "actor": actor,
                         "details": {"storage": storage.name, "path": p, "reason": why},

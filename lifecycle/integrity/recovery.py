@@ -36,7 +36,7 @@ from lifecycle.catalogue.models import Item, Replica, Storage, Transfer, utcnow
 from lifecycle.catalogue.sql import chunks
 from lifecycle.errors import DLMError
 from lifecycle.planning.snapshot import REPLICA_COLUMNS
-from lifecycle.states import ItemState, ReplicaState, StorageKind, StorageState, TransferState
+from lifecycle.states import EventKind, ItemState, ReplicaState, StorageKind, StorageState, TransferState
 from lifecycle.storage.backends import backend_for
 from lifecycle.storage.posix import TEMP_PREFIX
 from lifecycle.transfer.log import HASHES
@@ -120,7 +120,7 @@ def remove_dead_temp_files(
             col(Storage.state).in_([StorageState.ONLINE.value, StorageState.DRAINING.value]),
         )
     ).all()
-    events: list[dict[str, Any]] = []
+    events: list[audit.EventRow] = []
     for storage_id, name, root in storages:
         found: dict[str, tuple[str, int]] = {}  # relative path -> (full path, size)
         try:
@@ -175,7 +175,7 @@ def remove_dead_temp_files(
                 report.temp_removed_bytes += nbytes
                 events.append(
                     {
-                        "kind": "storage.temp_removed",
+                        "kind": EventKind.STORAGE_TEMP_REMOVED,
                         "storage_id": storage_id,
                         "actor": actor,
                         "details": {
@@ -218,7 +218,7 @@ def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "
     by_storage: dict[uuid.UUID, list[Any]] = defaultdict(list)
     for r in dead:
         by_storage[r[2]].append(r)
-    events: list[dict[str, Any]] = []
+    events: list[audit.EventRow] = []
     now = utcnow()
     for storage_id, group in by_storage.items():
         storage = session.get_one(Storage, storage_id)
@@ -281,11 +281,17 @@ def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "
                     )
                 )
         for r in good:
-            events.append(_event("replica.created", r, storage_id, actor, {"recovered": True, "path": r[3]}))
+            events.append(
+                _event(EventKind.REPLICA_CREATED, r, storage_id, actor, {"recovered": True, "path": r[3]})
+            )
         for r in bad:
             events.append(
                 _event(
-                    "transfer.failed", r, storage_id, actor, {"recovered": True, "error": "run died mid-copy"}
+                    EventKind.TRANSFER_FAILED,
+                    r,
+                    storage_id,
+                    actor,
+                    {"recovered": True, "error": "run died mid-copy"},
                 )
             )
         gone = [r for r in deletes if r[3] not in present]
@@ -306,14 +312,18 @@ def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "
                 .where(col(Storage.id) == storage_id)
                 .values(used_bytes=col(Storage.used_bytes) - sum(int(r[10]) for r in gone))
             )
-            events += [_event("replica.deleted", r, storage_id, actor, {"recovered": True}) for r in gone]
+            events += [
+                _event(EventKind.REPLICA_DELETED, r, storage_id, actor, {"recovered": True}) for r in gone
+            ]
         if restore:
             session.execute(
                 update(Replica)
                 .where(col(Replica.uid).in_([r[0] for r in restore]))
                 .values(state=ReplicaState.READY.value, updated_at=now, claimed_by=None)
             )
-            events += [_event("replica.restored", r, storage_id, actor, {"recovered": True}) for r in restore]
+            events += [
+                _event(EventKind.REPLICA_RESTORED, r, storage_id, actor, {"recovered": True}) for r in restore
+            ]
         report.completed += len(good)
         report.rolled_back += len(bad)
         report.deleted += len(gone)
@@ -332,7 +342,9 @@ def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "
     return report
 
 
-def _event(kind: str, row: Any, storage_id: uuid.UUID, actor: str, details: dict[str, Any]) -> dict[str, Any]:
+def _event(
+    kind: EventKind, row: Any, storage_id: uuid.UUID, actor: str, details: dict[str, Any]
+) -> audit.EventRow:
     return {
         "kind": kind,
         "item_oid": row[1],

@@ -29,6 +29,7 @@ from lifecycle.integrity.verify import CHECKED_ITEMS, DAMAGED, READABLE
 from lifecycle.planning.batching import cut
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
+    EventKind,
     ReplicaState,
     TransferKind,
     TransferState,
@@ -254,7 +255,7 @@ def repair_batch(
                     r.state,
                 ),
                 ReplicaState.READY,
-                "replica.repaired",
+                EventKind.REPLICA_REPAIRED,
                 {
                     "storage": dst.name,
                     "path": r.path,
@@ -299,7 +300,7 @@ def repair_batch(
             s,
             [
                 {
-                    "kind": "replica.repair_failed",
+                    "kind": EventKind.REPLICA_REPAIR_FAILED,
                     "item_oid": r.item_oid,
                     "replica_uid": r.replica_uid,
                     "storage_id": batch.dst_storage_id,

@@ -49,6 +49,7 @@ from lifecycle.planning.batching import cut
 from lifecycle.reports import VerifyBatchRow
 from lifecycle.settings import Settings, get_settings
 from lifecycle.states import (
+    EventKind,
     ItemState,
     ReplicaState,
     StorageState,
@@ -259,7 +260,7 @@ def verify_batch(
                     ReplicaChange(
                         c,
                         ReplicaState.READY,
-                        "replica.repaired",
+                        EventKind.REPLICA_REPAIRED,
                         {**base, "path": c.path, "was": c.state.value, "how": "found intact again"},
                         c.size if c.state == ReplicaState.LOST else 0,
                     )
@@ -270,7 +271,9 @@ def verify_batch(
                 result.damaged.append(c.replica_uid)
             else:
                 delta = c.size if c.state == ReplicaState.LOST else 0
-                changes.append(ReplicaChange(c, ReplicaState.CORRUPTED, "replica.corrupted", details, delta))
+                changes.append(
+                    ReplicaChange(c, ReplicaState.CORRUPTED, EventKind.REPLICA_CORRUPTED, details, delta)
+                )
         elif c.state == ReplicaState.LOST:
             result.damaged.append(c.replica_uid)
         else:
@@ -278,7 +281,7 @@ def verify_batch(
             details = {**base, "path": c.path}
             if c.path in links:
                 details["reason"] = result.errors[c.path] = links[c.path]
-            changes.append(ReplicaChange(c, ReplicaState.LOST, "replica.lost", details, delta))
+            changes.append(ReplicaChange(c, ReplicaState.LOST, EventKind.REPLICA_LOST, details, delta))
     now = utcnow()
     with sessions() as s:
         for chunk in chunks([c.replica_uid for c in intact]):

@@ -310,6 +310,7 @@ def test_migration_0002_refuses_a_catalogue_with_shared_paths(backend: str, tmp_
     from contextlib import ExitStack
 
     from alembic import command
+    from alembic.script import ScriptDirectory
 
     from devrig.postgres import fresh_postgres_database
     from lifecycle.catalogue.db import alembic_config, get_engine, init_db
@@ -358,7 +359,7 @@ def test_migration_0002_refuses_a_catalogue_with_shared_paths(backend: str, tmp_
                 .where(Replica.__table__.c.item_oid == b)  # type: ignore[attr-defined]
                 .values(state="DELETED")
             )
-        assert init_db(url) == "0002"
+        assert init_db(url) == ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
         names = {ix["name"] for ix in sa.inspect(engine).get_indexes("replica")}
         assert "uq_replica_storage_path_live" in names
         engine.dispose()
