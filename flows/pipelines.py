@@ -26,11 +26,13 @@ from sqlalchemy.engine import make_url
 from sqlmodel import col
 
 from flows.events import enable_publishing
+from flows.partitions import fan_out
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, utcnow
 from lifecycle.errors import ConflictError, DLMError
+from lifecycle.planning.partition import check_partition
 from lifecycle.planning.plan import Plan, batch_copies, batch_deletes
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
@@ -172,25 +174,39 @@ def _artifact_key(pipeline: str) -> str:
     return f"dlm-{pipeline}"
 
 
-def run_pipeline(pipeline: str, *, dry_run: bool = False, items: list[str] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    pipeline: str,
+    *,
+    dry_run: bool = False,
+    items: list[str] | None = None,
+    part: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """Plan `pipeline`, then (unless dry_run) apply it: catalogue-only actions, copy batches,
-    delete batches, in that order. Returns the run's report (also published as artifacts)."""
+    delete batches, in that order. With `part` (partitions, partition), only the items of that
+    partition (flows/partitions.py). Returns the run's report (also published as artifacts)."""
     enable_publishing()
     quiet_dlm_errors()
     actor = run_actor()
     if dry_run:
-        return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor)
+        return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor, part=part)
     with catalogue_writer(pipeline):
-        return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor)
+        return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor, part=part)
 
 
-def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, actor: str) -> dict[str, Any]:
+def _plan_and_apply(
+    pipeline: str,
+    *,
+    dry_run: bool,
+    items: list[str] | None,
+    actor: str,
+    part: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     logger = get_run_logger()
     settings = get_settings()
     clock = _Stopwatch()
     recovered = settle_in_flight(actor) if not dry_run else {}
     clock.lap("recover")
-    plan: Plan = plan_pipeline(pipeline, items)
+    plan: Plan = plan_pipeline(pipeline, items, part)
     clock.lap("plan")
     names = storage_names()
     report: dict[str, Any] = {
@@ -386,16 +402,31 @@ def _publish(report: dict[str, Any]) -> None:
 
 @flow(name="replicate", log_prints=True)
 def replicate(
-    dry_run: bool = False, items: list[str] | None = None, item: str | None = None
+    dry_run: bool = False,
+    items: list[str] | None = None,
+    item: str | None = None,
+    partitions: int = 1,
+    partition: int | None = None,
 ) -> dict[str, Any]:
     """Add copies until each READY item meets its target phase (optionally only some items).
 
-    `item` takes one oid or a Prefect resource id `dlm.item.<oid>` (the event trigger's form).
+    `item` takes one oid or a Prefect resource id `dlm.item.<oid>`. `partitions` K > 1 fans the
+    run out into K sub-runs of its deployment, one per `partition` (items by oid mod K), that
+    workers run side by side (flows/partitions.py).
     """
     chosen = list(items or [])
     if item:
         chosen.append(item.removeprefix("dlm.item."))
-    return run_pipeline("replicate", dry_run=dry_run, items=chosen or None)
+    check_partition(partitions, partition)
+    if partitions > 1 and partition is None:
+        return fan_out(
+            "replicate",
+            partitions,
+            {"dry_run": dry_run, "items": chosen or None},
+            lambda i: run_pipeline("replicate", dry_run=dry_run, items=chosen or None, part=(partitions, i)),
+        )
+    part = (partitions, partition) if partitions > 1 and partition is not None else None
+    return run_pipeline("replicate", dry_run=dry_run, items=chosen or None, part=part)
 
 
 @flow(name="migrate", log_prints=True)
