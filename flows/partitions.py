@@ -39,7 +39,7 @@ def fan_out(
     """
     check_partition(partitions, None)
     logger = get_run_logger()
-    deployment = flow_run.get_deployment_id()
+    deployment = flow_run.deployment_id
     if not deployment:
         logger.info("%s: no deployment, so its %d partitions run here in turn", pipeline, partitions)
         reports = [run_here(i) for i in range(partitions)]
