@@ -1,25 +1,51 @@
-"""Partitioned runs: one run of a pipeline fans out into K sub-runs of its deployment, which
-workers pick up like any run; sub-run i applies the actions of the items whose oid mod K is i
-(lifecycle.planning.partition), so no item is acted on by two of them. Each sub-run plans,
-claims and copies on its own; the catalogue's claims stay the safety net.
+"""How a run shares its work: partitioned runs, and runs started by a burst of events.
 
-Without a deployment (a flow called in-process, `dlm run`) the partitions run here, one after
-another: the same result, without the parallelism.
+Partitioned: one run of a pipeline fans out into K sub-runs of its deployment, which workers
+pick up like any run; sub-run i applies the actions of the items whose oid mod K is i
+(lifecycle.planning.partition), so no item is acted on by two of them. Each sub-run plans,
+claims and copies on its own; the catalogue's claims stay the safety net. Without a
+deployment (a flow called in-process, `dlm run`) the partitions run here, one after another:
+the same result, without the parallelism.
+
+Coalesced: a run started by the item-ready trigger waits until the trigger's window of events
+has closed (wait_for_window), so that one run replicates every item the burst announced.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment as this_deployment
 
 from lifecycle.errors import DLMError
 from lifecycle.planning.partition import check_partition
 
 _POLL_S = 1.0
+MAX_WINDOW_S = 600.0
+
+
+def wait_for_window(since: str | None, window_s: float) -> float:
+    """Sleep until `window_s` seconds after the ISO time `since` (a coalesced burst of events:
+    every item its events announced is READY by then); returns the seconds slept. An unreadable
+    time or a window beyond MAX_WINDOW_S waits for nothing (or at most MAX_WINDOW_S)."""
+    if not since or window_s <= 0:
+        return 0.0
+    try:
+        start = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    left = (start + timedelta(seconds=window_s) - datetime.now(UTC)).total_seconds()
+    left = min(max(left, 0.0), MAX_WINDOW_S)
+    if left:
+        get_run_logger().info("waiting %.1fs for the burst of ready events to end", left)
+        time.sleep(left)
+    return left
 
 
 def sub_run_name(pipeline: str, partitions: int, partition: int) -> str:
@@ -39,7 +65,7 @@ def fan_out(
     """
     check_partition(partitions, None)
     logger = get_run_logger()
-    deployment = flow_run.deployment_id
+    deployment = this_deployment.id
     if not deployment:
         logger.info("%s: no deployment, so its %d partitions run here in turn", pipeline, partitions)
         reports = [run_here(i) for i in range(partitions)]

@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import col
 
 from flows.events import enable_publishing
-from flows.partitions import fan_out
+from flows.partitions import fan_out, wait_for_window
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
@@ -407,13 +407,17 @@ def replicate(
     item: str | None = None,
     partitions: int = 1,
     partition: int | None = None,
+    ready_since: str | None = None,
+    window_s: float = 0,
 ) -> dict[str, Any]:
     """Add copies until each READY item meets its target phase (optionally only some items).
 
     `item` takes one oid or a Prefect resource id `dlm.item.<oid>`. `partitions` K > 1 fans the
     run out into K sub-runs of its deployment, one per `partition` (items by oid mod K), that
-    workers run side by side (flows/partitions.py).
+    workers run side by side (flows/partitions.py). `ready_since` and `window_s` (the event
+    trigger's): plan only once the window of events [ready_since, +window_s) has closed.
     """
+    wait_for_window(ready_since, window_s)
     chosen = list(items or [])
     if item:
         chosen.append(item.removeprefix("dlm.item."))

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.serve import ON_READY, READY_EVENT, build_deployments
+from deployments.serve import ON_READY, READY_EVENT, READY_PARAMETERS, READY_WINDOW_S, build_deployments
 from flows.pipelines import FLOWS
 from lifecycle import settings as settings_mod
 from lifecycle.settings import ScheduleSettings
@@ -33,7 +33,7 @@ SERVED = {
     "verify/verify",
     f"replicate/{ON_READY}",
 }
-TEMPLATE = "{{ event.resource.id }}"
+TEMPLATE = "{{ event.occurred }}"
 
 
 # --------------------------------------------------------------------------- build_deployments
@@ -63,20 +63,21 @@ def test_build_deployments_has_every_pipeline_on_its_configured_cron(monkeypatch
     assert all(not d.triggers for name, d in deps.items() if name != f"replicate/{ON_READY}")
 
 
-def test_replicate_on_ready_runs_for_the_announced_item() -> None:
+def test_replicate_on_ready_runs_once_per_burst_of_events() -> None:
     (on_ready,) = [d for d in build_deployments() if d.name == ON_READY]
     (trigger,) = on_ready.triggers
 
     assert trigger.expect == {READY_EVENT}
     assert trigger.match.root == {"prefect.resource.id": "dlm.item.*"}
-    assert trigger.parameters == {"item": TEMPLATE}
-    # The automation Prefect creates from it runs this deployment with the event's item.
+    assert trigger.parameters == {"ready_since": TEMPLATE, "window_s": READY_WINDOW_S}
+    # The automation fires on the first event of a quiet period, then not for READY_WINDOW_S.
+    assert trigger.within.total_seconds() == READY_WINDOW_S  # type: ignore[union-attr]
     deployment_id = uuid.uuid4()
     trigger.set_deployment_id(deployment_id)
     automation = trigger.as_automation()
     (action,) = automation.actions
     assert action.deployment_id == deployment_id  # type: ignore[union-attr]
-    assert action.parameters == {"item": TEMPLATE}  # type: ignore[union-attr]
+    assert action.parameters == READY_PARAMETERS  # type: ignore[union-attr]
     assert automation.trigger.threshold == 1  # type: ignore[union-attr]
 
 
@@ -110,7 +111,8 @@ def test_prefect_yaml_deploys_the_same_pipelines_through_its_anchors(prefect_yam
     (trigger,) = deps[ON_READY]["triggers"]
     assert trigger is defs["triggers"]["item_ready"]
     assert trigger["expect"] == [READY_EVENT]
-    assert trigger["parameters"] == {"item": TEMPLATE}
+    assert trigger["parameters"] == READY_PARAMETERS
+    assert trigger["within"] == READY_WINDOW_S
     (pull,) = prefect_yaml["pull"]
     assert "directory" in pull["prefect.deployments.steps.set_working_directory"]
 

@@ -26,8 +26,8 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from devrig.postgres import in_ci
-from lifecycle.catalogue import storages
 from lifecycle.catalogue import ingest as ingesting
+from lifecycle.catalogue import storages
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Item, Replica, Storage, Transfer
 from lifecycle.states import Phase, ReplicaState, StorageKind, TransferKind
@@ -54,10 +54,8 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(5)
@@ -140,7 +138,9 @@ class PrefectServer:
         return str(self.get(f"/deployments/name/{name}")["id"])
 
     def create_flow_run(self, deployment: str, parameters: dict[str, Any]) -> str:
-        run = self.post(f"/deployments/{self.deployment_id(deployment)}/create_flow_run", {"parameters": parameters})
+        run = self.post(
+            f"/deployments/{self.deployment_id(deployment)}/create_flow_run", {"parameters": parameters}
+        )
         return str(run["id"])
 
     def flow_runs(self, deployment: str | None = None) -> list[dict[str, Any]]:
@@ -168,14 +168,23 @@ class PrefectServer:
             time.sleep(1)
         raise AssertionError(f"runs of {deployment} not all finished within {timeout:.0f}s")
 
-    def prefect(self, *args: str, cwd: Path = REPO, extra: dict[str, str] | None = None) -> str:
-        """Run Prefect's own CLI against this server; returns its output, fails the test on error."""
+    def prefect(
+        self, *args: str, cwd: Path = REPO, extra: dict[str, str] | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run Prefect's own CLI against this server; fails the test on error if `check`."""
         env = {**base_env(), **self.env(), **(extra or {})}
         p = subprocess.run(
             [PREFECT, "--no-prompt", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
         )
-        assert p.returncode == 0, f"prefect {' '.join(args)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
-        return p.stdout
+        if check:
+            assert p.returncode == 0, f"prefect {' '.join(args)}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        return p
+
+    def set_limit(self, name: str, limit: int) -> None:
+        """What an operator does: `prefect gcl update NAME --limit N` (or create it)."""
+        if self.prefect("gcl", "update", name, "--limit", str(limit), check=False).returncode:
+            self.prefect("gcl", "create", name, "--limit", str(limit))
+        assert self.get(f"/v2/concurrency_limits/{name}")["limit"] == limit
 
 
 @dataclass
@@ -187,10 +196,13 @@ class Workers:
     env: dict[str, str]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, limit: int | None = None) -> None:
+        cmd = [PREFECT, "worker", "start", "--pool", POOL, "--name", name, "--type", "process"]
+        if limit:
+            cmd += ["--limit", str(limit)]
         with open(self.workdir / f"{name}.log", "wb") as log:  # the process keeps its own copy
             self.procs[name] = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", POOL, "--name", name, "--type", "process"],
+                cmd,
                 cwd=self.workdir,
                 env={**base_env(), **self.server.env(), **self.env, "PREFECT_WORKER_QUERY_SECONDS": "1"},
                 stdout=log,
@@ -238,7 +250,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 @pytest.fixture
 def estate(pg_db_url: str, tmp_path: Path, s3_bucket: str, s3_env: object, rclone_path: str) -> Estate:
     """hot and warm posix (site-a), cold S3 (site-b), on a fresh PostgreSQL catalogue."""
-    return three_tier_estate(tmp_path / "storages", server=s3_env, bucket=s3_bucket, posix_capacity_bytes=10**9)
+    return three_tier_estate(
+        tmp_path / "storages", server=s3_env, bucket=s3_bucket, posix_capacity_bytes=10**9
+    )
 
 
 def worker_env(db_url: str, estate: Estate, **settings: str) -> dict[str, str]:
@@ -258,13 +272,18 @@ def worker_env(db_url: str, estate: Estate, **settings: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_workers(
-    server: PrefectServer, workdir: Path, env: dict[str, str], names: tuple[str, ...] = ("w1", "w2")
+    server: PrefectServer,
+    workdir: Path,
+    env: dict[str, str],
+    names: tuple[str, ...] = ("w1", "w2"),
+    limit: int | None = None,
 ) -> Iterator[Workers]:
+    """Workers `names`, each running at most `limit` flow runs at once."""
     workdir.mkdir(parents=True, exist_ok=True)
     workers = Workers(server, workdir, env)
     try:
         for name in names:
-            workers.start(name)
+            workers.start(name, limit)
         yield workers
     finally:
         workers.stop()
@@ -277,7 +296,9 @@ def content(prefix: str, i: int, size: int) -> bytes:
     return hashlib.sha256(f"{prefix}{i}".encode()).digest() * (size // 32)
 
 
-def ingest(estate: Estate, n: int, *, phase: Phase = Phase.LIQUID, prefix: str = "obs", size: int = 2048) -> list[str]:
+def ingest(
+    estate: Estate, n: int, *, phase: Phase = Phase.LIQUID, prefix: str = "obs", size: int = 2048
+) -> list[str]:
     """Ingest n new files into 'hot' (uploaded); returns their names."""
     src = estate.root / f"src-{prefix}"
     src.mkdir(parents=True, exist_ok=True)
