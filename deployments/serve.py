@@ -21,7 +21,7 @@ ON_READY = "replicate-on-ready"
 # A burst of `dlm.item.ready` events within this many seconds starts one replicate run (keep
 # in step with prefect.yaml's item_ready trigger; tests/deployments/test_serve.py checks).
 READY_WINDOW_S = 10
-READY_PARAMETERS = {"ready_since": "{{ event.occurred }}", "window_s": READY_WINDOW_S}
+READY_PARAMETERS = {"ready_since": "{{ event.occurred.isoformat() }}", "window_s": READY_WINDOW_S}
 TAGS = ["dlm"]
 # At most this many flow runs at once in one `dlm serve` (each is a process of its own).
 RUN_LIMIT = 4

@@ -33,7 +33,7 @@ SERVED = {
     "verify/verify",
     f"replicate/{ON_READY}",
 }
-TEMPLATE = "{{ event.occurred }}"
+TEMPLATE = "{{ event.occurred.isoformat() }}"
 
 
 # --------------------------------------------------------------------------- build_deployments

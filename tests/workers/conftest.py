@@ -23,9 +23,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 from sqlmodel import col
 
-from devrig.postgres import in_ci
+from devrig.postgres import fresh_postgres_database, in_ci
 from lifecycle.catalogue import ingest as ingesting
 from lifecycle.catalogue import storages
 from lifecycle.catalogue.db import session_scope
@@ -68,9 +69,11 @@ def base_env() -> dict[str, str]:
 
 @dataclass
 class PrefectServer:
-    """`prefect server start` on a free port with its own PREFECT_HOME."""
+    """`prefect server start` on a free port with its own PREFECT_HOME, its state in the
+    PostgreSQL database `database_url` (SQLite answers `database is locked` to busy workers)."""
 
     home: Path
+    database_url: str | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -96,6 +99,8 @@ class PrefectServer:
             # expired slot leases are freed every 2 s (default 15 s)
             "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "2",
         }
+        if self.database_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.home / "server.log", "wb") as log:  # the process keeps its own copy
             self.proc = subprocess.Popen(
@@ -233,18 +238,23 @@ def _unavailable(what: str) -> None:
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """A real Prefect server for the module, with the work pool and DLM's deployments
     (`prefect work-pool create`, `prefect deploy --all` from prefect.yaml)."""
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        database = fresh_postgres_database("prefect_test")
+        url = make_url(database.__enter__()).set(drivername="postgresql+asyncpg")
+    except RuntimeError as exc:
+        _unavailable(f"PostgreSQL for the Prefect server ({exc})")
+        raise
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"), url.render_as_string(hide_password=False))
     try:
         server.start()
-    except (RuntimeError, OSError) as exc:
-        server.stop()
-        _unavailable(f"prefect server ({exc})")
-    try:
         server.prefect("work-pool", "create", POOL, "--type", "process")
         server.prefect("deploy", "--all", extra={"DLM_CODE_DIR": str(REPO)})
         yield server
+    except (RuntimeError, OSError) as exc:
+        _unavailable(f"prefect server ({exc})")
     finally:
         server.stop()
+        database.__exit__(None, None, None)
 
 
 @pytest.fixture
