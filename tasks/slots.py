@@ -14,8 +14,10 @@ slot_lease_s + PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS after the last r
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
+from typing import Any
 
 from lifecycle.errors import TransientError
 from lifecycle.settings import get_settings
@@ -54,6 +56,18 @@ def ensure_limits(names: Sequence[str], *, default: int | None = None) -> None:
             _known.add((api, name))
 
 
+def _holder() -> Any:
+    """The task run (or flow run) holding the slots, shown with the lease in Prefect."""
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.runtime import flow_run, task_run
+
+    if task_run.id:
+        return ConcurrencyLeaseHolder(type="task_run", id=uuid.UUID(str(task_run.id)))
+    if flow_run.id:
+        return ConcurrencyLeaseHolder(type="flow_run", id=uuid.UUID(str(flow_run.id)))
+    return None
+
+
 @contextmanager
 def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     """Hold one slot of each storage's limit for the duration of the block.
@@ -69,6 +83,7 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
         return
     t = get_settings().transfer
     ensure_limits(names)
+    holder = _holder()
     with ExitStack() as stack:
         try:
             stack.enter_context(
@@ -78,6 +93,7 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
                     timeout_seconds=t.slot_wait_s,
                     lease_duration=t.slot_lease_s,
                     strict=False,
+                    holder=holder,
                     # a renewal that fails once (a server restart) must not kill a transfer
                     raise_on_lease_renewal_failure=False,
                 )

@@ -10,11 +10,12 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from deployments.serve import READY_WINDOW_S
+from devrig.workers import PrefectServer, running_workers
 from flows.events import announce_items_ready
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Item
 from tests.factories import Estate
-from tests.workers.conftest import PrefectServer, catalogue_copies, ingest, running_workers, worker_env
+from tests.workers.conftest import catalogue_copies, ingest, worker_env
 
 pytestmark = [
     pytest.mark.prefect,

@@ -16,20 +16,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import col
 
+from devrig.workers import REPO, PrefectServer, base_env, running_workers, stop_group
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, Transfer
 from lifecycle.states import TransferKind
 from tests.factories import Estate
-from tests.workers.conftest import (
-    REPO,
-    PrefectServer,
-    base_env,
-    catalogue_copies,
-    ingest,
-    running_workers,
-    stop_group,
-    worker_env,
-)
+from tests.workers.conftest import catalogue_copies, ingest, worker_env
 
 pytestmark = [pytest.mark.prefect, pytest.mark.workers]
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from devrig.workers import PrefectServer, running_workers
 from tests.factories import Estate
-from tests.workers.conftest import PrefectServer, catalogue_copies, ingest, running_workers, worker_env
+from tests.workers.conftest import catalogue_copies, ingest, worker_env
 
 pytestmark = [
     pytest.mark.prefect,
