@@ -207,8 +207,14 @@ class Workers:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
     def ran(self, run_id: str) -> list[str]:
-        """The workers whose log names this flow run as submitted."""
-        return [n for n in self.procs if run_id in self.log(n)]
+        """The workers that ran this flow run: those that submitted it and were not told to
+        abort (both workers may try; the server lets one set it PENDING)."""
+        return [
+            n
+            for n in self.procs
+            if f"submitting flow run '{run_id}'" in (log := self.log(n))
+            and f"Aborted submission of flow run '{run_id}'" not in log
+        ]
 
     def stop(self) -> None:
         for proc in self.procs.values():

@@ -69,7 +69,6 @@ def take(server: PrefectServer, tmp: Path, storage: str, wait_s: float) -> subpr
     )
 
 
-@pytest.mark.slow
 def test_a_killed_holder_keeps_its_slot_while_alive_and_frees_it_within_the_lease(
     prefect_server: PrefectServer, tmp_path: Path
 ) -> None:
