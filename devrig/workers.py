@@ -63,6 +63,7 @@ class PrefectServer:
     home: Path
     database_url: str | None = None
     port: int = field(default_factory=free_port)
+    settings: dict[str, str] = field(default_factory=dict)  # more PREFECT_* for the server
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,6 +90,7 @@ class PrefectServer:
         }
         if self.database_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.database_url
+        env.update(self.settings)
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.home / "server.log", "wb") as log:  # the process keeps its own copy
             self.proc = subprocess.Popen(
