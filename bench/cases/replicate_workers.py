@@ -18,6 +18,7 @@ from bench.cases.replicate_small import (
     Estate,
     Payload,
     build_catalogue,
+    environ,
     make_files,
     ready_on,
     s3_server,
@@ -93,7 +94,6 @@ def one_round(
 
     bucket = f"bench-w{workers}"
     with fresh_postgres_database("dlm_bench") as url:
-        estate: Estate = build_catalogue(url, s3, tmp / "src", bucket, "dlm", payloads)
         env = {
             "DLM_DATABASE_URL": url,
             "DLM_CODE_DIR": str(REPO),
@@ -103,6 +103,8 @@ def one_round(
             f"{CREDS}_ACCESS_KEY_ID": s3.access_key,
             f"{CREDS}_SECRET_ACCESS_KEY": s3.secret_key,
         }
+        with environ(env):  # this process registers the items and checks the bytes
+            estate: Estate = build_catalogue(url, s3, tmp / "src", bucket, "dlm", payloads)
         names = tuple(f"w{i + 1}" for i in range(workers))
         with running_workers(server, tmp / f"workers-{workers}", env, names, limit=2):
             time.sleep(2)  # the workers have polled once
@@ -119,7 +121,8 @@ def one_round(
         batches, overhead = batch_overhead(server, url, mine)
         ready = ready_on(url, estate.s3_storage_id)
         sample = random.Random(7).sample(list(payloads), min(SAMPLE, len(payloads)))
-        intact = same_bytes(s3, estate, sample)
+        with environ(env):
+            intact = same_bytes(s3, estate, sample)
     return {
         "state": run["state_type"],
         "seconds": seconds,
