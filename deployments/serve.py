@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
@@ -18,20 +19,28 @@ if TYPE_CHECKING:
 
 READY_EVENT = "dlm.item.ready"
 ON_READY = "replicate-on-ready"
+# A burst of `dlm.item.ready` events within this many seconds starts one replicate run (keep
+# in step with prefect.yaml's item_ready trigger; tests/deployments/test_serve.py checks).
+READY_WINDOW_S = 10
+READY_PARAMETERS = {"ready_since": "{{ event.occurred.isoformat() }}", "window_s": READY_WINDOW_S}
 TAGS = ["dlm"]
-# At most this many flow runs at once in one `dlm serve`: a bulk ingest announces many
-# items, and each event starts a run (a process of its own).
+# At most this many flow runs at once in one `dlm serve` (each is a process of its own).
 RUN_LIMIT = 4
 
 
 def ready_trigger() -> DeploymentEventTrigger:
-    """Start one replicate run per `dlm.item.ready` event, for that item (`dlm.item.<oid>`)."""
+    """Coalesce `dlm.item.ready` events into few replicate runs: the first event of a quiet
+    period starts a run at once, and the events of the next READY_WINDOW_S seconds start none
+    (Prefect's reactive trigger with `within`); the run waits until that window has closed and
+    then replicates every READY item below its target, the window's items among them."""
     return DeploymentEventTrigger(
         name=f"dlm: {ON_READY}",
-        description="Replicate a newly READY item to its target phase at once.",
+        description="Replicate newly READY items, one run per burst of events.",
         expect={READY_EVENT},
         match={"prefect.resource.id": "dlm.item.*"},
-        parameters={"item": "{{ event.resource.id }}"},
+        threshold=1,
+        within=timedelta(seconds=READY_WINDOW_S),
+        parameters=dict(READY_PARAMETERS),
     )
 
 
@@ -55,7 +64,7 @@ def build_deployments(settings: Settings | None = None) -> list[RunnerDeployment
             name=ON_READY,
             triggers=[ready_trigger()],
             tags=[*TAGS, "event"],
-            description=f"Replicate one item when `{READY_EVENT}` announces it.",
+            description=f"Replicate newly READY items when `{READY_EVENT}` announces them.",
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
     )

@@ -19,8 +19,8 @@ from lifecycle.states import EventKind
 # event either way.
 MAX_PER_COMMIT = 25
 SAMPLE = 20
-# `dlm ingest` announces at most this many new items (one HTTP request; each starts a replicate
-# run for its item, the scheduled run takes the rest)
+# `dlm ingest` announces at most this many new items (one HTTP request; a burst starts one
+# replicate run, which replicates every READY item, announced or not)
 MAX_ANNOUNCED = 500
 
 

@@ -26,14 +26,24 @@ from sqlalchemy.engine import make_url
 from sqlmodel import col
 
 from flows.events import enable_publishing
+from flows.partitions import fan_out, wait_for_window
 from lifecycle.apply.records import SettleStage
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, utcnow
 from lifecycle.errors import ConflictError, DLMError
+from lifecycle.planning.partition import check_partition
 from lifecycle.planning.plan import Plan, batch_copies, batch_deletes
-from lifecycle.reports import ActionRow, PipelineReport, PlannedAction, PlanSummary, Recovered, Settled
+from lifecycle.reports import (
+    ActionRow,
+    PartitionedReport,
+    PipelineReport,
+    PlannedAction,
+    PlanSummary,
+    Recovered,
+    Settled,
+)
 from lifecycle.runs import PIPELINES, Pipeline
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
@@ -176,28 +186,38 @@ def _artifact_key(pipeline: str) -> str:
 
 
 def run_pipeline(
-    pipeline: Pipeline, *, dry_run: bool = False, items: list[str] | None = None
+    pipeline: Pipeline,
+    *,
+    dry_run: bool = False,
+    items: list[str] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> PipelineReport:
     """Plan `pipeline`, then (unless dry_run) apply it: catalogue-only actions, copy batches,
-    delete batches, in that order. Returns the run's report (also published as artifacts)."""
+    delete batches, in that order. With `part` (partitions, partition), only the items of that
+    partition (flows/partitions.py). Returns the run's report (also published as artifacts)."""
     enable_publishing()
     quiet_dlm_errors()
     actor = run_actor()
     if dry_run:
-        return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor)
+        return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor, part=part)
     with catalogue_writer(pipeline):
-        return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor)
+        return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor, part=part)
 
 
 def _plan_and_apply(
-    pipeline: Pipeline, *, dry_run: bool, items: list[str] | None, actor: str
+    pipeline: Pipeline,
+    *,
+    dry_run: bool,
+    items: list[str] | None,
+    actor: str,
+    part: tuple[int, int] | None = None,
 ) -> PipelineReport:
     logger = get_run_logger()
     settings = get_settings()
     clock = _Stopwatch()
     recovered = settle_in_flight(actor) if not dry_run else Recovered()
     clock.lap("recover")
-    plan: Plan = plan_pipeline(pipeline, items)
+    plan: Plan = plan_pipeline(pipeline, items, part)
     clock.lap("plan")
     names = storage_names()
     summary = PlanSummary.model_validate(plan.summary())
@@ -374,16 +394,37 @@ def summary_markdown(report: PipelineReport) -> str:
 
 @flow(name="replicate", description=PIPELINES[Pipeline.REPLICATE].description, log_prints=True)
 def replicate(
-    dry_run: bool = False, items: list[str] | None = None, item: str | None = None
-) -> PipelineReport:
+    dry_run: bool = False,
+    items: list[str] | None = None,
+    item: str | None = None,
+    partitions: int = 1,
+    partition: int | None = None,
+    ready_since: str | None = None,
+    window_s: float = 0,
+) -> PipelineReport | PartitionedReport:
     """Add copies until each READY item meets its target phase (optionally only some items).
 
-    `item` takes one oid or a Prefect resource id `dlm.item.<oid>` (the event trigger's form).
+    `item` takes one oid or a Prefect resource id `dlm.item.<oid>`. `partitions` K > 1 fans the
+    run out into K sub-runs of its deployment, one per `partition` (items by oid mod K), that
+    workers run side by side (flows/partitions.py). `ready_since` and `window_s` (the event
+    trigger's): plan only once the window of events [ready_since, +window_s) has closed.
     """
+    wait_for_window(ready_since, window_s)
     chosen = list(items or [])
     if item:
         chosen.append(item.removeprefix("dlm.item."))
-    return run_pipeline(Pipeline.REPLICATE, dry_run=dry_run, items=chosen or None)
+    check_partition(partitions, partition)
+    if partitions > 1 and partition is None:
+        return fan_out(
+            Pipeline.REPLICATE,
+            partitions,
+            {"dry_run": dry_run, "items": chosen or None},
+            lambda i: run_pipeline(
+                Pipeline.REPLICATE, dry_run=dry_run, items=chosen or None, part=(partitions, i)
+            ),
+        )
+    part = (partitions, partition) if partitions > 1 and partition is not None else None
+    return run_pipeline(Pipeline.REPLICATE, dry_run=dry_run, items=chosen or None, part=part)
 
 
 @flow(name="migrate", description=PIPELINES[Pipeline.MIGRATE].description, log_prints=True)

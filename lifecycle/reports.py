@@ -288,6 +288,31 @@ class ReconcileReport(ReportModel):
         return bool(self.repair_failed)
 
 
+class PartitionRun(ReportModel):
+    """One partition of a fanned-out run: the sub-run that did it (a deployment run), or, run
+    in this process in turn, its own report."""
+
+    partition: int
+    flow_run: str | None = None
+    name: str | None = None
+    state: str | None = None
+    report: PipelineReport | None = None
+
+
+class PartitionedReport(ReportModel):
+    """A run split into `partitions` sub-runs by item (oid mod partitions), one per partition."""
+
+    pipeline: Pipeline
+    partitions: int
+    runs: list[PartitionRun] = Field(default_factory=list)
+
+    @property
+    def has_failures(self) -> bool:
+        """A partition run in this process had failures (deployment sub-runs that did not
+        complete raise instead)."""
+        return any(r.report is not None and r.report.has_failures for r in self.runs)
+
+
 RunReport = Annotated[PipelineReport | VerifyReport | ReconcileReport, Field(discriminator="pipeline")]
 _REPORT: TypeAdapter[PipelineReport | VerifyReport | ReconcileReport] = TypeAdapter(RunReport)
 

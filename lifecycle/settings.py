@@ -50,6 +50,14 @@ class TransferSettings(BaseModel):
     deadline_base_s: float = Field(default=300, gt=0)
     deadline_per_file_s: float = Field(default=1.0, ge=0)
     min_rate_bytes_s: int = Field(default=1024**2, gt=0)
+    # Per-storage limits (tasks/slots.py): a batch holds one slot of the Prefect global
+    # concurrency limit `storage:NAME` of each storage it touches. storage_slots is the limit
+    # a missing one is created with (change it later in the UI or with `prefect gcl update`);
+    # slot_lease_s how long a slot stays held by a holder that stopped renewing it (a killed
+    # run; Prefect's minimum is 60 s); slot_wait_s how long a batch waits for its slots.
+    storage_slots: int = Field(default=4, ge=1)
+    slot_lease_s: float = Field(default=60, ge=60, le=86400)
+    slot_wait_s: float = Field(default=3600, gt=0)
 
 
 class RebalanceSettings(BaseModel):

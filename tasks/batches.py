@@ -16,6 +16,7 @@ from lifecycle.apply.records import SettleStage, settle_plan
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.db import session_scope
 from lifecycle.integrity.recovery import settle_in_flight as settle
+from lifecycle.planning.partition import partition_plan
 from lifecycle.planning.pipelines import make_plan, policy_from
 from lifecycle.planning.plan import CopyBatch, DeleteBatch, Plan
 from lifecycle.reports import Recovered, Settled
@@ -23,6 +24,7 @@ from lifecycle.runs import Pipeline
 from lifecycle.settings import get_settings
 from lifecycle.states import TransferKind
 from tasks.common import dlm_task
+from tasks.slots import storage_slots
 
 
 @dlm_task("settle-in-flight", retry_delay_seconds=2)
@@ -34,11 +36,15 @@ def settle_in_flight(actor: str) -> Recovered:
 
 
 @dlm_task("plan", task_run_name="plan-{pipeline}", retry_delay_seconds=2)
-def plan_pipeline(pipeline: Pipeline, only: Sequence[str] | None = None) -> Plan:
-    """Read the catalogue and plan the pipeline (changes nothing)."""
+def plan_pipeline(
+    pipeline: Pipeline, only: Sequence[str] | None = None, part: tuple[int, int] | None = None
+) -> Plan:
+    """Read the catalogue and plan the pipeline (changes nothing); with `part` (partitions,
+    partition), only the actions of that partition's items."""
     oids = [uuid.UUID(o) for o in only] if only else None
     with session_scope() as s:
-        return make_plan(s, pipeline, only=oids)
+        plan = make_plan(s, pipeline, only=oids)
+    return partition_plan(plan, *part) if part else plan
 
 
 @dlm_task("copy-batch", task_run_name="copy-{names[0]}-to-{names[1]}")
@@ -51,16 +57,20 @@ def copy_batch(
     checkers: int,
     kind: str = TransferKind.COPY.value,
 ) -> BatchResult:
-    """One batch, one rclone process: claim, copy, verify, settle."""
-    return apply_copy_batch(
-        batch, actor=actor, run_id=run_id, transfers=transfers, checkers=checkers, kind=TransferKind(kind)
-    )
+    """One batch, one rclone process: claim, copy, verify, settle (holding a slot of both
+    storages' limits, tasks/slots.py)."""
+    with storage_slots(names):
+        return apply_copy_batch(
+            batch, actor=actor, run_id=run_id, transfers=transfers, checkers=checkers, kind=TransferKind(kind)
+        )
 
 
 @dlm_task("delete-batch", task_run_name="delete-on-{name}")
 def delete_batch(batch: DeleteBatch, name: str, actor: str) -> BatchResult:
-    """One batch of deletions on one storage, one rclone process, re-checked against policy."""
-    return apply_delete_batch(batch, policy=policy_from(), actor=actor)
+    """One batch of deletions on one storage, one rclone process, re-checked against policy
+    (holding a slot of the storage's limit, tasks/slots.py)."""
+    with storage_slots([name]):
+        return apply_delete_batch(batch, policy=policy_from(), actor=actor)
 
 
 @dlm_task("settle-catalogue", retry_delay_seconds=2)

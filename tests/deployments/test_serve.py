@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.serve import ON_READY, READY_EVENT, build_deployments
+from deployments.serve import ON_READY, READY_EVENT, READY_PARAMETERS, READY_WINDOW_S, build_deployments
 from flows.registry import FLOWS
 from lifecycle import settings as settings_mod
 from lifecycle.runs import PIPELINES, Pipeline
@@ -29,7 +29,7 @@ from lifecycle.settings import ScheduleSettings
 REPO = Path(__file__).resolve().parents[2]
 # Every pipeline of the registry under its own name, and replicate once more on the ready event.
 SERVED = {f"{p}/{p}" for p in Pipeline} | {f"replicate/{ON_READY}"}
-TEMPLATE = "{{ event.resource.id }}"
+TEMPLATE = "{{ event.occurred.isoformat() }}"
 
 
 # --------------------------------------------------------------------------- build_deployments
@@ -74,20 +74,21 @@ def test_every_pipeline_in_the_registry_has_a_flow_and_a_schedule() -> None:
     assert set(ScheduleSettings.model_fields) == {spec.schedule for spec in PIPELINES.values()}
 
 
-def test_replicate_on_ready_runs_for_the_announced_item() -> None:
+def test_replicate_on_ready_runs_once_per_burst_of_events() -> None:
     (on_ready,) = [d for d in build_deployments() if d.name == ON_READY]
     (trigger,) = on_ready.triggers
 
     assert trigger.expect == {READY_EVENT}
     assert trigger.match.root == {"prefect.resource.id": "dlm.item.*"}
-    assert trigger.parameters == {"item": TEMPLATE}
-    # The automation Prefect creates from it runs this deployment with the event's item.
+    assert trigger.parameters == {"ready_since": TEMPLATE, "window_s": READY_WINDOW_S}
+    # The automation fires on the first event of a quiet period, then not for READY_WINDOW_S.
+    assert trigger.within.total_seconds() == READY_WINDOW_S  # type: ignore[union-attr]
     deployment_id = uuid.uuid4()
     trigger.set_deployment_id(deployment_id)
     automation = trigger.as_automation()
     (action,) = automation.actions
     assert action.deployment_id == deployment_id  # type: ignore[union-attr]
-    assert action.parameters == {"item": TEMPLATE}  # type: ignore[union-attr]
+    assert action.parameters == READY_PARAMETERS  # type: ignore[union-attr]
     assert automation.trigger.threshold == 1  # type: ignore[union-attr]
 
 
@@ -122,7 +123,8 @@ def test_prefect_yaml_deploys_the_same_pipelines_through_its_anchors(prefect_yam
     (trigger,) = deps[ON_READY]["triggers"]
     assert trigger is defs["triggers"]["item_ready"]
     assert trigger["expect"] == [READY_EVENT]
-    assert trigger["parameters"] == {"item": TEMPLATE}
+    assert trigger["parameters"] == READY_PARAMETERS
+    assert trigger["within"] == READY_WINDOW_S
     (pull,) = prefect_yaml["pull"]
     assert "directory" in pull["prefect.deployments.steps.set_working_directory"]
 
@@ -292,7 +294,7 @@ def test_serve_replicates_an_item_as_soon_as_ingest_announces_it(
         estate, "ingest", "--storage", "a", "--upload", str(payload), "--name", "e2e/payload.bin",
         "--phase", "LIQUID", "--json",
     )  # fmt: skip
-    (item,) = json.loads(ingest.stdout)
+    assert len(json.loads(ingest.stdout)) == 1  # one new item, announced
 
     def two_ready() -> dict[str, Any] | None:
         shown = json.loads(_dlm(estate, "items", "show", "e2e/payload.bin", "--json").stdout)
@@ -301,9 +303,10 @@ def test_serve_replicates_an_item_as_soon_as_ingest_announces_it(
 
     replicas = _poll("a second READY replica", two_ready, REPLICATE_TIMEOUT_S, log, every=1.0)
     assert (tmp_path / "b" / replicas["b"]["path"]).read_bytes() == payload.read_bytes()
-    # The event started the replicate-on-ready deployment, for this very item.
+    # The event started the replicate-on-ready deployment, with the time of the burst it
+    # coalesces (the run replicates every READY item once that window has closed).
     runs = _api(url, "/flow_runs/filter", {"deployments": {"name": {"any_": [ON_READY]}}})
-    assert any(r["parameters"].get("item") == f"dlm.item.{item['oid']}" for r in runs), runs
+    assert runs and all(r["parameters"].get("ready_since") for r in runs), runs
 
     proc: subprocess.Popen[bytes] = dlm_serve["proc"]
     proc.send_signal(signal.SIGINT)

@@ -1,0 +1,106 @@
+"""Per-storage limits: a batch holds one slot of the Prefect global concurrency limit
+`storage:NAME` of every storage it touches, for as long as it moves or deletes bytes.
+
+A copy batch src -> dst holds both storages' slots (acquired together, all or none, so two
+batches never deadlock); a delete batch its storage's. A limit that does not exist yet is
+created with DLM_TRANSFER__STORAGE_SLOTS slots; an operator changes it afterwards from the
+Prefect UI or `prefect gcl update storage:NAME --limit N` (`--disable` lifts it).
+
+Slots are leased: the holder renews its lease while the batch runs (Prefect's lease renewal
+thread, every 3/4 of DLM_TRANSFER__SLOT_LEASE_S), and a holder that dies without releasing
+(kill -9, a lost machine) stops renewing, so the server's repossessor frees its slot at most
+slot_lease_s + PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS after the last renewal.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, suppress
+from typing import Any
+
+from lifecycle.errors import TransientError
+from lifecycle.settings import get_settings
+
+PREFIX = "storage:"
+_known: set[tuple[str, str]] = set()  # (API URL, limit) this process saw exist
+
+
+def limit_name(storage: str) -> str:
+    """The global concurrency limit of a storage: `storage:NAME`."""
+    return f"{PREFIX}{storage}"
+
+
+def ensure_limits(names: Sequence[str], *, default: int | None = None) -> None:
+    """Create each global concurrency limit that does not exist yet, with `default` slots
+    (DLM_TRANSFER__STORAGE_SLOTS); an existing one is left as the operator set it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    api = str(PREFECT_API_URL.value() or "")
+    missing = [n for n in names if (api, n) not in _known]
+    if not missing:
+        return
+    slots = default if default is not None else get_settings().transfer.storage_slots
+    with get_client(sync_client=True) as client:
+        for name in missing:
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                with suppress(ObjectAlreadyExists):  # another worker created it first
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=slots, active=True)
+                    )
+            _known.add((api, name))
+
+
+def _holder() -> Any:
+    """The task run (or flow run) holding the slots, shown with the lease in Prefect."""
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.runtime import flow_run, task_run
+
+    if task_run.id:
+        return ConcurrencyLeaseHolder(type="task_run", id=uuid.UUID(str(task_run.id)))
+    if flow_run.id:
+        return ConcurrencyLeaseHolder(type="flow_run", id=uuid.UUID(str(flow_run.id)))
+    return None
+
+
+@contextmanager
+def storage_slots(storages: Sequence[str]) -> Iterator[None]:
+    """Hold one slot of each storage's limit for the duration of the block.
+
+    Raises TransientError when the slots are not free within DLM_TRANSFER__SLOT_WAIT_S (the
+    batch task is then retried like any transient failure).
+    """
+    from prefect.concurrency.sync import concurrency
+
+    names = sorted({limit_name(s) for s in storages})
+    if not names:
+        yield
+        return
+    t = get_settings().transfer
+    ensure_limits(names)
+    holder = _holder()
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                concurrency(
+                    names,
+                    occupy=1,
+                    timeout_seconds=t.slot_wait_s,
+                    lease_duration=t.slot_lease_s,
+                    strict=False,
+                    holder=holder,
+                    # a renewal that fails once (a server restart) must not kill a transfer
+                    raise_on_lease_renewal_failure=False,
+                )
+            )
+        except TimeoutError:
+            raise TransientError(
+                f"waited {t.slot_wait_s:g}s for a slot of {', '.join(names)}: other batches hold "
+                "them all (raise the limit with `prefect gcl update`, or DLM_TRANSFER__SLOT_WAIT_S)"
+            ) from None
+        yield
