@@ -458,6 +458,18 @@ class S3Storage:
                 ExpiresIn=expires_s,
             )
 
+    def upload_url(self, path: str, expires_s: int = 3600) -> str:
+        """A presigned PUT URL for `path`, valid for `expires_s` seconds: whoever holds it may
+        write that one object (the REST API's uploads; the catalogue checks the bytes after).
+        Raises CredentialsError."""
+        client = self.client()
+        with self._errors(path):
+            return client.generate_presigned_url(
+                "put_object",
+                Params={"Bucket": self.bucket, "Key": self._key(path)},
+                ExpiresIn=expires_s,
+            )
+
     def rclone_target(self) -> RcloneTarget:
         """Remote `dlm_<name>:<bucket>/<prefix>` defined by RCLONE_CONFIG_DLM_<NAME>_* variables
         (credentials copied from the environment now). Raises CredentialsError."""

@@ -358,7 +358,7 @@ def test_migration_0002_refuses_a_catalogue_with_shared_paths(backend: str, tmp_
                 .where(Replica.__table__.c.item_oid == b)  # type: ignore[attr-defined]
                 .values(state="DELETED")
             )
-        assert init_db(url) == "0002"
+        assert init_db(url) == "0004"
         names = {ix["name"] for ix in sa.inspect(engine).get_indexes("replica")}
         assert "uq_replica_storage_path_live" in names
         engine.dispose()
