@@ -10,8 +10,9 @@ presigned PUT, and the catalogue checks them before the item becomes READY.
    `item.ready`); a mismatch is ConflictError and changes nothing, so the client may PUT
    again and retry.
 
-A PENDING copy nobody finishes is settled by the next run's recovery (lifecycle.integrity.recovery)
-once it is stale: READY if the object holds the declared bytes, else the claim is removed.
+A PENDING copy nobody finishes is settled by a later run's recovery (lifecycle.integrity.recovery)
+once it is stale: READY if the object holds the declared bytes (`finish_upload` then still
+checks it and makes the item READY), else the claim is removed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from lifecycle.catalogue.models import Item, Replica, Storage, utcnow
 from lifecycle.catalogue.public import ItemPublic
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.errors import ConflictError, InvalidValueError, SourceNotFoundError
+from lifecycle.settings import get_settings
 from lifecycle.states import LIVE_REPLICA_STATES, ItemState, ReplicaState, StorageKind, StorageState
 from lifecycle.storage.backends import backend_for
 from lifecycle.storage.s3 import S3Storage
@@ -152,6 +154,8 @@ def begin_upload(
             "path": path,
         },
     )
+    # never valid past the time recovery takes the PENDING copy for abandoned
+    expires_s = max(1, min(expires_s, get_settings().transfer.stale_after_s))
     url = backend.upload_url(path, expires_s)
     return UploadStarted(item=ItemPublic.of(item), upload_url=url, expires_in=expires_s)
 
@@ -169,7 +173,11 @@ def finish_upload(item_oid: Any, *, session: Session, owner: str | None, actor: 
     found = session.execute(
         select(Replica, Storage)
         .join(Storage, col(Storage.id) == col(Replica.storage_id))
-        .where(col(Replica.item_oid) == item.oid, col(Replica.state) == ReplicaState.PENDING.value)
+        .where(
+            col(Replica.item_oid) == item.oid,
+            col(Replica.state).in_([ReplicaState.PENDING.value, ReplicaState.READY.value]),
+        )
+        .order_by(col(Replica.state))  # PENDING first; READY: recovery already settled the copy
     ).first()
     if item.state != ItemState.INITIALISED or found is None:
         raise ConflictError(f"{item.name} v{item.version} is {item.state} with no upload pending")
@@ -195,18 +203,21 @@ def finish_upload(item_oid: Any, *, session: Session, owner: str | None, actor: 
             "it stays INITIALISED; PUT the right bytes and try again"
         )
     now = utcnow()
+    settled = replica.state == ReplicaState.READY  # by recovery, which counted its bytes and event
     replica.state, replica.verified_at, replica.updated_at = ReplicaState.READY, now, now
     item.state, item.updated_at = ItemState.READY, now
     session.add(replica)
     session.add(item)
-    session.execute(
-        update(Storage)
-        .where(col(Storage.id) == storage.id)
-        .values(used_bytes=col(Storage.used_bytes) + item.size)
-    )
-    audit.record_many(
-        session,
-        [
+    if not settled:
+        session.execute(
+            update(Storage)
+            .where(col(Storage.id) == storage.id)
+            .values(used_bytes=col(Storage.used_bytes) + item.size)
+        )
+    created = (
+        []
+        if settled
+        else [
             {
                 "kind": "replica.created",
                 "item_oid": item.oid,
@@ -214,7 +225,13 @@ def finish_upload(item_oid: Any, *, session: Session, owner: str | None, actor: 
                 "storage_id": storage.id,
                 "actor": actor,
                 "details": {"path": replica.path, "uploaded": True},
-            },
+            }
+        ]
+    )
+    audit.record_many(
+        session,
+        [
+            *created,
             {
                 "kind": "item.ready",
                 "item_oid": item.oid,

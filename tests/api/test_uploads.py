@@ -167,3 +167,34 @@ def test_a_posix_only_item_streams_through_the_api(api: Api, tokens: Tokens, tmp
         got = alice.get(link["url"])
         assert got.status_code == 200 and got.content == payload
         assert_one_line_error(bob.get(link["url"]), 404)
+
+
+@pytest.mark.rclone
+def test_an_upload_recovery_settled_is_still_checked_and_made_ready_once(
+    api: Api, tokens: Tokens, bucket_storage: str, rclone_path: str
+) -> None:
+    """A pipeline run's recovery may settle a stale PENDING upload before the client calls
+    ready: the item then still becomes READY, its bytes counted once on the storage."""
+    from datetime import timedelta
+
+    from lifecycle.integrity.recovery import settle_in_flight
+
+    payload = os.urandom(5000)
+    body = {
+        "name": "late/upload.bin",
+        "size": len(payload),
+        "checksum": hashlib.md5(payload).hexdigest(),
+        "storage": bucket_storage,
+    }
+    with api.client(tokens.alice) as alice:
+        started = alice.post("/items", json=body).json()
+        assert httpx.put(started["upload_url"], content=payload, timeout=30).status_code == 200
+        with session_scope() as s:
+            assert settle_in_flight(s, stale_after=timedelta(0)).completed == 1
+        assert alice.get(f"/items/{started['item']['oid']}").json()["state"] == "INITIALISED"
+        ready = alice.post(f"/items/{started['item']['oid']}/ready")
+        assert ready.status_code == 200 and ready.json()["state"] == "READY"
+        [copy] = alice.get(f"/items/{started['item']['oid']}/replicas").json()
+        assert copy["state"] == "READY" and stored_bytes(bucket_storage, copy["path"]) == payload
+    with session_scope() as s:
+        assert get_storage(bucket_storage, session=s).used_bytes == len(payload)
