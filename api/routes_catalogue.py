@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Body, Query
+from pydantic import BaseModel, ConfigDict
 
-from api.auth import Who, scope
+from api.auth import Admin, Who, scope
 from api.routes_items import Cursor, EventsPage, ItemsPage, Limit, items_page
-from lifecycle.catalogue import access, storages
+from lifecycle.catalogue import access, public, storages
 from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.inputs import parse_choice
 from lifecycle.catalogue.models import StoragePublic
-from lifecycle.catalogue.public import DatasetPublic
+from lifecycle.catalogue.public import DatasetPublic, StorageDetailPublic
+from lifecycle.states import StorageState
 
 router = APIRouter()
 
@@ -21,6 +24,25 @@ def list_storages(who: Who) -> list[StoragePublic]:
     """Every storage with its usage (no credentials: those stay in the server's environment)."""
     with session_scope() as s:
         return storages.list_storages(session=s)
+
+
+class StorageChange(BaseModel):
+    """What an admin may change on a storage: its state (online, draining, offline, retired)."""
+
+    model_config = ConfigDict(extra="forbid")
+    state: str
+
+
+@router.patch("/storages/{name}", response_model=StorageDetailPublic, tags=["storages"])
+def change_storage(name: str, who: Admin, change: Annotated[StorageChange, Body()]) -> StorageDetailPublic:
+    """Drain, take offline, bring online or retire a storage (an admin token), as
+    `dlm storage drain|offline|online|retire` do; the rebalance pipeline then moves copies off
+    a draining one."""
+    state = parse_choice(change.state, StorageState, "storage state")
+    with session_scope() as s:
+        storages.set_storage_state(name, state, session=s, actor=who.owner)
+    with session_scope() as s:
+        return public.storage_detail(name, session=s)
 
 
 @router.get("/datasets", response_model=list[DatasetPublic], tags=["datasets"])
