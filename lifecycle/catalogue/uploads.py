@@ -134,7 +134,12 @@ def begin_upload(
     try:
         session.flush()
     except IntegrityError as exc:
-        if not path_taken(exc) and "uq_item_name_version" not in str(exc.orig):
+        text = str(exc.orig)
+        if (
+            not path_taken(exc)
+            and "uq_item_name_version" not in text
+            and "item.name, item.version" not in text
+        ):
             raise
         raise ConflictError(
             f"{data.name} v{version} was registered by another request at the same time"

@@ -198,3 +198,24 @@ def test_an_upload_recovery_settled_is_still_checked_and_made_ready_once(
         assert copy["state"] == "READY" and stored_bytes(bucket_storage, copy["path"]) == payload
     with session_scope() as s:
         assert get_storage(bucket_storage, session=s).used_bytes == len(payload)
+
+
+def test_concurrent_uploads_of_one_name_get_distinct_versions_or_a_conflict(
+    api: Api, tokens: Tokens, bucket_storage: str
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"name": "same/name.dat", "size": 1, "checksum": hashlib.md5(b"x").hexdigest()}
+
+    def post(_: int) -> httpx.Response:
+        with api.client(tokens.alice) as alice:
+            return alice.post("/items", json={**body, "storage": bucket_storage})
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(post, range(4)))
+    assert {a.status_code for a in answers} <= {201, 409}, [a.text for a in answers]
+    made = [a.json()["item"] for a in answers if a.status_code == 201]
+    assert made and len({m["version"] for m in made}) == len(made)
+    for a in answers:
+        if a.status_code == 409:
+            assert_one_line_error(a, 409)
