@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import errors, metrics, routes_catalogue, routes_items
+from api import errors, metrics, routes_catalogue, routes_items, runs
 
 
 def create_app() -> FastAPI:
@@ -20,5 +20,6 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.include_router(routes_items.router, prefix="/api")
     app.include_router(routes_catalogue.router, prefix="/api")
+    app.include_router(runs.router, prefix="/api")
     app.include_router(metrics.router)
     return app
