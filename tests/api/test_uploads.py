@@ -3,6 +3,7 @@ client PUTs with the presigned URL are checked before the item is READY, and rea
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import uuid
@@ -19,6 +20,7 @@ from lifecycle.catalogue.models import Event, Item, Replica
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.states import ItemState, ReplicaState
 from lifecycle.storage.backends import backend_for
+from lifecycle.storage.s3 import S3Storage
 from tests.api.conftest import Api, Tokens
 from tests.api.test_access import assert_one_line_error
 from tests.factories import posix_storage, s3_storage
@@ -64,7 +66,13 @@ def test_presigned_upload_then_presigned_download_returns_the_same_bytes(
         assert alice.get("/items", params={"where": "state = 'READY'"}).json()["items"] == []
         assert "nothing uploaded" in assert_one_line_error(alice.post(f"/items/{oid}/ready"), 409)
 
-        put = plain.put(started.json()["upload_url"], content=payload)  # straight to S3, no token
+        url, headers = started.json()["upload_url"], started.json()["headers"]
+        assert headers == {"Content-MD5": base64.b64encode(hashlib.md5(payload).digest()).decode()}
+        # the URL is signed for the declared MD5: S3 refuses a PUT without it, or other bytes
+        assert plain.put(url, content=payload).status_code == 403
+        assert plain.put(url, content=payload[::-1], headers=headers).status_code == 400
+        assert "nothing uploaded" in assert_one_line_error(alice.post(f"/items/{oid}/ready"), 409)
+        put = plain.put(url, content=payload, headers=headers)  # straight to S3, no token
         assert put.status_code == 200, put.text
         ready = alice.post(f"/items/{oid}/ready")
         assert ready.status_code == 200, ready.text
@@ -73,6 +81,10 @@ def test_presigned_upload_then_presigned_download_returns_the_same_bytes(
 
         [copy] = alice.get(f"/items/{oid}/replicas").json()
         assert (copy["storage"], copy["state"]) == (bucket_storage, "READY")
+        assert stored_bytes(bucket_storage, copy["path"]) == payload
+
+        # the URL is still valid, but cannot replace the READY item's bytes
+        assert plain.put(url, content=b"other bytes", headers=headers).status_code == 400
         assert stored_bytes(bucket_storage, copy["path"]) == payload
 
         link = alice.get(f"/items/{oid}/download-url", params={"expires": "10m"}).json()
@@ -104,7 +116,18 @@ def test_an_upload_that_differs_from_what_was_declared_is_refused_and_nothing_is
     with api.client(tokens.bob) as bob, httpx.Client(timeout=30) as plain:
         started = bob.post("/items", json=body).json()
         oid = started["item"]["oid"]
-        assert plain.put(started["upload_url"], content=payload).status_code == 200
+        url, headers = started["upload_url"], started["headers"]
+        put = plain.put(url, content=payload, headers=headers)
+        if wrong == "size":  # the declared MD5 is the payload's: S3 takes it, ready checks the size
+            assert put.status_code == 200
+        else:
+            # S3 refuses other bytes than the declared MD5 through the URL; bytes that reach the
+            # object another way (a client with its own S3 keys) are caught when ready is called
+            assert put.status_code == 400
+            with session_scope() as s:
+                backend = backend_for(get_storage(bucket_storage, session=s))
+            assert isinstance(backend, S3Storage)
+            backend.client().put_object(Bucket=backend.bucket, Key=f"bad/{wrong}.dat", Body=payload)
         msg = assert_one_line_error(bob.post(f"/items/{oid}/ready"), 409)
         assert ("MD5" if wrong == "checksum" else "bytes") in msg and "INITIALISED" in msg
         assert bob.get(f"/items/{oid}").json()["state"] == "INITIALISED"
@@ -188,7 +211,8 @@ def test_an_upload_recovery_settled_is_still_checked_and_made_ready_once(
     }
     with api.client(tokens.alice) as alice:
         started = alice.post("/items", json=body).json()
-        assert httpx.put(started["upload_url"], content=payload, timeout=30).status_code == 200
+        put = httpx.put(started["upload_url"], content=payload, headers=started["headers"], timeout=30)
+        assert put.status_code == 200
         with session_scope() as s:
             assert settle_in_flight(s, stale_after=timedelta(0)).completed == 1
         assert alice.get(f"/items/{started['item']['oid']}").json()["state"] == "INITIALISED"
