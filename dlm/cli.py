@@ -25,6 +25,7 @@ from dlm import render
 from dlm.commands_catalogue import datasets_app, ingest, status
 from dlm.commands_items import items_app, url
 from dlm.commands_storage import storage_app
+from dlm.commands_tokens import api, token_app
 from dlm.common import JsonOpt, catalogue
 from lifecycle.catalogue import catalog, storages
 from lifecycle.catalogue.db import init_db
@@ -50,6 +51,7 @@ app = typer.Typer(
 app.add_typer(storage_app, name="storage")
 app.add_typer(items_app, name="items")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(token_app, name="token")
 
 # --------------------------------------------------------------------------- helpers
 
@@ -75,6 +77,7 @@ def init() -> None:
 app.command()(status)
 app.command()(ingest)
 app.command()(url)
+app.command()(api)
 
 
 # --------------------------------------------------------------------------- pipelines

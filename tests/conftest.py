@@ -58,7 +58,8 @@ def truncate_all(url: str) -> None:
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                "TRUNCATE event, transfer, replica, item, dataset, storage, location RESTART IDENTITY CASCADE"
+                "TRUNCATE event, transfer, replica, item, dataset, storage, location, token "
+                "RESTART IDENTITY CASCADE"
             )
         )
 

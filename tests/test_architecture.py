@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("lifecycle", "tasks", "flows", "deployments", "dlm", "bench", "devrig", "tests")
+PACKAGES = ("lifecycle", "tasks", "flows", "deployments", "api", "dlm", "bench", "devrig", "tests")
 # A module longer than this states why at its top (a line starting "Long because" in its docstring).
 MAX_LINES = 500
 CORE_FORBIDDEN = ("prefect", "typer", "fastapi")
@@ -175,7 +175,9 @@ def private_imports(modules: dict[str, Module]) -> list[str]:
 def long_modules(modules: dict[str, Module]) -> list[str]:
     out = []
     for m in modules.values():
-        if not m.name.startswith(("lifecycle", "tasks", "flows", "deployments", "dlm", "devrig", "bench")):
+        if not m.name.startswith(
+            ("lifecycle", "tasks", "flows", "deployments", "api", "dlm", "devrig", "bench")
+        ):
             continue
         lines = len(m.path.read_text().splitlines())
         doc = ast.get_docstring(m.tree) or ""
@@ -216,9 +218,10 @@ def test_core_imports_no_orchestrator_or_edge() -> None:
 
 
 def test_layers_import_one_way() -> None:
-    """dlm -> deployments -> flows -> tasks -> lifecycle (the CLI starts the deployments);
-    nothing imports dlm; the runtime imports neither tests, bench nor devrig (but `dlm demo`)."""
-    order = {"lifecycle": 0, "tasks": 1, "flows": 2, "deployments": 3, "dlm": 4}
+    """dlm -> api -> deployments -> flows -> tasks -> lifecycle (the CLI starts the deployments
+    and serves the REST API); nothing imports dlm, nothing but dlm imports api; the runtime
+    imports neither tests, bench nor devrig (but `dlm demo`)."""
+    order = {"lifecycle": 0, "tasks": 1, "flows": 2, "deployments": 3, "api": 4, "dlm": 5}
     modules = _graph()
     bad = []
     for m in modules.values():
@@ -233,6 +236,20 @@ def test_layers_import_one_way() -> None:
             ):
                 bad.append(f"{m.name} imports {target}")
     assert bad == []
+
+
+def test_api_is_an_edge() -> None:
+    """The REST API is an edge like the CLI: only `dlm` (which serves it) imports it."""
+    modules = _graph()
+    bad = [
+        f"{m.name} imports {target}"
+        for m in modules.values()
+        if m.name.split(".")[0] not in ("api", "dlm", "tests")
+        for target in m.imports
+        if target.split(".")[0] == "api"
+    ]
+    assert bad == []
+    assert any(t.startswith("api") for t in modules["dlm.commands_tokens"].imports)
 
 
 # The core's packages, lowest first: a package imports only the foundation (lifecycle/*.py)

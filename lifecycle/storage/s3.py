@@ -20,6 +20,7 @@ from lifecycle.errors import (
     ConflictError,
     CredentialsError,
     InvalidNameError,
+    InvalidValueError,
     RootNotFoundError,
     SourceNotFoundError,
     StorageError,
@@ -457,6 +458,26 @@ class S3Storage:
                 Params={"Bucket": self.bucket, "Key": self._key(path)},
                 ExpiresIn=expires_s,
             )
+
+    def upload_url(self, path: str, md5: str, expires_s: int = 3600) -> tuple[str, dict[str, str]]:
+        """A presigned PUT URL for `path`, valid for `expires_s` seconds, and the headers the
+        PUT must send: the URL is signed for a Content-MD5 of `md5` (hex), so S3 stores only
+        those bytes through it (other bytes are refused, and so is a PUT without the header).
+        Raises CredentialsError, InvalidValueError (not an MD5)."""
+        try:
+            content_md5 = base64.b64encode(bytes.fromhex(md5)).decode()
+        except ValueError:
+            content_md5 = ""
+        if len(md5) != 32 or not content_md5:
+            raise InvalidValueError(f"invalid md5 {md5[:80]!r}: must be 32 hex digits")
+        client = self.client()
+        with self._errors(path):
+            url = client.generate_presigned_url(
+                "put_object",
+                Params={"Bucket": self.bucket, "Key": self._key(path), "ContentMD5": content_md5},
+                ExpiresIn=expires_s,
+            )
+        return url, {"Content-MD5": content_md5}
 
     def rclone_target(self) -> RcloneTarget:
         """Remote `dlm_<name>:<bucket>/<prefix>` defined by RCLONE_CONFIG_DLM_<NAME>_* variables

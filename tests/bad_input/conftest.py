@@ -22,12 +22,13 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import SQLModel
 
+import lifecycle.catalogue.tokens  # noqa: F401  (registers the token table for the snapshots)
 from lifecycle import settings as settings_mod
 from lifecycle.catalogue.db import dispose_engines, get_engine, init_db, session_scope
 from lifecycle.catalogue.models import Item, Replica
 from lifecycle.states import ItemState, ReplicaState
 
-TABLES = ("location", "storage", "item", "replica", "transfer", "event", "dataset")
+TABLES = ("location", "storage", "item", "replica", "transfer", "event", "dataset", "token")
 S3_PREFIX = "CORPUS_S3"  # the estate's S3 storage reads CORPUS_S3_ACCESS_KEY_ID / _SECRET_ACCESS_KEY
 WRONG_PREFIX = "CORPUS_WRONG"  # the right access key with a wrong secret
 

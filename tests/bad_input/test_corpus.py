@@ -373,6 +373,12 @@ CASES = [
         code=2,
     ),
     Case("posix-root-missing-exit-2", add_storage("new", "posix", "{base}/nope"), "does not exist", code=2),
+    # ------------------------------------------------------------------ API tokens
+    Case("token-owner-empty", ("token", "create", "--owner", ""), "invalid --owner", code=2),
+    Case("token-owner-control", ("token", "create", "--owner", "a\x1bb"), "--owner", code=2),
+    Case("token-owner-missing", ("token", "create"), "--owner", code=2),
+    Case("token-revoke-not-an-id", ("token", "revoke", "zz"), "invalid token id", code=2),
+    Case("token-revoke-unknown", ("token", "revoke", "0123456789ab"), "no token", code=2),
 ]
 
 

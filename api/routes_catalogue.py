@@ -1,0 +1,69 @@
+"""/api/storages, /api/datasets and /api/events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Query
+from pydantic import BaseModel, ConfigDict
+
+from api.auth import Admin, Who, scope
+from api.routes_items import Cursor, EventsPage, ItemsPage, Limit, items_page
+from lifecycle.catalogue import access, public, storages
+from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.inputs import parse_choice
+from lifecycle.catalogue.models import StoragePublic
+from lifecycle.catalogue.public import DatasetPublic, StorageDetailPublic
+from lifecycle.states import StorageState
+
+router = APIRouter()
+
+
+@router.get("/storages", response_model=list[StoragePublic], tags=["storages"])
+def list_storages(who: Who) -> list[StoragePublic]:
+    """Every storage with its usage (no credentials: those stay in the server's environment)."""
+    with session_scope() as s:
+        return storages.list_storages(session=s)
+
+
+class StorageChange(BaseModel):
+    """What an admin may change on a storage: its state (online, draining, offline, retired)."""
+
+    model_config = ConfigDict(extra="forbid")
+    state: str
+
+
+@router.patch("/storages/{name}", response_model=StorageDetailPublic, tags=["storages"])
+def change_storage(name: str, who: Admin, change: Annotated[StorageChange, Body()]) -> StorageDetailPublic:
+    """Drain, take offline, bring online or retire a storage (an admin token), as
+    `dlm storage drain|offline|online|retire` do; the rebalance pipeline then moves copies off
+    a draining one."""
+    state = parse_choice(change.state, StorageState, "storage state")
+    with session_scope() as s:
+        storages.set_storage_state(name, state, session=s, actor=who.owner)
+    with session_scope() as s:
+        return public.storage_detail(name, session=s)
+
+
+@router.get("/datasets", response_model=list[DatasetPublic], tags=["datasets"])
+def list_datasets(who: Who) -> list[DatasetPublic]:
+    """Your datasets (an admin: every one), by name."""
+    with session_scope() as s:
+        return access.datasets(session=s, owner=scope(who))
+
+
+@router.get("/datasets/{name}/items", response_model=ItemsPage, tags=["datasets"])
+def dataset_items(name: str, who: Who, limit: Limit = 100, cursor: Cursor = None) -> ItemsPage:
+    """A dataset's current members you may see, paged as GET /items."""
+    with session_scope() as s:
+        where = access.visible_dataset(name, session=s, owner=scope(who)).where
+    return items_page(who, where, limit, cursor)
+
+
+@router.get("/events", response_model=EventsPage, tags=["events"])
+def list_events(who: Who, since: Annotated[int, Query(ge=0)] = 0, limit: Limit = 100) -> EventsPage:
+    """Audit events after event id `since`, oldest first (an owner: its items' events); poll
+    with the next_since of the previous answer."""
+    with session_scope() as s:
+        rows = access.events_page(session=s, owner=scope(who), since=since, limit=limit)
+    return EventsPage(events=rows, next_since=rows[-1].id if rows else since)

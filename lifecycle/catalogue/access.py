@@ -1,0 +1,153 @@
+"""Reads scoped to an owner, in pages: what the REST API shows a token's owner.
+
+`owner=None` means an administrator: everything. Otherwise only the owner's items and datasets
+exist: another owner's item is ItemNotFoundError, exactly as an item that does not exist, so a
+caller learns nothing about what it may not see. Pages are keyset pages (by name and version
+for items, by id for events): a page after another never repeats or skips a row that existed
+when the first page was read, whatever is inserted in between.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import and_, or_, select
+from sqlmodel import Session, col
+
+from lifecycle.catalogue.models import Dataset, Event, Item, Replica, Storage
+from lifecycle.catalogue.public import (
+    DatasetPublic,
+    EventPublic,
+    ItemPublic,
+    ReplicaPublic,
+)
+from lifecycle.catalogue.query_sql import compile_filter
+from lifecycle.errors import DatasetNotFoundError, InvalidValueError, ItemNotFoundError
+
+MAX_PAGE = 1000
+
+
+class EventRowPublic(EventPublic):
+    """An audit event with its id (to page with `since`) and its item, if any."""
+
+    id: int
+    item_oid: uuid.UUID | None
+
+    @classmethod
+    def of_row(cls, event: Event) -> EventRowPublic:
+        return cls(
+            id=int(event.id or 0),
+            item_oid=event.item_oid,
+            ts=event.ts,
+            kind=str(event.kind),
+            actor=event.actor,
+            details=event.details,
+        )
+
+
+class ItemPage(BaseModel):
+    items: list[ItemPublic]
+    last: tuple[str, int] | None  # (name, version) of the last row, when more may follow
+
+
+def check_limit(limit: int) -> int:
+    """A page size from 1 to MAX_PAGE. Raises InvalidValueError."""
+    if limit < 1 or limit > MAX_PAGE:
+        raise InvalidValueError(f"invalid limit {limit}: must be 1 to {MAX_PAGE}")
+    return limit
+
+
+def _scope(owner: str | None) -> Any:
+    return True if owner is None else col(Item.owner) == owner
+
+
+def items_page(
+    *,
+    session: Session,
+    owner: str | None,
+    where: str | None = None,
+    after: tuple[str, int] | None = None,
+    limit: int = 100,
+) -> ItemPage:
+    """The items matching `where` that `owner` may see, by name and version, after `after`.
+
+    Raises InvalidFilterError, InvalidValueError (a limit out of range)."""
+    check_limit(limit)
+    stmt = select(Item).where(_scope(owner))
+    if where is not None:
+        stmt = stmt.where(compile_filter(where))
+    if after is not None:
+        name, version = after
+        stmt = stmt.where(
+            or_(col(Item.name) > name, and_(col(Item.name) == name, col(Item.version) > version))
+        )
+    rows = list(
+        session.execute(stmt.order_by(col(Item.name), col(Item.version)).limit(limit + 1)).scalars().all()
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = (rows[-1].name, rows[-1].version) if more and rows else None
+    return ItemPage(items=[ItemPublic.of(i) for i in rows], last=last)
+
+
+def visible_item(oid: uuid.UUID, *, session: Session, owner: str | None) -> Item:
+    """An item by oid that `owner` may see. Raises ItemNotFoundError (also for another owner's)."""
+    item = session.get(Item, oid)
+    if item is None or (owner is not None and item.owner != owner):
+        raise ItemNotFoundError(f"no item {str(oid)!r}")
+    return item
+
+
+def item_replicas(oid: uuid.UUID, *, session: Session, owner: str | None) -> list[ReplicaPublic]:
+    """An item's copies, oldest first. Raises ItemNotFoundError."""
+    item = visible_item(oid, session=session, owner=owner)
+    rows = session.execute(
+        select(Replica, col(Storage.name))
+        .join(Storage, col(Storage.id) == col(Replica.storage_id))
+        .where(col(Replica.item_oid) == item.oid)
+        .order_by(col(Replica.created_at))
+    ).all()
+    return [ReplicaPublic.of(r, n) for r, n in rows]
+
+
+def events_page(
+    *,
+    session: Session,
+    owner: str | None,
+    since: int = 0,
+    limit: int = 100,
+    item: uuid.UUID | None = None,
+) -> list[EventRowPublic]:
+    """Events with an id above `since`, oldest first: for an owner only its items' events.
+
+    Raises InvalidValueError (a limit out of range, a negative `since`), ItemNotFoundError."""
+    check_limit(limit)
+    if since < 0:
+        raise InvalidValueError(f"invalid since {since}: must not be negative")
+    stmt = select(Event).where(col(Event.id) > since)
+    if item is not None:
+        visible_item(item, session=session, owner=owner)
+        stmt = stmt.where(col(Event.item_oid) == item)
+    elif owner is not None:
+        mine = select(col(Item.oid)).where(col(Item.owner) == owner)
+        stmt = stmt.where(col(Event.item_oid).in_(mine))
+    rows = session.execute(stmt.order_by(col(Event.id)).limit(limit)).scalars().all()
+    return [EventRowPublic.of_row(e) for e in rows]
+
+
+def datasets(*, session: Session, owner: str | None) -> list[DatasetPublic]:
+    """The datasets `owner` may see, by name."""
+    stmt = select(Dataset)
+    if owner is not None:
+        stmt = stmt.where(col(Dataset.owner) == owner)
+    return [DatasetPublic.of(d) for d in session.scalars(stmt.order_by(col(Dataset.name))).all()]
+
+
+def visible_dataset(name: str, *, session: Session, owner: str | None) -> Dataset:
+    """A dataset `owner` may see. Raises DatasetNotFoundError (also for another owner's)."""
+    ds = session.scalars(select(Dataset).where(col(Dataset.name) == name)).first()
+    if ds is None or (owner is not None and ds.owner != owner):
+        raise DatasetNotFoundError(f"unknown dataset {name[:140]!r}")
+    return ds
