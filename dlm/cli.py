@@ -24,6 +24,7 @@ from sqlmodel import Session
 from typer._click import exceptions as click_exc
 
 from dlm import render
+from dlm.server_cli import quiet_prefect, server_app, use_prefect_server
 from lifecycle.catalogue import catalog, storages
 from lifecycle.catalogue import ingest as ingesting
 from lifecycle.catalogue.db import check_schema_known, get_engine, init_db, schema_ready, session_scope
@@ -55,6 +56,18 @@ datasets_app = typer.Typer(help="Datasets: named, saved filters.", no_args_is_he
 app.add_typer(storage_app, name="storage")
 app.add_typer(items_app, name="items")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(server_app, name="server")
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show Prefect's log lines (flow and task runs).")
+    ] = False,
+) -> None:
+    """DLM: a data lifecycle manager. Knows every item and copy; replicates, migrates, expires, verifies."""
+    quiet_prefect(verbose)
+
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 
@@ -669,26 +682,9 @@ def run(
 
 
 def _use_running_server() -> None:
-    """Run flows on the Prefect server of a running `dlm serve` (if any) instead of starting a
-    temporary one: faster, and the runs show in its UI."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    from flows.events import api_url_file
-
-    try:
-        url = api_url_file().read_text().strip()
-    except OSError:
-        return
-    if not url:
-        return
-    import httpx
-
-    try:
-        alive = httpx.get(f"{url.rstrip('/')}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        alive = False  # a stale file of a `dlm serve` that died
-    if alive:
-        os.environ["PREFECT_API_URL"] = url
+    """Run flows on the long-lived Prefect server: PREFECT_API_URL's, a running `dlm serve`'s,
+    or this DLM home's own (started in the background on first use; `dlm server`)."""
+    use_prefect_server()
 
 
 def render_integrity(pipeline: str, report: dict[str, Any]) -> None:
@@ -750,6 +746,7 @@ def checkout(
     *refs, dest = args
     with catalogue():
         pass
+    _use_running_server()
     result = checkout_now(refs or None, dataset, dest, catalog.current_actor())
     if json_:
         render.print_json(result)
@@ -766,31 +763,38 @@ def checkout(
 
 @app.command()
 def serve(
-    port: Annotated[int | None, typer.Option(min=1, max=65535, help="local Prefect server port")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="port of this DLM home's Prefect server if it starts")
+    ] = None,
     no_server: Annotated[
-        bool, typer.Option("--no-server", help="use the Prefect server PREFECT_API_URL names")
+        bool, typer.Option("--no-server", help="use the Prefect server PREFECT_API_URL names (required)")
     ] = False,
 ) -> None:
-    """Serve the pipelines on their schedules and on item-ready events, with a local Prefect UI."""
-    from deployments.server import existing_server, local_server
+    """Serve the pipelines on their schedules and on item-ready events, on this DLM home's
+    Prefect server (started if needed; it keeps running afterwards) or PREFECT_API_URL's."""
+    from deployments.server import announced, serve_server
 
     with catalogue():
         pass
     settings = get_settings()
     try:
-        with existing_server() if no_server else local_server(settings.home, port) as url:
+        url, started = serve_server(settings.home, port, configured_only=no_server)
+        with announced(url, settings.home):
             from deployments.serve import build_deployments, describe, serve_all
 
             deployments = build_deployments(settings)
-            render.out.print(f"Prefect UI: {url.removesuffix('/api')}  (API {url})", markup=False)
+            how = "started" if started else "running"
+            render.out.print(
+                f"Prefect UI: {url.removesuffix('/api')}  (API {url}, server {how})", markup=False
+            )
             render.table(
                 "Served deployments",
                 ["deployment", "runs"],
                 [(f"{d.flow_name}/{d.name}", describe(d)) for d in deployments],
             )
-            render.out.print("Ctrl-C stops.", markup=False)
+            render.out.print("Ctrl-C stops serving (the Prefect server keeps running).", markup=False)
             serve_all(deployments)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before serving began: the server is stopped
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before serving began
         pass
     render.out.print("dlm serve stopped", markup=False)
 
@@ -841,9 +845,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("DLM_DEBUG"):
             raise
         if isinstance(exc, RuntimeError) and "Prefect API server" in str(exc):
-            # Several `dlm run` at once on a loaded machine, each starting a temporary server.
+            # Prefect could not reach (or start) its API server.
             _fail(
-                f"{exc} (several runs at once each start a temporary Prefect server: run `dlm serve`, "
+                f"{exc} (start this DLM home's Prefect server with `dlm server start`, "
                 "or set PREFECT_API_URL to a running server, and retry)",
                 1,
             )
