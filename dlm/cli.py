@@ -746,7 +746,7 @@ def checkout(
     *refs, dest = args
     with catalogue():
         pass
-    _use_running_server()
+    use_prefect_server(start=False)  # checkout runs no flow (yet): a server only if one runs
     result = checkout_now(refs or None, dataset, dest, catalog.current_actor())
     if json_:
         render.print_json(result)

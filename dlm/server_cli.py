@@ -9,6 +9,8 @@ unless `dlm -v`.
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import ExitStack
 from typing import Annotated
 
 import typer
@@ -38,12 +40,30 @@ def quiet_prefect(verbose: bool) -> None:
             os.environ.setdefault(key, value)
 
 
-def use_prefect_server() -> str:
-    """Point this process (and its children) at the Prefect server flows use; start this DLM
-    home's server if there is none. Returns its API URL. Raises ServerError."""
-    url = prefect_server.api_url_for(get_settings().home)
-    if not prefect_server.configured_api_url():
-        os.environ["PREFECT_API_URL"] = url
+# Settings entered for the rest of a CLI process (see use_prefect_server).
+_process_settings = ExitStack()
+
+
+def use_prefect_server(*, start: bool = True) -> str:
+    """Point this process (and its children) at the Prefect server flows use, starting this
+    DLM home's server if there is none and `start`. Returns its API URL ("" if none).
+    Raises ServerError.
+
+    Where Prefect is already imported (a test harness, an embedding program) its settings are
+    fixed: only a server configured there is used, none is started. In a fresh CLI process this
+    also turns off flow-run heartbeats for the runs it starts: the heartbeat thread is joined
+    at the end of a run and holds it up to a second, half of what a run with nothing to do
+    takes (heartbeats serve a zombie-run automation; served and worker runs keep theirs).
+    """
+    if "prefect" in sys.modules:
+        return prefect_server.configured_api_url()
+    url = prefect_server.api_url_for(get_settings().home, start=start)
+    if not url:
+        return ""
+    os.environ["PREFECT_API_URL"] = url
+    from prefect.settings import temporary_settings
+
+    _process_settings.enter_context(temporary_settings(updates={"flows.heartbeat_frequency": None}))
     return url
 
 
