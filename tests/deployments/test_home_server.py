@@ -1,0 +1,121 @@
+"""One long-lived Prefect server per DLM home: `dlm run` starts it on first use and reuses it,
+`dlm server start|stop|status` manage it, `dlm serve` serves on it. Real processes throughout;
+every server a test starts is stopped by its pid (tests/deployments/conftest.py `dlm_env`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.server import alive, free_port, server_files
+from tests.deployments.conftest import DLM, SERVED, api, deployment_names, poll, run, start_serve, stop_serve
+
+pytestmark = pytest.mark.prefect
+
+
+def _status(env: dict[str, str]) -> dict[str, Any]:
+    return dict(json.loads(run(env, "server", "status", "--json", check=False).stdout))
+
+
+def _replicate_runs(url: str) -> list[dict[str, Any]]:
+    """The replicate runs `dlm run` made (not a deployment's, scheduled or not)."""
+    body = {"flows": {"name": {"any_": ["replicate"]}}, "flow_runs": {"deployment_id": {"is_null_": True}}}
+    return list(api(url, "/flow_runs/filter", body))
+
+
+def test_runs_share_one_home_server_started_on_first_use(dlm_env: dict[str, str]) -> None:
+    home = Path(dlm_env["DLM_HOME"])
+    run(dlm_env, "init")
+    assert _status(dlm_env)["running"] is False
+
+    # two runs at once on a fresh home: one server starts, both use it
+    procs = [
+        subprocess.Popen(
+            [*DLM, "run", "replicate"], env=dlm_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, (out, err)
+        text = err.decode()
+        # no Prefect INFO lines, no telemetry errors: only DLM's report
+        assert "telemetry" not in text.lower() and "| INFO" not in text, text
+        assert b"copied 0" in out
+    status = _status(dlm_env)
+    assert status["running"] and status["answering"], status
+    pid, url = status["pid"], status["url"]
+    assert server_files(home).pid.read_text().strip() == str(pid)
+    assert url.startswith("http://127.0.0.1:") and not url.endswith(":4200/api")
+    runs = _replicate_runs(url)
+    assert len(runs) == 2 and {r["state_type"] for r in runs} == {"COMPLETED"}, runs
+
+    # later runs reuse it (no second server); -v shows Prefect's own lines
+    again = run(dlm_env, "-v", "run", "replicate")
+    assert "Finished in state Completed" in again.stderr, again.stderr
+    assert _status(dlm_env)["pid"] == pid
+    assert len(_replicate_runs(url)) == 3
+
+    stopped = run(dlm_env, "server", "stop")
+    assert f"pid {pid}" in stopped.stdout
+    assert not alive(pid)
+    after = run(dlm_env, "server", "status", check=False)
+    assert after.returncode == 1 and "no Prefect server runs" in after.stdout
+    assert not server_files(home).url.exists()
+
+
+def test_server_start_on_a_port_serves_the_ui_for_that_address(dlm_env: dict[str, str]) -> None:
+    port = free_port()
+    started = run(dlm_env, "server", "start", "--port", str(port))
+    url = f"http://127.0.0.1:{port}/api"
+    assert f"API {url}" in started.stdout and f"UI http://127.0.0.1:{port}" in started.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as resp:
+        settings = json.load(resp)
+    assert settings["api_url"] == url
+    pid = _status(dlm_env)["pid"]
+
+    # asked again on another port: refused, one line, the server left alone
+    other = run(dlm_env, "server", "start", "--port", str(free_port()), check=False)
+    assert other.returncode == 1 and other.stderr.count("\n") == 1, other.stderr
+    assert f"already runs at {url}" in other.stderr
+    assert run(dlm_env, "server", "start").stdout.startswith("Prefect server already running")
+
+    # a server killed hard leaves stale files: the next run starts a new one
+    os.killpg(pid, signal.SIGKILL)
+    poll("the killed server to go", lambda: not alive(pid), 20)
+    run(dlm_env, "run", "replicate", "--dry-run")
+    status = _status(dlm_env)
+    assert status["answering"] and status["pid"] != pid
+
+
+def test_serve_serves_on_the_home_server_and_leaves_it_running(
+    dlm_env: dict[str, str], tmp_path: Path
+) -> None:
+    started = run(dlm_env, "server", "start")
+    status = _status(dlm_env)
+    url, pid = status["url"], status["pid"]
+    assert f"API {url}" in started.stdout
+    log = tmp_path / "serve.log"
+    serve = start_serve(dlm_env, log)
+    try:
+        poll("the served deployments", lambda: deployment_names(url) >= SERVED, 120, log)
+        # a second `dlm serve` for the same home is refused
+        second = run(dlm_env, "serve", check=False, timeout=120)
+        assert second.returncode == 1 and "already running for this DLM home" in second.stderr, second
+        # `dlm run` while serving: the same server
+        run(dlm_env, "run", "replicate")
+        assert len(_replicate_runs(url)) == 1
+    finally:
+        code = stop_serve(serve)
+    assert code == 0, log.read_text()
+    assert f"Prefect UI: {url.removesuffix('/api')}" in log.read_text()
+    # the server outlives `dlm serve`, with its history
+    assert alive(pid) and _status(dlm_env)["answering"]
+    assert len(_replicate_runs(url)) == 1
