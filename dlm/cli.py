@@ -23,7 +23,7 @@ from sqlmodel import Session
 # typer >= 0.20 vendors click; its exceptions live here (typer re-exports only Abort and Exit).
 from typer._click import exceptions as click_exc
 
-from dlm import render
+from dlm import quick_exit, render
 from dlm.server_cli import quiet_prefect, server_app, use_prefect_server
 from lifecycle.catalogue import catalog, storages
 from lifecycle.catalogue import ingest as ingesting
@@ -819,6 +819,14 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; DLM errors and usage errors become one line on stderr and an exit code."""
+    if argv is None:  # the `dlm` process itself, not a caller in-process: skip the slow teardown
+        with quick_exit.armed():
+            _main(argv)
+    else:
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     install_log_redaction()
     try:
         result = app(args=argv, standalone_mode=False)

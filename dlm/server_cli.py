@@ -8,6 +8,7 @@ unless `dlm -v`.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import ExitStack
@@ -32,12 +33,19 @@ QUIET_PREFECT_ENV = {
 }
 
 
+# Prefect's queue services warn at exit while they still send a run's last events and logs
+# ("EventsWorker - Still processing items: 4 items remaining..."): progress, not a problem.
+DRAINING_LOGGERS = ("EventsWorker", "APILogWorker")
+
+
 def quiet_prefect(verbose: bool) -> None:
     """Before Prefect is imported: its INFO lines only with -v; no analytics either way."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not verbose:
         for key, value in QUIET_PREFECT_ENV.items():
             os.environ.setdefault(key, value)
+        for name in DRAINING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # Settings entered for the rest of a CLI process (see use_prefect_server).
