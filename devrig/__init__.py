@@ -1,6 +1,7 @@
 """The development rig: real parts to run DLM against, outside the runtime core.
 
-A local SeaweedFS S3 server (seaweed; its `weed` binary comes from the optional `s3rig` extra)
-and a fresh PostgreSQL database per caller (postgres). Used by tests/, bench/ and `dlm demo`;
+A local SeaweedFS S3 server (seaweed; its `weed` binary comes from the optional `s3rig` extra),
+a fresh PostgreSQL database per caller (postgres), and a real Prefect server on a free port
+(prefect_server). Used by tests/, bench/ and `dlm demo`;
 nothing in lifecycle/, tasks/, flows/ or deployments/ imports it.
 """
