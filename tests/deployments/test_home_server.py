@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from deployments.server import alive, free_port, server_files
+from devrig.prefect_server import PrefectServer
 from tests.deployments.conftest import DLM, SERVED, api, deployment_names, poll, run, start_serve, stop_serve
 
 pytestmark = pytest.mark.prefect
@@ -119,3 +121,39 @@ def test_serve_serves_on_the_home_server_and_leaves_it_running(
     # the server outlives `dlm serve`, with its history
     assert alive(pid) and _status(dlm_env)["answering"]
     assert len(_replicate_runs(url)) == 1
+
+
+def _which_server(env: dict[str, str]) -> str:
+    """The API URL a fresh `dlm` process would use, without starting a server."""
+    code = "import os, pathlib; from deployments.server import api_url_for; "
+    code += "print(api_url_for(pathlib.Path(os.environ['DLM_HOME']), start=False))"
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    return res.stdout.strip()
+
+
+def test_the_server_a_command_uses_env_then_profile_then_dlm_serve(
+    dlm_env: dict[str, str], prefect_server: PrefectServer, tmp_path: Path
+) -> None:
+    home = Path(dlm_env["DLM_HOME"])
+    home.mkdir(parents=True)
+    assert _which_server(dlm_env) == ""  # none configured, none running, none started
+
+    # a running `dlm serve` announced its server
+    (home / "prefect-api-url").write_text(prefect_server.url + "\n")
+    assert _which_server(dlm_env) == prefect_server.url
+    # ... but one that died is not used
+    (home / "prefect-api-url").write_text(f"http://127.0.0.1:{free_port()}/api\n")
+    assert _which_server(dlm_env) == ""
+
+    # the active Prefect profile's PREFECT_API_URL comes before it
+    profiles = Path(dlm_env["PREFECT_HOME"]) / "profiles.toml"
+    profiles.parent.mkdir(parents=True)
+    profiles.write_text(
+        'active = "ops"\n[profiles.ops]\nPREFECT_API_URL = "http://profile.example:4200/api"\n'
+    )
+    assert _which_server(dlm_env) == "http://profile.example:4200/api"
+    # and the environment before everything
+    assert _which_server({**dlm_env, "PREFECT_API_URL": "http://env.example/api"}) == "http://env.example/api"
+    assert not server_files(home).pid.exists()  # nothing was started
