@@ -68,6 +68,19 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Raises InvalidValueError (one line) if a server could not listen on host:port now."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as exc:
+        reason = "the port is in use" if getattr(exc, "errno", None) == 98 else (exc.strerror or str(exc))
+        raise InvalidValueError(f"cannot start a Prefect server on {host}:{port}: {reason}") from None
+
+
 def api_url(host: str, port: int) -> str:
     """The API URL a browser or client uses for a server bound to host:port (a wildcard
     address becomes this machine's name)."""
@@ -267,7 +280,7 @@ def start_home_server(
     was started now. One caller at a time starts it (an flock on `server.lock`).
 
     Raises ConflictError if it already runs at another address than host/port asked for,
-    ServerError if it does not start.
+    InvalidValueError if host:port cannot be listened on, ServerError if it does not start.
     """
     files = server_files(home)
     with _locked(files.lock):
@@ -283,6 +296,8 @@ def start_home_server(
         if running is not None and running.pid is not None and is_prefect_server(running.pid):
             stop_pid(running.pid)  # alive but not answering: replace it
         _forget(files)
+        if port:
+            check_can_listen(host, port)
         port = port or free_port(HOST if host in ("", "0.0.0.0", "::") else host)
         url = api_url(host, port)
         pid = spawn_server(files.dir, host, port, files.log)

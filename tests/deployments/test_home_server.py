@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -157,3 +158,15 @@ def test_the_server_a_command_uses_env_then_profile_then_dlm_serve(
     # and the environment before everything
     assert _which_server({**dlm_env, "PREFECT_API_URL": "http://env.example/api"}) == "http://env.example/api"
     assert not server_files(home).pid.exists()  # nothing was started
+
+
+def test_server_start_on_a_taken_port_is_one_line_and_starts_nothing(dlm_env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run(dlm_env, "server", "start", "--port", str(port), check=False)
+    assert res.returncode == 2
+    expected = f"dlm: error: cannot start a Prefect server on 127.0.0.1:{port}: the port is in use\n"
+    assert res.stderr == expected
+    assert not server_files(Path(dlm_env["DLM_HOME"])).pid.exists()
