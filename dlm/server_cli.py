@@ -68,6 +68,8 @@ def use_prefect_server(*, start: bool = True) -> str:
     url = prefect_server.api_url_for(get_settings().home, start=start)
     if not url:
         return ""
+    if not prefect_server.healthy(url, timeout=10):  # a configured server that is down
+        raise prefect_server.ServerError(f"no Prefect server answers at {url} (PREFECT_API_URL)")
     os.environ["PREFECT_API_URL"] = url
     from prefect.settings import temporary_settings
 

@@ -170,3 +170,11 @@ def test_server_start_on_a_taken_port_is_one_line_and_starts_nothing(dlm_env: di
     expected = f"dlm: error: cannot start a Prefect server on 127.0.0.1:{port}: the port is in use\n"
     assert res.stderr == expected
     assert not server_files(Path(dlm_env["DLM_HOME"])).pid.exists()
+
+
+def test_run_against_a_configured_server_that_is_down_is_one_line(dlm_env: dict[str, str]) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/api"
+    res = run({**dlm_env, "PREFECT_API_URL": dead}, "run", "replicate", check=False)
+    assert res.returncode == 1
+    assert res.stderr == f"dlm: error: no Prefect server answers at {dead} (PREFECT_API_URL)\n"
+    assert not server_files(Path(dlm_env["DLM_HOME"])).pid.exists()  # and none was started instead
