@@ -653,7 +653,8 @@ def run(
     with catalogue() as s:
         if storage:
             storages.get_storage(storage, session=s)
-    _use_running_server()
+    if not dry_run or pipeline in ("verify", "reconcile"):
+        _use_running_server()  # (a planner's dry run runs no flow: see below)
     if pipeline == "verify":
         from flows.integrity import verify
 
@@ -666,6 +667,11 @@ def run(
 
         report = reconcile(storage=storage, adopt=adopt, dry_run=dry_run)
         failed = bool(report.get("repair_failed"))
+    elif dry_run:  # the plan, without importing Prefect or starting a flow run
+        from flows.plan_report import dry_run_report
+
+        report = dry_run_report(pipeline)
+        failed = False
     else:
         from flows.pipelines import FLOWS
 

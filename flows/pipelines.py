@@ -21,15 +21,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
-from sqlalchemy import select
 from sqlalchemy.engine import make_url
-from sqlmodel import col
 
 from flows.events import enable_publishing
+from flows.plan_report import plan_rows, storage_names
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
-from lifecycle.catalogue.models import Storage, utcnow
+from lifecycle.catalogue.models import utcnow
 from lifecycle.errors import ConflictError, DLMError
 from lifecycle.planning.plan import Plan, batch_copies, batch_deletes
 from lifecycle.settings import get_settings
@@ -60,11 +59,6 @@ def quiet_dlm_errors() -> None:
     logger = logging.getLogger("prefect.flow_runs")
     if not any(isinstance(f, _OneLineErrors) for f in logger.filters):
         logger.addFilter(_OneLineErrors())
-
-
-def storage_names() -> dict[Any, str]:
-    with session_scope() as s:
-        return {sid: name for sid, name in s.execute(select(col(Storage.id), col(Storage.name)))}
 
 
 _LOCK_POLL_S = 0.2
@@ -199,7 +193,7 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
         "plan": plan.summary(),
         "counters": dict(plan.counters),
         "batches": [],
-        "actions": _plan_rows(plan, names),
+        "actions": plan_rows(plan, names),
         "recovered": recovered,
         "stages": clock.laps,
     }
@@ -266,95 +260,6 @@ def _plan_and_apply(pipeline: str, *, dry_run: bool, items: list[str] | None, ac
     )
     _publish(report)
     return report
-
-
-def _plan_rows(plan: Plan, names: dict[Any, str], limit: int = 200) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for c in plan.copies[:limit]:
-        rows.append(
-            {
-                "action": "copy",
-                "item": str(c.item_oid),
-                "from": names.get(c.src_storage_id, "?"),
-                "to": names.get(c.dst_storage_id, "?"),
-                "path": c.dst_path,
-                "bytes": c.size,
-                "reason": c.reason,
-            }
-        )
-    for d in plan.deletes[:limit]:
-        rows.append(
-            {
-                "action": "delete",
-                "item": str(d.item_oid),
-                "from": names.get(d.storage_id, "?"),
-                "to": "",
-                "path": d.path,
-                "bytes": d.size,
-                "reason": d.reason,
-            }
-        )
-    for e in plan.expires[:limit]:
-        rows.append(
-            {
-                "action": "expire",
-                "item": str(e.item_oid),
-                "from": "",
-                "to": "",
-                "path": "",
-                "bytes": 0,
-                "reason": e.reason,
-            }
-        )
-    for p in plan.phases[:limit]:
-        rows.append(
-            {
-                "action": "set-phase",
-                "item": str(p.item_oid),
-                "from": "",
-                "to": p.phase.value,
-                "path": "",
-                "bytes": 0,
-                "reason": p.reason,
-            }
-        )
-    for r in plan.refusals[:limit]:
-        rows.append(
-            {
-                "action": "refused",
-                "item": str(r.item_oid),
-                "from": "",
-                "to": "",
-                "path": "",
-                "bytes": 0,
-                "reason": r.reason,
-            }
-        )
-    for s in plan.shortfalls[:limit]:
-        rows.append(
-            {
-                "action": "shortfall",
-                "item": str(s.item_oid),
-                "from": "",
-                "to": "",
-                "path": "",
-                "bytes": 0,
-                "reason": s.reason,
-            }
-        )
-    for dr in plan.drained:
-        rows.append(
-            {
-                "action": "drained",
-                "item": "",
-                "from": names.get(dr.storage_id, "?"),
-                "to": "",
-                "path": "",
-                "bytes": 0,
-                "reason": "no live copies left: the storage can be retired",
-            }
-        )
-    return rows
 
 
 def _publish(report: dict[str, Any]) -> None:

@@ -178,3 +178,28 @@ def test_run_against_a_configured_server_that_is_down_is_one_line(dlm_env: dict[
     assert res.returncode == 1
     assert res.stderr == f"dlm: error: no Prefect server answers at {dead} (PREFECT_API_URL)\n"
     assert not server_files(Path(dlm_env["DLM_HOME"])).pid.exists()  # and none was started instead
+
+
+def test_a_dry_run_plans_without_prefect_and_changes_nothing(dlm_env: dict[str, str], tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        run(dlm_env, "storage", "add", name, "--kind", "posix", "--root", str(tmp_path / name))
+    (tmp_path / "a" / "d").mkdir()
+    (tmp_path / "a" / "d" / "x.bin").write_bytes(os.urandom(2048))
+    run(dlm_env, "ingest", "--storage", "a", str(tmp_path / "a" / "d" / "x.bin"), "--phase", "LIQUID")
+
+    res = run(dlm_env, "run", "replicate", "--dry-run", "--json")
+
+    report = json.loads(res.stdout)
+    assert report["dry_run"] is True and report["plan"]["copies"] == 1
+    (action,) = report["actions"]
+    assert (action["action"], action["from"], action["to"], action["bytes"]) == ("copy", "a", "b", 2048)
+    assert list((tmp_path / "b").rglob("*.bin")) == []  # nothing copied
+    assert not server_files(Path(dlm_env["DLM_HOME"])).pid.exists()  # no Prefect server needed
+    code = "import sys; from dlm.cli import main\ntry: main(sys.argv[1:])\nexcept SystemExit: pass\n"
+    code += "print('prefect' in sys.modules)"
+    probe = subprocess.run(
+        [sys.executable, "-c", code, "run", "expire", "--dry-run", "--json"],
+        env=dlm_env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert probe.stdout.strip().endswith("False"), probe.stdout
