@@ -1,6 +1,7 @@
 """Times `dlm run replicate` with nothing to do (steady state), as a user runs it: a `dlm`
 process on a SQLite catalogue whose items all have their copies, against the DLM home's
-long-lived Prefect server; also with `--dry-run`, and while `dlm serve` runs.
+long-lived Prefect server; also with `--dry-run` (a plan without Prefect), and while `dlm serve`
+runs.
 
 Reference, in the same run: `python -c "import prefect"` (the floor: every run that starts a
 flow imports Prefect). Target: each median at most 2 s.
