@@ -93,7 +93,7 @@ def test_server_start_on_a_port_serves_the_ui_for_that_address(dlm_env: dict[str
     # a server killed hard leaves stale files: the next run starts a new one
     os.killpg(pid, signal.SIGKILL)
     poll("the killed server to go", lambda: not alive(pid), 20)
-    run(dlm_env, "run", "replicate", "--dry-run")
+    run(dlm_env, "run", "replicate")
     status = _status(dlm_env)
     assert status["answering"] and status["pid"] != pid
 
