@@ -21,12 +21,13 @@ import typer
 # typer >= 0.20 vendors click; its exceptions live here (typer re-exports only Abort and Exit).
 from typer._click import exceptions as click_exc
 
-from dlm import render
+from dlm import quick_exit, render
 from dlm.commands_catalogue import datasets_app, ingest, status
 from dlm.commands_items import items_app, url
 from dlm.commands_storage import storage_app
 from dlm.commands_tokens import api, token_app
 from dlm.common import JsonOpt, catalogue
+from dlm.server_cli import quiet_prefect, server_app, use_prefect_server
 from lifecycle.catalogue import catalog, storages
 from lifecycle.catalogue.db import init_db
 from lifecycle.errors import (
@@ -36,7 +37,8 @@ from lifecycle.errors import (
     UserInputError,
 )
 from lifecycle.redact import install_log_redaction, redact
-from lifecycle.runs import PIPELINES, Pipeline, RunOption, accepting, parse_pipeline
+from lifecycle.reports import PipelineReport, ReconcileReport, VerifyReport
+from lifecycle.runs import PIPELINES, Pipeline, RunKind, RunOption, accepting, parse_pipeline
 from lifecycle.settings import get_settings
 from lifecycle.units import parse_size
 
@@ -52,6 +54,18 @@ app.add_typer(storage_app, name="storage")
 app.add_typer(items_app, name="items")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(token_app, name="token")
+app.add_typer(server_app, name="server")
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show Prefect's log lines (flow and task runs).")
+    ] = False,
+) -> None:
+    """DLM: a data lifecycle manager. Knows every item and copy; replicates, migrates, expires, verifies."""
+    quiet_prefect(verbose)
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -126,10 +140,17 @@ def run(
     with catalogue() as s:
         if storage:
             storages.get_storage(storage, session=s)
-    _use_running_server()
-    from flows.registry import FLOWS
+    report: PipelineReport | VerifyReport | ReconcileReport
+    if dry_run and spec.kind is RunKind.PLACEMENT:
+        # the plan, without importing Prefect or starting a flow run
+        from flows.plan_report import dry_run_report
 
-    report = FLOWS[chosen](dry_run=dry_run, **options)
+        report = dry_run_report(chosen)
+    else:
+        _use_running_server()
+        from flows.registry import FLOWS
+
+        report = FLOWS[chosen](dry_run=dry_run, **options)
     if json_:
         render.print_json(report.as_json())
     else:
@@ -139,26 +160,9 @@ def run(
 
 
 def _use_running_server() -> None:
-    """Run flows on the Prefect server of a running `dlm serve` (if any) instead of starting a
-    temporary one: faster, and the runs show in its UI."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    from flows.events import api_url_file
-
-    try:
-        url = api_url_file().read_text().strip()
-    except OSError:
-        return
-    if not url:
-        return
-    import httpx
-
-    try:
-        alive = httpx.get(f"{url.rstrip('/')}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        alive = False  # a stale file of a `dlm serve` that died
-    if alive:
-        os.environ["PREFECT_API_URL"] = url
+    """Run flows on the long-lived Prefect server: PREFECT_API_URL's, a running `dlm serve`'s,
+    or this DLM home's own (started in the background on first use; `dlm server`)."""
+    use_prefect_server()
 
 
 @app.command()
@@ -173,6 +177,7 @@ def checkout(
     *refs, dest = args
     with catalogue():
         pass
+    use_prefect_server(start=False)  # checkout runs no flow (yet): a server only if one runs
     result = checkout_now(refs or None, dataset, dest, catalog.current_actor())
     if json_:
         render.print_json(result)
@@ -189,31 +194,38 @@ def checkout(
 
 @app.command()
 def serve(
-    port: Annotated[int | None, typer.Option(min=1, max=65535, help="local Prefect server port")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="port of this DLM home's Prefect server if it starts")
+    ] = None,
     no_server: Annotated[
-        bool, typer.Option("--no-server", help="use the Prefect server PREFECT_API_URL names")
+        bool, typer.Option("--no-server", help="use the Prefect server PREFECT_API_URL names (required)")
     ] = False,
 ) -> None:
-    """Serve the pipelines on their schedules and on item-ready events, with a local Prefect UI."""
-    from deployments.server import existing_server, local_server
+    """Serve the pipelines on their schedules and on item-ready events, on this DLM home's
+    Prefect server (started if needed; it keeps running afterwards) or PREFECT_API_URL's."""
+    from deployments.server import announced, serve_server
 
     with catalogue():
         pass
     settings = get_settings()
     try:
-        with existing_server() if no_server else local_server(settings.home, port) as url:
+        url, started = serve_server(settings.home, port, configured_only=no_server)
+        with announced(url, settings.home):
             from deployments.serve import build_deployments, describe, serve_all
 
             deployments = build_deployments(settings)
-            render.out.print(f"Prefect UI: {url.removesuffix('/api')}  (API {url})", markup=False)
+            how = "started" if started else "running"
+            render.out.print(
+                f"Prefect UI: {url.removesuffix('/api')}  (API {url}, server {how})", markup=False
+            )
             render.table(
                 "Served deployments",
                 ["deployment", "runs"],
                 [(f"{d.flow_name}/{d.name}", describe(d)) for d in deployments],
             )
-            render.out.print("Ctrl-C stops.", markup=False)
+            render.out.print("Ctrl-C stops serving (the Prefect server keeps running).", markup=False)
             serve_all(deployments)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before serving began: the server is stopped
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before serving began
         pass
     render.out.print("dlm serve stopped", markup=False)
 
@@ -238,6 +250,14 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; DLM errors and usage errors become one line on stderr and an exit code."""
+    if argv is None:  # the `dlm` process itself, not a caller in-process: skip the slow teardown
+        with quick_exit.armed():
+            _main(argv)
+    else:
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     install_log_redaction()
     try:
         result = app(args=argv, standalone_mode=False)
@@ -264,9 +284,9 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("DLM_DEBUG"):
             raise
         if isinstance(exc, RuntimeError) and "Prefect API server" in str(exc):
-            # Several `dlm run` at once on a loaded machine, each starting a temporary server.
+            # Prefect could not reach (or start) its API server.
             _fail(
-                f"{exc} (several runs at once each start a temporary Prefect server: run `dlm serve`, "
+                f"{exc} (start this DLM home's Prefect server with `dlm server start`, "
                 "or set PREFECT_API_URL to a running server, and retry)",
                 1,
             )

@@ -114,6 +114,7 @@ def run_demo(
 
     Raises SystemExit with the failing command's code when a step fails.
     """
+    from deployments.server import stop_home_server
     from devrig.seaweed import SeaweedServer
 
     base = Path(workdir or tempfile.mkdtemp(prefix="dlm-demo-")).resolve()
@@ -136,22 +137,27 @@ def run_demo(
 
     render.out.print(f"[bold]DLM demo[/] in {base} (catalogue: SQLite at {base / 'home' / 'dlm.db'})")
     render.out.print("starting a local SeaweedFS S3 server ...")
-    with SeaweedServer(base / "s3") as s3:
-        os.environ[f"{DEMO_CREDENTIALS}_ACCESS_KEY_ID"] = s3.access_key
-        os.environ[f"{DEMO_CREDENTIALS}_SECRET_ACCESS_KEY"] = s3.secret_key
-        s3.create_bucket("dlm-demo")
-        for d in ("disk-a", "disk-b", "disk-c"):
-            (base / d).mkdir(exist_ok=True)
-        src = base / "incoming"
-        _sample_files(src)
-        notes = base / "disk-b" / "run001" / "notes.txt"
-        notes.parent.mkdir(parents=True, exist_ok=True)
-        notes.write_text("observing log: clear skies\n")
-        for step in tour_commands(base, src, s3.endpoint):
-            if isinstance(step, str):
-                render.out.print(f"\n[bold magenta]# {step}[/]")
-            else:
-                dlm(*step)
-        if extra is not None:
-            extra(dlm)
-    render.out.print(f"\n[bold green]demo complete[/]: catalogue and volumes kept in {base}")
+    try:
+        with SeaweedServer(base / "s3") as s3:
+            os.environ[f"{DEMO_CREDENTIALS}_ACCESS_KEY_ID"] = s3.access_key
+            os.environ[f"{DEMO_CREDENTIALS}_SECRET_ACCESS_KEY"] = s3.secret_key
+            s3.create_bucket("dlm-demo")
+            for d in ("disk-a", "disk-b", "disk-c"):
+                (base / d).mkdir(exist_ok=True)
+            src = base / "incoming"
+            _sample_files(src)
+            notes = base / "disk-b" / "run001" / "notes.txt"
+            notes.parent.mkdir(parents=True, exist_ok=True)
+            notes.write_text("observing log: clear skies\n")
+            for step in tour_commands(base, src, s3.endpoint):
+                if isinstance(step, str):
+                    render.out.print(f"\n[bold magenta]# {step}[/]")
+                else:
+                    dlm(*step)
+            if extra is not None:
+                extra(dlm)
+    finally:
+        # The runs started this home's Prefect server; their history stays in its database
+        # (`DLM_HOME={base}/home dlm server start` shows it again in the UI).
+        stop_home_server(base / "home")
+    render.out.print(f"\n[bold green]demo complete[/]: catalogue, volumes and run history kept in {base}")

@@ -19,7 +19,8 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from flows.events import enable_publishing
-from flows.pipelines import quiet_dlm_errors, run_actor, storage_names
+from flows.pipelines import quiet_dlm_errors, run_actor
+from flows.plan_report import storage_names
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope

@@ -21,25 +21,22 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
-from sqlalchemy import select
 from sqlalchemy.engine import make_url
-from sqlmodel import col
 
 from flows.events import enable_publishing
 from flows.partitions import fan_out, wait_for_window
+from flows.plan_report import plan_rows, storage_names
 from lifecycle.apply.records import SettleStage
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
-from lifecycle.catalogue.models import Storage, utcnow
+from lifecycle.catalogue.models import utcnow
 from lifecycle.errors import ConflictError, DLMError
 from lifecycle.planning.partition import check_partition
 from lifecycle.planning.plan import Plan, batch_copies, batch_deletes
 from lifecycle.reports import (
-    ActionRow,
     PartitionedReport,
     PipelineReport,
-    PlannedAction,
     PlanSummary,
     Recovered,
     Settled,
@@ -73,11 +70,6 @@ def quiet_dlm_errors() -> None:
     logger = logging.getLogger("prefect.flow_runs")
     if not any(isinstance(f, _OneLineErrors) for f in logger.filters):
         logger.addFilter(_OneLineErrors())
-
-
-def storage_names() -> dict[Any, str]:
-    with session_scope() as s:
-        return {sid: name for sid, name in s.execute(select(col(Storage.id), col(Storage.name)))}
 
 
 _LOCK_POLL_S = 0.2
@@ -304,58 +296,6 @@ def _plan_and_apply(
     )
     _publish(report)
     return report
-
-
-def plan_rows(plan: Plan, names: dict[Any, str], limit: int = 200) -> list[ActionRow]:
-    """The plan's actions as rows (the first `limit` of each kind), storages by name."""
-    rows = [
-        ActionRow(
-            action=PlannedAction.COPY,
-            item=str(c.item_oid),
-            from_=names.get(c.src_storage_id, "?"),
-            to=names.get(c.dst_storage_id, "?"),
-            path=c.dst_path,
-            bytes=c.size,
-            reason=c.reason,
-        )
-        for c in plan.copies[:limit]
-    ]
-    rows += [
-        ActionRow(
-            action=PlannedAction.DELETE,
-            item=str(d.item_oid),
-            from_=names.get(d.storage_id, "?"),
-            path=d.path,
-            bytes=d.size,
-            reason=d.reason,
-        )
-        for d in plan.deletes[:limit]
-    ]
-    rows += [
-        ActionRow(action=PlannedAction.EXPIRE, item=str(e.item_oid), reason=e.reason)
-        for e in plan.expires[:limit]
-    ]
-    rows += [
-        ActionRow(action=PlannedAction.SET_PHASE, item=str(p.item_oid), to=p.phase.value, reason=p.reason)
-        for p in plan.phases[:limit]
-    ]
-    rows += [
-        ActionRow(action=PlannedAction.REFUSED, item=str(r.item_oid), reason=r.reason)
-        for r in plan.refusals[:limit]
-    ]
-    rows += [
-        ActionRow(action=PlannedAction.SHORTFALL, item=str(s.item_oid), reason=s.reason)
-        for s in plan.shortfalls[:limit]
-    ]
-    rows += [
-        ActionRow(
-            action=PlannedAction.DRAINED,
-            from_=names.get(dr.storage_id, "?"),
-            reason="no live copies left: the storage can be retired",
-        )
-        for dr in plan.drained
-    ]
-    return rows
 
 
 def _publish(report: PipelineReport) -> None:

@@ -39,6 +39,19 @@ def _isolated_env(
     settings_mod.reset_settings()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_prefect_server_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A `dlm` command starts its DLM home's Prefect server on first use, detached: stop every
+    one a test left running under this session's temporary directories (by its pid file)."""
+    yield
+    from deployments.server import is_prefect_server, stop_pid
+
+    for pid_file in tmp_path_factory.getbasetemp().glob("**/prefect/server.pid"):
+        text = pid_file.read_text().strip()
+        if text.isdigit() and is_prefect_server(int(text)):
+            stop_pid(int(text))
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 

@@ -312,5 +312,8 @@ def test_serve_replicates_an_item_as_soon_as_ingest_announces_it(
     proc.send_signal(signal.SIGINT)
     assert proc.wait(STOP_TIMEOUT_S) == 0
     assert not url_file.exists()
+    # The DLM home's Prefect server outlives `dlm serve` (with its history); `dlm server stop` stops it.
+    assert _alive(dlm_serve["server_pid"])
+    _dlm(estate, "server", "stop")
     _poll("the Prefect server to stop", lambda: not _alive(dlm_serve["server_pid"]), 20, log)
     assert "dlm serve stopped" in log.read_text()
