@@ -40,6 +40,7 @@ STOP_TIMEOUT_S = 15.0
 # The server's environment: no anonymous usage reports to Prefect, and its UI asks the API
 # at the address it was started on (set from --host/--port unless PREFECT_UI_API_URL is set).
 QUIET_SERVER_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 
 class ServerError(DLMError):
@@ -132,6 +133,9 @@ def server_env(prefect_home: Path, host: str, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(QUIET_SERVER_ENV, PREFECT_HOME=str(prefect_home))
     env.setdefault("PREFECT_UI_API_URL", api_url(host, port))
+    # Concurrency-slot leases (`storage:NAME`) kept on disk, not in memory: a restarted server
+    # still knows, and repossesses, the slots of batches that died with the old one.
+    env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
     return env
 
 
