@@ -18,6 +18,10 @@ MAX_META_FILE_BYTES = 1024 * 1024  # a --meta-json file is not read past this
 # One pattern for both, so a key that can be set can be queried and the reverse.
 META_KEY = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 MAX_META_KEY_LENGTH = 128
+# Levels of objects and arrays in an item's metadata: well below what every reader of stored
+# metadata handles (orjson and pydantic serialise ~255 levels, SQLite's JSON functions 1000), so a
+# stored document never breaks a listing, a bulk write or a filter.
+MAX_META_DEPTH = 64
 _BAD_KEY_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn")
 
 
@@ -41,16 +45,20 @@ def validate_metadata(meta: dict[str, Any], *, where: str = "") -> dict[str, Any
 def _normalised(meta: dict[str, Any], where: str) -> dict[str, Any]:
     """A copy of `meta` with NFC keys, checked without recursion (a document may nest deeply)."""
     root: dict[str, Any] = {}
-    stack: list[tuple[Any, Any]] = [(meta, root)]
+    stack: list[tuple[Any, Any, int]] = [(meta, root, 1)]
     while stack:
-        src, dst = stack.pop()
+        src, dst, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            raise InvalidMetadataError(
+                f"{where}metadata is nested more than {MAX_META_DEPTH} levels deep (objects and arrays)"
+            )
         items = src.items() if isinstance(src, dict) else enumerate(src)
         for key, value in items:
             if isinstance(src, dict):
                 key = _key(key, where)
             if isinstance(value, dict | list):
                 child: Any = {} if isinstance(value, dict) else [None] * len(value)
-                stack.append((value, child))
+                stack.append((value, child, depth + 1))
                 value = child
             else:
                 _scalar_ok(value, where)
