@@ -283,3 +283,15 @@ def test_metadata_nested_past_the_limit_is_refused_and_at_the_limit_it_lists_as_
     )
     assert public.model_dump(mode="json")["metadata"] == meta
     assert orjson.loads(orjson.dumps(meta)) == meta
+
+
+def test_a_metadata_update_leaves_the_stored_metadata_as_it_was() -> None:
+    """Setting `obs.exp` on {"obs": {...}} must not change the item's own (nested) dict in place:
+    the ORM compares the old value with the new one to decide whether to write, and a refused
+    update must leave the item's metadata untouched."""
+    stored = {"obs": {"band": "r"}}
+    assert MetadataUpdate(values={"obs.exp": 3}).applied(stored) == {"obs": {"band": "r", "exp": 3}}
+    assert stored == {"obs": {"band": "r"}}
+    with pytest.raises(InvalidMetadataError):
+        MetadataUpdate(values={"obs.blob": "x" * 70_000}).applied(stored)
+    assert stored == {"obs": {"band": "r"}}
