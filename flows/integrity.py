@@ -251,10 +251,14 @@ def _merged(found: Sequence[ReconcileResult], names: Sequence[str]) -> dict[str,
         else:
             out[f.name] = sum(values)
     out["unknown_objects"] = [
-        UnknownObjectRow.model_validate(o.row()) for r in found for o in r.unknown_objects
+        UnknownObjectRow.model_validate({"storage": r.storage, **o.row()})
+        for r in found
+        for o in r.unknown_objects
     ]
     out["temporary_objects"] = [
-        TemporaryObjectRow.model_validate(o.row()) for r in found for o in r.temporary_objects
+        TemporaryObjectRow.model_validate({"storage": r.storage, **o.row()})
+        for r in found
+        for o in r.temporary_objects
     ]
     return out
 

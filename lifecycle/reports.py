@@ -116,6 +116,7 @@ class VerifyBatchRow(ReportModel):
 class UnknownObjectRow(ReportModel):
     """An object on a storage that no catalogue copy tracks (and the item it was adopted as)."""
 
+    storage: str = ""  # which one: a reconcile of every storage lists them together
     path: str
     size: int
     md5: str = ""
@@ -126,6 +127,7 @@ class UnknownObjectRow(ReportModel):
 class TemporaryObjectRow(ReportModel):
     """A temporary file (DLM's or rclone's) an interrupted write left on a storage."""
 
+    storage: str = ""  # which one: a reconcile of every storage lists them together
     path: str
     size: int
     modified: str = ""
