@@ -374,6 +374,11 @@ CASES = [
         "at most 500",
         code=2,
     ),
+    # NAME@v0 once named the newest version: `items delete NAME@v0 --yes` deleted it
+    Case("ref-version-zero-delete", ("items", "delete", "run/f0.dat@v0", "--yes"), "no item", code=2),
+    Case("ref-version-zero-show", ("items", "show", "run/f0.dat@v0"), "no item", code=2),
+    Case("ref-version-past-int64", ("items", "show", "run/f0.dat@v99999999999999999999"), "no item", code=2),
+    Case("list-limit-past-int64", ("items", "list", "--limit", "99999999999999999999"), "limit", code=2),
     Case("posix-root-missing-exit-2", add_storage("new", "posix", "{base}/nope"), "does not exist", code=2),
 ]
 
