@@ -29,7 +29,6 @@ from lifecycle.integrity.reconcile import ReconcileResult
 from lifecycle.integrity.verify import VerifyResult, default_budget_bytes
 from lifecycle.reports import (
     ReconcileReport,
-    Recovered,
     Repairs,
     TemporaryObjectRow,
     UnknownObjectRow,
@@ -277,7 +276,7 @@ def reconcile(
     names = storage_names()
     # like every pipeline, settle what dead runs left in flight first (their rows are then
     # judged as what they became, their temporary files are gone)
-    recovered = settle_in_flight(actor) if not dry_run else Recovered()
+    recovered = settle_in_flight(actor) if not dry_run else None
     failures: list[str] = []
     if storage:
         chosen = [storage]

@@ -195,7 +195,7 @@ class PipelineReport(ReportModel):
     counters: dict[str, int] = Field(default_factory=dict)
     batches: list[BatchRow] = Field(default_factory=list)
     actions: list[ActionRow] = Field(default_factory=list)  # the first 200 of each kind
-    recovered: Recovered = Field(default_factory=Recovered)
+    recovered: Recovered | None = None  # what crash recovery settled first; None in a dry run
     stages: dict[str, float] = Field(default_factory=dict)  # seconds per stage of the run
     # None in a dry run:
     settled: Settled | None = None
@@ -273,7 +273,7 @@ class ReconcileReport(ReportModel):
     missing: int = 0  # tracked copies absent (dry run: would be LOST)
     resized: int = 0  # tracked copies of another size (dry run: would be CORRUPTED)
     duration_s: float = 0.0
-    recovered: Recovered = Field(default_factory=Recovered)
+    recovered: Recovered | None = None  # what crash recovery settled first; None in a dry run
     unknown_objects: list[UnknownObjectRow] = Field(default_factory=list)
     temporary_objects: list[TemporaryObjectRow] = Field(default_factory=list)
     # None in a dry run or without repair:
