@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from lifecycle.catalogue.bulk_sources import Row
-from lifecycle.catalogue.metadata import MAX_META_BYTES, MAX_META_DEPTH, validate_metadata
+from lifecycle.catalogue.metadata import MAX_META_BYTES, MAX_META_DEPTH, merged, validate_metadata
 from lifecycle.catalogue.sql import chunks, core_table
 from lifecycle.errors import (
     ConflictError,
@@ -102,7 +102,7 @@ class _Writer:
             return self.meta
         if not self.meta:
             return row_meta
-        return {**self.meta, **row_meta}
+        return merged(self.meta, row_meta)  # nested keys of the defaults survive
 
 
 def _copy_text(value: str) -> str:

@@ -119,6 +119,17 @@ def set_meta_key(meta: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
+def merged(defaults: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`defaults` with `over` laid on top, object by object: where both hold an object under a
+    key the two are merged, elsewhere `over`'s value wins (so `--meta obs.site=A` as a list's
+    default survives a row's own {"obs": {...}}). Neither argument is changed."""
+    out = dict(defaults)
+    for key, value in over.items():
+        base = out.get(key)
+        out[key] = merged(base, value) if isinstance(base, dict) and isinstance(value, dict) else value
+    return out
+
+
 def scalar(text: str) -> Any:
     """`--meta k=v` values: integers, decimals, true/false become JSON numbers/booleans."""
     if re.fullmatch(r"-?\d{1,18}", text):
