@@ -24,12 +24,13 @@ from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage
-from lifecycle.errors import DLMError, InvalidValueError
+from lifecycle.errors import InvalidValueError
 from lifecycle.integrity.reconcile import ReconcileResult
 from lifecycle.integrity.verify import VerifyResult, default_budget_bytes
 from lifecycle.reports import (
     ReconcileReport,
     Repairs,
+    RunFailedError,
     TemporaryObjectRow,
     UnknownObjectRow,
     VerifyBatchRow,
@@ -111,9 +112,12 @@ def _below_target() -> int:
         return status(session=s).below_target
 
 
-def _fail_if(failures: list[str], pipeline: str) -> None:
+def _fail_if(failures: list[str], report: VerifyReport | ReconcileReport) -> None:
+    """Fail the run (so Prefect marks it failed), the report with the error for `dlm run` to show."""
     if failures:
-        raise DLMError(f"{pipeline}: {len(failures)} batch(es) failed: " + "; ".join(failures)[:1000])
+        raise RunFailedError(
+            f"{report.pipeline}: {len(failures)} batch(es) failed: " + "; ".join(failures)[:1000], report
+        )
 
 
 @flow(name="verify", description=PIPELINES[Pipeline.VERIFY].description, log_prints=True)
@@ -199,7 +203,7 @@ def verify(
         report.below_target_after,
     )
     _publish_verify(report)
-    _fail_if(failures, "verify")
+    _fail_if(failures, report)
     return report
 
 
@@ -317,7 +321,7 @@ def reconcile(
             format_size(report.temporary_bytes),
         )
     _publish_reconcile(report)
-    _fail_if(failures, "reconcile")
+    _fail_if(failures, report)
     return report
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_serializer, model_validator
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
 
+from lifecycle.errors import DLMError
 from lifecycle.runs import Pipeline
 
 
@@ -288,6 +289,16 @@ class ReconcileReport(ReportModel):
     def has_failures(self) -> bool:
         """A repair failed."""
         return bool(self.repair_failed)
+
+
+class RunFailedError(DLMError):
+    """A verify or reconcile run in which some batch or storage failed: the message names them,
+    `report` is what the run did elsewhere (a reconcile of every storage adopted on the ones it
+    could list), for the edge to show before the error."""
+
+    def __init__(self, message: str, report: VerifyReport | ReconcileReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 RunReport = Annotated[PipelineReport | VerifyReport | ReconcileReport, Field(discriminator="pipeline")]

@@ -445,3 +445,28 @@ def test_reconcile_of_every_storage_adopts_each_object_on_its_own_storage_and_na
         with session_scope() as s:
             assert catalog.get_item(path, session=s).checksum == hashlib.md5(body).hexdigest()
     assert copies("incoming/c.dat") == {"cold": ("READY", "incoming/c.dat")}
+
+
+def test_reconcile_of_every_storage_with_one_failing_still_reports_what_it_adopted(estate: Estate) -> None:
+    """One storage that cannot be listed fails the run (Prefect marks it failed, `dlm run` exits
+    1), but what the run did on the others (an object adopted on hot) is not lost: the error
+    carries the report, with the failure named, for `dlm run --json` to print first."""
+    import shutil
+
+    from flows.integrity import reconcile
+    from lifecycle.reports import RunFailedError
+
+    (estate.root / "hot" / "incoming").mkdir(parents=True)
+    (estate.root / "hot" / "incoming" / "a.dat").write_bytes(b"A on hot\n" * 50)
+    shutil.rmtree(estate.root / "warm")  # its root is gone: warm cannot be listed
+
+    with pytest.raises(RunFailedError, match="reconcile warm") as failed:
+        reconcile(adopt=True)
+
+    report = failed.value.report.as_json()
+    assert report["adopted"] == 1 and report["storage"] == "cold, hot, warm"
+    assert [(o["storage"], o["path"], bool(o["adopted as"])) for o in report["unknown_objects"]] == [
+        ("hot", "incoming/a.dat", True)
+    ]
+    assert len(report["failures"]) == 1 and "warm" in report["failures"][0]
+    assert copies("incoming/a.dat") == {"hot": ("READY", "incoming/a.dat")}
