@@ -168,12 +168,20 @@ def parse_meta(pairs: list[str] | None, meta_json: Path | None) -> dict[str, Any
                 f"--meta-json {meta_json} must hold a JSON object, not {type(doc).__name__}"
             )
         meta.update(doc)
+    given: list[str] = []
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not is_meta_key(key):
             raise InvalidMetadataError(
                 f"invalid --meta {pair[:80]!r}: use key=value with a key of letters, digits, _ . -"
             )
+        # `--meta a.b=2 --meta a=1` would silently drop a.b (the reverse order is refused below)
+        inside = next((g for g in given if g.startswith(key + ".")), None)
+        if inside is not None:
+            raise InvalidMetadataError(
+                f"invalid --meta {pair[:80]!r}: it would replace {inside[:80]!r}, given before"
+            )
+        given.append(key)
         set_meta_key(meta, key, scalar(value))
     return validate_metadata(meta)
 

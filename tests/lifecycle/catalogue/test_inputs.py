@@ -220,6 +220,10 @@ def test_a_dotted_key_is_set_nested_where_the_filter_reads_it() -> None:
         "obs": {"band": "r", "night": 3},
         "kind": "raw",
     }
+    assert parse_meta(["obs.band=r", "obs.band=g"], None) == {"obs": {"band": "g"}}  # the last wins
+    for pairs in (["obs.band=r", "obs=5"], ["obs=5", "obs.band=r"]):  # one would drop the other
+        with pytest.raises(InvalidMetadataError, match="'obs"):
+            parse_meta(pairs, None)
 
 
 @pytest.mark.parametrize(
