@@ -37,7 +37,7 @@ from lifecycle.errors import (
     UserInputError,
 )
 from lifecycle.redact import install_log_redaction, redact
-from lifecycle.reports import PipelineReport, ReconcileReport, VerifyReport
+from lifecycle.reports import PipelineReport, ReconcileReport, RunFailedError, VerifyReport
 from lifecycle.runs import PIPELINES, Pipeline, RunKind, RunOption, accepting, parse_pipeline
 from lifecycle.settings import get_settings
 from lifecycle.units import parse_size
@@ -150,13 +150,21 @@ def run(
         _use_running_server()
         from flows.registry import FLOWS
 
-        report = FLOWS[chosen](dry_run=dry_run, **options)
+        try:
+            report = FLOWS[chosen](dry_run=dry_run, **options)
+        except RunFailedError as exc:  # show what the run did, then the error (exit 1)
+            _show_report(exc.report, json_)
+            raise
+    _show_report(report, json_)
+    if report.has_failures:
+        raise SystemExit(1)  # some transfers, deletions or reads failed: the next run retries them
+
+
+def _show_report(report: PipelineReport | VerifyReport | ReconcileReport, json_: bool) -> None:
     if json_:
         render.print_json(report.as_json())
     else:
         render.run_report(report)
-    if report.has_failures:
-        raise SystemExit(1)  # some transfers, deletions or reads failed: the next run retries them
 
 
 def _use_running_server() -> None:

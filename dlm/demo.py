@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from dlm import render
 from lifecycle.catalogue.db import dispose_engines
 from lifecycle.settings import reset_settings
@@ -135,7 +137,11 @@ def run_demo(
             if exc.code not in (0, None):
                 raise
 
-    render.out.print(f"[bold]DLM demo[/] in {base} (catalogue: SQLite at {base / 'home' / 'dlm.db'})")
+    render.out.print(
+        f"[bold]DLM demo[/] in {escape(str(base))} "
+        f"(catalogue: SQLite at {escape(str(base / 'home' / 'dlm.db'))})",
+        markup=True,
+    )
     render.out.print("starting a local SeaweedFS S3 server ...")
     try:
         with SeaweedServer(base / "s3") as s3:
@@ -151,7 +157,7 @@ def run_demo(
             notes.write_text("observing log: clear skies\n")
             for step in tour_commands(base, src, s3.endpoint):
                 if isinstance(step, str):
-                    render.out.print(f"\n[bold magenta]# {step}[/]")
+                    render.out.print(f"\n[bold magenta]# {step}[/]", markup=True)
                 else:
                     dlm(*step)
             if extra is not None:
@@ -160,4 +166,7 @@ def run_demo(
         # The runs started this home's Prefect server; their history stays in its database
         # (`DLM_HOME={base}/home dlm server start` shows it again in the UI).
         stop_home_server(base / "home")
-    render.out.print(f"\n[bold green]demo complete[/]: catalogue, volumes and run history kept in {base}")
+    render.out.print(
+        f"\n[bold green]demo complete[/]: catalogue, volumes and run history kept in {escape(str(base))}",
+        markup=True,
+    )

@@ -11,14 +11,17 @@ from enum import Enum
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lifecycle.redact import redact
 from lifecycle.reports import PipelineReport, ReconcileReport, ReportModel, VerifyReport
 from lifecycle.units import format_size
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# No markup by default: names, paths and messages hold '[' (a name 'a[/x]b' is valid) and must
+# print as they are; the few styled lines ask for markup and escape what they interpolate.
+out = Console(highlight=False, soft_wrap=True, markup=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
 def _default(value: Any) -> Any:
@@ -85,7 +88,8 @@ def _pipeline_report(report: PipelineReport) -> None:
         f"[bold]{_dry(report)}[/]: planned {p.copies} copies ({size(p.copy_bytes)}), "
         f"{p.deletes} deletions, {p.expired_items} item expiries, {p.phase_changes} phase changes, "
         f"{p.refusals} refused, {p.shortfalls} shortfalls"
-        + (f", {p.drained} storages drained (can be retired)" if p.drained else "")
+        + (f", {p.drained} storages drained (can be retired)" if p.drained else ""),
+        markup=True,
     )
     if report.dry_run:
         table(
@@ -110,7 +114,8 @@ def _integrity_report(report: VerifyReport | ReconcileReport) -> None:
     data = report.as_json()
     skip = {*_ROW_FIELDS, "pipeline", "dry_run"}
     counters = {k: v for k, v in data.items() if k not in skip and isinstance(v, int | float | str | bool)}
-    out.print(f"[bold]{_dry(report)}[/]: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    shown = escape(", ".join(f"{k} {v}" for k, v in counters.items()))
+    out.print(f"[bold]{_dry(report)}[/]: {shown}", markup=True)
     tables: list[tuple[str, Sequence[ReportModel]]] = [("Repairs", report.repairs or [])]
     if isinstance(report, VerifyReport):
         tables.insert(0, ("Batches", report.batches))

@@ -25,13 +25,13 @@ from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage
-from lifecycle.errors import DLMError, InvalidValueError
+from lifecycle.errors import InvalidValueError
 from lifecycle.integrity.reconcile import ReconcileResult
 from lifecycle.integrity.verify import VerifyResult, default_budget_bytes
 from lifecycle.reports import (
     ReconcileReport,
-    Recovered,
     Repairs,
+    RunFailedError,
     TemporaryObjectRow,
     UnknownObjectRow,
     VerifyBatchRow,
@@ -113,9 +113,12 @@ def _below_target() -> int:
         return status(session=s).below_target
 
 
-def _fail_if(failures: list[str], pipeline: str) -> None:
+def _fail_if(failures: list[str], report: VerifyReport | ReconcileReport) -> None:
+    """Fail the run (so Prefect marks it failed), the report with the error for `dlm run` to show."""
     if failures:
-        raise DLMError(f"{pipeline}: {len(failures)} batch(es) failed: " + "; ".join(failures)[:1000])
+        raise RunFailedError(
+            f"{report.pipeline}: {len(failures)} batch(es) failed: " + "; ".join(failures)[:1000], report
+        )
 
 
 @flow(name="verify", description=PIPELINES[Pipeline.VERIFY].description, log_prints=True)
@@ -201,7 +204,7 @@ def verify(
         report.below_target_after,
     )
     _publish_verify(report)
-    _fail_if(failures, "verify")
+    _fail_if(failures, report)
     return report
 
 
@@ -252,10 +255,14 @@ def _merged(found: Sequence[ReconcileResult], names: Sequence[str]) -> dict[str,
         else:
             out[f.name] = sum(values)
     out["unknown_objects"] = [
-        UnknownObjectRow.model_validate(o.row()) for r in found for o in r.unknown_objects
+        UnknownObjectRow.model_validate({"storage": r.storage, **o.row()})
+        for r in found
+        for o in r.unknown_objects
     ]
     out["temporary_objects"] = [
-        TemporaryObjectRow.model_validate(o.row()) for r in found for o in r.temporary_objects
+        TemporaryObjectRow.model_validate({"storage": r.storage, **o.row()})
+        for r in found
+        for o in r.temporary_objects
     ]
     return out
 
@@ -274,7 +281,7 @@ def reconcile(
     names = storage_names()
     # like every pipeline, settle what dead runs left in flight first (their rows are then
     # judged as what they became, their temporary files are gone)
-    recovered = settle_in_flight(actor) if not dry_run else Recovered()
+    recovered = settle_in_flight(actor) if not dry_run else None
     failures: list[str] = []
     if storage:
         chosen = [storage]
@@ -315,7 +322,7 @@ def reconcile(
             format_size(report.temporary_bytes),
         )
     _publish_reconcile(report)
-    _fail_if(failures, "reconcile")
+    _fail_if(failures, report)
     return report
 
 

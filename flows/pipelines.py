@@ -34,13 +34,7 @@ from lifecycle.catalogue.models import utcnow
 from lifecycle.errors import ConflictError, DLMError
 from lifecycle.planning.partition import check_partition
 from lifecycle.planning.plan import Plan, batch_copies, batch_deletes
-from lifecycle.reports import (
-    PartitionedReport,
-    PipelineReport,
-    PlanSummary,
-    Recovered,
-    Settled,
-)
+from lifecycle.reports import PartitionedReport, PipelineReport, PlanSummary, Settled
 from lifecycle.runs import PIPELINES, Pipeline
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
@@ -207,7 +201,7 @@ def _plan_and_apply(
     logger = get_run_logger()
     settings = get_settings()
     clock = _Stopwatch()
-    recovered = settle_in_flight(actor) if not dry_run else Recovered()
+    recovered = settle_in_flight(actor) if not dry_run else None
     clock.lap("recover")
     plan: Plan = plan_pipeline(pipeline, items, part)
     clock.lap("plan")

@@ -16,7 +16,7 @@ from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage
 from lifecycle.planning.pipelines import make_plan
 from lifecycle.planning.plan import Plan
-from lifecycle.reports import ActionRow, PipelineReport, PlannedAction, PlanSummary, Recovered
+from lifecycle.reports import ActionRow, PipelineReport, PlannedAction, PlanSummary
 from lifecycle.runs import Pipeline, parse_pipeline
 
 
@@ -87,5 +87,4 @@ def dry_run_report(pipeline: Pipeline | str) -> PipelineReport:
         plan=PlanSummary.model_validate(plan.summary()),
         counters=dict(plan.counters),
         actions=plan_rows(plan, storage_names()),
-        recovered=Recovered(),
     )

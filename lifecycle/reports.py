@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_serializer, model_validator
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
 
+from lifecycle.errors import DLMError
 from lifecycle.runs import Pipeline
 
 
@@ -116,6 +117,7 @@ class VerifyBatchRow(ReportModel):
 class UnknownObjectRow(ReportModel):
     """An object on a storage that no catalogue copy tracks (and the item it was adopted as)."""
 
+    storage: str = ""  # which one: a reconcile of every storage lists them together
     path: str
     size: int
     md5: str = ""
@@ -126,6 +128,7 @@ class UnknownObjectRow(ReportModel):
 class TemporaryObjectRow(ReportModel):
     """A temporary file (DLM's or rclone's) an interrupted write left on a storage."""
 
+    storage: str = ""  # which one: a reconcile of every storage lists them together
     path: str
     size: int
     modified: str = ""
@@ -193,7 +196,7 @@ class PipelineReport(ReportModel):
     counters: dict[str, int] = Field(default_factory=dict)
     batches: list[BatchRow] = Field(default_factory=list)
     actions: list[ActionRow] = Field(default_factory=list)  # the first 200 of each kind
-    recovered: Recovered = Field(default_factory=Recovered)
+    recovered: Recovered | None = None  # what crash recovery settled first; None in a dry run
     stages: dict[str, float] = Field(default_factory=dict)  # seconds per stage of the run
     # None in a dry run:
     settled: Settled | None = None
@@ -271,7 +274,7 @@ class ReconcileReport(ReportModel):
     missing: int = 0  # tracked copies absent (dry run: would be LOST)
     resized: int = 0  # tracked copies of another size (dry run: would be CORRUPTED)
     duration_s: float = 0.0
-    recovered: Recovered = Field(default_factory=Recovered)
+    recovered: Recovered | None = None  # what crash recovery settled first; None in a dry run
     unknown_objects: list[UnknownObjectRow] = Field(default_factory=list)
     temporary_objects: list[TemporaryObjectRow] = Field(default_factory=list)
     # None in a dry run or without repair:
@@ -311,6 +314,16 @@ class PartitionedReport(ReportModel):
         """A partition run in this process had failures (deployment sub-runs that did not
         complete raise instead)."""
         return any(r.report is not None and r.report.has_failures for r in self.runs)
+
+
+class RunFailedError(DLMError):
+    """A verify or reconcile run in which some batch or storage failed: the message names them,
+    `report` is what the run did elsewhere (a reconcile of every storage adopted on the ones it
+    could list), for the edge to show before the error."""
+
+    def __init__(self, message: str, report: VerifyReport | ReconcileReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 RunReport = Annotated[PipelineReport | VerifyReport | ReconcileReport, Field(discriminator="pipeline")]

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from lifecycle.catalogue.bulk_sources import Row
-from lifecycle.catalogue.metadata import MAX_META_BYTES, validate_metadata
+from lifecycle.catalogue.metadata import MAX_META_BYTES, MAX_META_DEPTH, merged, validate_metadata
 from lifecycle.catalogue.sql import chunks, core_table
 from lifecycle.errors import (
     ConflictError,
@@ -79,9 +79,20 @@ class _Writer:
 
     def checked(self, meta: dict[str, Any], lineno: int) -> tuple[dict[str, Any], str]:
         """Metadata (keys in NFC) and its JSON text, refused as lifecycle.catalogue.metadata says (NUL,
-        control characters in keys, over 64 KiB); plain ASCII metadata skips the full walk."""
-        data = orjson.dumps(meta)
-        if len(data) > MAX_META_BYTES or b"\\u" in data or b"\x7f" in data or not data.isascii():
+        control characters in keys, over 64 KiB, nested too deeply); plain ASCII metadata with
+        few objects and arrays skips the full walk."""
+        try:
+            data: bytes | None = orjson.dumps(meta)
+        except orjson.JSONEncodeError:  # e.g. nested past orjson's limit: validate_metadata names it
+            data = None
+        if (
+            data is None
+            or len(data) > MAX_META_BYTES
+            or b"\\u" in data
+            or b"\x7f" in data
+            or not data.isascii()
+            or data.count(b"{") + data.count(b"[") > MAX_META_DEPTH  # it may nest too deeply
+        ):
             meta = validate_metadata(meta, where=f"{self.label} line {lineno}: " if lineno else "")
             data = orjson.dumps(meta)
         return meta, data.decode()
@@ -91,7 +102,7 @@ class _Writer:
             return self.meta
         if not self.meta:
             return row_meta
-        return {**self.meta, **row_meta}
+        return merged(self.meta, row_meta)  # nested keys of the defaults survive
 
 
 def _copy_text(value: str) -> str:

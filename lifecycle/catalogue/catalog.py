@@ -48,6 +48,9 @@ from lifecycle.states import (
 # --------------------------------------------------------------------------- items
 
 
+MAX_VERSION = 2**63 - 1  # the largest version (and row count) the database's integers hold
+
+
 def _parse_ref(ref: str) -> tuple[str, int | None]:
     if "@v" in ref:
         base, _, ver = ref.rpartition("@v")
@@ -67,8 +70,15 @@ def get_item(ref: str, *, session: Session) -> Item:
         if item is not None:
             return item
     name, version = _parse_ref(ref)
+    if version is not None and not 1 <= version <= MAX_VERSION:
+        # versions start at 1: NAME@v0 is no item (not the newest version), nor is a number
+        # too large for the database's integer
+        raise ItemNotFoundError(f"no item {ref!r}")
     stmt = select(Item).where(col(Item.name) == name)
-    stmt = stmt.where(col(Item.version) == version) if version else stmt.order_by(col(Item.version).desc())
+    if version is None:
+        stmt = stmt.order_by(col(Item.version).desc())
+    else:
+        stmt = stmt.where(col(Item.version) == version)
     found = session.scalars(stmt).first()
     if found is None:
         raise ItemNotFoundError(f"no item {ref!r}")

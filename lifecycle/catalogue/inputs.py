@@ -13,6 +13,7 @@ storage tables in lifecycle.catalogue.models and follows the same rules.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -294,8 +295,9 @@ class MetadataUpdate(InputModel):
         return value
 
     def applied(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """`meta` with these keys set, validated (raises InvalidMetadataError)."""
-        out = dict(meta)
+        """A copy of `meta` with these keys set, validated (raises InvalidMetadataError); `meta`
+        itself, nested objects included, is left as it was."""
+        out = copy.deepcopy(meta)
         for key, value in self.values.items():
             set_meta_key(out, key, value)
         return validate_metadata(out)

@@ -18,6 +18,10 @@ MAX_META_FILE_BYTES = 1024 * 1024  # a --meta-json file is not read past this
 # One pattern for both, so a key that can be set can be queried and the reverse.
 META_KEY = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", re.ASCII)
 MAX_META_KEY_LENGTH = 128
+# Levels of objects and arrays in an item's metadata: well below what every reader of stored
+# metadata handles (orjson and pydantic serialise ~255 levels, SQLite's JSON functions 1000), so a
+# stored document never breaks a listing, a bulk write or a filter.
+MAX_META_DEPTH = 64
 _BAD_KEY_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn")
 
 
@@ -41,16 +45,20 @@ def validate_metadata(meta: dict[str, Any], *, where: str = "") -> dict[str, Any
 def _normalised(meta: dict[str, Any], where: str) -> dict[str, Any]:
     """A copy of `meta` with NFC keys, checked without recursion (a document may nest deeply)."""
     root: dict[str, Any] = {}
-    stack: list[tuple[Any, Any]] = [(meta, root)]
+    stack: list[tuple[Any, Any, int]] = [(meta, root, 1)]
     while stack:
-        src, dst = stack.pop()
+        src, dst, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            raise InvalidMetadataError(
+                f"{where}metadata is nested more than {MAX_META_DEPTH} levels deep (objects and arrays)"
+            )
         items = src.items() if isinstance(src, dict) else enumerate(src)
         for key, value in items:
             if isinstance(src, dict):
                 key = _key(key, where)
             if isinstance(value, dict | list):
                 child: Any = {} if isinstance(value, dict) else [None] * len(value)
-                stack.append((value, child))
+                stack.append((value, child, depth + 1))
                 value = child
             else:
                 _scalar_ok(value, where)
@@ -111,6 +119,17 @@ def set_meta_key(meta: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
+def merged(defaults: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`defaults` with `over` laid on top, object by object: where both hold an object under a
+    key the two are merged, elsewhere `over`'s value wins (so `--meta obs.site=A` as a list's
+    default survives a row's own {"obs": {...}}). Neither argument is changed."""
+    out = dict(defaults)
+    for key, value in over.items():
+        base = out.get(key)
+        out[key] = merged(base, value) if isinstance(base, dict) and isinstance(value, dict) else value
+    return out
+
+
 def scalar(text: str) -> Any:
     """`--meta k=v` values: integers, decimals, true/false become JSON numbers/booleans."""
     if re.fullmatch(r"-?\d{1,18}", text):
@@ -149,12 +168,20 @@ def parse_meta(pairs: list[str] | None, meta_json: Path | None) -> dict[str, Any
                 f"--meta-json {meta_json} must hold a JSON object, not {type(doc).__name__}"
             )
         meta.update(doc)
+    given: list[str] = []
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not is_meta_key(key):
             raise InvalidMetadataError(
                 f"invalid --meta {pair[:80]!r}: use key=value with a key of letters, digits, _ . -"
             )
+        # `--meta a.b=2 --meta a=1` would silently drop a.b (the reverse order is refused below)
+        inside = next((g for g in given if g.startswith(key + ".")), None)
+        if inside is not None:
+            raise InvalidMetadataError(
+                f"invalid --meta {pair[:80]!r}: it would replace {inside[:80]!r}, given before"
+            )
+        given.append(key)
         set_meta_key(meta, key, scalar(value))
     return validate_metadata(meta)
 

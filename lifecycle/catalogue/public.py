@@ -177,11 +177,15 @@ def list_items(
     """Items matching a filter, by name and version (lifecycle.catalogue.catalog.list_items), at
     most `limit` (None: all) after skipping `offset`.
 
-    Raises InvalidFilterError, InvalidValueError (a limit below 1, a negative offset)."""
+    Raises InvalidFilterError, InvalidValueError (a limit below 1, a negative offset, either
+    past the database's integers)."""
     if limit is not None and limit < 1:
         raise InvalidValueError(f"invalid limit {limit}: must be at least 1")
     if offset < 0:
         raise InvalidValueError(f"invalid offset {offset}: must not be negative")
+    for what, value in (("limit", limit or 0), ("offset", offset)):
+        if value > catalog.MAX_VERSION:  # past the database's integers
+            raise InvalidValueError(f"invalid {what} {value}: must be at most {catalog.MAX_VERSION}")
     rows = catalog.list_items(where=where, limit=limit, offset=offset, session=session)
     return [ItemPublic.of(i) for i in rows]
 

@@ -130,6 +130,7 @@ def _write_inputs(base: Path) -> None:
         "key-escape.json": '{"a\\u001bb": 1}',
         "key-newline.json": '{"note\\n": 1}',
         "over-64kib.json": json.dumps({"blob": "x" * (64 * 1024)}),
+        "nested-300.json": '{"a": ' * 300 + "1" + "}" * 300,
     }
     for name, text in docs.items():
         p = meta / name
@@ -150,6 +151,10 @@ def _write_inputs(base: Path) -> None:
         "meta-key-control.jsonl": {**good[1], "metadata": {"bell\x07": 1}},
         "meta-over-64kib.jsonl": {**good[1], "metadata": {"blob": "x" * (64 * 1024)}},
     }
+    deep: dict[str, object] = {"v": 1}
+    for _ in range(400):
+        deep = {"a": deep}
+    bad_rows["meta-nested-400.jsonl"] = {**good[1], "metadata": deep}
     for fname, row in bad_rows.items():
         (lists / fname).write_text(json.dumps(good[0]) + "\n" + json.dumps(row) + "\n")
     (lists / "meta-infinity.jsonl").write_text(

@@ -357,6 +357,10 @@ CASES = [
     Case("meta-from-list-infinity", from_list("meta-infinity.jsonl"), "line 2", code=2),
     Case("meta-from-list-key-control", from_list("meta-key-control.jsonl"), "U+0007", code=2),
     Case("meta-from-list-over-64kib", from_list("meta-over-64kib.jsonl"), "64 KiB", code=2),
+    Case("meta-key-replaces-nested", upload_with("--meta", "a.b=2", "--meta", "a=1"), "'a.b'", code=2),
+    Case("meta-key-through-a-value", upload_with("--meta", "a=1", "--meta", "a.b=2"), "'a'", code=2),
+    Case("meta-json-nested-300", upload_with("--meta-json", "{meta}/nested-300.json"), "levels", code=2),
+    Case("meta-from-list-nested-400", from_list("meta-nested-400.jsonl"), "line 2", code=2),
     Case("meta-from-list-default-1e999", from_list("good.jsonl", "--meta", "n=1.0e999"), "finite", code=2),
     # ------------------------------------------------------------------ issue 8: sizes, filters, roots
     Case(
@@ -372,6 +376,11 @@ CASES = [
         "at most 500",
         code=2,
     ),
+    # NAME@v0 once named the newest version: `items delete NAME@v0 --yes` deleted it
+    Case("ref-version-zero-delete", ("items", "delete", "run/f0.dat@v0", "--yes"), "no item", code=2),
+    Case("ref-version-zero-show", ("items", "show", "run/f0.dat@v0"), "no item", code=2),
+    Case("ref-version-past-int64", ("items", "show", "run/f0.dat@v99999999999999999999"), "no item", code=2),
+    Case("list-limit-past-int64", ("items", "list", "--limit", "99999999999999999999"), "limit", code=2),
     Case("posix-root-missing-exit-2", add_storage("new", "posix", "{base}/nope"), "does not exist", code=2),
     # ------------------------------------------------------------------ API tokens
     Case("token-owner-empty", ("token", "create", "--owner", ""), "invalid --owner", code=2),

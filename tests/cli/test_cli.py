@@ -272,3 +272,24 @@ def test_bad_input_one_line_nonzero_nothing_changed(dlm, estate: Path, db_url: s
     assert _counts(db_url) == before
     # the storage's marker and the one file, nothing else
     assert sorted(p.name for p in (estate / "disk-a").iterdir()) == [".dlm-storage", "existing"]
+
+
+@pytest.mark.parametrize("name", ["mk/a[/x]b.dat", "mk/[red]x.dat"])
+def test_a_name_with_brackets_is_printed_as_it_is(dlm, estate: Path, name: str) -> None:
+    """Square brackets are allowed in names; the CLI printed them as rich markup, so '[/x]' made
+    ingest, set-phase, set-expiry and delete end in an internal error (exit 70) after their change
+    was made, and '[red]x.dat' was shown as 'x.dat', an item that does not exist."""
+    f = estate / "src" / "f0.dat"
+    r = dlm("ingest", "-s", "disk-a", "--upload", str(f), "--name", name)
+    assert r.code == 0 and f"READY {name} v1" in r.out, r
+    r = dlm("items", "set-phase", name, "LIQUID")
+    assert (r.code, r.out.strip()) == (0, f"{name} v1: target phase LIQUID"), r
+    r = dlm("items", "set-expiry", name, "--lifetime", "9d")
+    assert r.code == 0 and r.out.startswith(f"{name} v1: expires "), r
+    r = dlm("items", "list", "--where", "name ~ 'mk/*'")
+    assert r.code == 0 and name in r.out, r
+    r = dlm("items", "show", name)
+    assert r.code == 0 and f"Item {name} v1" in r.out, r
+    r = dlm("items", "delete", name, "--yes")
+    assert (r.code, r.out.strip()) == (0, f"{name} v1: deleted 1 copies"), r
+    assert not (estate / "disk-a" / name).exists()

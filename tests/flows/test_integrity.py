@@ -406,3 +406,67 @@ def test_unreachable_storage_never_makes_copies_lost(estate: Estate, monkeypatch
         "cold": "READY",
     }
     assert item_state("k/a.dat") == "READY"
+
+
+def test_reconcile_of_every_storage_adopts_each_object_on_its_own_storage_and_names_it(
+    estate: Estate,
+) -> None:
+    """`dlm run reconcile --adopt` with no --storage lists hot, warm and cold one after the other:
+    every unknown object becomes an item whose one copy is on the storage that holds it (the bytes
+    untouched), and each row of the merged report says on which storage the object is."""
+    from flows.integrity import reconcile
+
+    root = estate.root
+    files = {
+        ("hot", "incoming/a.dat"): b"A on hot\n" * 50,
+        ("warm", "incoming/b.dat"): b"B on warm\n" * 60,
+    }
+    for (storage, path), body in files.items():
+        (root / storage / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / storage / path).write_bytes(body)
+    estate.s3.client().put_object(Bucket=estate.bucket, Key="incoming/c.dat", Body=b"C on cold\n" * 70)
+    (root / "warm" / "incoming" / "x.dat.a1b2c3.partial").write_bytes(b"half")
+
+    report = reconcile(adopt=True).as_json()
+
+    assert report["unknown"] == 3 and report["adopted"] == 3, report
+    rows = {o["path"]: o for o in report["unknown_objects"]}
+    assert {p: o["storage"] for p, o in rows.items()} == {
+        "incoming/a.dat": "hot",
+        "incoming/b.dat": "warm",
+        "incoming/c.dat": "cold",
+    }
+    assert [(o["storage"], o["path"]) for o in report["temporary_objects"]] == [
+        ("warm", "incoming/x.dat.a1b2c3.partial")
+    ]
+    for (storage, path), body in files.items():
+        assert copies(path) == {storage: ("READY", path)}
+        assert (root / storage / path).read_bytes() == body
+        with session_scope() as s:
+            assert catalog.get_item(path, session=s).checksum == hashlib.md5(body).hexdigest()
+    assert copies("incoming/c.dat") == {"cold": ("READY", "incoming/c.dat")}
+
+
+def test_reconcile_of_every_storage_with_one_failing_still_reports_what_it_adopted(estate: Estate) -> None:
+    """One storage that cannot be listed fails the run (Prefect marks it failed, `dlm run` exits
+    1), but what the run did on the others (an object adopted on hot) is not lost: the error
+    carries the report, with the failure named, for `dlm run --json` to print first."""
+    import shutil
+
+    from flows.integrity import reconcile
+    from lifecycle.reports import RunFailedError
+
+    (estate.root / "hot" / "incoming").mkdir(parents=True)
+    (estate.root / "hot" / "incoming" / "a.dat").write_bytes(b"A on hot\n" * 50)
+    shutil.rmtree(estate.root / "warm")  # its root is gone: warm cannot be listed
+
+    with pytest.raises(RunFailedError, match="reconcile warm") as failed:
+        reconcile(adopt=True)
+
+    report = failed.value.report.as_json()
+    assert report["adopted"] == 1 and report["storage"] == "cold, hot, warm"
+    assert [(o["storage"], o["path"], bool(o["adopted as"])) for o in report["unknown_objects"]] == [
+        ("hot", "incoming/a.dat", True)
+    ]
+    assert len(report["failures"]) == 1 and "warm" in report["failures"][0]
+    assert copies("incoming/a.dat") == {"hot": ("READY", "incoming/a.dat")}

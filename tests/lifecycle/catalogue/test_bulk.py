@@ -241,3 +241,25 @@ def test_auto_format_sniffs_content(db_url: str, tmp_path: Path) -> None:
     (tmp_path / "list2.txt").write_text("name,size\nb/c,3\n")
     assert register(db_url, tmp_path / "list.txt").count == 1  # type: ignore[attr-defined]
     assert register(db_url, tmp_path / "list2.txt").count == 1  # type: ignore[attr-defined]
+
+
+def test_list_defaults_merge_into_each_rows_nested_metadata(db_url: str) -> None:
+    """`--from-list rows.jsonl --meta obs.site=A` gives every item meta.obs.site = 'A': a row
+    whose metadata holds its own "obs" object keeps the default's keys beside its own (a row's
+    value wins where both set the same key, and a row's non-object replaces the default's)."""
+    src = io.StringIO(
+        json.dumps({"name": "a/1", "size": 5, "checksum": md5(1), "metadata": {"obs": {"night": 3}}})
+        + "\n"
+        + json.dumps({"name": "a/2", "size": 5, "metadata": {"obs": {"site": "B", "night": 4}}})
+        + "\n"
+        + json.dumps({"name": "a/3", "size": 5, "metadata": {"obs": 7}})
+        + "\n"
+    )
+    register(db_url, src, meta={"obs": {"site": "A"}, "kind": "raw"})
+    with session_scope(db_url) as s:
+        found = {i.name: i.meta for i in s.exec(select(Item)).scalars()}  # type: ignore[call-overload]
+    assert found == {
+        "a/1": {"obs": {"site": "A", "night": 3}, "kind": "raw"},
+        "a/2": {"obs": {"site": "B", "night": 4}, "kind": "raw"},
+        "a/3": {"obs": 7, "kind": "raw"},
+    }

@@ -220,6 +220,10 @@ def test_a_dotted_key_is_set_nested_where_the_filter_reads_it() -> None:
         "obs": {"band": "r", "night": 3},
         "kind": "raw",
     }
+    assert parse_meta(["obs.band=r", "obs.band=g"], None) == {"obs": {"band": "g"}}  # the last wins
+    for pairs in (["obs.band=r", "obs=5"], ["obs=5", "obs.band=r"]):  # one would drop the other
+        with pytest.raises(InvalidMetadataError, match="'obs"):
+            parse_meta(pairs, None)
 
 
 @pytest.mark.parametrize(
@@ -242,3 +246,56 @@ def test_a_list_row_is_refused_with_the_item_create_message(bad: dict[str, Any])
         with pytest.raises(RowError) as row_error:
             parse_row(record, lineno)
     assert row_error.value.message == str(model_error.value)
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    """A metadata document `levels` objects deep ({"a": {"a": ... {"v": 1}}})."""
+    doc: dict[str, Any] = {"v": 1}
+    for _ in range(levels - 1):
+        doc = {"a": doc}
+    return doc
+
+
+def test_metadata_nested_past_the_limit_is_refused_and_at_the_limit_it_lists_as_json() -> None:
+    """A document nested hundreds of levels deep once passed validation, was stored, and then broke
+    every `dlm items list --json` (pydantic stops serialising at ~255 levels) and crashed a
+    `--from-list` write (orjson's limit) with an internal error: now refused, in one line."""
+    import orjson
+
+    from lifecycle.catalogue.metadata import MAX_META_DEPTH
+    from lifecycle.catalogue.public import ItemPublic
+
+    with pytest.raises(InvalidMetadataError, match=f"more than {MAX_META_DEPTH} levels"):
+        ItemOptions(metadata=_nested(MAX_META_DEPTH + 1))
+    with pytest.raises(InvalidMetadataError, match="levels"):
+        ItemOptions(metadata={"list": [_nested(300)]})
+    meta = ItemOptions(metadata=_nested(MAX_META_DEPTH)).metadata
+    now = datetime.now(UTC)
+    public = ItemPublic(
+        oid="00000000-0000-0000-0000-000000000001",
+        name="a",
+        version=1,
+        size=1,
+        checksum=None,
+        checksum_algo=None,
+        state="READY",
+        target_phase="GAS",
+        owner=None,
+        created_at=now,
+        expires_at=None,
+        metadata=meta,
+    )
+    assert public.model_dump(mode="json")["metadata"] == meta
+    assert orjson.loads(orjson.dumps(meta)) == meta
+
+
+def test_a_metadata_update_leaves_the_stored_metadata_as_it_was() -> None:
+    """Setting `obs.exp` on {"obs": {...}} must not change the item's own (nested) dict in place:
+    the ORM compares the old value with the new one to decide whether to write, and a refused
+    update must leave the item's metadata untouched."""
+    stored = {"obs": {"band": "r"}}
+    assert MetadataUpdate(values={"obs.exp": 3}).applied(stored) == {"obs": {"band": "r", "exp": 3}}
+    assert stored == {"obs": {"band": "r"}}
+    with pytest.raises(InvalidMetadataError):
+        MetadataUpdate(values={"obs.blob": "x" * 70_000}).applied(stored)
+    assert stored == {"obs": {"band": "r"}}

@@ -181,3 +181,18 @@ def test_listing_pages_and_refuses_a_bad_limit(estate: Path, db_url: str) -> Non
             public.list_items(session=s, limit=0)
         with pytest.raises(InvalidValueError, match="invalid offset -1"):
             public.list_items(session=s, offset=-1)
+        for huge in ({"limit": 10**20}, {"offset": 10**20}):  # past the database's integers
+            with pytest.raises(InvalidValueError, match="must be at most 9223372036854775807"):
+                public.list_items(session=s, **huge)
+
+
+def test_a_version_zero_or_past_int64_is_no_item(estate: Path, db_url: str) -> None:
+    """NAME@v0 named the newest version (`dlm items delete NAME@v0 --yes` deleted it), and a
+    version past the database's integers was an internal error: both are no item."""
+    from lifecycle.errors import ItemNotFoundError
+
+    with session_scope(db_url) as s:
+        assert public.item_detail("run/b.dat@v2", session=s).version == 2
+        for ref in ("run/b.dat@v0", "run/b.dat@v00", "run/b.dat@v99999999999999999999"):
+            with pytest.raises(ItemNotFoundError, match="no item"):
+                public.item_detail(ref, session=s)
