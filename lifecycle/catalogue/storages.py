@@ -392,6 +392,10 @@ def set_storage_state(name: str, state: StorageState, *, session: Session, actor
     if storage.state == StorageState.RETIRED and state is not StorageState.RETIRED:
         # a retired root may have been given to another storage since
         check_overlap(session, name, StorageKind(storage.kind), storage.root, storage.endpoint)
+    if state is StorageState.ONLINE:
+        # bringing a storage online asserts its root is the right one: mark an unmarked root
+        # (a storage from before markers, or one emptied on purpose) so batches accept it
+        identity.mark_if_unmarked(storage)
     old = storage.state
     storage.state = state
     session.add(storage)

@@ -54,6 +54,7 @@ from lifecycle.states import (
     ReplicaState,
     StorageState,
 )
+from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for
 from lifecycle.transfer.listing import list_files
 from lifecycle.transfer.log import HASHES
@@ -233,6 +234,9 @@ def verify_batch(
     # A copy whose path is (or goes through) a symbolic link is not DLM's bytes: it is LOST.
     links = refused_paths(target, paths)
     try:
+        # a root that is not this storage's (another's marker, an unmounted, empty mount point)
+        # says nothing about its copies: unreadable, nothing marked LOST
+        identity.check_identity(storage, write=False)
         found = hashsum(target, paths, batch.algo, download=None if trusted else True, nbytes=batch.bytes)
         absent = [p for p in paths if p not in found and p not in links]
         present = list_files(target, absent) if absent else {}

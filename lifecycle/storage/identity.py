@@ -149,7 +149,40 @@ def _check_posix(storage: Storage, write: bool) -> None:
         raise StorageError(f"{who} does not exist (unmounted? refusing to write or delete)") from None
     if not stat.S_ISDIR(st.st_mode):
         raise StorageError(f"{who} is not a directory (refusing to write or delete)")
-    _claim(storage, _read_posix(root), lambda data: _write_posix(root, data, replace=False), write)
+    found = _read_posix(root)
+    if found is None and _empty_dir(root):
+        # An unmounted volume leaves its mount point: an empty directory without the marker.
+        # Trusting it would mark every copy there LOST and write new copies onto the bare
+        # mount point; an operator who knows the root really is empty says so explicitly.
+        raise StorageError(
+            f"{who} is empty and has no {MARKER} marker: is its volume mounted? (refusing to "
+            f"write, delete or mark copies lost there; if it is meant to be empty, "
+            f"`dlm storage online {storage.name}` marks it)"
+        )
+    _claim(storage, found, lambda data: _write_posix(root, data, replace=False), write)
+
+
+def _empty_dir(path: str) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+
+
+def mark_if_unmarked(storage: Storage) -> bool:
+    """Write the storage's marker where its root has none (an operator's explicit `storage
+    online`: the root is the right one, even if empty). Returns whether it wrote one.
+    Raises StorageError (a root holding another storage's marker, or not writable)."""
+    kind = StorageKind(storage.kind)
+    if kind not in (StorageKind.POSIX, StorageKind.S3):
+        return False
+    found = read_marker(storage)
+    if found is None:
+        write_marker(storage)
+        return True
+    _claim(storage, found, None, write=False)
+    return False
 
 
 # --------------------------------------------------------------------------- s3

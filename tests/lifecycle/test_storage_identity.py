@@ -151,9 +151,12 @@ def test_reconcile_neither_reports_nor_adopts_the_marker(dlm: Any, disks: Path, 
 
 
 def test_a_missing_marker_is_written_at_first_use(db_url: str, tmp_path: Path) -> None:
-    """A catalogue from before markers: the first batch's check writes the root's marker; a
-    marker naming another storage fails the check."""
+    """A catalogue from before markers: the first batch's check writes the marker of a root
+    that holds files (an empty one could be an unmounted volume's mount point: see
+    tests/lifecycle/integrity/test_unmounted_root.py); a marker naming another storage fails
+    the check."""
     (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "held.dat").write_bytes(PAYLOAD)
     old_catalogue_storage("old", "posix", str(tmp_path / "old"))
     with session_scope() as s:
         st = storages.get_storage("old", session=s)
