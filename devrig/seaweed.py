@@ -118,7 +118,7 @@ class SeaweedServer:
             # a fixed number of volume slots (volumes grow as written, nothing is preallocated):
             # with 0 weed derives it from free disk, and on a fuller disk a new bucket then
             # gets no volume at all (PutObject: InternalError)
-            "-volume.max=1000",
+            "-volume.max=10000",
         ]
         log = self._log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 (closed by stop())
         self.proc = subprocess.Popen(
@@ -163,6 +163,17 @@ class SeaweedServer:
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
+
+    def delete_bucket(self, name: str) -> None:
+        """Delete a bucket and every object in it (SeaweedFS then drops the bucket's collection
+        and frees its volume slots: a long test session creates a bucket per test)."""
+        client = self.client()
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=name)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds (weed stops slowly)."""

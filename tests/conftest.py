@@ -6,6 +6,7 @@ PostgreSQL or S3 server fails the run instead of skipping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -134,14 +135,18 @@ def s3_env(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> object:
 
 
 @pytest.fixture
-def s3_bucket(s3_env: object) -> str:
-    """A new, empty bucket on the test S3 server."""
+def s3_bucket(s3_env: object) -> Iterator[str]:
+    """A new, empty bucket on the test S3 server, deleted with its objects afterwards: each
+    bucket takes volume slots of the session's one server until it is deleted."""
     from devrig.seaweed import SeaweedServer
 
     assert isinstance(s3_env, SeaweedServer)
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_env.create_bucket(name)
-    return name
+    yield name
+    # best effort: a test that stopped or broke the server loses its bucket with it
+    with contextlib.suppress(Exception):
+        s3_env.delete_bucket(name)
 
 
 # --------------------------------------------------------------------------- rclone

@@ -24,17 +24,12 @@ import pytest
 
 from deployments.server import ServerError, alive, server_files, stop_pid
 from devrig.prefect_server import PrefectServer
+from lifecycle.runs import Pipeline
 
 DLM = [sys.executable, "-m", "dlm.cli"]
 STARTUP_TIMEOUT_S = 120.0
-SERVED = {
-    "replicate/replicate",
-    "replicate/replicate-on-ready",
-    "migrate/migrate",
-    "expire/expire",
-    "rebalance/rebalance",
-    "verify/verify",
-}
+# every pipeline of the registry under its own name, and replicate once more on the ready event
+SERVED = {f"{p}/{p}" for p in Pipeline} | {"replicate/replicate-on-ready"}
 
 
 def api(url: str, path: str, body: dict[str, Any] | None = None, method: str = "POST") -> Any:

@@ -18,6 +18,7 @@ import yaml
 
 from deployments.server import alive
 from devrig.prefect_server import PrefectServer
+from lifecycle.runs import PIPELINES, Pipeline
 from lifecycle.settings import ScheduleSettings
 from tests.deployments.conftest import SERVED, api, deployment_names, poll, run
 
@@ -133,8 +134,8 @@ def test_prefect_deploy_all_from_prefect_yaml(tmp_path: Path) -> None:
         assert {d["work_pool_name"] for d in deployments.values()} == {"dlm-process"}
         crons = {n: [s["schedule"]["cron"] for s in d["schedules"]] for n, d in deployments.items()}
         defaults = ScheduleSettings()
-        for name in ("replicate", "migrate", "expire", "rebalance", "verify"):
-            assert crons[name] == [getattr(defaults, name)], name
+        for pipeline in Pipeline:
+            assert crons[pipeline] == [getattr(defaults, PIPELINES[pipeline].schedule)], pipeline
         assert crons["replicate-on-ready"] == []
         automations = api(server.url, "/automations/filter")
         trigger = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["triggers"]["item_ready"]
