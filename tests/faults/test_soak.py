@@ -144,7 +144,7 @@ def test_soak(pg_db_url: str, tmp_path: Path, s3_env, s3_bucket, dlm_proc) -> No
         v = verify(budget="1GiB").as_json()
         figures["corruptions_repaired"] += v.get("repaired", 0)
         for flow in (replicate, expire, rebalance, replicate, rebalance):
-            r = flow()
+            r = flow().as_json()
             figures["copies"] += r.get("copied", 0)
             figures["deletions"] += r.get("deleted", 0)
         # invariants after every round
