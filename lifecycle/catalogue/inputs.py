@@ -82,10 +82,9 @@ def labelled(labels: Mapping[str, str] | None) -> Iterator[None]:
         _LABELS.reset(token)
 
 
-class InputModel(BaseModel):
-    """Base of the input models: unknown fields refused, errors as InvalidValueError."""
-
-    model_config = ConfigDict(extra="forbid")
+class OneLineErrors:
+    """Mixin of every input model (also StorageCreate): a refused value is InvalidValueError
+    with one line, and `build` names fields the edge's way."""
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -98,6 +97,24 @@ class InputModel(BaseModel):
         """The model from raw values; `labels` names fields in messages the edge's way."""
         with labelled(labels):
             return cls(**values)
+
+
+class InputModel(OneLineErrors, BaseModel):
+    """Base of the input models: unknown fields refused, errors as InvalidValueError."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def lifetime_value(value: Any) -> Any:
+    """A lifetime field's raw value: text parsed (`90d`), a timedelta checked."""
+    if isinstance(value, str):
+        return parse_duration(value)
+    return check_lifetime(value) if isinstance(value, timedelta) else value
+
+
+def timestamp_value(value: Any) -> Any:
+    """A time field's raw value: ISO text parsed."""
+    return parse_timestamp(value) if isinstance(value, str) else value
 
 
 # --------------------------------------------------------------------------- items
@@ -156,15 +173,13 @@ class ItemOptions(InputModel):
 
     @field_validator("lifetime", mode="before")
     @classmethod
-    def _lifetime(cls, value: Any) -> timedelta | None:
-        if isinstance(value, str):
-            return parse_duration(value)
-        return check_lifetime(value) if isinstance(value, timedelta) else value
+    def _lifetime(cls, value: Any) -> Any:
+        return lifetime_value(value)
 
     @field_validator("expires_at", mode="before")
     @classmethod
-    def _expires_at(cls, value: Any) -> datetime | None:
-        return parse_timestamp(value) if isinstance(value, str) else value
+    def _expires_at(cls, value: Any) -> Any:
+        return timestamp_value(value)
 
     @field_validator("metadata", mode="before")
     @classmethod
@@ -244,15 +259,13 @@ class ExpiryChange(InputModel):
 
     @field_validator("lifetime", mode="before")
     @classmethod
-    def _lifetime(cls, value: Any) -> timedelta | None:
-        if isinstance(value, str):
-            return parse_duration(value)
-        return check_lifetime(value) if isinstance(value, timedelta) else value
+    def _lifetime(cls, value: Any) -> Any:
+        return lifetime_value(value)
 
     @field_validator("at", mode="before")
     @classmethod
-    def _at(cls, value: Any) -> datetime | None:
-        return parse_timestamp(value) if isinstance(value, str) else value
+    def _at(cls, value: Any) -> Any:
+        return timestamp_value(value)
 
     @model_validator(mode="before")
     @classmethod

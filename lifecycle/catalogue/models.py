@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -30,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import AutoString, Field, SQLModel
 
-from lifecycle.catalogue.inputs import field_label, invalid_value, labelled, parse_choice
+from lifecycle.catalogue.inputs import OneLineErrors, field_label, parse_choice
 from lifecycle.errors import InvalidValueError
 from lifecycle.names import validate_endpoint, validate_slug
 from lifecycle.states import (
@@ -110,24 +109,12 @@ class StorageBase(SQLModel):
     trust_stored_checksums: bool = False
 
 
-class StorageCreate(StorageBase):
+class StorageCreate(OneLineErrors, StorageBase):
     """A storage to register, as `dlm storage add` (or any edge) gives it: kind and tier in any
     letter case, a capacity in bytes or as text (`10GiB`). Refuses a bad value with
     InvalidValueError (or InvalidNameError), one line; see lifecycle.catalogue.inputs."""
 
     location: str | None = None
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise invalid_value(exc) from None
-
-    @classmethod
-    def build(cls, labels: Mapping[str, str] | None = None, **values: Any) -> StorageCreate:
-        """The model from raw values; `labels` names fields in messages the edge's way."""
-        with labelled(labels):
-            return cls(**values)
 
     @field_validator("name")
     @classmethod
