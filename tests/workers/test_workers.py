@@ -45,11 +45,13 @@ def test_a_partitioned_replicate_shares_the_items_among_sub_runs_and_copies_each
 ) -> None:
     names = ingest(estate, 30, prefix="part", size=SIZE)
     env = worker_env(pg_db_url, estate, transfer__batch_files="4")
-    # two runs at most per worker: the one that takes the parent run takes one sub-run only
-    with running_workers(prefect_server, tmp_path / "workers", env, limit=2) as workers:
+    # one run at a time per worker: the parent run holds one worker while it waits, so the two
+    # sub-runs (both scheduled at once, workers polling every second) go to the other two
+    names_w = ("w0", "w1", "w2")
+    with running_workers(prefect_server, tmp_path / "workers", env, names=names_w, limit=1) as workers:
         parent = prefect_server.create_flow_run("replicate/replicate", {"partitions": 2})
         run = prefect_server.wait_run(parent)
-        assert run["state_type"] == "COMPLETED", workers.log("w1")[-3000:] + workers.log("w2")[-3000:]
+        assert run["state_type"] == "COMPLETED", "".join(workers.log(w)[-2000:] for w in names_w)
         subs = [
             r
             for r in prefect_server.flow_runs("replicate/replicate")
@@ -58,7 +60,11 @@ def test_a_partitioned_replicate_shares_the_items_among_sub_runs_and_copies_each
         assert sorted(r["name"] for r in subs) == ["replicate-part-1-of-2", "replicate-part-2-of-2"]
         assert all(r["state_type"] == "COMPLETED" for r in subs)
         ran_on = {r["name"]: workers.ran(r["id"]) for r in subs}
-        assert sorted(w for ws in ran_on.values() for w in ws) == ["w1", "w2"], ran_on
+        parent_on = workers.ran(parent)
+        assert len(parent_on) == 1, parent_on
+        # each sub-run ran once, on its own worker, and not on the one waiting for them
+        on = [w for ws in ran_on.values() for w in ws]
+        assert len(on) == 2 and len(set(on)) == 2 and parent_on[0] not in on, (parent_on, ran_on)
 
     copies = catalogue_copies(estate, "part", SIZE)
     assert set(copies.ready) == set(names)
