@@ -1,1 +1,1 @@
-"""The edges people touch: the `dlm` command line (and later the REST API and dashboards)."""
+"""The `dlm` command line: parses arguments, calls the lifecycle core, renders (the REST API is in api/)."""
