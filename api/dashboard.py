@@ -31,7 +31,7 @@ from lifecycle.catalogue import overview
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.tokens import Principal
 from lifecycle.settings import get_settings
-from lifecycle.states import ItemState, Phase, StorageState, TransferState
+from lifecycle.states import ItemState, Phase, TransferState
 from lifecycle.units import format_size
 
 router = APIRouter(include_in_schema=False)
@@ -144,7 +144,6 @@ def dashboard(request: Request) -> Response:
         prefect_ui=prefect_ui_url(),
         item_states=list(ItemState),
         phases=list(Phase),
-        storage_states=list(StorageState),
         transfer_states=list(TransferState),
         refresh_s=REFRESH_S,
     )
