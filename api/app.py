@@ -1,10 +1,11 @@
-"""The FastAPI application: every route under /api, OpenAPI at /api/openapi.json, docs at /api/docs."""
+"""The FastAPI application: every route under /api, OpenAPI at /api/openapi.json, docs at /api/docs;
+GET /metrics, and the operator dashboard at / (api/dashboard.py)."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api import errors, metrics, routes_catalogue, routes_items, runs
+from api import dashboard, errors, metrics, routes_catalogue, routes_items, runs
 
 
 def create_app() -> FastAPI:
@@ -22,4 +23,5 @@ def create_app() -> FastAPI:
     app.include_router(routes_catalogue.router, prefix="/api")
     app.include_router(runs.router, prefix="/api")
     app.include_router(metrics.router)
+    app.include_router(dashboard.router)
     return app

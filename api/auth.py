@@ -14,14 +14,19 @@ _bearer = HTTPBearer(auto_error=False, description="a token from `dlm token crea
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
+def check_token(secret: str) -> Principal | None:
+    """The principal of a token's secret; None for an unknown, malformed or revoked one."""
+    with session_scope() as s:
+        return authenticate(secret, session=s)
+
+
 def principal(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     """The request's principal. 401 without a bearer token, or with an unknown or revoked one."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(401, "missing bearer token: send Authorization: Bearer TOKEN", headers=_CHALLENGE)
-    with session_scope() as s:
-        found = authenticate(credentials.credentials, session=s)
+    found = check_token(credentials.credentials)
     if found is None:
         raise HTTPException(401, "invalid or revoked token", headers=_CHALLENGE)
     return found

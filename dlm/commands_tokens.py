@@ -67,12 +67,15 @@ def api(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8080,
 ) -> None:
-    """Serve the REST API (OpenAPI at /api/openapi.json, docs at /api/docs); Ctrl-C stops."""
+    """Serve the REST API (OpenAPI at /api/openapi.json, docs at /api/docs) and the operator
+    dashboard at / (an admin token's login); Ctrl-C stops."""
     import uvicorn
 
     from api.app import create_app
 
     with catalogue():
         pass  # the schema exists (or is created) before the first request
-    render.out.print(f"DLM API on http://{host}:{port}/api (docs: /api/docs)", markup=False)
+    render.out.print(
+        f"DLM API on http://{host}:{port}/api (docs: /api/docs; operator dashboard: /)", markup=False
+    )
     uvicorn.run(create_app(), host=host, port=port, log_level="info", server_header=False)

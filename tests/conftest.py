@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -184,6 +186,36 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture
 def flows_env(prefect_harness: None, rclone_path: str) -> None:
     """Flows can run: the Prefect harness is up and rclone is there."""
+
+
+# --------------------------------------------------------------------------- a headless browser
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's `chromium` (or DLM_TEST_CHROMIUM): no browser download."""
+    path = os.environ.get("DLM_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        _unavailable("chromium", "apt-get install -y chromium")
+    assert path
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Any]:
+    """A headless chromium driven by playwright, for one test module."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package", "pip install 'dlm[test]'")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

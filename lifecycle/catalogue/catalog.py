@@ -37,6 +37,7 @@ from lifecycle.errors import (
 )
 from lifecycle.settings import get_settings
 from lifecycle.states import (
+    LIVE_ITEM_STATES,
     LIVE_REPLICA_STATES,
     EventKind,
     ItemState,
@@ -268,8 +269,35 @@ class Status:
     bytes_total: int
 
 
+def _live_items() -> Any:
+    return col(Item.state).in_([s.value for s in LIVE_ITEM_STATES])
+
+
+def below_target_subquery() -> Any:
+    """The live items with fewer intact copies than their target phase needs: columns `oid`,
+    `name`, `version`, `target_phase`, `intact` (READY copies on online or draining storages)
+    and `required`. `status` counts it; the dashboard lists the first few."""
+    counts = intact_counts_subquery()
+    intact = func.coalesce(counts.c.n, 0)
+    required = required_copies_expr()
+    return (
+        select(
+            col(Item.oid).label("oid"),
+            col(Item.name).label("name"),
+            col(Item.version).label("version"),
+            col(Item.target_phase).label("target_phase"),
+            intact.label("intact"),
+            required.label("required"),
+        )
+        .outerjoin(counts, counts.c.item_oid == col(Item.oid))
+        .where(_live_items(), intact < required)
+        .subquery()
+    )
+
+
 def status(*, session: Session) -> Status:
-    """Storages with usage, items by state and by target phase, items below their target."""
+    """Storages with usage, items by state and by target phase, items below their target:
+    a fixed number of statements (GROUP BY), whatever the number of items."""
     rep_counts: dict[uuid.UUID, int] = {
         sid: int(n)
         for sid, n in session.execute(
@@ -278,42 +306,36 @@ def status(*, session: Session) -> Status:
             .group_by(col(Replica.storage_id))
         ).all()
     }
-    storages = []
-    for s in session.scalars(select(Storage).order_by(col(Storage.name))):
-        loc = session.get(Location, s.location_id) if s.location_id else None
-        storages.append(
-            StorageUsage(
-                s.name,
-                str(s.kind),
-                str(s.tier),
-                loc.name if loc else None,
-                str(s.state),
-                int(s.used_bytes),
-                s.capacity_bytes,
-                int(rep_counts.get(s.id, 0)),
-            )
+    rows = session.execute(
+        select(Storage, col(Location.name))
+        .outerjoin(Location, col(Location.id) == col(Storage.location_id))
+        .order_by(col(Storage.name))
+    ).all()
+    storages = [
+        StorageUsage(
+            s.name,
+            str(s.kind),
+            str(s.tier),
+            loc,
+            str(s.state),
+            int(s.used_bytes),
+            s.capacity_bytes,
+            int(rep_counts.get(s.id, 0)),
         )
+        for s, loc in rows
+    ]
     by_state = {
         str(k): int(v)
         for k, v in session.execute(select(col(Item.state), func.count()).group_by(col(Item.state))).all()
     }
-    live = col(Item.state).in_(
-        [ItemState.READY.value, ItemState.INITIALISED.value, ItemState.CORRUPTED.value]
-    )
     by_phase = {
         str(k): int(v)
         for k, v in session.execute(
-            select(col(Item.target_phase), func.count()).where(live).group_by(col(Item.target_phase))
+            select(col(Item.target_phase), func.count()).where(_live_items()).group_by(col(Item.target_phase))
         ).all()
     }
-    counts = intact_counts_subquery()
-    below = session.execute(
-        select(func.count())
-        .select_from(Item)
-        .outerjoin(counts, counts.c.item_oid == col(Item.oid))
-        .where(live, func.coalesce(counts.c.n, 0) < required_copies_expr())
-    ).one()[0]
-    total = session.execute(select(func.coalesce(func.sum(col(Item.size)), 0)).where(live)).one()[0]
+    below = session.execute(select(func.count()).select_from(below_target_subquery())).one()[0]
+    total = session.execute(select(func.coalesce(func.sum(col(Item.size)), 0)).where(_live_items())).one()[0]
     return Status(storages, by_state, by_phase, int(below), int(total))
 
 

@@ -1,58 +1,27 @@
 """The Prefect UI of a server DLM started on a non-default port, in a real headless browser.
 
 Debian's `chromium` (or DLM_TEST_CHROMIUM), driven by playwright with that executable (no
-browser download). In CI a missing chromium or playwright is a failure, not a skip. The
-screenshots are saved under the test's tmp dir and their paths printed.
+browser download): the `browser` fixture of tests/conftest.py. In CI a missing chromium or
+playwright is a failure, not a skip. The screenshots are saved under the test's tmp dir and
+their paths printed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from devrig.postgres import in_ci
 from devrig.prefect_server import PrefectServer
 from tests.deployments.conftest import SERVED, api, deployment_names, poll, run, start_serve, stop_serve
 
 pytestmark = pytest.mark.prefect
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 PAGE_TIMEOUT_MS = 60_000
 NOWHERE = "http://127.0.0.1:9/api"
-
-
-def _unavailable(what: str) -> None:
-    if in_ci():
-        pytest.fail(f"{what} is required in CI but unavailable", pytrace=False)
-    pytest.skip(f"{what} unavailable")
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = os.environ.get("DLM_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        _unavailable("chromium (apt-get install -y chromium)")
-    assert path
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser(chromium: str) -> Any:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the playwright package (pip install 'dlm[test]')")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_ui_lists_dlm_deployments_and_renders_a_run_table(
