@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
-from pydantic import BaseModel, ConfigDict
 
 from api.auth import Admin, Who, scope
 from api.routes_items import Cursor, EventsPage, ItemsPage, Limit, items_page
 from lifecycle.catalogue import access, public, storages
 from lifecycle.catalogue.db import session_scope
-from lifecycle.catalogue.inputs import parse_choice
+from lifecycle.catalogue.inputs import StorageChange
 from lifecycle.catalogue.models import StoragePublic
 from lifecycle.catalogue.public import DatasetPublic, StorageDetailPublic
-from lifecycle.states import StorageState
 
 router = APIRouter()
 
@@ -26,21 +24,14 @@ def list_storages(who: Who) -> list[StoragePublic]:
         return storages.list_storages(session=s)
 
 
-class StorageChange(BaseModel):
-    """What an admin may change on a storage: its state (online, draining, offline, retired)."""
-
-    model_config = ConfigDict(extra="forbid")
-    state: str
-
-
 @router.patch("/storages/{name}", response_model=StorageDetailPublic, tags=["storages"])
 def change_storage(name: str, who: Admin, change: Annotated[StorageChange, Body()]) -> StorageDetailPublic:
-    """Drain, take offline, bring online or retire a storage (an admin token), as
-    `dlm storage drain|offline|online|retire` do; the rebalance pipeline then moves copies off
-    a draining one."""
-    state = parse_choice(change.state, StorageState, "storage state")
+    """Change a storage (an admin token), as `dlm storage set` does: `state` (online,
+    draining, offline, retired, as `dlm storage online|drain|offline|retire`; or the switches
+    `online` and `draining`), `tier`, `capacity_bytes` (null clears it). Only the fields given
+    change; the rebalance pipeline then moves copies off a draining storage."""
     with session_scope() as s:
-        storages.set_storage_state(name, state, session=s, actor=who.owner)
+        storages.change_storage(name, change, session=s, actor=who.owner)
     with session_scope() as s:
         return public.storage_detail(name, session=s)
 

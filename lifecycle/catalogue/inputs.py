@@ -22,7 +22,14 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from lifecycle.catalogue.metadata import (
     MAX_META_KEY_LENGTH,
@@ -34,8 +41,8 @@ from lifecycle.catalogue.query_parse import parse
 from lifecycle.checksum import ALGORITHMS
 from lifecycle.errors import InvalidMetadataError, InvalidValueError
 from lifecycle.names import validate_name, validate_owner, validate_slug
-from lifecycle.states import Phase
-from lifecycle.units import MAX_BYTES, MAX_LIFETIME, parse_duration, parse_timestamp
+from lifecycle.states import Phase, StorageState, Tier
+from lifecycle.units import MAX_BYTES, MAX_LIFETIME, parse_duration, parse_size, parse_timestamp
 
 E = TypeVar("E", bound=Enum)
 DEFAULT_ALGO = "md5"  # a listed checksum without its algorithm
@@ -282,6 +289,98 @@ class ExpiryChange(InputModel):
         if self.never:
             return None
         return self.at if self.lifetime is None else now + self.lifetime
+
+
+# --------------------------------------------------------------------------- storages
+
+
+class StorageChange(InputModel):
+    """What may change on a registered storage, as `dlm storage set` and `PATCH
+    /api/storages/{name}` give it: its state (directly, or as the `online` and `draining`
+    switches), its tier and its capacity (bytes or text such as `10GiB`; `none` or null clears
+    it). Only the fields given change; giving none is refused. Refuses a bad value with
+    InvalidValueError, one line, naming the field as the edge does (`--tier`)."""
+
+    state: StorageState | None = None
+    online: bool | None = None
+    draining: bool | None = None
+    tier: Tier | None = None
+    capacity_bytes: int | None = None
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _state(cls, value: Any) -> StorageState | None:
+        return None if value is None else parse_choice(value, StorageState, "storage state")
+
+    @field_validator("tier", mode="before")
+    @classmethod
+    def _tier(cls, value: Any) -> Tier | None:
+        return None if value is None else parse_choice(value, Tier, "tier")
+
+    @field_validator("online", "draining", mode="before")
+    @classmethod
+    def _switch(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not isinstance(value, bool):
+            what = field_label(info.field_name or "value")
+            raise InvalidValueError(f"invalid {what} {str(value)[:40]!r}: must be true or false")
+        return value
+
+    @field_validator("capacity_bytes", mode="before")
+    @classmethod
+    def _capacity_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return None if value.strip().lower() in ("none", "unlimited") else parse_size(value)
+        if value is not None and type(value) is not int:
+            raise InvalidValueError(
+                f"invalid {field_label('capacity_bytes')} {str(value)[:40]!r}: a size such as 10GiB"
+            )
+        return value
+
+    @field_validator("capacity_bytes")
+    @classmethod
+    def _capacity(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value <= MAX_BYTES:
+            raise InvalidValueError(
+                f"invalid {field_label('capacity_bytes')} {value}: must be positive (none clears it)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        label = field_label
+        if not self.model_fields_set:
+            every = (_LABELS.get() or {}).get("changes", "state, online, draining, tier or capacity_bytes")
+            raise InvalidValueError(f"nothing to change: give {every}")
+        if self.state is not None and (self.online is not None or self.draining is not None):
+            raise InvalidValueError(
+                f"give {label('state')} or {label('online')}/{label('draining')}, not both"
+            )
+        if self.online is False and self.draining is True:
+            labels = _LABELS.get() or {}
+            draining, offline = labels.get("draining_on", "draining"), labels.get("offline", "online=false")
+            raise InvalidValueError(
+                f"{draining} and {offline} contradict: a draining storage is still read from "
+                "while its copies move elsewhere"
+            )
+        return self
+
+    @property
+    def clears_capacity(self) -> bool:
+        return "capacity_bytes" in self.model_fields_set and self.capacity_bytes is None
+
+    def target_state(self, current: StorageState) -> StorageState | None:
+        """The state to set (None: leave the state as it is)."""
+        if self.state is not None:
+            return self.state
+        if self.draining:
+            return StorageState.DRAINING
+        if self.online is True:
+            return StorageState.ONLINE
+        if self.online is False:
+            return StorageState.OFFLINE
+        if self.draining is False and current == StorageState.DRAINING:
+            return StorageState.ONLINE
+        return None
 
 
 # --------------------------------------------------------------------------- metadata

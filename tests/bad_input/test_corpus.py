@@ -388,6 +388,18 @@ CASES = [
     Case("token-owner-missing", ("token", "create"), "--owner", code=2),
     Case("token-revoke-not-an-id", ("token", "revoke", "zz"), "invalid token id", code=2),
     Case("token-revoke-unknown", ("token", "revoke", "0123456789ab"), "no token", code=2),
+    # ------------------------------------------------------------------ storage set
+    Case("set-nothing", ("storage", "set", "disk-a"), "nothing to change: give --capacity", code=2),
+    Case("set-unknown", ("storage", "set", "nope", "--tier", "cold"), "unknown storage 'nope'", code=2),
+    Case("set-tier-typo", ("storage", "set", "disk-a", "--tier", "lukewarm"), "invalid tier", code=2),
+    Case("set-capacity-zero", ("storage", "set", "disk-a", "--capacity", "0"), "--capacity 0", code=2),
+    Case("set-capacity-junk", ("storage", "set", "disk-a", "--capacity", "lots"), "size 'lots'", code=2),
+    Case(
+        "set-offline-and-draining",
+        ("storage", "set", "disk-a", "--offline", "--draining"),
+        "--draining and --offline contradict",
+        code=2,
+    ),
 ]
 
 
