@@ -97,15 +97,33 @@ def items_set_phase(ref: str, phase: str) -> None:
 
 @items_app.command("set-expiry")
 def items_set_expiry(
-    ref: str,
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@vN or OID")],
     lifetime: Annotated[str | None, typer.Option(help="from now, e.g. 30d")] = None,
     at: Annotated[str | None, typer.Option(help="an ISO date or time")] = None,
     never: Annotated[bool, typer.Option(help="clear the expiry")] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option("--storage", "-s", help="the expiry of the item's copy on this storage only"),
+    ] = None,
 ) -> None:
-    """Set when an item expires (--lifetime 30d, --at 2027-01-01, or --never)."""
+    """Set when an item expires (--lifetime 30d, --at 2027-01-01, or --never); with --storage,
+    when its copy there expires (`dlm run expire` deletes it then, never the last intact copy)."""
     change = ExpiryChange.build(
         {"lifetime": "--lifetime", "at": "--at", "never": "--never"}, lifetime=lifetime, at=at, never=never
     )
+    if storage is not None:
+        with catalogue() as s:
+            done = catalog.set_replica_expiry(ref, storage, change, actor=catalog.current_actor(), session=s)
+            label, expires = f"{done.item.name} v{done.item.version}", done.replica.expires_at
+            kept, intact, needed = done.kept_by_policy, done.intact, done.needed
+        when = render.when(expires) if expires else "never"
+        render.out.print(f"{label}: its copy on {storage} expires {when}")
+        if expires is not None and kept:
+            render.err.print(
+                f"note: the item has {intact} intact {'copy' if intact == 1 else 'copies'} and needs "
+                f"{needed}: expire keeps this one (policy.refused) until there are more"
+            )
+        return
     with catalogue() as s:
         item = catalog.set_expiry(ref, change, actor=catalog.current_actor(), session=s)
         label, expires = f"{item.name} v{item.version}", item.expires_at

@@ -388,6 +388,30 @@ CASES = [
     Case("token-owner-missing", ("token", "create"), "--owner", code=2),
     Case("token-revoke-not-an-id", ("token", "revoke", "zz"), "invalid token id", code=2),
     Case("token-revoke-unknown", ("token", "revoke", "0123456789ab"), "no token", code=2),
+    # ------------------------------------------------------------------ a copy's expiry
+    Case(
+        "copy-expiry-unknown-storage",
+        ("items", "set-expiry", "run/f0.dat", "--storage", "nope", "--lifetime", "1d"),
+        "unknown storage 'nope'",
+        code=2,
+    ),
+    Case(
+        "copy-expiry-no-copy-there",
+        ("items", "set-expiry", "run/f0.dat", "--storage", "disk-b", "--lifetime", "1d"),
+        "has no copy on storage 'disk-b'",
+        code=2,
+    ),
+    Case(
+        "copy-expiry-deleted-item",
+        ("items", "set-expiry", "gone.dat", "--storage", "disk-a", "--never"),
+        "already DELETED",
+    ),
+    Case(
+        "copy-expiry-two-ways",
+        ("items", "set-expiry", "run/f0.dat", "-s", "disk-a", "--never", "--lifetime", "1d"),
+        "give exactly one of --lifetime, --at or --never",
+        code=2,
+    ),
     # ------------------------------------------------------------------ storage set
     Case("set-nothing", ("storage", "set", "disk-a"), "nothing to change: give --capacity", code=2),
     Case("set-unknown", ("storage", "set", "nope", "--tier", "cold"), "unknown storage 'nope'", code=2),
