@@ -8,11 +8,12 @@ from fastapi import APIRouter, Body, Query
 
 from api.auth import Admin, Who, scope
 from api.routes_items import Cursor, EventsPage, ItemsPage, Limit, items_page
-from lifecycle.catalogue import access, public, storages
+from lifecycle.catalogue import access, catalog, public, storages
 from lifecycle.catalogue.db import session_scope
-from lifecycle.catalogue.inputs import StorageChange
+from lifecycle.catalogue.inputs import DatasetCreate, StorageChange
 from lifecycle.catalogue.models import StoragePublic
 from lifecycle.catalogue.public import DatasetPublic, StorageDetailPublic
+from lifecycle.errors import InvalidValueError
 
 router = APIRouter()
 
@@ -41,6 +42,25 @@ def list_datasets(who: Who) -> list[DatasetPublic]:
     """Your datasets (an admin: every one), by name."""
     with session_scope() as s:
         return access.datasets(session=s, owner=scope(who))
+
+
+@router.post("/datasets", response_model=DatasetPublic, status_code=201, tags=["datasets"])
+def create_dataset(who: Who, data: Annotated[DatasetCreate, Body()]) -> DatasetPublic:
+    """Save a named filter (`name`, `where`, optionally `description`), as `dlm datasets
+    create`; it is yours (an admin may give `owner`). 409 if the name is taken."""
+    if data.owner is not None and data.owner != who.owner and not who.admin:
+        raise InvalidValueError("invalid owner: only an admin token may create for another owner")
+    owned = data.model_copy(update={"owner": data.owner or who.owner})
+    with session_scope() as s:
+        return DatasetPublic.of(catalog.create_dataset(owned, session=s, actor=who.owner))
+
+
+@router.delete("/datasets/{name}", status_code=204, tags=["datasets"])
+def delete_dataset(name: str, who: Who) -> None:
+    """Delete one of your datasets (the filter only: its items stay), as `dlm datasets delete`."""
+    with session_scope() as s:
+        ds = access.visible_dataset(name, session=s, owner=scope(who))
+        catalog.delete_dataset(ds.name, session=s, actor=who.owner)
 
 
 @router.get("/datasets/{name}/items", response_model=ItemsPage, tags=["datasets"])

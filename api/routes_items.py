@@ -1,4 +1,5 @@
-"""/api/items: list (filter language, keyset pages), show, copies, events, upload and download."""
+"""/api/items: list (filter language, keyset pages), show, change, delete, copies, events, upload and
+download."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pydantic import BaseModel
 
 from api import paging
 from api.auth import Who, scope
-from lifecycle.catalogue import access, public, uploads
+from lifecycle.catalogue import access, catalog, public, uploads
 from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.inputs import ItemChange
 from lifecycle.catalogue.public import ItemDetailPublic, ItemPublic, ReplicaPublic
 from lifecycle.errors import InvalidValueError
 from lifecycle.states import StorageKind
@@ -89,6 +91,46 @@ def item_events(oid: str, who: Who, since: Annotated[int, Query(ge=0)] = 0, limi
     with session_scope() as s:
         rows = access.events_page(session=s, owner=scope(who), since=since, limit=limit, item=oid_of(oid))
     return EventsPage(events=rows, next_since=rows[-1].id if rows else since)
+
+
+@router.patch("/items/{oid}", response_model=ItemPublic)
+def change_item(oid: str, who: Who, change: Annotated[ItemChange, Body()]) -> ItemPublic:
+    """Change an item as `dlm items set-phase`, `set-expiry` and `set-meta` do: `phase`; one of
+    `lifetime` (from now, e.g. 90d), `expires_at` (an ISO time) or `never: true`; `metadata`
+    keys to set (a dotted key sets a nested one; the others stay). One event each, with your
+    token's owner as actor; 409 for an expired or deleted item."""
+    with session_scope() as s:
+        item = access.visible_item(oid_of(oid), session=s, owner=scope(who))
+        changed = catalog.change_item(str(item.oid), change, session=s, actor=who.owner)
+        return ItemPublic.of(changed)
+
+
+class ItemDeleted(BaseModel):
+    """What `DELETE /items/{oid}` did: the item (DELETED once no copy is left), the copies
+    deleted, and those that could not be (the next expire run deletes them)."""
+
+    item: ItemPublic
+    deleted: int
+    failed: int
+
+
+@router.delete("/items/{oid}", response_model=ItemDeleted)
+def delete_item(oid: str, who: Who) -> ItemDeleted:
+    """Delete an item now, as `dlm items delete --yes`: every copy goes, the item stays as a
+    DELETED tombstone; 409 if it is already deleted."""
+    from lifecycle.apply.records import delete_item_now
+    from lifecycle.planning.pipelines import policy_from
+
+    with session_scope() as s:
+        item_oid = access.visible_item(oid_of(oid), session=s, owner=scope(who)).oid
+    results = delete_item_now(item_oid, policy=policy_from(), actor=who.owner)
+    with session_scope() as s:
+        item = access.visible_item(item_oid, session=s, owner=scope(who))
+        return ItemDeleted(
+            item=ItemPublic.of(item),
+            deleted=sum(r.done for r in results),
+            failed=sum(r.failed for r in results),
+        )
 
 
 @router.post("/items", response_model=uploads.UploadStarted, status_code=201)

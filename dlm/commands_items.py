@@ -1,4 +1,4 @@
-"""`dlm items ...` (list, show, set-phase, set-expiry, delete) and `dlm url`. Parse, call, render:
+"""`dlm items ...` (list, show, set-phase, set-expiry, set-meta, delete) and `dlm url`. Parse, call, render:
 the rows come from lifecycle.catalogue.public, the rules from lifecycle.catalogue.inputs."""
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ import typer
 from dlm import render
 from dlm.common import JsonOpt, catalogue
 from lifecycle.catalogue import catalog, public
-from lifecycle.catalogue.inputs import ExpiryChange
-from lifecycle.errors import InvalidValueError
+from lifecycle.catalogue.inputs import ExpiryChange, MetadataUpdate
+from lifecycle.catalogue.metadata import scalar
+from lifecycle.errors import InvalidMetadataError, InvalidValueError
 from lifecycle.units import parse_duration
 
-items_app = typer.Typer(help="Items: list, show, set-phase, set-expiry, delete.", no_args_is_help=True)
+items_app = typer.Typer(
+    help="Items: list, show, set-phase, set-expiry, set-meta, delete.", no_args_is_help=True
+)
 
 
 @items_app.command("list")
@@ -128,6 +131,29 @@ def items_set_expiry(
         item = catalog.set_expiry(ref, change, actor=catalog.current_actor(), session=s)
         label, expires = f"{item.name} v{item.version}", item.expires_at
     render.out.print(f"{label}: expires {render.when(expires) if expires else 'never'}")
+
+
+@items_app.command("set-meta")
+def items_set_meta(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@vN or OID")],
+    pairs: Annotated[list[str], typer.Argument(help="KEY=VALUE (a dotted key sets a nested one)")],
+    json_: JsonOpt = False,
+) -> None:
+    """Set metadata keys of an item (the others stay), as --meta sets them at ingest."""
+    values: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidMetadataError(f"invalid KEY=VALUE {pair[:80]!r}: no '='")
+        values[key] = scalar(value)
+    update = MetadataUpdate.build(values=values)
+    with catalogue() as s:
+        item = catalog.set_metadata(ref, update, actor=catalog.current_actor(), session=s)
+        label, meta = f"{item.name} v{item.version}", dict(item.meta)
+    if json_:
+        render.print_json(meta)
+    else:
+        render.out.print(f"{label}: metadata {json.dumps(meta, ensure_ascii=False)}", markup=False)
 
 
 @items_app.command("delete")

@@ -17,7 +17,7 @@ from sqlalchemy import case, func, select
 from sqlmodel import Session, col
 
 from lifecycle.catalogue import audit
-from lifecycle.catalogue.inputs import DatasetCreate, ExpiryChange, PhaseChange
+from lifecycle.catalogue.inputs import DatasetCreate, ExpiryChange, ItemChange, MetadataUpdate, PhaseChange
 from lifecycle.catalogue.models import (
     Dataset,
     Event,
@@ -185,6 +185,50 @@ def set_expiry(
             "to": expires_at.isoformat() if expires_at else None,
         },
     )
+    return item
+
+
+def set_metadata(ref: str, update: MetadataUpdate, *, session: Session, actor: str = "user") -> Item:
+    """Set metadata keys on an item (MetadataUpdate: a dotted key sets a nested one; the keys
+    not given stay). The row is locked while it is read and written, so two updates of
+    different keys both land.
+
+    Raises ItemNotFoundError, PolicyViolationError (an expired or deleted item),
+    InvalidMetadataError (a key through a value that is not an object, metadata too large)."""
+    item = get_item(ref, session=session)
+    session.flush()  # a refresh would drop this transaction's pending changes to the row
+    session.refresh(item, with_for_update=True)
+    if item.state in (ItemState.EXPIRED, ItemState.DELETED):
+        raise PolicyViolationError(f"item {item.name} v{item.version} is {item.state}: its metadata is final")
+    item.meta = update.applied(dict(item.meta or {}))
+    item.updated_at = utcnow()
+    session.add(item)
+    audit.record(
+        session,
+        EventKind.ITEM_METADATA_CHANGED,
+        item_oid=item.oid,
+        actor=actor,
+        details={"set": update.values},
+    )
+    return item
+
+
+def change_item(ref: str, change: ItemChange, *, session: Session, actor: str = "user") -> Item:
+    """Apply an ItemChange (phase, expiry, metadata) in the caller's transaction: each part as
+    its own operation does it (set_phase, set_expiry, set_metadata), one event each; a refusal
+    of any part changes nothing once the caller rolls back.
+
+    Raises what those raise."""
+    item = get_item(ref, session=session)
+    ref = str(item.oid)
+    if change.phase is not None:
+        item = set_phase(ref, change.phase, session=session, actor=actor)
+    expiry = change.expiry
+    if expiry is not None:
+        item = set_expiry(ref, expiry, session=session, actor=actor)
+    update = change.metadata_update
+    if update is not None:
+        item = set_metadata(ref, update, session=session, actor=actor)
     return item
 
 

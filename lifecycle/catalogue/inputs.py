@@ -9,6 +9,8 @@ pydantic's multi-line ValidationError.
 An edge may name a field its own way in messages (the CLI says `--owner` where the field is
 `owner`): `Model.build(labels={"owner": "--owner"}, ...)`. `StorageCreate` lives with the
 storage tables in lifecycle.catalogue.models and follows the same rules.
+
+Long because every input model is here, so one module is the whole of what an edge may ask.
 """
 
 from __future__ import annotations
@@ -404,6 +406,15 @@ class MetadataUpdate(InputModel):
                     f"invalid metadata key {str(key)[:80]!r}: use letters, digits, _ and -, dots for "
                     f"nested keys (obs.band), at most {MAX_META_KEY_LENGTH} characters"
                 )
+        # {"a.b": 2, "a": 1} would drop a.b, whichever comes first
+        for inner in value:
+            parts = inner.split(".")
+            above = (".".join(parts[:i]) for i in range(1, len(parts)))
+            outer = next((key for key in above if key in value), None)
+            if outer is not None:
+                raise InvalidMetadataError(
+                    f"invalid metadata keys {outer[:80]!r} and {inner[:80]!r}: one would replace the other"
+                )
         return value
 
     def applied(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -413,6 +424,73 @@ class MetadataUpdate(InputModel):
         for key, value in self.values.items():
             set_meta_key(out, key, value)
         return validate_metadata(out)
+
+
+# --------------------------------------------------------------------------- item changes
+
+
+class ItemChange(InputModel):
+    """Changes to one item in one request (`PATCH /api/items/{oid}`): a new target phase
+    (PhaseChange), a new expiry (ExpiryChange: `lifetime` from now, `expires_at`, or `never`),
+    metadata keys to set (MetadataUpdate: dotted keys set nested ones, the others stay). Each
+    part is validated by the model the CLI's command for it uses; at least one is required."""
+
+    phase: Phase | None = None
+    lifetime: timedelta | None = None
+    expires_at: datetime | None = None
+    never: bool | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("phase", mode="before")
+    @classmethod
+    def _phase(cls, value: Any) -> Phase | None:
+        return None if value is None else PhaseChange(phase=value).phase
+
+    @field_validator("lifetime", mode="before")
+    @classmethod
+    def _lifetime(cls, value: Any) -> Any:
+        return lifetime_value(value)
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _expires_at(cls, value: Any) -> Any:
+        return timestamp_value(value)
+
+    @field_validator("never", mode="before")
+    @classmethod
+    def _never(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, bool):
+            what = field_label("never")
+            raise InvalidValueError(f"invalid {what} {str(value)[:40]!r}: must be true or false")
+        return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: Any) -> Any:
+        return None if value is None else MetadataUpdate(values=value).values
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        given = (self.phase, self.lifetime, self.expires_at, self.never or None, self.metadata)
+        if all(v is None for v in given):
+            fields = ("phase", "lifetime", "expires_at", "never", "metadata")
+            names = ", ".join(field_label(f) for f in fields)
+            raise InvalidValueError(f"nothing to change: give one of {names}")
+        _ = self.expiry  # exactly one of lifetime, expires_at, never (when any is given)
+        return self
+
+    @property
+    def expiry(self) -> ExpiryChange | None:
+        """The expiry to set, if one was given."""
+        if self.lifetime is None and self.expires_at is None and not self.never:
+            return None  # (never: false is no change)
+        labels = {f: field_label(f) for f in ("lifetime", "never")} | {"at": field_label("expires_at")}
+        with labelled(labels):
+            return ExpiryChange(lifetime=self.lifetime, at=self.expires_at, never=bool(self.never))
+
+    @property
+    def metadata_update(self) -> MetadataUpdate | None:
+        return None if self.metadata is None else MetadataUpdate(values=self.metadata)
 
 
 # --------------------------------------------------------------------------- datasets

@@ -412,6 +412,18 @@ CASES = [
         "give exactly one of --lifetime, --at or --never",
         code=2,
     ),
+    # ------------------------------------------------------------------ set-meta
+    Case(
+        "set-meta-overlap", ("items", "set-meta", "run/f0.dat", "a=1", "a.b=2"), "replace the other", code=2
+    ),
+    Case("set-meta-no-equals", ("items", "set-meta", "run/f0.dat", "novalue"), "no '='", code=2),
+    Case(
+        "set-meta-through-value", ("items", "set-meta", "run/f0.dat", "kind.sub=1"), "holds a value", code=2
+    ),
+    Case("set-meta-bad-key", ("items", "set-meta", "run/f0.dat", "a b=1"), "invalid metadata key", code=2),
+    Case("set-meta-infinite", ("items", "set-meta", "run/f0.dat", "n=1.0e999"), "finite", code=2),
+    Case("set-meta-deleted", ("items", "set-meta", "gone.dat", "k=1"), "DELETED"),
+    Case("set-meta-nothing", ("items", "set-meta", "run/f0.dat"), "Missing argument"),
     # ------------------------------------------------------------------ storage set
     Case("set-nothing", ("storage", "set", "disk-a"), "nothing to change: give --capacity", code=2),
     Case("set-unknown", ("storage", "set", "nope", "--tier", "cold"), "unknown storage 'nope'", code=2),
