@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body
 
 from api.auth import Admin, Who, scope
-from api.routes_items import Cursor, EventsPage, ItemsPage, Limit, items_page
+from api.routes_items import Cursor, EventsPage, ItemsPage, Limit, Since, items_page
 from lifecycle.catalogue import access, catalog, public, storages
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.inputs import DatasetCreate, StorageChange
@@ -72,7 +72,7 @@ def dataset_items(name: str, who: Who, limit: Limit = 100, cursor: Cursor = None
 
 
 @router.get("/events", response_model=EventsPage, tags=["events"])
-def list_events(who: Who, since: Annotated[int, Query(ge=0)] = 0, limit: Limit = 100) -> EventsPage:
+def list_events(who: Who, since: Since = 0, limit: Limit = 100) -> EventsPage:
     """Audit events after event id `since`, oldest first (an owner: its items' events); poll
     with the next_since of the previous answer."""
     with session_scope() as s:
