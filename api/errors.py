@@ -8,6 +8,7 @@ TransientError 503. Anything else is a generic 500 whose details go to the serve
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -76,8 +77,54 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal error (logged on the server)")
 
 
+# Every error answer, documented on every operation of the published schema (/api/openapi.json)
+# with its one body shape; FastAPI's own 422 body ({"detail": [...]}) is never sent.
+DOCUMENTED: dict[str, str] = {
+    "400": "Bad input: a value the input models refuse (nothing changed)",
+    "401": "No valid bearer token",
+    "403": "An admin route without an admin token",
+    "404": "Not found, or not yours",
+    "409": "A conflict: the item's or storage's state forbids it",
+    "422": "A request that is not the right shape",
+    "502": "A storage refused",
+    "503": "A storage, the catalogue or the Prefect server is briefly unreachable",
+}
+_ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "properties": {"error": {"type": "string", "title": "Error", "description": "one line"}},
+    "required": ["error"],
+    "additionalProperties": False,
+}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Publish the error answers (DOCUMENTED, body `Error`) on every operation of the schema."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components["Error"] = _ERROR_SCHEMA
+        body = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                for code, description in DOCUMENTED.items():
+                    responses[code] = {"description": description, "content": body}
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(DLMError, _dlm_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(Exception, _internal)
+    _document_errors(app)

@@ -1,18 +1,20 @@
-"""/api/items: list (filter language, keyset pages), show, copies, events, upload and download."""
+"""/api/items: list (filter language, keyset pages), show, change, delete, copies, events, upload and
+download."""
 
 from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from api import paging
 from api.auth import Who, scope
-from lifecycle.catalogue import access, public, uploads
+from lifecycle.catalogue import access, catalog, public, uploads
 from lifecycle.catalogue.db import session_scope
+from lifecycle.catalogue.inputs import ItemChange
 from lifecycle.catalogue.public import ItemDetailPublic, ItemPublic, ReplicaPublic
 from lifecycle.errors import InvalidValueError
 from lifecycle.states import StorageKind
@@ -28,6 +30,10 @@ Where = Annotated[
 ]
 Limit = Annotated[int, Query(ge=1, le=access.MAX_PAGE, description="items per page")]
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page", max_length=4200)]
+Oid = Annotated[str, Path(description="the item's oid, a UUID", json_schema_extra={"format": "uuid"})]
+Since = Annotated[
+    int, Query(ge=0, le=2**63 - 1, description="an event id: the events after it (next_since of a page)")
+]
 
 
 class ItemsPage(BaseModel):
@@ -69,7 +75,7 @@ def list_items(who: Who, where: Where = None, limit: Limit = 100, cursor: Cursor
 
 
 @router.get("/items/{oid}", response_model=ItemDetailPublic)
-def show_item(oid: str, who: Who) -> ItemDetailPublic:
+def show_item(oid: Oid, who: Who) -> ItemDetailPublic:
     """An item with its copies and its latest events."""
     with session_scope() as s:
         item = access.visible_item(oid_of(oid), session=s, owner=scope(who))
@@ -77,18 +83,58 @@ def show_item(oid: str, who: Who) -> ItemDetailPublic:
 
 
 @router.get("/items/{oid}/replicas", response_model=list[ReplicaPublic])
-def item_replicas(oid: str, who: Who) -> list[ReplicaPublic]:
+def item_replicas(oid: Oid, who: Who) -> list[ReplicaPublic]:
     """An item's copies, oldest first."""
     with session_scope() as s:
         return access.item_replicas(oid_of(oid), session=s, owner=scope(who))
 
 
 @router.get("/items/{oid}/events", response_model=EventsPage)
-def item_events(oid: str, who: Who, since: Annotated[int, Query(ge=0)] = 0, limit: Limit = 100) -> EventsPage:
+def item_events(oid: Oid, who: Who, since: Since = 0, limit: Limit = 100) -> EventsPage:
     """An item's audit events after event id `since`, oldest first."""
     with session_scope() as s:
         rows = access.events_page(session=s, owner=scope(who), since=since, limit=limit, item=oid_of(oid))
     return EventsPage(events=rows, next_since=rows[-1].id if rows else since)
+
+
+@router.patch("/items/{oid}", response_model=ItemPublic)
+def change_item(oid: Oid, who: Who, change: Annotated[ItemChange, Body()]) -> ItemPublic:
+    """Change an item as `dlm items set-phase`, `set-expiry` and `set-meta` do: `phase`; one of
+    `lifetime` (from now, e.g. 90d), `expires_at` (an ISO time) or `never: true`; `metadata`
+    keys to set (a dotted key sets a nested one; the others stay). One event each, with your
+    token's owner as actor; 409 for an expired or deleted item."""
+    with session_scope() as s:
+        item = access.visible_item(oid_of(oid), session=s, owner=scope(who))
+        changed = catalog.change_item(str(item.oid), change, session=s, actor=who.owner)
+        return ItemPublic.of(changed)
+
+
+class ItemDeleted(BaseModel):
+    """What `DELETE /items/{oid}` did: the item (DELETED once no copy is left), the copies
+    deleted, and those that could not be (the next expire run deletes them)."""
+
+    item: ItemPublic
+    deleted: int
+    failed: int
+
+
+@router.delete("/items/{oid}", response_model=ItemDeleted)
+def delete_item(oid: Oid, who: Who) -> ItemDeleted:
+    """Delete an item now, as `dlm items delete --yes`: every copy goes, the item stays as a
+    DELETED tombstone; 409 if it is already deleted."""
+    from lifecycle.apply.records import delete_item_now
+    from lifecycle.planning.pipelines import policy_from
+
+    with session_scope() as s:
+        item_oid = access.visible_item(oid_of(oid), session=s, owner=scope(who)).oid
+    results = delete_item_now(item_oid, policy=policy_from(), actor=who.owner)
+    with session_scope() as s:
+        item = access.visible_item(item_oid, session=s, owner=scope(who))
+        return ItemDeleted(
+            item=ItemPublic.of(item),
+            deleted=sum(r.done for r in results),
+            failed=sum(r.failed for r in results),
+        )
 
 
 @router.post("/items", response_model=uploads.UploadStarted, status_code=201)
@@ -107,7 +153,7 @@ def create_upload(who: Who, body: Annotated[dict[str, Any], Body()]) -> uploads.
 
 
 @router.post("/items/{oid}/ready", response_model=ItemPublic)
-def finish_upload(oid: str, who: Who) -> ItemPublic:
+def finish_upload(oid: Oid, who: Who) -> ItemPublic:
     """Check the uploaded bytes (size and MD5) and make the item READY; 409 if they differ."""
     with session_scope() as s:
         item = uploads.finish_upload(oid_of(oid), session=s, owner=scope(who), actor=who.owner)
@@ -127,7 +173,7 @@ def _announce_ready(oids: list[str]) -> None:
 
 @router.get("/items/{oid}/download-url", response_model=DownloadLink)
 def download_url(
-    oid: str,
+    oid: Oid,
     who: Who,
     request: Request,
     expires: Annotated[str, Query(description="how long a presigned URL is valid, e.g. 1h")] = "1h",
@@ -150,8 +196,20 @@ def download_url(
         return DownloadLink(url=url, presigned=False, storage=storage.name, expires_in=None)
 
 
-@router.get("/items/{oid}/content", name="item_content")
-def item_content(oid: str, who: Who) -> StreamingResponse:
+class OctetStream(StreamingResponse):
+    media_type = "application/octet-stream"
+
+
+BINARY = {"type": "string", "format": "binary"}
+
+
+@router.get(
+    "/items/{oid}/content",
+    name="item_content",
+    response_class=OctetStream,
+    responses={200: {"content": {OctetStream.media_type: {"schema": BINARY}}}},
+)
+def item_content(oid: Oid, who: Who) -> OctetStream:
     """The item's bytes, streamed from its best intact copy."""
     with session_scope() as s:
         item = access.visible_item(oid_of(oid), session=s, owner=scope(who))
@@ -166,9 +224,8 @@ def item_content(oid: str, who: Who) -> StreamingResponse:
         finally:
             stream.close()
 
-    return StreamingResponse(
+    return OctetStream(
         chunks(),
-        media_type="application/octet-stream",
         headers={
             "Content-Length": str(size),
             "Content-Disposition": f"attachment; filename*=UTF-8''{_quote(name)}",

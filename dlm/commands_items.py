@@ -1,4 +1,4 @@
-"""`dlm items ...` (list, show, set-phase, set-expiry, delete) and `dlm url`. Parse, call, render:
+"""`dlm items ...` (list, show, set-phase, set-expiry, set-meta, delete) and `dlm url`. Parse, call, render:
 the rows come from lifecycle.catalogue.public, the rules from lifecycle.catalogue.inputs."""
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ import typer
 from dlm import render
 from dlm.common import JsonOpt, catalogue
 from lifecycle.catalogue import catalog, public
-from lifecycle.catalogue.inputs import ExpiryChange
-from lifecycle.errors import InvalidValueError
+from lifecycle.catalogue.inputs import ExpiryChange, MetadataUpdate
+from lifecycle.catalogue.metadata import scalar
+from lifecycle.errors import InvalidMetadataError, InvalidValueError
 from lifecycle.units import parse_duration
 
-items_app = typer.Typer(help="Items: list, show, set-phase, set-expiry, delete.", no_args_is_help=True)
+items_app = typer.Typer(
+    help="Items: list, show, set-phase, set-expiry, set-meta, delete.", no_args_is_help=True
+)
 
 
 @items_app.command("list")
@@ -97,19 +100,60 @@ def items_set_phase(ref: str, phase: str) -> None:
 
 @items_app.command("set-expiry")
 def items_set_expiry(
-    ref: str,
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@vN or OID")],
     lifetime: Annotated[str | None, typer.Option(help="from now, e.g. 30d")] = None,
     at: Annotated[str | None, typer.Option(help="an ISO date or time")] = None,
     never: Annotated[bool, typer.Option(help="clear the expiry")] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option("--storage", "-s", help="the expiry of the item's copy on this storage only"),
+    ] = None,
 ) -> None:
-    """Set when an item expires (--lifetime 30d, --at 2027-01-01, or --never)."""
+    """Set when an item expires (--lifetime 30d, --at 2027-01-01, or --never); with --storage,
+    when its copy there expires (`dlm run expire` deletes it then, never the last intact copy)."""
     change = ExpiryChange.build(
         {"lifetime": "--lifetime", "at": "--at", "never": "--never"}, lifetime=lifetime, at=at, never=never
     )
+    if storage is not None:
+        with catalogue() as s:
+            done = catalog.set_replica_expiry(ref, storage, change, actor=catalog.current_actor(), session=s)
+            label, expires = f"{done.item.name} v{done.item.version}", done.replica.expires_at
+            kept, intact, needed = done.kept_by_policy, done.intact, done.needed
+        when = render.when(expires) if expires else "never"
+        render.out.print(f"{label}: its copy on {storage} expires {when}")
+        if expires is not None and kept:
+            render.err.print(
+                f"note: the item has {intact} intact {'copy' if intact == 1 else 'copies'} and needs "
+                f"{needed}: expire keeps this one (policy.refused) until there are more"
+            )
+        return
     with catalogue() as s:
         item = catalog.set_expiry(ref, change, actor=catalog.current_actor(), session=s)
         label, expires = f"{item.name} v{item.version}", item.expires_at
     render.out.print(f"{label}: expires {render.when(expires) if expires else 'never'}")
+
+
+@items_app.command("set-meta")
+def items_set_meta(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@vN or OID")],
+    pairs: Annotated[list[str], typer.Argument(help="KEY=VALUE (a dotted key sets a nested one)")],
+    json_: JsonOpt = False,
+) -> None:
+    """Set metadata keys of an item (the others stay), as --meta sets them at ingest."""
+    values: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidMetadataError(f"invalid KEY=VALUE {pair[:80]!r}: no '='")
+        values[key] = scalar(value)
+    update = MetadataUpdate.build(values=values)
+    with catalogue() as s:
+        item = catalog.set_metadata(ref, update, actor=catalog.current_actor(), session=s)
+        label, meta = f"{item.name} v{item.version}", dict(item.meta)
+    if json_:
+        render.print_json(meta)
+    else:
+        render.out.print(f"{label}: metadata {json.dumps(meta, ensure_ascii=False)}", markup=False)
 
 
 @items_app.command("delete")

@@ -1,4 +1,4 @@
-"""`dlm storage ...`: add, list, show, drain, retire, offline, online. Parse, call, render."""
+"""`dlm storage ...`: add, list, show, set, drain, retire, offline, online. Parse, call, render."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import typer
 from dlm import render
 from dlm.common import JsonOpt, catalogue
 from lifecycle.catalogue import catalog, public, storages
+from lifecycle.catalogue.inputs import StorageChange
 from lifecycle.catalogue.models import StorageCreate
 from lifecycle.states import StorageState
 
-storage_app = typer.Typer(help="Storage volumes: add, list, show, drain, retire.", no_args_is_help=True)
+storage_app = typer.Typer(help="Storage volumes: add, list, show, set, drain, retire.", no_args_is_help=True)
 
 
 @storage_app.command("add")
@@ -108,6 +109,49 @@ def storage_show(name: str, json_: JsonOpt = False) -> None:
         ("copies", ", ".join(f"{k}: {v}" for k, v in sorted(pub.replicas.items())) or "none"),
     ]
     render.table(f"Storage {pub.name}", ["field", "value"], rows)
+
+
+# how `dlm storage set` names StorageChange's fields in its messages
+SET_LABELS = {
+    "capacity_bytes": "--capacity",
+    "tier": "--tier",
+    "online": "--online/--offline",
+    "offline": "--offline",
+    "draining": "--draining/--no-draining",
+    "draining_on": "--draining",
+    "state": "--online/--offline",
+    "changes": "--capacity, --tier, --online/--offline or --draining/--no-draining",
+}
+
+
+@storage_app.command("set")
+def storage_set(
+    name: str,
+    capacity: Annotated[
+        str | None, typer.Option(help="the most DLM may place there, e.g. 10TiB; none: no limit")
+    ] = None,
+    tier: Annotated[str | None, typer.Option(help="hot, warm, cold or archive")] = None,
+    online: Annotated[
+        bool | None, typer.Option("--online/--offline", help="bring online, or take offline")
+    ] = None,
+    draining: Annotated[
+        bool | None,
+        typer.Option("--draining/--no-draining", help="drain (rebalance moves copies off), or stop"),
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Change a storage's capacity, tier or state (what PATCH /api/storages/NAME changes)."""
+    given = {"capacity_bytes": capacity, "tier": tier, "online": online, "draining": draining}
+    change = StorageChange.build(SET_LABELS, **{k: v for k, v in given.items() if v is not None})
+    with catalogue() as s:
+        storages.change_storage(name, change, actor=catalog.current_actor(), session=s)
+    with catalogue() as s:
+        pub = public.storage_detail(name, session=s)
+    if json_:
+        render.print_json(pub)
+        return
+    capacity = render.size(pub.capacity_bytes) if pub.capacity_bytes else "none"
+    render.out.print(f"storage {pub.name}: {pub.state}, tier {pub.tier}, capacity {capacity}")
 
 
 def _storage_state_command(state: StorageState, doc: str) -> Any:

@@ -104,6 +104,14 @@ def _pipeline_report(report: PipelineReport) -> None:
         f"copied {report.copied} ({size(report.bytes_moved)}), deleted {report.deleted}, "
         f"failed {report.failed}; items below target now: {report.below_target_after}"
     )
+    up = report.uploads
+    if up is not None and (up.aborted or up.finished or up.left):
+        out.print(
+            f"unfinished uploads: {up.aborted} aborted ({up.removed} partial objects removed), "
+            f"{up.finished} finished (their bytes were complete), {up.left} left for a later run"
+            + (f": {'; '.join(up.errors.values())}" if up.errors else ""),
+            markup=False,
+        )
 
 
 _ROW_FIELDS = ("batches", "repairs", "unknown_objects", "temporary_objects")

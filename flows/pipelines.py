@@ -38,7 +38,14 @@ from lifecycle.reports import PartitionedReport, PipelineReport, PlanSummary, Se
 from lifecycle.runs import PIPELINES, Pipeline
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
-from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue, settle_in_flight
+from tasks.batches import (
+    copy_batch,
+    delete_batch,
+    plan_pipeline,
+    settle_abandoned_uploads,
+    settle_catalogue,
+    settle_in_flight,
+)
 
 
 def run_actor() -> str:
@@ -203,6 +210,10 @@ def _plan_and_apply(
     clock = _Stopwatch()
     recovered = settle_in_flight(actor) if not dry_run else None
     clock.lap("recover")
+    uploads = None
+    if pipeline is Pipeline.EXPIRE and not dry_run and part is None:
+        uploads = settle_abandoned_uploads(actor)
+        clock.lap("uploads")
     plan: Plan = plan_pipeline(pipeline, items, part)
     clock.lap("plan")
     names = storage_names()
@@ -264,6 +275,7 @@ def _plan_and_apply(
         batches=[r.row() for r in results],
         actions=plan_rows(plan, names),
         recovered=recovered,
+        uploads=uploads,
         stages=clock.laps,
         settled=Settled(
             expired=before.expired,

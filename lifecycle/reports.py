@@ -165,6 +165,17 @@ class Recovered(ReportModel):
     errors: dict[str, str] = Field(default_factory=dict)
 
 
+class AbandonedUploads(ReportModel):
+    """Uploads nobody finished within DLM_UPLOAD__TIMEOUT, settled by an expire run
+    (lifecycle.integrity.abandoned)."""
+
+    aborted: int = 0  # nothing, or other bytes, uploaded: the item is a DELETED tombstone
+    finished: int = 0  # the declared bytes were there: READY
+    removed: int = 0  # objects that were not the declared bytes, deleted
+    left: int = 0  # left for a later run (a storage offline or unreadable)
+    errors: dict[str, str] = Field(default_factory=dict)
+
+
 class Settled(ReportModel):
     """The catalogue-only actions a run applied: before its deletions, then after them."""
 
@@ -197,6 +208,7 @@ class PipelineReport(ReportModel):
     batches: list[BatchRow] = Field(default_factory=list)
     actions: list[ActionRow] = Field(default_factory=list)  # the first 200 of each kind
     recovered: Recovered | None = None  # what crash recovery settled first; None in a dry run
+    uploads: AbandonedUploads | None = None  # expire: unfinished uploads settled; None otherwise
     stages: dict[str, float] = Field(default_factory=dict)  # seconds per stage of the run
     # None in a dry run:
     settled: Settled | None = None

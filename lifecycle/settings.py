@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from lifecycle.errors import InvalidNameError, InvalidValueError
 from lifecycle.names import validate_owner
+from lifecycle.units import parse_duration
 
 
 class PolicySettings(BaseModel):
@@ -69,6 +71,34 @@ class VerifySettings(BaseModel):
     budget_bytes: int = 100 * 1024**3  # bytes re-read per verify run
 
 
+class UploadSettings(BaseModel):
+    """Uploads through the API (lifecycle.catalogue.uploads): an item whose upload was not
+    finished (`POST /items/{oid}/ready`) this long after it was registered is settled by the
+    next expire run (lifecycle.integrity.abandoned). DLM_UPLOAD__TIMEOUT: `24h`, `3d`, or
+    seconds; at least an hour, the longest an upload URL is valid."""
+
+    timeout: timedelta = timedelta(hours=24)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if value.strip().isdigit():
+            return int(value.strip())  # seconds
+        try:
+            return parse_duration(value.strip())
+        except InvalidValueError as exc:
+            raise ValueError(str(exc).replace("lifetime", "timeout")) from None
+
+    @field_validator("timeout")
+    @classmethod
+    def _at_least_an_hour(cls, value: timedelta) -> timedelta:
+        if value < timedelta(hours=1):
+            raise ValueError("must be at least 1h (an upload URL is valid up to an hour)")
+        return value
+
+
 class ScheduleSettings(BaseModel):
     """The cron (UTC) of each pipeline's served deployment (lifecycle.runs.PipelineSpec.schedule)."""
 
@@ -94,6 +124,7 @@ class Settings(BaseSettings):
     rebalance: RebalanceSettings = Field(default_factory=RebalanceSettings)
     schedules: ScheduleSettings = Field(default_factory=ScheduleSettings)
     verify: VerifySettings = Field(default_factory=VerifySettings)
+    upload: UploadSettings = Field(default_factory=UploadSettings)
 
     @field_validator("owner")
     @classmethod

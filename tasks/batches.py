@@ -15,11 +15,12 @@ from lifecycle.apply.delete import apply_delete_batch
 from lifecycle.apply.records import SettleStage, settle_plan
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.db import session_scope
+from lifecycle.integrity.abandoned import settle_abandoned_uploads as settle_uploads
 from lifecycle.integrity.recovery import settle_in_flight as settle
 from lifecycle.planning.partition import partition_plan
 from lifecycle.planning.pipelines import make_plan, policy_from
 from lifecycle.planning.plan import CopyBatch, DeleteBatch, Plan
-from lifecycle.reports import Recovered, Settled
+from lifecycle.reports import AbandonedUploads, Recovered, Settled
 from lifecycle.runs import Pipeline
 from lifecycle.settings import get_settings
 from lifecycle.states import TransferKind
@@ -33,6 +34,14 @@ def settle_in_flight(actor: str) -> Recovered:
     with session_scope() as s:
         rep = settle(s, stale_after=timedelta(seconds=get_settings().transfer.stale_after_s), actor=actor)
     return Recovered.model_validate(vars(rep))
+
+
+@dlm_task("settle-abandoned-uploads", retry_delay_seconds=2)
+def settle_abandoned_uploads(actor: str) -> AbandonedUploads:
+    """Finish or abort the API uploads nobody finished within DLM_UPLOAD__TIMEOUT (expire)."""
+    with session_scope() as s:
+        rep = settle_uploads(s, timeout=get_settings().upload.timeout, actor=actor)
+    return AbandonedUploads.model_validate(vars(rep))
 
 
 @dlm_task("plan", task_run_name="plan-{pipeline}", retry_delay_seconds=2)

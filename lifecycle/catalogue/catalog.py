@@ -17,7 +17,7 @@ from sqlalchemy import case, func, select
 from sqlmodel import Session, col
 
 from lifecycle.catalogue import audit
-from lifecycle.catalogue.inputs import DatasetCreate, ExpiryChange, PhaseChange
+from lifecycle.catalogue.inputs import DatasetCreate, ExpiryChange, ItemChange, MetadataUpdate, PhaseChange
 from lifecycle.catalogue.models import (
     Dataset,
     Event,
@@ -29,10 +29,12 @@ from lifecycle.catalogue.models import (
     utcnow,
 )
 from lifecycle.catalogue.query_sql import compile_filter
+from lifecycle.catalogue.storages import get_storage
 from lifecycle.errors import (
     ConflictError,
     DatasetNotFoundError,
     ItemNotFoundError,
+    NotFoundError,
     PolicyViolationError,
 )
 from lifecycle.settings import get_settings
@@ -185,6 +187,130 @@ def set_expiry(
         },
     )
     return item
+
+
+def set_metadata(ref: str, update: MetadataUpdate, *, session: Session, actor: str = "user") -> Item:
+    """Set metadata keys on an item (MetadataUpdate: a dotted key sets a nested one; the keys
+    not given stay). The row is locked while it is read and written, so two updates of
+    different keys both land.
+
+    Raises ItemNotFoundError, PolicyViolationError (an expired or deleted item),
+    InvalidMetadataError (a key through a value that is not an object, metadata too large)."""
+    item = get_item(ref, session=session)
+    session.flush()  # a refresh would drop this transaction's pending changes to the row
+    session.refresh(item, with_for_update=True)
+    if item.state in (ItemState.EXPIRED, ItemState.DELETED):
+        raise PolicyViolationError(f"item {item.name} v{item.version} is {item.state}: its metadata is final")
+    item.meta = update.applied(dict(item.meta or {}))
+    item.updated_at = utcnow()
+    session.add(item)
+    audit.record(
+        session,
+        EventKind.ITEM_METADATA_CHANGED,
+        item_oid=item.oid,
+        actor=actor,
+        details={"set": update.values},
+    )
+    return item
+
+
+def change_item(ref: str, change: ItemChange, *, session: Session, actor: str = "user") -> Item:
+    """Apply an ItemChange (phase, expiry, metadata) in the caller's transaction: each part as
+    its own operation does it (set_phase, set_expiry, set_metadata), one event each; a refusal
+    of any part changes nothing once the caller rolls back.
+
+    Raises what those raise."""
+    item = get_item(ref, session=session)
+    ref = str(item.oid)
+    if change.phase is not None:
+        item = set_phase(ref, change.phase, session=session, actor=actor)
+    expiry = change.expiry
+    if expiry is not None:
+        item = set_expiry(ref, expiry, session=session, actor=actor)
+    update = change.metadata_update
+    if update is not None:
+        item = set_metadata(ref, update, session=session, actor=actor)
+    return item
+
+
+@dataclass
+class CopyExpiry:
+    """A copy whose expiry was set: the item, the copy, its storage's name, how many intact
+    copies the item has and how many its phase needs (at least 1): the expire pipeline keeps an
+    intact copy whose deletion would leave fewer."""
+
+    item: Item
+    replica: Replica
+    storage: str
+    intact: int
+    needed: int
+
+    @property
+    def kept_by_policy(self) -> bool:
+        """Whether expire would keep this copy now (it is intact and the item needs it)."""
+        return self.replica.state == ReplicaState.READY and self.intact - 1 < self.needed
+
+
+def set_replica_expiry(
+    ref: str, storage: str, change: ExpiryChange, *, session: Session, actor: str = "user"
+) -> CopyExpiry:
+    """Set or clear when one copy of an item expires (the copy on `storage`); the expire
+    pipeline then deletes it if the item keeps its target phase and another intact copy
+    without it, else records a `policy.refused` event and keeps it.
+
+    Raises ItemNotFoundError, StorageNotFoundError, NotFoundError (no live copy there),
+    PolicyViolationError (an expired or deleted item), ConflictError (the copy is being deleted)."""
+    expires_at = change.expires_at(utcnow())
+    item = get_item(ref, session=session)
+    if item.state in (ItemState.EXPIRED, ItemState.DELETED):
+        raise PolicyViolationError(f"item {item.name} v{item.version} is already {item.state}")
+    st = get_storage(storage, session=session)
+    replica = session.scalars(
+        select(Replica)
+        .where(
+            col(Replica.item_oid) == item.oid,
+            col(Replica.storage_id) == st.id,
+            col(Replica.state).notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]),
+        )
+        .with_for_update()
+    ).first()
+    label = f"{item.name} v{item.version}"
+    if replica is None:
+        raise NotFoundError(f"{label} has no copy on storage {st.name!r}")
+    if replica.state == ReplicaState.DELETING:
+        raise ConflictError(f"the copy of {label} on storage {st.name!r} is being deleted")
+    old = replica.expires_at
+    replica.expires_at = expires_at
+    replica.updated_at = utcnow()
+    session.add(replica)
+    audit.record(
+        session,
+        EventKind.REPLICA_EXPIRY_CHANGED,
+        item_oid=item.oid,
+        replica_uid=replica.uid,
+        storage_id=st.id,
+        actor=actor,
+        details={
+            "storage": st.name,
+            "path": replica.path,
+            "from": old.isoformat() if old else None,
+            "to": expires_at.isoformat() if expires_at else None,
+        },
+    )
+    intact = session.execute(
+        select(func.count())
+        .select_from(Replica)
+        .join(Storage, col(Storage.id) == col(Replica.storage_id))
+        .where(
+            col(Replica.item_oid) == item.oid,
+            col(Replica.state) == ReplicaState.READY.value,
+            col(Storage.state).in_([StorageState.ONLINE.value, StorageState.DRAINING.value]),
+        )
+    ).one()[0]
+    p = get_settings().policy
+    copies = {Phase.PLASMA: p.copies_plasma, Phase.GAS: p.copies_gas, Phase.LIQUID: p.copies_liquid}
+    needed = max(1, copies.get(Phase(item.target_phase), p.copies_solid))
+    return CopyExpiry(item, replica, st.name, int(intact), needed)
 
 
 # --------------------------------------------------------------------------- datasets

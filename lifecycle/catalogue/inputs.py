@@ -9,6 +9,8 @@ pydantic's multi-line ValidationError.
 An edge may name a field its own way in messages (the CLI says `--owner` where the field is
 `owner`): `Model.build(labels={"owner": "--owner"}, ...)`. `StorageCreate` lives with the
 storage tables in lifecycle.catalogue.models and follows the same rules.
+
+Long because every input model is here, so one module is the whole of what an edge may ask.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from lifecycle.catalogue.metadata import (
     MAX_META_KEY_LENGTH,
@@ -34,8 +43,8 @@ from lifecycle.catalogue.query_parse import parse
 from lifecycle.checksum import ALGORITHMS
 from lifecycle.errors import InvalidMetadataError, InvalidValueError
 from lifecycle.names import validate_name, validate_owner, validate_slug
-from lifecycle.states import Phase
-from lifecycle.units import MAX_BYTES, MAX_LIFETIME, parse_duration, parse_timestamp
+from lifecycle.states import Phase, StorageState, Tier
+from lifecycle.units import MAX_BYTES, MAX_LIFETIME, parse_duration, parse_size, parse_timestamp
 
 E = TypeVar("E", bound=Enum)
 DEFAULT_ALGO = "md5"  # a listed checksum without its algorithm
@@ -284,6 +293,98 @@ class ExpiryChange(InputModel):
         return self.at if self.lifetime is None else now + self.lifetime
 
 
+# --------------------------------------------------------------------------- storages
+
+
+class StorageChange(InputModel):
+    """What may change on a registered storage, as `dlm storage set` and `PATCH
+    /api/storages/{name}` give it: its state (directly, or as the `online` and `draining`
+    switches), its tier and its capacity (bytes or text such as `10GiB`; `none` or null clears
+    it). Only the fields given change; giving none is refused. Refuses a bad value with
+    InvalidValueError, one line, naming the field as the edge does (`--tier`)."""
+
+    state: StorageState | None = None
+    online: bool | None = None
+    draining: bool | None = None
+    tier: Tier | None = None
+    capacity_bytes: int | None = None
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _state(cls, value: Any) -> StorageState | None:
+        return None if value is None else parse_choice(value, StorageState, "storage state")
+
+    @field_validator("tier", mode="before")
+    @classmethod
+    def _tier(cls, value: Any) -> Tier | None:
+        return None if value is None else parse_choice(value, Tier, "tier")
+
+    @field_validator("online", "draining", mode="before")
+    @classmethod
+    def _switch(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not isinstance(value, bool):
+            what = field_label(info.field_name or "value")
+            raise InvalidValueError(f"invalid {what} {str(value)[:40]!r}: must be true or false")
+        return value
+
+    @field_validator("capacity_bytes", mode="before")
+    @classmethod
+    def _capacity_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return None if value.strip().lower() in ("none", "unlimited") else parse_size(value)
+        if value is not None and type(value) is not int:
+            raise InvalidValueError(
+                f"invalid {field_label('capacity_bytes')} {str(value)[:40]!r}: a size such as 10GiB"
+            )
+        return value
+
+    @field_validator("capacity_bytes")
+    @classmethod
+    def _capacity(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value <= MAX_BYTES:
+            raise InvalidValueError(
+                f"invalid {field_label('capacity_bytes')} {value}: must be positive (none clears it)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        label = field_label
+        if not self.model_fields_set:
+            every = (_LABELS.get() or {}).get("changes", "state, online, draining, tier or capacity_bytes")
+            raise InvalidValueError(f"nothing to change: give {every}")
+        if self.state is not None and (self.online is not None or self.draining is not None):
+            raise InvalidValueError(
+                f"give {label('state')} or {label('online')}/{label('draining')}, not both"
+            )
+        if self.online is False and self.draining is True:
+            labels = _LABELS.get() or {}
+            draining, offline = labels.get("draining_on", "draining"), labels.get("offline", "online=false")
+            raise InvalidValueError(
+                f"{draining} and {offline} contradict: a draining storage is still read from "
+                "while its copies move elsewhere"
+            )
+        return self
+
+    @property
+    def clears_capacity(self) -> bool:
+        return "capacity_bytes" in self.model_fields_set and self.capacity_bytes is None
+
+    def target_state(self, current: StorageState) -> StorageState | None:
+        """The state to set (None: leave the state as it is)."""
+        if self.state is not None:
+            return self.state
+        if self.draining:
+            return StorageState.DRAINING
+        if self.online is True:
+            return StorageState.ONLINE
+        if self.online is False:
+            return StorageState.OFFLINE
+        if self.draining is False and current == StorageState.DRAINING:
+            return StorageState.ONLINE
+        return None
+
+
 # --------------------------------------------------------------------------- metadata
 
 
@@ -305,6 +406,15 @@ class MetadataUpdate(InputModel):
                     f"invalid metadata key {str(key)[:80]!r}: use letters, digits, _ and -, dots for "
                     f"nested keys (obs.band), at most {MAX_META_KEY_LENGTH} characters"
                 )
+        # {"a.b": 2, "a": 1} would drop a.b, whichever comes first
+        for inner in value:
+            parts = inner.split(".")
+            above = (".".join(parts[:i]) for i in range(1, len(parts)))
+            outer = next((key for key in above if key in value), None)
+            if outer is not None:
+                raise InvalidMetadataError(
+                    f"invalid metadata keys {outer[:80]!r} and {inner[:80]!r}: one would replace the other"
+                )
         return value
 
     def applied(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -314,6 +424,73 @@ class MetadataUpdate(InputModel):
         for key, value in self.values.items():
             set_meta_key(out, key, value)
         return validate_metadata(out)
+
+
+# --------------------------------------------------------------------------- item changes
+
+
+class ItemChange(InputModel):
+    """Changes to one item in one request (`PATCH /api/items/{oid}`): a new target phase
+    (PhaseChange), a new expiry (ExpiryChange: `lifetime` from now, `expires_at`, or `never`),
+    metadata keys to set (MetadataUpdate: dotted keys set nested ones, the others stay). Each
+    part is validated by the model the CLI's command for it uses; at least one is required."""
+
+    phase: Phase | None = None
+    lifetime: timedelta | None = None
+    expires_at: datetime | None = None
+    never: bool | None = None
+    metadata: dict[str, Any] | None = None
+
+    @field_validator("phase", mode="before")
+    @classmethod
+    def _phase(cls, value: Any) -> Phase | None:
+        return None if value is None else PhaseChange(phase=value).phase
+
+    @field_validator("lifetime", mode="before")
+    @classmethod
+    def _lifetime(cls, value: Any) -> Any:
+        return lifetime_value(value)
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _expires_at(cls, value: Any) -> Any:
+        return timestamp_value(value)
+
+    @field_validator("never", mode="before")
+    @classmethod
+    def _never(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, bool):
+            what = field_label("never")
+            raise InvalidValueError(f"invalid {what} {str(value)[:40]!r}: must be true or false")
+        return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, value: Any) -> Any:
+        return None if value is None else MetadataUpdate(values=value).values
+
+    @model_validator(mode="after")
+    def _something(self) -> Self:
+        given = (self.phase, self.lifetime, self.expires_at, self.never or None, self.metadata)
+        if all(v is None for v in given):
+            fields = ("phase", "lifetime", "expires_at", "never", "metadata")
+            names = ", ".join(field_label(f) for f in fields)
+            raise InvalidValueError(f"nothing to change: give one of {names}")
+        _ = self.expiry  # exactly one of lifetime, expires_at, never (when any is given)
+        return self
+
+    @property
+    def expiry(self) -> ExpiryChange | None:
+        """The expiry to set, if one was given."""
+        if self.lifetime is None and self.expires_at is None and not self.never:
+            return None  # (never: false is no change)
+        labels = {f: field_label(f) for f in ("lifetime", "never")} | {"at": field_label("expires_at")}
+        with labelled(labels):
+            return ExpiryChange(lifetime=self.lifetime, at=self.expires_at, never=bool(self.never))
+
+    @property
+    def metadata_update(self) -> MetadataUpdate | None:
+        return None if self.metadata is None else MetadataUpdate(values=self.metadata)
 
 
 # --------------------------------------------------------------------------- datasets

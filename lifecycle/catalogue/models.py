@@ -225,6 +225,10 @@ class Item(ItemBase, table=True):
             postgresql_where=Column("expires_at").isnot(None),
         ),
         Index("ix_item_created", "created_at"),
+        # PostgreSQL: `meta.KEY = 'text'` filters also ask `meta @> {...}`, which this serves
+        Index(
+            "ix_item_meta", "meta", postgresql_using="gin", postgresql_ops={"meta": "jsonb_path_ops"}
+        ).ddl_if(dialect="postgresql"),
     )
 
     oid: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from lifecycle.catalogue import audit
+from lifecycle.catalogue.inputs import StorageChange
 from lifecycle.catalogue.models import (
     Location,
     Replica,
@@ -406,4 +407,38 @@ def set_storage_state(name: str, state: StorageState, *, session: Session, actor
         actor=actor,
         details={"from": str(old), "to": state.value},
     )
+    return storage
+
+
+def change_storage(name: str, change: StorageChange, *, session: Session, actor: str = "user") -> Storage:
+    """Change a storage's tier, capacity and state as `change` says (`dlm storage set`, `PATCH
+    /api/storages/{name}`). Tier and capacity write one `storage.changed` event (`from` and
+    `to` of each field that changed); a state goes through set_storage_state, exactly as
+    `dlm storage online|drain|offline|retire` (bringing it online marks an unmarked root).
+    Everything happens in the caller's transaction: a refusal changes nothing.
+
+    Raises StorageNotFoundError, and what set_storage_state raises (PolicyViolationError:
+    retiring a storage that holds live copies; InvalidValueError; StorageError)."""
+    storage = get_storage(name, session=session)
+    changed: dict[str, dict[str, Any]] = {}
+    if change.tier is not None and change.tier != storage.tier:
+        changed["tier"] = {"from": str(storage.tier), "to": change.tier.value}
+        storage.tier = change.tier
+    if (change.capacity_bytes is not None or change.clears_capacity) and (
+        change.capacity_bytes != storage.capacity_bytes
+    ):
+        changed["capacity_bytes"] = {"from": storage.capacity_bytes, "to": change.capacity_bytes}
+        storage.capacity_bytes = change.capacity_bytes
+    if changed:
+        session.add(storage)
+        audit.record(
+            session,
+            EventKind.STORAGE_CHANGED,
+            storage_id=storage.id,
+            actor=actor,
+            details={"name": storage.name, **changed},
+        )
+    state = change.target_state(StorageState(storage.state))
+    if state is not None:
+        storage = set_storage_state(name, state, session=session, actor=actor)
     return storage

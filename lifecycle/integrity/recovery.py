@@ -7,6 +7,8 @@ dead row is settled against what the storage really holds, with one rclone call 
 - PENDING/COPYING: the copy is at the destination with the item's checksum -> READY (the
   work was done); otherwise the claim is removed (and its transfer FAILED) so the catalogue
   never claims a copy that is not there; a partial object left behind is deleted.
+  (A PENDING row of an item without a checksum, a bulk-listed file awaiting its checksum,
+  is not in flight and is left alone.)
 - DELETING: the object is gone -> DELETED; it is still there -> back to READY (the next
   planning run decides again), unless the item itself expired, in which case it is deleted.
 
@@ -211,7 +213,13 @@ def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "
             col(Item.size),
         )
         .join(Item, col(Item.oid) == col(Replica.item_oid))
-        .where(col(Replica.state).in_(IN_FLIGHT))
+        .where(
+            col(Replica.state).in_(IN_FLIGHT),
+            # A PENDING copy of an item without a checksum is no copy in flight: a bulk-listed
+            # file (`ingest --from-list` without checksums) that waits to be checksummed. Its
+            # bytes are the user's: with nothing to compare them to, they are never judged.
+            or_(col(Replica.state) != ReplicaState.PENDING.value, col(Item.checksum).is_not(None)),
+        )
     ).all()
     dead = [r for r in rows if claim_is_dead(r[5], stale=r[6] < cutoff)]
     report.skipped_live = len(rows) - len(dead)

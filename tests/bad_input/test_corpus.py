@@ -388,6 +388,54 @@ CASES = [
     Case("token-owner-missing", ("token", "create"), "--owner", code=2),
     Case("token-revoke-not-an-id", ("token", "revoke", "zz"), "invalid token id", code=2),
     Case("token-revoke-unknown", ("token", "revoke", "0123456789ab"), "no token", code=2),
+    # ------------------------------------------------------------------ a copy's expiry
+    Case(
+        "copy-expiry-unknown-storage",
+        ("items", "set-expiry", "run/f0.dat", "--storage", "nope", "--lifetime", "1d"),
+        "unknown storage 'nope'",
+        code=2,
+    ),
+    Case(
+        "copy-expiry-no-copy-there",
+        ("items", "set-expiry", "run/f0.dat", "--storage", "disk-b", "--lifetime", "1d"),
+        "has no copy on storage 'disk-b'",
+        code=2,
+    ),
+    Case(
+        "copy-expiry-deleted-item",
+        ("items", "set-expiry", "gone.dat", "--storage", "disk-a", "--never"),
+        "already DELETED",
+    ),
+    Case(
+        "copy-expiry-two-ways",
+        ("items", "set-expiry", "run/f0.dat", "-s", "disk-a", "--never", "--lifetime", "1d"),
+        "give exactly one of --lifetime, --at or --never",
+        code=2,
+    ),
+    # ------------------------------------------------------------------ set-meta
+    Case(
+        "set-meta-overlap", ("items", "set-meta", "run/f0.dat", "a=1", "a.b=2"), "replace the other", code=2
+    ),
+    Case("set-meta-no-equals", ("items", "set-meta", "run/f0.dat", "novalue"), "no '='", code=2),
+    Case(
+        "set-meta-through-value", ("items", "set-meta", "run/f0.dat", "kind.sub=1"), "holds a value", code=2
+    ),
+    Case("set-meta-bad-key", ("items", "set-meta", "run/f0.dat", "a b=1"), "invalid metadata key", code=2),
+    Case("set-meta-infinite", ("items", "set-meta", "run/f0.dat", "n=1.0e999"), "finite", code=2),
+    Case("set-meta-deleted", ("items", "set-meta", "gone.dat", "k=1"), "DELETED"),
+    Case("set-meta-nothing", ("items", "set-meta", "run/f0.dat"), "Missing argument"),
+    # ------------------------------------------------------------------ storage set
+    Case("set-nothing", ("storage", "set", "disk-a"), "nothing to change: give --capacity", code=2),
+    Case("set-unknown", ("storage", "set", "nope", "--tier", "cold"), "unknown storage 'nope'", code=2),
+    Case("set-tier-typo", ("storage", "set", "disk-a", "--tier", "lukewarm"), "invalid tier", code=2),
+    Case("set-capacity-zero", ("storage", "set", "disk-a", "--capacity", "0"), "--capacity 0", code=2),
+    Case("set-capacity-junk", ("storage", "set", "disk-a", "--capacity", "lots"), "size 'lots'", code=2),
+    Case(
+        "set-offline-and-draining",
+        ("storage", "set", "disk-a", "--offline", "--draining"),
+        "--draining and --offline contradict",
+        code=2,
+    ),
 ]
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from sqlmodel import col
 
 from lifecycle.catalogue.db import session_scope
-from lifecycle.catalogue.models import Event, Replica, Storage
+from lifecycle.catalogue.models import Event, Replica, Storage, utcnow
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.integrity.recovery import remove_dead_temp_files, settle_in_flight
 from lifecycle.states import ReplicaState
@@ -103,3 +103,25 @@ def test_a_dead_runs_rows_are_settled_by_what_the_storage_holds(
         assert (
             get_storage(storage, session=s).used_bytes == 2 * 3000
         )  # landed and undeleted (live is in flight)
+
+
+def test_a_bulk_listed_file_awaiting_its_checksum_is_never_judged_by_recovery(
+    estate: Estate, tmp_path: Path
+) -> None:
+    """`ingest --from-list` without checksums registers the user's files INITIALISED with a
+    PENDING copy that waits for its checksum. Recovery once took such a copy, an hour old, for
+    a dead run's copy with the wrong bytes, and deleted the user's file."""
+    from lifecycle.catalogue.bulk import register_from_list
+
+    estate.write("hot", "listed/f.dat", payload("listed/f.dat"))
+    listing = tmp_path / "list.jsonl"
+    listing.write_text('{"name": "listed/f.dat", "size": 3000}\n')
+    with session_scope() as s:
+        register_from_list(s, storage=get_storage("hot", session=s), source=listing)
+    with session_scope() as s:
+        s.execute(update(Replica).values(updated_at=utcnow() - 2 * HOUR))
+    with session_scope() as s:
+        report = settle_in_flight(s, stale_after=HOUR)
+    assert (report.completed, report.rolled_back) == (0, 0)
+    assert estate.read("hot", "listed/f.dat") == payload("listed/f.dat")
+    assert states_of("listed/f.dat") == [("hot", "PENDING")]
