@@ -140,13 +140,13 @@ def run(
     with catalogue() as s:
         if storage:
             storages.get_storage(storage, session=s)
-    report: PipelineReport | VerifyReport | ReconcileReport
-    if dry_run and spec.kind is RunKind.PLACEMENT:
-        # the plan, without importing Prefect or starting a flow run
-        from flows.plan_report import dry_run_report
+    report: PipelineReport | VerifyReport | ReconcileReport | None = None
+    if spec.kind is RunKind.PLACEMENT:
+        # the plan, or a run with nothing to do, without importing Prefect nor starting a flow run
+        from flows.plan_report import dry_run_report, idle_report
 
-        report = dry_run_report(chosen)
-    else:
+        report = dry_run_report(chosen) if dry_run else idle_report(chosen)
+    if report is None:
         _use_running_server()
         from flows.registry import FLOWS
 

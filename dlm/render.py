@@ -104,6 +104,8 @@ def _pipeline_report(report: PipelineReport) -> None:
         f"copied {report.copied} ({size(report.bytes_moved)}), deleted {report.deleted}, "
         f"failed {report.failed}; items below target now: {report.below_target_after}"
     )
+    if report.nothing_to_do:
+        out.print("nothing to do: no flow run started", markup=False)
 
 
 _ROW_FIELDS = ("batches", "repairs", "unknown_objects", "temporary_objects")

@@ -206,6 +206,9 @@ class PipelineReport(ReportModel):
     bytes_moved: int | None = None
     bytes_read_to_confirm: int | None = None
     below_target_after: int | None = None
+    # True when the run found nothing to recover, apply or settle and so started no flow run
+    # (`dlm run` checks first, without Prefect); None otherwise
+    nothing_to_do: bool | None = None
 
     @property
     def has_failures(self) -> bool:

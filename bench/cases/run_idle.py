@@ -1,10 +1,11 @@
 """Times `dlm run replicate` with nothing to do (steady state), as a user runs it: a `dlm`
 process on a SQLite catalogue whose items all have their copies, against the DLM home's
 long-lived Prefect server; also with `--dry-run` (a plan without Prefect), and while `dlm serve`
-runs.
+runs. Such a run finds it has nothing to do without Prefect and starts no flow run (the case
+checks that it says so).
 
-Reference, in the same run: `python -c "import prefect"` (the floor: every run that starts a
-flow imports Prefect). Target: each median at most 2 s.
+Reference, in the same run: `python -c "import prefect"` (the floor of every run that starts a
+flow). Target: each median at most 2 s.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def run(scale: float) -> list[dict[str, Any]]:
             first_s = time.perf_counter() - started
             if f"copied {items}" not in first:
                 raise RuntimeError(f"the first run did not copy the {items} items:\n{first}")
+            again = _dlm(env, "run", "replicate")
+            if "nothing to do" not in again:
+                raise RuntimeError(f"a second run did not find it had nothing to do:\n{again}")
             reference = statistics.median(_wall([sys.executable, "-c", "import prefect"], env))
             idle = _wall([*DLM, "run", "replicate"], env)
             dry = _wall([*DLM, "run", "replicate", "--dry-run"], env)

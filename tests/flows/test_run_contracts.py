@@ -193,6 +193,19 @@ def test_every_pipeline_runs_from_the_cli_and_prints_its_report(estate: dict[str
     (copied,) = _files(estate["b"])
     assert (estate["b"] / copied).read_bytes() == PAYLOAD
 
+    # again: nothing to do, said without a flow run, in the same report
+    runs = _flow_runs()
+    again, idle = _run_json(env, "replicate")
+    assert isinstance(idle, PipelineReport) and again["nothing_to_do"] is True
+    assert (idle.copied, idle.failed, idle.below_target_after, idle.batches) == (0, 0, 0, [])
+    assert set(again) == set(report.as_json()) | {"nothing_to_do"}
+    shown = _dlm(env, "run", "replicate")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("replicate: planned 0 copies")
+    assert "copied 0 (0 B), deleted 0, failed 0; items below target now: 0" in shown.stdout
+    assert "nothing to do: no flow run started" in shown.stdout
+    assert _flow_runs() == runs
+
     _, verified = _run_json(env, "verify")
     assert isinstance(verified, VerifyReport)
     assert (verified.intact, verified.corrupted, verified.lost) == (2, 0, 0)
@@ -210,3 +223,11 @@ def test_every_pipeline_runs_from_the_cli_and_prints_its_report(estate: dict[str
         2,
         0,
     )
+
+
+def _flow_runs() -> int:
+    """How many flow runs the session's Prefect server has recorded."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.count_flow_runs()
