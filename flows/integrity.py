@@ -52,6 +52,7 @@ from tasks.integrity import (
     select_replicas,
     verify_replicas,
 )
+from tasks.orphans import tracked_run
 
 
 def _enable_publishing() -> None:
@@ -143,6 +144,19 @@ def verify(
     _enable_publishing()
     budget_bytes = _budget(budget)
     check_partition(partitions, partition)
+    with tracked_run():
+        return _verify_run(storage, budget_bytes, repair, dry_run, partitions, partition, budget)
+
+
+def _verify_run(
+    storage: str | None,
+    budget_bytes: int,
+    repair: bool,
+    dry_run: bool,
+    partitions: int,
+    partition: int | None,
+    budget: int | str | None,
+) -> VerifyReport | PartitionedReport:
     if partitions > 1 and partition is None:
         report = fan_out(
             Pipeline.VERIFY,
@@ -317,6 +331,11 @@ def reconcile(
     their object metadata), mark missing copies LOST and resized ones CORRUPTED, and with
     `repair` copy intact bytes back over them. `dry_run` changes nothing."""
     _enable_publishing()
+    with tracked_run():
+        return _reconcile(storage, adopt, repair, dry_run)
+
+
+def _reconcile(storage: str | None, adopt: bool, repair: bool, dry_run: bool) -> ReconcileReport:
     logger = get_run_logger()
     actor = run_actor()
     names = storage_names()

@@ -39,6 +39,7 @@ from lifecycle.runs import PIPELINES, Pipeline
 from lifecycle.settings import get_settings
 from lifecycle.units import format_size
 from tasks.batches import copy_batch, delete_batch, plan_pipeline, settle_catalogue, settle_in_flight
+from tasks.orphans import tracked_run
 
 
 def run_actor() -> str:
@@ -184,10 +185,11 @@ def run_pipeline(
     enable_publishing()
     quiet_dlm_errors()
     actor = run_actor()
-    if dry_run:
-        return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor, part=part)
-    with catalogue_writer(pipeline):
-        return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor, part=part)
+    with tracked_run():
+        if dry_run:
+            return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor, part=part)
+        with catalogue_writer(pipeline):
+            return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor, part=part)
 
 
 def _plan_and_apply(

@@ -35,6 +35,7 @@ from lifecycle.reports import (
 )
 from lifecycle.runs import Pipeline, parse_pipeline
 from lifecycle.settings import get_settings
+from tasks.orphans import dead_records
 
 
 def storage_names() -> dict[Any, str]:
@@ -109,13 +110,16 @@ def dry_run_report(pipeline: Pipeline | str) -> PipelineReport:
 
 def idle_report(pipeline: Pipeline | str) -> PipelineReport | None:
     """The report of a run of `pipeline` that has nothing to do, or None when it has something:
-    a row in flight or a dead run's temporary file (recovery), an action in the plan (a
-    shortfall is only reported), or an expired item to tombstone. Reads only; the cheap
+    a run killed on this host to clean up after (tasks/orphans.py), a row in flight or a dead
+    run's temporary file (recovery), an action in the plan (a shortfall is only reported), or
+    an expired item to tombstone. Reads only; the cheap
     checks come first, the walk of posix storages for temporary files last."""
     chosen = parse_pipeline(pipeline)
     stale_after = timedelta(seconds=get_settings().transfer.stale_after_s)
     laps: dict[str, float] = {}
     started = time.monotonic()
+    if dead_records():  # a run killed on this host: the flow cleans up after it first
+        return None
     with session_scope() as s:
         if rows_in_flight(s, stale_after=stale_after) or expired_to_finish(s):
             return None

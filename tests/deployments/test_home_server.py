@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,55 @@ def test_a_run_with_nothing_to_do_needs_no_server(dlm_env: dict[str, str], tmp_p
         env=dlm_env, capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     assert '"nothing_to_do": true' in probe.stdout and probe.stdout.strip().endswith("False"), probe.stdout
+
+
+def test_a_run_killed_holding_slots_blocks_no_later_run_and_ends_crashed(
+    dlm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """kill -9 a `dlm run` while its batch holds the storages' only slots (leased for 10 min, so
+    the server's repossessor cannot be what frees them): the next run releases them and copies
+    everything at once, and the killed run shows Crashed, not Running."""
+    env = {**dlm_env, "DLM_TRANSFER__STORAGE_SLOTS": "1", "DLM_TRANSFER__SLOT_LEASE_S": "600"}
+    for i in range(12):
+        _work_for_replicate(env, tmp_path, f"k{i:02d}.bin")
+    run(env, "server", "start")
+    url = _status(env)["url"]
+    slow = {**env, "RCLONE_BWLIMIT": "20k", "DLM_TRANSFER__BATCH_FILES": "4", "DLM_TRANSFER__TRANSFERS": "1"}
+    killed = subprocess.Popen(
+        [*DLM, "run", "replicate"],
+        env=slow,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # rclone too
+    )
+    try:
+        poll(
+            "the first run's batch to hold the slots",
+            lambda: api(url, "/v2/concurrency_limits/storage:a", method="GET")["active_slots"] == 1,
+            120,
+        )
+        (victim,) = _cli_runs(url)
+        assert victim["state_type"] == "RUNNING"
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.communicate(timeout=30)
+
+    started = time.monotonic()
+    res = run({**env, "DLM_TRANSFER__SLOT_WAIT_S": "30"}, "run", "replicate", "--json")
+    took = time.monotonic() - started
+
+    report = json.loads(res.stdout)
+    assert report["failed"] == 0 and report["below_target_after"] == 0, report
+    assert took < 30, f"the next run took {took:.0f}s: it waited for the killed run's slots"
+    for i in range(12):  # every second copy is there, whole
+        name = f"k{i:02d}.bin"
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    for storage in ("a", "b"):  # no slot left taken
+        assert api(url, f"/v2/concurrency_limits/storage:{storage}", method="GET")["active_slots"] == 0
+    runs = {r["id"]: r for r in _cli_runs(url)}
+    assert runs[victim["id"]]["state_type"] == "CRASHED", runs[victim["id"]]["state"]
+    assert "is gone" in runs[victim["id"]]["state"]["message"]
+    tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [victim["id"]]}}})
+    assert tasks and all(t["state_type"] != "RUNNING" for t in tasks), [t["state_type"] for t in tasks]
+    assert [r["state_type"] for i, r in runs.items() if i != victim["id"]] == ["COMPLETED"]
+    assert list((Path(env["DLM_HOME"]) / "runs").glob("*.json")) == []  # nothing left recorded

@@ -7,7 +7,10 @@ same whichever path answered.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -119,4 +122,50 @@ def test_work_of_any_kind_goes_to_the_flow(two_disks: Path) -> None:
     tombstoned = replicate()
     assert isinstance(tombstoned, PipelineReport) and tombstoned.settled is not None
     assert tombstoned.settled.deleted_items == 1
+    assert idle_report(Pipeline.REPLICATE) is not None
+
+
+def test_a_run_killed_on_this_host_is_cleaned_up_by_the_next_flow(two_disks: Path) -> None:
+    """A record left by a dead process (tasks/orphans.py) is work: the next flow run marks that
+    run Crashed and forgets it. A live process's record is left alone; one whose pid now
+    belongs to another process (its start time differs) counts as dead."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Running
+
+    from flows.pipelines import replicate
+    from tasks.orphans import dead_records, process_started, records_dir
+
+    @flow(name="killed-elsewhere")
+    def killed_elsewhere() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        victim = client.create_flow_run(killed_elsewhere, state=Running())
+    api, host, parent = str(PREFECT_API_URL.value()), socket.gethostname(), os.getppid()
+    records = records_dir()
+    records.mkdir(parents=True, exist_ok=True)
+
+    def record(name: str, **who: Any) -> Path:
+        path = records / f"flow-run-{name}.json"
+        data = {"kind": "flow-run", "id": str(uuid.uuid4()), "host": host, "api": api, **who}
+        path.write_text(json.dumps(data))
+        return path
+
+    dead = record("dead", pid=999999999, id=str(victim.id))
+    alive = record("alive", pid=parent, started=process_started(parent))
+    reused = record("reused", pid=parent, started="1")
+    elsewhere = record("elsewhere", pid=999999999, host="another-host")
+    assert dead_records() == [dead, reused]
+    assert idle_report(Pipeline.REPLICATE) is None
+
+    replicate()
+
+    assert [p.exists() for p in (dead, alive, reused, elsewhere)] == [False, True, False, True]
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(victim.id).state
+    assert state is not None and state.is_crashed() and "is gone" in (state.message or "")
+    alive.unlink()
+    elsewhere.unlink()
     assert idle_report(Pipeline.REPLICATE) is not None
