@@ -37,7 +37,13 @@ from lifecycle.errors import (
     UserInputError,
 )
 from lifecycle.redact import install_log_redaction, redact
-from lifecycle.reports import PipelineReport, ReconcileReport, RunFailedError, VerifyReport
+from lifecycle.reports import (
+    PartitionedReport,
+    PipelineReport,
+    ReconcileReport,
+    RunFailedError,
+    VerifyReport,
+)
 from lifecycle.runs import PIPELINES, Pipeline, RunKind, RunOption, accepting, parse_pipeline
 from lifecycle.settings import get_settings
 from lifecycle.units import parse_size
@@ -123,11 +129,24 @@ def run(
     adopt: Annotated[
         bool, typer.Option(help=f"{_accepted_by(RunOption.ADOPT)}: register unknown objects as items")
     ] = False,
+    partitions: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"{_accepted_by(RunOption.PARTITIONS)}: split the run by item into K parts (run "
+            "here one after another; a deployment run fans out to workers)",
+        ),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     chosen = parse_pipeline(pipeline)
     spec = PIPELINES[chosen]
-    given = {RunOption.STORAGE: storage, RunOption.BUDGET: budget, RunOption.ADOPT: adopt or None}
+    given: dict[RunOption, Any] = {
+        RunOption.STORAGE: storage,
+        RunOption.BUDGET: budget,
+        RunOption.ADOPT: adopt or None,
+        RunOption.PARTITIONS: partitions,
+    }
     options: dict[str, Any] = {}
     for option, value in given.items():
         if value is None:
@@ -140,13 +159,13 @@ def run(
     with catalogue() as s:
         if storage:
             storages.get_storage(storage, session=s)
-    report: PipelineReport | VerifyReport | ReconcileReport
-    if dry_run and spec.kind is RunKind.PLACEMENT:
-        # the plan, without importing Prefect or starting a flow run
-        from flows.plan_report import dry_run_report
+    report: PipelineReport | VerifyReport | ReconcileReport | PartitionedReport | None = None
+    if spec.kind is RunKind.PLACEMENT:
+        # the plan, or a run with nothing to do, without importing Prefect nor starting a flow run
+        from flows.plan_report import dry_run_report, idle_report
 
-        report = dry_run_report(chosen)
-    else:
+        report = dry_run_report(chosen) if dry_run else idle_report(chosen)
+    if report is None:
         _use_running_server()
         from flows.registry import FLOWS
 
@@ -160,7 +179,9 @@ def run(
         raise SystemExit(1)  # some transfers, deletions or reads failed: the next run retries them
 
 
-def _show_report(report: PipelineReport | VerifyReport | ReconcileReport, json_: bool) -> None:
+def _show_report(
+    report: PipelineReport | VerifyReport | ReconcileReport | PartitionedReport, json_: bool
+) -> None:
     if json_:
         render.print_json(report.as_json())
     else:

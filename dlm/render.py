@@ -15,7 +15,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from lifecycle.redact import redact
-from lifecycle.reports import PipelineReport, ReconcileReport, ReportModel, VerifyReport
+from lifecycle.reports import (
+    PartitionedReport,
+    PipelineReport,
+    ReconcileReport,
+    ReportModel,
+    VerifyReport,
+)
 from lifecycle.units import format_size
 
 # No markup by default: names, paths and messages hold '[' (a name 'a[/x]b' is valid) and must
@@ -59,9 +65,12 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
 # --------------------------------------------------------------------------- run reports
 
 
-def run_report(report: PipelineReport | VerifyReport | ReconcileReport) -> None:
-    """A run's report for people: its counts, then its batches (a dry run: its planned actions)."""
-    if isinstance(report, PipelineReport):
+def run_report(report: PipelineReport | VerifyReport | ReconcileReport | PartitionedReport) -> None:
+    """A run's report for people: its counts, then its batches (a dry run: its planned actions);
+    a partitioned run's, partition by partition."""
+    if isinstance(report, PartitionedReport):
+        _partitioned_report(report)
+    elif isinstance(report, PipelineReport):
         _pipeline_report(report)
     else:
         _integrity_report(report)
@@ -112,6 +121,20 @@ def _pipeline_report(report: PipelineReport) -> None:
             + (f": {'; '.join(up.errors.values())}" if up.errors else ""),
             markup=False,
         )
+    if report.nothing_to_do:
+        out.print("nothing to do: no flow run started", markup=False)
+
+
+def _partitioned_report(report: PartitionedReport) -> None:
+    """One line per partition (a sub-run: its name and final state), then its own report."""
+    out.print(f"[bold]{report.pipeline} in {report.partitions} partitions[/]", markup=True)
+    for run in report.runs:
+        head = f"partition {run.partition + 1} of {report.partitions}"
+        if run.flow_run:
+            head += f": sub-run {run.name} ({run.flow_run}) {run.state}"
+        out.print(head, markup=False)
+        if run.report is not None:
+            run_report(run.report)
 
 
 _ROW_FIELDS = ("batches", "repairs", "unknown_objects", "temporary_objects")

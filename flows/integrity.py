@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlmodel import col
 
 from flows.events import enable_publishing
+from flows.partitions import fan_out
 from flows.pipelines import quiet_dlm_errors, run_actor
 from flows.plan_report import storage_names
 from lifecycle.apply.result import BatchResult
@@ -28,7 +29,9 @@ from lifecycle.catalogue.models import Storage
 from lifecycle.errors import InvalidValueError
 from lifecycle.integrity.reconcile import ReconcileResult
 from lifecycle.integrity.verify import VerifyResult, default_budget_bytes
+from lifecycle.planning.partition import check_partition
 from lifecycle.reports import (
+    PartitionedReport,
     ReconcileReport,
     Repairs,
     RunFailedError,
@@ -49,6 +52,7 @@ from tasks.integrity import (
     select_replicas,
     verify_replicas,
 )
+from tasks.orphans import tracked_run
 
 
 def _enable_publishing() -> None:
@@ -113,7 +117,7 @@ def _below_target() -> int:
         return status(session=s).below_target
 
 
-def _fail_if(failures: list[str], report: VerifyReport | ReconcileReport) -> None:
+def _fail_if(failures: list[str], report: VerifyReport | ReconcileReport | PartitionedReport) -> None:
     """Fail the run (so Prefect marks it failed), the report with the error for `dlm run` to show."""
     if failures:
         raise RunFailedError(
@@ -127,20 +131,72 @@ def verify(
     budget: int | str | None = None,
     repair: bool = True,
     dry_run: bool = False,
-) -> VerifyReport:
+    partitions: int = 1,
+    partition: int | None = None,
+) -> VerifyReport | PartitionedReport:
     """Re-read copies, oldest-verified first, up to `budget` bytes (an int or '10GiB'; default
     the verify budget setting), on one storage or all; mark corrupt and lost copies and, with
-    `repair`, copy intact bytes over them. `dry_run` only says what would be read."""
+    `repair`, copy intact bytes over them. `dry_run` only says what would be read.
+
+    `partitions` K > 1 fans the run out into K sub-runs of its deployment, one per `partition`
+    (items by oid mod K; flows/partitions.py): each reads the copies of its own items, within
+    its share of the budget (budget / K), so no copy is read by two of them."""
     _enable_publishing()
+    budget_bytes = _budget(budget)
+    check_partition(partitions, partition)
+    with tracked_run():
+        return _verify_run(storage, budget_bytes, repair, dry_run, partitions, partition, budget)
+
+
+def _verify_run(
+    storage: str | None,
+    budget_bytes: int,
+    repair: bool,
+    dry_run: bool,
+    partitions: int,
+    partition: int | None,
+    budget: int | str | None,
+) -> VerifyReport | PartitionedReport:
+    if partitions > 1 and partition is None:
+        report = fan_out(
+            Pipeline.VERIFY,
+            partitions,
+            {"storage": storage, "budget": budget, "repair": repair, "dry_run": dry_run},
+            lambda i: _verify(storage, budget_bytes, repair, dry_run, part=(partitions, i)),
+        )
+        failures = [
+            f"partition {r.partition + 1}: {f}"
+            for r in report.runs
+            if isinstance(r.report, VerifyReport)
+            for f in r.report.failures or []
+        ]
+        _fail_if(failures, report)
+        return report
+    part = (partitions, partition) if partitions > 1 and partition is not None else None
+    report = _verify(storage, budget_bytes, repair, dry_run, part=part)
+    _fail_if(report.failures or [], report)
+    return report
+
+
+def _verify(
+    storage: str | None,
+    budget_bytes: int,
+    repair: bool,
+    dry_run: bool,
+    part: tuple[int, int] | None = None,
+) -> VerifyReport:
+    """One verify run (or one partition's: `part`, with its share of the budget); failed
+    batches are in the report's `failures`, for the caller to fail the run on."""
     logger = get_run_logger()
     actor = run_actor()
-    budget_bytes = _budget(budget)
+    if part is not None:
+        budget_bytes = max(1, budget_bytes // part[0])
     t = get_settings().transfer
     if not dry_run:
         settle_in_flight(actor)
     names = storage_names()
     selection, batches = select_replicas(
-        budget_bytes, [storage] if storage else None, t.batch_files, t.batch_bytes
+        budget_bytes, [storage] if storage else None, t.batch_files, t.batch_bytes, part
     )
     selected = {
         "budget_bytes": budget_bytes,
@@ -204,7 +260,6 @@ def verify(
         report.below_target_after,
     )
     _publish_verify(report)
-    _fail_if(failures, report)
     return report
 
 
@@ -276,6 +331,11 @@ def reconcile(
     their object metadata), mark missing copies LOST and resized ones CORRUPTED, and with
     `repair` copy intact bytes back over them. `dry_run` changes nothing."""
     _enable_publishing()
+    with tracked_run():
+        return _reconcile(storage, adopt, repair, dry_run)
+
+
+def _reconcile(storage: str | None, adopt: bool, repair: bool, dry_run: bool) -> ReconcileReport:
     logger = get_run_logger()
     actor = run_actor()
     names = storage_names()

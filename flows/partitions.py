@@ -1,8 +1,9 @@
 """How a run shares its work: partitioned runs, and runs started by a burst of events.
 
-Partitioned: one run of a pipeline fans out into K sub-runs of its deployment, which workers
-pick up like any run; sub-run i applies the actions of the items whose oid mod K is i
-(lifecycle.planning.partition), so no item is acted on by two of them. Each sub-run plans,
+Partitioned: one run of a pipeline (replicate, verify) fans out into K sub-runs of its
+deployment, which workers pick up like any run; sub-run i applies the actions of (verify:
+reads the copies of) the items whose oid mod K is i (lifecycle.planning.partition), so no item
+is acted on by two of them. Each sub-run plans,
 claims and copies on its own; the catalogue's claims stay the safety net. Without a
 deployment (a flow called in-process, `dlm run`) the partitions run here, one after another:
 the same result, without the parallelism.
@@ -23,7 +24,7 @@ from prefect.runtime import deployment as this_deployment
 
 from lifecycle.errors import DLMError
 from lifecycle.planning.partition import check_partition
-from lifecycle.reports import PartitionedReport, PartitionRun, PipelineReport
+from lifecycle.reports import PartitionedReport, PartitionRun, PipelineReport, VerifyReport
 from lifecycle.runs import Pipeline
 
 _POLL_S = 1.0
@@ -58,7 +59,7 @@ def fan_out(
     pipeline: str,
     partitions: int,
     parameters: dict[str, Any],
-    run_here: Callable[[int], PipelineReport],
+    run_here: Callable[[int], PipelineReport | VerifyReport],
 ) -> PartitionedReport:
     """Start one sub-run per partition on this run's deployment and wait for all of them;
     returns a report naming each sub-run and its final state.

@@ -46,6 +46,7 @@ from tasks.batches import (
     settle_catalogue,
     settle_in_flight,
 )
+from tasks.orphans import tracked_run
 
 
 def run_actor() -> str:
@@ -191,10 +192,11 @@ def run_pipeline(
     enable_publishing()
     quiet_dlm_errors()
     actor = run_actor()
-    if dry_run:
-        return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor, part=part)
-    with catalogue_writer(pipeline):
-        return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor, part=part)
+    with tracked_run():
+        if dry_run:
+            return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor, part=part)
+        with catalogue_writer(pipeline):
+            return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor, part=part)
 
 
 def _plan_and_apply(

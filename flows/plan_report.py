@@ -1,23 +1,42 @@
-"""A pipeline's plan as rows and as a dry-run report, without Prefect.
+"""A pipeline's plan as rows, as a dry-run report and as the report of a run with nothing to
+do, without Prefect.
 
 `dlm run PIPELINE --dry-run` calls `dry_run_report` directly: a dry run changes nothing and
 publishes nothing, so it need not import Prefect (about half of what a run costs) nor start a
-flow run; the flows build their reports from the same rows.
+flow run; the flows build their reports from the same rows. `dlm run PIPELINE` first calls
+`idle_report`: when recovery, the plan and the catalogue's settling all have nothing to do,
+that is the run's report and no flow run starts (a steady-state run costs what a dry run
+does); otherwise the flow runs and does it all again, under the catalogue's writer lock.
 """
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlmodel import col
 
+from lifecycle.apply.records import expired_to_finish
+from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage
+from lifecycle.integrity.abandoned import any_abandoned_uploads
+from lifecycle.integrity.recovery import remove_dead_temp_files, rows_in_flight
 from lifecycle.planning.pipelines import make_plan
 from lifecycle.planning.plan import Plan
-from lifecycle.reports import ActionRow, PipelineReport, PlannedAction, PlanSummary
+from lifecycle.reports import (
+    ActionRow,
+    PipelineReport,
+    PlannedAction,
+    PlanSummary,
+    Recovered,
+    Settled,
+)
 from lifecycle.runs import Pipeline, parse_pipeline
+from lifecycle.settings import get_settings
+from tasks.orphans import dead_records
 
 
 def storage_names() -> dict[Any, str]:
@@ -87,4 +106,53 @@ def dry_run_report(pipeline: Pipeline | str) -> PipelineReport:
         plan=PlanSummary.model_validate(plan.summary()),
         counters=dict(plan.counters),
         actions=plan_rows(plan, storage_names()),
+    )
+
+
+def idle_report(pipeline: Pipeline | str) -> PipelineReport | None:
+    """The report of a run of `pipeline` that has nothing to do, or None when it has something:
+    a run killed on this host to clean up after (tasks/orphans.py), a row in flight or a dead
+    run's temporary file (recovery), an action in the plan (a shortfall is only reported), or
+    an expired item to tombstone. Reads only; the cheap
+    checks come first, the walk of posix storages for temporary files last."""
+    chosen = parse_pipeline(pipeline)
+    stale_after = timedelta(seconds=get_settings().transfer.stale_after_s)
+    laps: dict[str, float] = {}
+    started = time.monotonic()
+    if dead_records():  # a run killed on this host: the flow cleans up after it first
+        return None
+    with session_scope() as s:
+        if rows_in_flight(s, stale_after=stale_after) or expired_to_finish(s):
+            return None
+        if chosen is Pipeline.EXPIRE and any_abandoned_uploads(s, timeout=get_settings().upload.timeout):
+            return None
+        recover_s = time.monotonic() - started
+        plan = make_plan(s, chosen, only=None)
+        laps["plan"] = round(time.monotonic() - started - recover_s, 3)
+        if not plan.empty:
+            return None
+        mark = time.monotonic()
+        temp = remove_dead_temp_files(s, stale_after=stale_after, dry_run=True)
+        if temp.temp_removed or temp.errors:
+            return None
+        laps = {"recover": round(recover_s + time.monotonic() - mark, 3), **laps}
+        mark = time.monotonic()
+        below = status(session=s).below_target
+        laps["status"] = round(time.monotonic() - mark, 3)
+    return PipelineReport(
+        pipeline=chosen,
+        dry_run=False,
+        plan=PlanSummary.model_validate(plan.summary()),
+        counters=dict(plan.counters),
+        actions=plan_rows(plan, storage_names()),
+        recovered=Recovered(temp_kept_live=temp.temp_kept_live),
+        stages=laps,
+        settled=Settled(),
+        copied=0,
+        deleted=0,
+        failed=0,
+        bytes_moved=0,
+        bytes_read_to_confirm=0,
+        below_target_after=below,
+        nothing_to_do=True,
     )

@@ -218,6 +218,9 @@ class PipelineReport(ReportModel):
     bytes_moved: int | None = None
     bytes_read_to_confirm: int | None = None
     below_target_after: int | None = None
+    # True when the run found nothing to recover, apply or settle and so started no flow run
+    # (`dlm run` checks first, without Prefect); None otherwise
+    nothing_to_do: bool | None = None
 
     @property
     def has_failures(self) -> bool:
@@ -311,7 +314,7 @@ class PartitionRun(ReportModel):
     flow_run: str | None = None
     name: str | None = None
     state: str | None = None
-    report: PipelineReport | None = None
+    report: Annotated[PipelineReport | VerifyReport, Field(discriminator="pipeline")] | None = None
 
 
 class PartitionedReport(ReportModel):
@@ -331,19 +334,26 @@ class PartitionedReport(ReportModel):
 class RunFailedError(DLMError):
     """A verify or reconcile run in which some batch or storage failed: the message names them,
     `report` is what the run did elsewhere (a reconcile of every storage adopted on the ones it
-    could list), for the edge to show before the error."""
+    could list; the other partitions of a partitioned verify), for the edge to show before the
+    error."""
 
-    def __init__(self, message: str, report: VerifyReport | ReconcileReport) -> None:
+    def __init__(self, message: str, report: VerifyReport | ReconcileReport | PartitionedReport) -> None:
         super().__init__(message)
         self.report = report
 
 
 RunReport = Annotated[PipelineReport | VerifyReport | ReconcileReport, Field(discriminator="pipeline")]
 _REPORT: TypeAdapter[PipelineReport | VerifyReport | ReconcileReport] = TypeAdapter(RunReport)
+_OBJECT: TypeAdapter[dict[str, Any]] = TypeAdapter(dict[str, Any])
 
 
-def parse_report(data: str | bytes | dict[str, Any]) -> PipelineReport | VerifyReport | ReconcileReport:
-    """A report from its JSON (as `as_json()` gave it, or as text). Raises pydantic's ValidationError."""
-    if isinstance(data, dict):
-        return _REPORT.validate_python(data)
-    return _REPORT.validate_json(data)
+def parse_report(
+    data: str | bytes | dict[str, Any],
+) -> PipelineReport | VerifyReport | ReconcileReport | PartitionedReport:
+    """A report from its JSON (as `as_json()` gave it, or as text): a partitioned run's (it has
+    `partitions`) or one run's. Raises pydantic's ValidationError."""
+    if not isinstance(data, dict):
+        data = _OBJECT.validate_json(data)
+    if "partitions" in data:
+        return PartitionedReport.model_validate(data)
+    return _REPORT.validate_python(data)

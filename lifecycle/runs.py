@@ -2,9 +2,10 @@
 
 `Pipeline` names them; `PIPELINES` holds one frozen `PipelineSpec` per pipeline: what it does
 in a line, whether it plans placement (plan, then apply in batches) or checks integrity, the
-`ScheduleSettings` attribute holding its cron, and the run options it takes. The CLI's
-`dlm run` choices and option checks, the flow table (flows/registry.py), the served
-deployments (deployments/serve.py) and prefect.yaml's test all read it.
+`ScheduleSettings` attribute holding its cron, and the run options it takes (each the
+parameter of its flow of the same name). The CLI's `dlm run` choices, options and option
+checks, the flow table (flows/registry.py), the served deployments (deployments/serve.py) and
+prefect.yaml's test all read it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class RunOption(StrEnum):
     STORAGE = "storage"
     BUDGET = "budget"
     ADOPT = "adopt"
+    PARTITIONS = "partitions"  # split by item into K sub-runs (flows/partitions.py)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ _SPECS = (
         "Add copies until each READY item meets its target phase.",
         RunKind.PLACEMENT,
         "replicate",
+        frozenset({RunOption.PARTITIONS}),
     ),
     PipelineSpec(
         Pipeline.MIGRATE,
@@ -87,7 +90,7 @@ _SPECS = (
         "Re-read copies (oldest verified first, within a byte budget) and repair any that fail.",
         RunKind.INTEGRITY,
         "verify",
-        frozenset({RunOption.STORAGE, RunOption.BUDGET}),
+        frozenset({RunOption.STORAGE, RunOption.BUDGET, RunOption.PARTITIONS}),
     ),
     PipelineSpec(
         Pipeline.RECONCILE,

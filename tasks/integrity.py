@@ -17,11 +17,16 @@ from tasks.common import dlm_task
 
 @dlm_task("select-replicas", retry_delay_seconds=2)
 def select_replicas(
-    budget_bytes: int, storages: Sequence[str] | None, max_files: int, max_bytes: int
+    budget_bytes: int,
+    storages: Sequence[str] | None,
+    max_files: int,
+    max_bytes: int,
+    part: tuple[int, int] | None = None,
 ) -> tuple[verify.Selection, list[verify.VerifyBatch]]:
-    """The copies to verify in this run (oldest verified first, within the budget), in batches."""
+    """The copies to verify in this run (oldest verified first, within the budget), in batches;
+    with `part` (partitions, partition), only those of that partition's items."""
     with session_scope() as s:
-        selection = verify.select_checks(s, budget_bytes=budget_bytes, storages=storages)
+        selection = verify.select_checks(s, budget_bytes=budget_bytes, storages=storages, part=part)
     return selection, verify.batch_checks(selection.checks, max_files=max_files, max_bytes=max_bytes)
 
 

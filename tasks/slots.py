@@ -9,18 +9,21 @@ Prefect UI or `prefect gcl update storage:NAME --limit N` (`--disable` lifts it)
 Slots are leased: the holder renews its lease while the batch runs (Prefect's lease renewal
 thread, every 3/4 of DLM_TRANSFER__SLOT_LEASE_S), and a holder that dies without releasing
 (kill -9, a lost machine) stops renewing, so the server's repossessor frees its slot at most
-slot_lease_s + PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS after the last renewal.
+slot_lease_s + PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS after the last renewal. Sooner
+on the same host: the next DLM run there releases the leases of dead holders as it starts
+(tasks/orphans.py).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from lifecycle.errors import TransientError
 from lifecycle.settings import get_settings
+from tasks import orphans
 
 PREFIX = "storage:"
 _known: set[tuple[str, str]] = set()  # (API URL, limit) this process saw exist
@@ -72,10 +75,24 @@ def _holder() -> Any:
 def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     """Hold one slot of each storage's limit for the duration of the block.
 
+    What Prefect's `concurrency()` does (acquire with a lease, renew it while the block runs,
+    release), with the lease recorded under `$DLM_HOME/runs/` while held (tasks/orphans.py), so
+    that the next run on this host releases it at once if this process is killed.
+
     Raises TransientError when the slots are not free within DLM_TRANSFER__SLOT_WAIT_S (the
     batch task is then retried like any transient failure).
     """
-    from prefect.concurrency.sync import concurrency
+    # Prefect 3.9's own pieces of `concurrency()`: it keeps the lease id to itself
+    from prefect.concurrency._events import (
+        emit_concurrency_acquisition_events,
+        emit_concurrency_release_events,
+    )
+    from prefect.concurrency._leases import maintain_concurrency_lease
+    from prefect.concurrency._sync import (
+        acquire_concurrency_slots_with_lease,
+        release_concurrency_slots_with_lease,
+    )
+    from prefect.settings import PREFECT_API_URL
 
     names = sorted({limit_name(s) for s in storages})
     if not names:
@@ -83,24 +100,27 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
         return
     t = get_settings().transfer
     ensure_limits(names)
-    holder = _holder()
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(
-                concurrency(
-                    names,
-                    occupy=1,
-                    timeout_seconds=t.slot_wait_s,
-                    lease_duration=t.slot_lease_s,
-                    strict=False,
-                    holder=holder,
-                    # a renewal that fails once (a server restart) must not kill a transfer
-                    raise_on_lease_renewal_failure=False,
-                )
-            )
-        except TimeoutError:
-            raise TransientError(
-                f"waited {t.slot_wait_s:g}s for a slot of {', '.join(names)}: other batches hold "
-                "them all (raise the limit with `prefect gcl update`, or DLM_TRANSFER__SLOT_WAIT_S)"
-            ) from None
+    try:
+        acquired = acquire_concurrency_slots_with_lease(
+            names, 1, timeout_seconds=t.slot_wait_s, lease_duration=t.slot_lease_s, holder=_holder()
+        )
+    except TimeoutError:
+        raise TransientError(
+            f"waited {t.slot_wait_s:g}s for a slot of {', '.join(names)}: other batches hold "
+            "them all (raise the limit with `prefect gcl update`, or DLM_TRANSFER__SLOT_WAIT_S)"
+        ) from None
+    if not acquired.limits:  # the limits are gone or inactive (`prefect gcl update --disable`)
         yield
+        return
+    record = orphans.record_lease(acquired.lease_id, names, str(PREFECT_API_URL.value() or ""))
+    emitted = emit_concurrency_acquisition_events(acquired.limits, 1)
+    try:
+        # a renewal that fails once (a server restart) must not kill a transfer
+        with maintain_concurrency_lease(
+            acquired.lease_id, t.slot_lease_s, raise_on_lease_renewal_failure=False
+        ):
+            yield
+    finally:
+        release_concurrency_slots_with_lease(acquired.lease_id)
+        record.unlink(missing_ok=True)  # (kept when the release failed: the next run retries it)
+        emit_concurrency_release_events(acquired.limits, 1, emitted)

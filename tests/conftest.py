@@ -37,11 +37,11 @@ def _isolated_env(
         if key.startswith("DLM_") and key != "DLM_TEST_POSTGRES_URL" and not key.startswith("DLM_SOAK"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("DLM_HOME", str(tmp_path_factory.mktemp("dlmhome")))
-    # The session shares one Prefect test harness, whose server runs no lease repossessor, and
-    # the fault tests kill -9 runs holding `storage:NAME` slots of storages named alike in
-    # many tests: with the default 4 slots the leaks would add up until a later batch waits for
-    # good. Slots themselves are tested on real servers (tests/workers/test_slots.py).
-    monkeypatch.setenv("DLM_TRANSFER__STORAGE_SLOTS", "10000")
+    # The session shares one Prefect test harness, whose server runs no lease repossessor: a
+    # slot a killed run held stays taken until a later run on the same DLM home releases it
+    # (tasks/orphans.py; the fault tests' `dlm_proc` does so for the runs it kills). A leak
+    # would hold the next batch on that storage back: let it fail in minutes, not hang an hour.
+    monkeypatch.setenv("DLM_TRANSFER__SLOT_WAIT_S", "120")
     settings_mod.reset_settings()
     yield
     settings_mod.reset_settings()

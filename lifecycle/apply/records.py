@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from enum import StrEnum
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, select, update
 from sqlmodel import Session, col
 
 from lifecycle.apply.delete import apply_delete_batch
@@ -89,17 +89,28 @@ def mark_expired(session: Session, expires: Sequence[ExpireItem], *, actor: str)
     return len(done)
 
 
-def finish_expired(session: Session, *, actor: str) -> int:
-    """EXPIRED items with no copy left become DELETED tombstones."""
+def _expired_without_copies() -> ColumnElement[bool]:
+    """EXPIRED items with no live copy left: what finish_expired tombstones."""
     live_copy = (
         select(col(Replica.item_oid))
         .where(col(Replica.state).notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]))
         .where(col(Replica.item_oid) == col(Item.oid))
         .exists()
     )
+    return and_(col(Item.state) == ItemState.EXPIRED.value, ~live_copy)
+
+
+def expired_to_finish(session: Session) -> bool:
+    """Whether finish_expired has an item to tombstone (reads only)."""
+    found = session.execute(select(col(Item.oid)).where(_expired_without_copies()).limit(1)).first()
+    return found is not None
+
+
+def finish_expired(session: Session, *, actor: str) -> int:
+    """EXPIRED items with no copy left become DELETED tombstones."""
     done = session.execute(
         update(Item)
-        .where(col(Item.state) == ItemState.EXPIRED.value, ~live_copy)
+        .where(_expired_without_copies())
         .values(state=ItemState.DELETED.value, updated_at=utcnow())
         .returning(col(Item.oid), col(Item.name), col(Item.version))
     ).all()

@@ -63,6 +63,21 @@ class _Upload:
     copies: list[Any] = field(default_factory=list)  # (uid, storage_id, path, state)
 
 
+def _abandoned(timeout: timedelta) -> tuple[Any, ...]:
+    """The items that are uploads nobody finished within `timeout` (declared checksum, still
+    INITIALISED)."""
+    return (
+        col(Item.state) == ItemState.INITIALISED.value,
+        col(Item.checksum).is_not(None),
+        col(Item.created_at) < utcnow() - timeout,
+    )
+
+
+def any_abandoned_uploads(session: Session, *, timeout: timedelta) -> bool:
+    """Whether an expire run has an unfinished upload to settle (reads only)."""
+    return session.execute(select(col(Item.oid)).where(*_abandoned(timeout)).limit(1)).first() is not None
+
+
 def settle_abandoned_uploads(
     session: Session, *, timeout: timedelta, actor: str = "dlm", limit: int = MAX_PER_RUN
 ) -> AbandonedReport:
@@ -79,11 +94,7 @@ def settle_abandoned_uploads(
             col(Item.checksum),
             col(Item.checksum_algo),
         )
-        .where(
-            col(Item.state) == ItemState.INITIALISED.value,
-            col(Item.checksum).is_not(None),
-            col(Item.created_at) < utcnow() - timeout,
-        )
+        .where(*_abandoned(timeout))
         .order_by(col(Item.created_at))
         .limit(limit)
     )

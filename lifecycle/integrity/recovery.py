@@ -109,12 +109,18 @@ def temp_is_dead(name: str, *, mtime: float, stale_after: timedelta, now: float 
 
 
 def remove_dead_temp_files(
-    session: Session, *, stale_after: timedelta, actor: str = "dlm", report: RecoveryReport | None = None
+    session: Session,
+    *,
+    stale_after: timedelta,
+    actor: str = "dlm",
+    report: RecoveryReport | None = None,
+    dry_run: bool = False,
 ) -> RecoveryReport:
     """Remove the temporary upload files of dead processes under the root of every online or
     draining posix storage (a walk that follows no symlink); count and bytes in the report,
     one `storage.temp_removed` event per storage. Files whose path a catalogue copy holds are
-    kept. An unreadable tree is reported per storage. Raises TransientError (catalogue)."""
+    kept. An unreadable tree is reported per storage. With `dry_run`, only count what would
+    be removed (nothing removed, no event). Raises TransientError (catalogue)."""
     report = report or RecoveryReport()
     storages = session.execute(
         select(col(Storage.id), col(Storage.name), col(Storage.root)).where(
@@ -164,7 +170,8 @@ def remove_dead_temp_files(
                 if rel in held:
                     continue
                 try:
-                    os.unlink(full)
+                    if not dry_run:
+                        os.unlink(full)
                 except FileNotFoundError:
                     continue
                 except OSError as exc:
@@ -187,12 +194,27 @@ def remove_dead_temp_files(
                         },
                     }
                 )
-    audit.record_many(session, events)
+    if not dry_run:
+        audit.record_many(session, events)
     return report
 
 
 def _raise(exc: OSError) -> None:
     raise exc
+
+
+def rows_in_flight(session: Session, *, stale_after: timedelta) -> bool:
+    """Whether recovery has rows to look at: a copy or deletion in flight (a live run's, or a
+    dead one's to settle), or a transfer a dead run left RUNNING. Reads only; cheap (no
+    storage is touched), so a run with nothing to do can tell it needs no recovery."""
+    cutoff = utcnow() - stale_after
+    in_flight = select(col(Replica.uid)).where(col(Replica.state).in_(IN_FLIGHT)).limit(1)
+    abandoned = (
+        select(col(Transfer.id))
+        .where(col(Transfer.state) == TransferState.RUNNING.value, col(Transfer.started_at) < cutoff)
+        .limit(1)
+    )
+    return session.execute(in_flight).first() is not None or session.execute(abandoned).first() is not None
 
 
 def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "dlm") -> RecoveryReport:

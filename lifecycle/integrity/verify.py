@@ -46,6 +46,7 @@ from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.errors import StorageError
 from lifecycle.planning.batching import cut
+from lifecycle.planning.partition import check_partition, in_partition
 from lifecycle.reports import VerifyBatchRow
 from lifecycle.settings import Settings, get_settings
 from lifecycle.states import (
@@ -123,14 +124,19 @@ def select_checks(
     budget_bytes: int,
     storages: Sequence[str] | None = None,
     limit: int | None = None,
+    part: tuple[int, int] | None = None,
 ) -> Selection:
     """The copies to verify now: READY, CORRUPTED and (when nothing took their place) LOST
     copies of READY or CORRUPTED items with a checksum, on online or draining storages,
     oldest `verified_at` first (never verified first), until the next one would exceed
     `budget_bytes` (the first always goes) or `limit` copies. LOST copies cost no budget.
+    With `part` (partitions, partition), only the copies of the items in that partition
+    (lifecycle.planning.partition): every copy of an item falls in one partition.
 
-    Raises StorageNotFoundError for an unknown storage name.
+    Raises StorageNotFoundError for an unknown storage name, InvalidValueError for a bad `part`.
     """
+    if part is not None:
+        check_partition(*part)
     sel = Selection(budget_bytes=budget_bytes)
     ids = [get_storage(name, session=session).id for name in storages or ()]
     q = (
@@ -152,6 +158,8 @@ def select_checks(
     try:
         for row in result:
             check = check_of(row)
+            if part is not None and not in_partition(check.item_oid, *part):
+                continue
             if check.algo not in HASHES:
                 sel.unsupported += 1
                 continue

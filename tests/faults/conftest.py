@@ -52,6 +52,12 @@ def dlm_proc(flows_env: None) -> Iterator[Callable[..., subprocess.Popen[bytes]]
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.communicate(timeout=30)
+    # what the runs killed here held on the session's Prefect server (slots, Running flow
+    # runs), as the next run on this DLM home would release it
+    from tasks.orphans import clean_up_dead_runs, dead_records
+
+    clean_up_dead_runs()
+    assert dead_records() == [], "a killed run's slot leases or flow run could not be released"
 
 
 def kill_group(p: subprocess.Popen[bytes]) -> None:

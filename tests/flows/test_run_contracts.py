@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from lifecycle.reports import (
     parse_report,
 )
 from lifecycle.runs import PIPELINES, Pipeline, RunOption, accepting
+from tests.flows.dlm_process import dlm, dlm_env, files, run_json
 
 UNKNOWN = (
     "dlm: error: unknown pipeline 'nope': use one of replicate, migrate, expire, rebalance, verify, reconcile"
@@ -34,26 +33,11 @@ UNKNOWN = (
 PAYLOAD = os.urandom(20_000) + b"dlm run contracts"
 
 
-def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "PREFECT_"))}
-    env.update(
-        DLM_HOME=str(home), DLM_OWNER="tester", COLUMNS="200", PREFECT_SERVER_ANALYTICS_ENABLED="false"
-    )
-    env.update(extra)
-    return env
-
-
-def _dlm(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dlm.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
 # --------------------------------------------------------------------------- the registry drives the CLI
 
 
 def test_dlm_run_help_names_every_pipeline_of_the_registry(tmp_path: Path) -> None:
-    res = _dlm(_env(tmp_path / "home"), "run", "--help")
+    res = dlm(dlm_env(tmp_path / "home"), "run", "--help")
 
     assert res.returncode == 0, res.stderr
     for spec in PIPELINES.values():
@@ -63,7 +47,7 @@ def test_dlm_run_help_names_every_pipeline_of_the_registry(tmp_path: Path) -> No
 
 def test_an_unknown_pipeline_is_one_line_exit_2_and_changes_nothing(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    res = _dlm(_env(home), "run", "nope")
+    res = dlm(dlm_env(home), "run", "nope")
 
     assert (res.returncode, res.stdout, res.stderr) == (2, "", UNKNOWN + "\n")
     assert not (home / "dlm.db").exists()
@@ -84,10 +68,11 @@ def test_options_a_pipeline_does_not_take_are_refused_by_name(pipeline: Pipeline
         RunOption.STORAGE: ["--storage", "a"],
         RunOption.BUDGET: ["--budget", "1GiB"],
         RunOption.ADOPT: ["--adopt"],
+        RunOption.PARTITIONS: ["--partitions", "2"],
     }
     refused = [o for o in RunOption if o not in PIPELINES[pipeline].options]
     for option in refused:
-        res = _dlm(_env(home), "run", pipeline, *flags[option])
+        res = dlm(dlm_env(home), "run", pipeline, *flags[option])
         takers = [p.value for p in accepting(option)]
         assert res.returncode == 2, (option, res.stderr)
         assert res.stderr == f"dlm: error: --{option} applies to {' and '.join(takers)} only\n"
@@ -135,33 +120,20 @@ def estate(tmp_path: Path, flows_env: None) -> dict[str, Any]:
     session's Prefect server."""
     from prefect.settings import PREFECT_API_URL
 
-    env = _env(
+    env = dlm_env(
         tmp_path / "home", PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_HOME=str(tmp_path / "ph")
     )
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        res = _dlm(env, "storage", "add", name, "--kind", "posix", "--root", str(tmp_path / name))
+        res = dlm(env, "storage", "add", name, "--kind", "posix", "--root", str(tmp_path / name))
         assert res.returncode == 0, res.stderr
     payload = tmp_path / "payload.bin"
     payload.write_bytes(PAYLOAD)
-    res = _dlm(
+    res = dlm(
         env, "ingest", "--storage", "a", "--upload", str(payload), "--name", "c/p.bin", "--phase", "LIQUID"
     )
     assert res.returncode == 0, res.stderr
     return {"env": env, "a": tmp_path / "a", "b": tmp_path / "b"}
-
-
-def _run_json(env: dict[str, str], *args: str) -> tuple[dict[str, Any], Any]:
-    res = _dlm(env, "run", *args, "--json")
-    assert res.returncode == 0, f"dlm run {' '.join(args)}: {res.returncode}\n{res.stdout}\n{res.stderr}"
-    data = json.loads(res.stdout)
-    report = parse_report(res.stdout)
-    assert report.as_json() == data  # the model reads back exactly what the CLI printed
-    return data, report
-
-
-def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".dlm" not in p.name)
 
 
 @pytest.mark.prefect
@@ -169,40 +141,53 @@ def test_every_pipeline_runs_from_the_cli_and_prints_its_report(estate: dict[str
     env = estate["env"]
     kinds = {Pipeline.VERIFY: VerifyReport, Pipeline.RECONCILE: ReconcileReport}
     for pipeline in Pipeline:
-        data, report = _run_json(env, pipeline, "--dry-run")
+        data, report = run_json(env, pipeline, "--dry-run")
         assert report.pipeline is pipeline and data["pipeline"] == pipeline.value
         assert isinstance(report, kinds.get(pipeline, PipelineReport)) and report.dry_run
         if pipeline is not Pipeline.VERIFY:  # a dry run settles nothing: no recovery counts
             assert "recovered" not in data, data["recovered"]
-    assert _files(estate["b"]) == []  # dry runs changed nothing on the storages
+    assert files(estate["b"]) == []  # dry runs changed nothing on the storages
 
-    data, report = _run_json(env, "replicate", "--dry-run")
+    data, report = run_json(env, "replicate", "--dry-run")
     assert isinstance(report, PipelineReport)
     assert [(a.action, a.from_, a.to) for a in report.actions] == [("copy", "a", "b")]
     assert "copied" not in data  # what a dry run did not do is not in its JSON
-    shown = _dlm(env, "run", "replicate", "--dry-run")  # for people: the same plan, as a table
+    shown = dlm(env, "run", "replicate", "--dry-run")  # for people: the same plan, as a table
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("replicate (dry run: nothing changed): planned 1 copies")
     assert report.actions[0].item[:8] in shown.stdout and "Plan" in shown.stdout
 
-    _, report = _run_json(env, "replicate")
+    _, report = run_json(env, "replicate")
     assert isinstance(report, PipelineReport)
     assert (report.copied, report.failed, report.below_target_after) == (1, 0, 0)
     (batch,) = report.batches
     assert (batch.kind, batch.from_, batch.to, batch.done) == ("copy", "a", "b", 1) and batch.stages
-    (copied,) = _files(estate["b"])
+    (copied,) = files(estate["b"])
     assert (estate["b"] / copied).read_bytes() == PAYLOAD
 
-    _, verified = _run_json(env, "verify")
+    # again: nothing to do, said without a flow run, in the same report
+    runs = _flow_runs()
+    again, idle = run_json(env, "replicate")
+    assert isinstance(idle, PipelineReport) and again["nothing_to_do"] is True
+    assert (idle.copied, idle.failed, idle.below_target_after, idle.batches) == (0, 0, 0, [])
+    assert set(again) == set(report.as_json()) | {"nothing_to_do"}
+    shown = dlm(env, "run", "replicate")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("replicate: planned 0 copies")
+    assert "copied 0 (0 B), deleted 0, failed 0; items below target now: 0" in shown.stdout
+    assert "nothing to do: no flow run started" in shown.stdout
+    assert _flow_runs() == runs
+
+    _, verified = run_json(env, "verify")
     assert isinstance(verified, VerifyReport)
     assert (verified.intact, verified.corrupted, verified.lost) == (2, 0, 0)
-    shown = _dlm(env, "run", "verify", "--storage", "b")
+    shown = dlm(env, "run", "verify", "--storage", "b")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("verify: budget_bytes ") and "intact 1" in shown.stdout
     assert "Batches" in shown.stdout
 
     # reconcile without --storage takes every storage, as its daily schedule does
-    _, reconciled = _run_json(env, "reconcile")
+    _, reconciled = run_json(env, "reconcile")
     assert isinstance(reconciled, ReconcileReport)
     assert (reconciled.storage, reconciled.listed, reconciled.matched, reconciled.unknown) == (
         "a, b",
@@ -210,3 +195,11 @@ def test_every_pipeline_runs_from_the_cli_and_prints_its_report(estate: dict[str
         2,
         0,
     )
+
+
+def _flow_runs() -> int:
+    """How many flow runs the session's Prefect server has recorded."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.count_flow_runs()

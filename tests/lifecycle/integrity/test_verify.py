@@ -10,7 +10,15 @@ import pytest
 from lifecycle.catalogue.catalog import get_item
 from lifecycle.catalogue.db import session_scope
 from lifecycle.integrity.verify import VerifyResult, batch_checks, select_checks, verify_batch
-from tests.factories import Estate, event_kinds, ingest_payloads, payload, rot_and_lose, states_of
+from tests.factories import (
+    Estate,
+    event_kinds,
+    ingest_payloads,
+    on_hot_and,
+    payload,
+    rot_and_lose,
+    states_of,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -76,3 +84,32 @@ def test_the_budget_reads_the_oldest_verified_copies_first(estate: Estate, tmp_p
     with session_scope() as s:
         second = select_checks(s, budget_bytes=3000)
     assert [c.path for c in second.checks] == sorted(set(NAMES) - {c.path for c in first.checks})
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_partitions_share_the_copies_by_item_each_once(estate: Estate, tmp_path: Path, k: int) -> None:
+    from lifecycle.planning.partition import in_partition
+
+    names = [f"p{i:02d}.dat" for i in range(12)]
+    on_hot_and("warm", names, staging=tmp_path / "staging")
+    with session_scope() as s:
+        whole = select_checks(s, budget_bytes=10**9)
+        parts = [select_checks(s, budget_bytes=10**9, part=(k, i)) for i in range(k)]
+
+    assert len(whole.checks) == 24  # two copies of each item
+    uids = [c.replica_uid for p in parts for c in p.checks]
+    assert sorted(uids) == sorted(c.replica_uid for c in whole.checks)  # none left out, none twice
+    for i, p in enumerate(parts):  # an item's copies stay together, in the item's partition
+        assert all(in_partition(c.item_oid, k, i) for c in p.checks)
+        assert len(p.checks) == 2 * len({c.item_oid for c in p.checks})
+
+
+def test_a_partitions_budget_counts_only_its_own_copies(estate: Estate, tmp_path: Path) -> None:
+    names = [f"b{i:02d}.dat" for i in range(40)]
+    ingest_payloads("hot", {n: payload(n) for n in names}, staging=tmp_path / "staging")
+    with session_scope() as s:
+        mine = select_checks(s, budget_bytes=10**9, part=(2, 0))
+        capped = select_checks(s, budget_bytes=2 * 3000, part=(2, 0))
+    assert len(mine.checks) >= 3  # (40 items: fewer than 3 in it at odds of 1 in a billion)
+    assert [c.replica_uid for c in capped.checks] == [c.replica_uid for c in mine.checks[:2]]
+    assert capped.budget_reached
