@@ -13,7 +13,8 @@ import uuid
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
 from lifecycle.catalogue.models import Dataset, Event, Item, Replica, Storage
@@ -23,7 +24,7 @@ from lifecycle.catalogue.public import (
     ItemPublic,
     ReplicaPublic,
 )
-from lifecycle.catalogue.query_sql import compile_filter
+from lifecycle.catalogue.query_sql import compile_filter, index_documents
 from lifecycle.errors import DatasetNotFoundError, InvalidValueError, ItemNotFoundError
 
 MAX_PAGE = 1000
@@ -83,13 +84,70 @@ def items_page(
         stmt = stmt.where(
             or_(col(Item.name) > name, and_(col(Item.name) == name, col(Item.version) > version))
         )
-    rows = list(
-        session.execute(stmt.order_by(col(Item.name), col(Item.version)).limit(limit + 1)).scalars().all()
-    )
+    rows = _from_index(session, stmt, where, limit + 1)
+    if rows is None:
+        ordered = stmt.order_by(col(Item.name), col(Item.version)).limit(limit + 1)
+        rows = list(session.execute(ordered).scalars().all())
     more = len(rows) > limit
     rows = rows[:limit]
     last = (rows[-1].name, rows[-1].version) if more and rows else None
     return ItemPage(items=[ItemPublic.of(i) for i in rows], last=last)
+
+
+# A metadata filter matching at most this many items is answered from the GIN index (then
+# sorted); one matching more walks the items in name order until the page is full. The two
+# plans cost the same, for a million items whose matches are spread evenly in name order, at
+# about sqrt(100 x 1,000,000) = 10,000 matches; matches that cluster in name order (a run's
+# items share a prefix) make the walk much longer, so the index is kept up to twice that.
+INDEX_ROWS = 20_000
+SAMPLE_FROM_ROWS = 100_000  # smaller catalogues: no sample, the capped index read decides
+_SAMPLE_PERCENT = 1
+
+
+def _from_index(session: Session, stmt: Any, where: str | None, n: int) -> list[Item] | None:
+    """On PostgreSQL, for a filter with a metadata equality (`meta.KEY = 'x'`), the first `n`
+    rows of `stmt` by name and version read through the GIN index ix_item_meta, when few items
+    match; None otherwise (and elsewhere): then the items are walked in name order.
+
+    PostgreSQL cannot estimate how many items a JSON value matches (it guesses about 0.5%), so
+    left alone it may walk a million items in name order for a value ten items hold. Here a 1%
+    sample of the table's pages estimates the matches; at most INDEX_ROWS: they are read from
+    the index (at most INDEX_ROWS + 1 of them) and sorted, and their count says whether that
+    was all of them (else the walk, after all)."""
+    docs = [] if where is None else index_documents(where)
+    if not docs or session.get_bind().dialect.name != "postgresql":
+        return None
+    params = {f"doc{i}": doc for i, doc in enumerate(docs)}
+    contains = " AND ".join(f"meta @> CAST(:doc{i} AS JSONB)" for i in range(len(docs)))
+    total = session.execute(text("SELECT reltuples FROM pg_class WHERE oid = 'item'::regclass")).scalar()
+    if total is not None and total >= SAMPLE_FROM_ROWS:
+        hits, seen = session.execute(
+            text(
+                f"SELECT count(*) FILTER (WHERE {contains}), count(*) "
+                f"FROM item TABLESAMPLE SYSTEM ({_SAMPLE_PERCENT})"
+            ),
+            params,
+        ).one()
+        if seen and hits / seen * total > INDEX_ROWS:
+            return None
+    # the planner may use the index only, for this transaction (a failure rolls it back)
+    saved = session.execute(
+        text(
+            "SELECT current_setting('enable_seqscan'), current_setting('enable_indexscan'), "
+            "set_config('enable_seqscan', 'off', true), set_config('enable_indexscan', 'off', true)"
+        )
+    ).one()
+    matches = stmt.limit(INDEX_ROWS + 1).subquery()  # `stmt` holds the containments already
+    item = aliased(Item, matches)
+    page = select(item, func.count().over()).order_by(col(item.name), col(item.version)).limit(n)
+    rows = session.execute(page).all()
+    session.execute(
+        text("SELECT set_config('enable_seqscan', :seq, true), set_config('enable_indexscan', :idx, true)"),
+        {"seq": saved[0], "idx": saved[1]},
+    )
+    if rows and rows[0][1] > INDEX_ROWS:
+        return None
+    return [r[0] for r in rows]
 
 
 def visible_item(oid: uuid.UUID, *, session: Session, owner: str | None) -> Item:

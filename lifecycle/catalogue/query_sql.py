@@ -4,6 +4,7 @@ PostgreSQL: literals are bound parameters, never spliced into the SQL.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
@@ -121,6 +122,18 @@ class _MetaNumber(FunctionElement[float]):
     inherit_cache = True
 
 
+class _MetaContains(FunctionElement[bool]):
+    """PostgreSQL: `meta @> DOC`, which the GIN index ix_item_meta answers; elsewhere true.
+
+    Only ever ANDed to a comparison that implies it (`meta.a.b = 'x'` implies meta contains
+    {"a": {"b": "x"}}), so the result is the same: it only lets PostgreSQL find the rows
+    through the index instead of reading every item."""
+
+    name = "dlm_meta_contains"
+    type = sa.Boolean()
+    inherit_cache = True
+
+
 def _args(element: FunctionElement[Any], compiler: SQLCompiler, **kw: Any) -> list[str]:
     return [compiler.process(clause, **kw) for clause in element.clauses]
 
@@ -145,6 +158,66 @@ def _bytewise_sqlite(element: _Bytewise, compiler: SQLCompiler, **kw: Any) -> st
 @compiles(_Bytewise, "postgresql")
 def _bytewise_postgresql(element: _Bytewise, compiler: SQLCompiler, **kw: Any) -> str:
     return f'({_args(element, compiler, **kw)[0]} COLLATE "C")'
+
+
+def _document(node: Compare) -> str | None:
+    """The JSON document `meta` contains wherever `node` (a meta comparison) holds: for an
+    equality with text, a whole number or a boolean (a float is left out: JSON and SQL may
+    round it differently); None for any other comparison."""
+    value = node.value
+    if not node.field.startswith("meta.") or node.op != "=":
+        return None
+    if not (_jsonb_safe(value) or isinstance(value, bool) or type(value) is int):
+        return None
+    doc: Any = value
+    for key in reversed(node.field.split(".")[1:]):
+        doc = {key: doc}
+    return json.dumps(doc)
+
+
+def _containment(node: Compare) -> ColumnElement[bool] | None:
+    doc = _document(node)
+    return None if doc is None else _MetaContains(col(Item.meta), sa.literal(doc, sa.Text()))
+
+
+def index_documents(text: str) -> list[str]:
+    """The JSON documents every item a filter selects has its metadata contain (its meta
+    equalities that are not under an `or` or a `not`): what PostgreSQL's GIN index
+    ix_item_meta answers (`meta @> DOC`). Raises InvalidFilterError."""
+    found: list[str] = []
+    todo: list[Expr] = [parse(text)]
+    while todo:
+        expr = todo.pop()
+        if isinstance(expr, And):
+            todo.extend(expr.operands)
+        elif isinstance(expr, Compare):
+            doc = _document(expr)
+            if doc is not None:
+                found.append(doc)
+    return found
+
+
+def _jsonb_safe(value: object) -> bool:
+    """Text PostgreSQL's jsonb takes as it is (no NUL, no lone surrogate; metadata never holds
+    those, so such a comparison needs no index)."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@compiles(_MetaContains)  # SQLite, and str() of a statement
+def _contains_sqlite(element: _MetaContains, compiler: SQLCompiler, **kw: Any) -> str:
+    return "1"
+
+
+@compiles(_MetaContains, "postgresql")
+def _contains_postgresql(element: _MetaContains, compiler: SQLCompiler, **kw: Any) -> str:
+    meta, doc = _args(element, compiler, **kw)
+    return f"({meta} @> CAST({doc} AS JSONB))"
 
 
 # Meta constructs take (meta column, SQLite JSON path, key, key, ...): SQLite uses the path,
@@ -310,7 +383,12 @@ class _Compiler:
         return _ordered(column, ">=", start)
 
     def meta(self, node: Compare) -> ColumnElement[bool]:
-        args = _meta_args(node.field.split(".")[1:])
+        cond = self._meta(node, node.field.split(".")[1:])
+        contains = _containment(node)
+        return cond if contains is None else sa.and_(contains, cond)
+
+    def _meta(self, node: Compare, keys: list[str]) -> ColumnElement[bool]:
+        args = _meta_args(keys)
         value = node.value
         if value is None:
             return _MetaKind(*args).in_(["null", "missing"])
