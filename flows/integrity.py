@@ -22,6 +22,7 @@ from flows.events import enable_publishing
 from flows.partitions import fan_out
 from flows.pipelines import quiet_dlm_errors, run_actor
 from flows.plan_report import storage_names
+from flows.run_record import recorded_run
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
@@ -173,8 +174,9 @@ def _verify_run(
         _fail_if(failures, report)
         return report
     part = (partitions, partition) if partitions > 1 and partition is not None else None
-    report = _verify(storage, budget_bytes, repair, dry_run, part=part)
-    _fail_if(report.failures or [], report)
+    with recorded_run(Pipeline.VERIFY, dry_run=dry_run, actor=run_actor(), part=part) as rec:
+        report = rec.done(_verify(storage, budget_bytes, repair, dry_run, part=part))
+        _fail_if(report.failures or [], report)
     return report
 
 
@@ -331,8 +333,8 @@ def reconcile(
     their object metadata), mark missing copies LOST and resized ones CORRUPTED, and with
     `repair` copy intact bytes back over them. `dry_run` changes nothing."""
     _enable_publishing()
-    with tracked_run():
-        return _reconcile(storage, adopt, repair, dry_run)
+    with tracked_run(), recorded_run(Pipeline.RECONCILE, dry_run=dry_run, actor=run_actor()) as rec:
+        return rec.done(_reconcile(storage, adopt, repair, dry_run))
 
 
 def _reconcile(storage: str | None, adopt: bool, repair: bool, dry_run: bool) -> ReconcileReport:

@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from flows.events import enable_publishing
 from flows.partitions import fan_out, wait_for_window
 from flows.plan_report import plan_rows, storage_names
+from flows.run_record import recorded_run
 from lifecycle.apply.records import SettleStage
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
@@ -195,8 +196,8 @@ def run_pipeline(
     with tracked_run():
         if dry_run:
             return _plan_and_apply(pipeline, dry_run=True, items=items, actor=actor, part=part)
-        with catalogue_writer(pipeline):
-            return _plan_and_apply(pipeline, dry_run=False, items=items, actor=actor, part=part)
+        with catalogue_writer(pipeline), recorded_run(pipeline, dry_run=False, actor=actor, part=part) as rec:
+            return rec.done(_plan_and_apply(pipeline, dry_run=False, items=items, actor=actor, part=part))
 
 
 def _plan_and_apply(

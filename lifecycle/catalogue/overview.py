@@ -166,3 +166,38 @@ def overview(*, session: Session, limit: int = 20) -> OverviewPublic:
         failures=_transfers(session, limit=limit, failed_only=True),
         events=latest_events(session=session, limit=limit),
     )
+
+
+class TransferTotalsPublic(BaseModel):
+    """Transfers between one pair of storages, of one kind, that ended (or stand) in one state."""
+
+    src: str | None
+    dst: str | None
+    kind: str
+    state: TransferState
+    transfers: int
+    bytes: int
+
+
+def transfer_totals(*, session: Session) -> list[TransferTotalsPublic]:
+    """Transfers counted per (source, destination, kind, state), with their bytes: one GROUP BY."""
+    src, dst = aliased(Storage), aliased(Storage)
+    rows = session.execute(
+        select(
+            col(src.name),
+            col(dst.name),
+            col(Transfer.kind),
+            col(Transfer.state),
+            func.count(),
+            func.coalesce(func.sum(col(Transfer.bytes)), 0),
+        )
+        .outerjoin(src, col(src.id) == col(Transfer.src_storage_id))
+        .outerjoin(dst, col(dst.id) == col(Transfer.dst_storage_id))
+        .group_by(col(src.name), col(dst.name), col(Transfer.kind), col(Transfer.state))
+    ).all()
+    return [
+        TransferTotalsPublic(
+            src=s, dst=d, kind=str(k), state=TransferState(st), transfers=int(n), bytes=int(b)
+        )
+        for s, d, k, st, n, b in rows
+    ]
