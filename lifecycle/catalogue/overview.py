@@ -21,6 +21,7 @@ from lifecycle.catalogue.access import EventRowPublic
 from lifecycle.catalogue.catalog import below_target_subquery
 from lifecycle.catalogue.models import Event, Item, Storage, Transfer
 from lifecycle.catalogue.public import IsoDateTime, StatusPublic
+from lifecycle.catalogue.run_log import recent_runs
 from lifecycle.redact import redact, redact_value
 from lifecycle.states import Phase, TransferState
 
@@ -61,8 +62,25 @@ class EventLinePublic(EventRowPublic):
     storage: str | None
 
 
+class RunLinePublic(BaseModel):
+    """One finished pipeline run of the run log (lifecycle.catalogue.run_log)."""
+
+    pipeline: str
+    partition: str | None
+    outcome: str
+    finished_at: IsoDateTime
+    duration_s: float
+    copied: int
+    deleted: int
+    failed: int
+    bytes_moved: int
+    error: str | None  # redacted, one line
+    flow_run_id: str | None
+
+
 class OverviewPublic(BaseModel):
     status: StatusPublic
+    runs: list[RunLinePublic]  # the latest `limit` finished runs, newest first
     below_target: list[BelowTargetPublic]  # the first `limit`, by name and version
     transfers_by_state: dict[str, int]
     transfers: list[TransferLinePublic]  # the latest `limit`, newest first
@@ -160,6 +178,12 @@ def overview(*, session: Session, limit: int = 20) -> OverviewPublic:
     }
     return OverviewPublic(
         status=public.status(session=session),
+        runs=[
+            RunLinePublic.model_validate(
+                {**r.model_dump(), "error": one_line_error(r.error)}, from_attributes=False
+            )
+            for r in recent_runs(session, limit)
+        ],
         below_target=below_target(session=session, limit=limit),
         transfers_by_state=by_state,
         transfers=_transfers(session, limit=limit, failed_only=False),

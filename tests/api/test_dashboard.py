@@ -29,7 +29,8 @@ from deployments.server import free_port
 from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.apply.records import delete_item_now
 from lifecycle.catalogue.db import get_engine, session_scope
-from lifecycle.catalogue.models import Transfer
+from lifecycle.catalogue.models import Transfer, utcnow
+from lifecycle.catalogue.run_log import PipelineRun
 from lifecycle.catalogue.storages import get_storage, set_storage_state
 from lifecycle.catalogue.tokens import TokenCreate, create_token, revoke_token
 from lifecycle.planning.pipelines import policy_from
@@ -218,6 +219,31 @@ def build_estate(tmp_path: Path, s3: object, bucket: str) -> dict[str, str]:
             flow_run_id=str(uuid.uuid4()),
         )
         s.add(secret_row)
+        # two finished runs in the run log (real runs write it: tests/api/test_run_metrics.py)
+        now = utcnow()
+        s.add(
+            PipelineRun(
+                pipeline="replicate",
+                outcome="completed",
+                started_at=now,
+                duration_s=12.5,
+                copied=3,
+                bytes_moved=4096,
+                flow_run_id=str(uuid.uuid4()),
+            )
+        )
+        s.add(
+            PipelineRun(
+                pipeline="verify",
+                partition="2/4",
+                outcome="failed",
+                started_at=now,
+                duration_s=3.5,
+                failed=1,
+                error="listing s3://ops:hunter2@cold.example failed",
+                flow_run_id=str(uuid.uuid4()),
+            )
+        )
         s.flush()
         return {"secret": str(secret_row.id), "flow_run_id": str(secret_row.flow_run_id)}
 
@@ -295,6 +321,12 @@ def test_dashboard_shows_the_catalogues_numbers(
         assert run.get_attribute("href") == f"{PREFECT_UI}/runs/flow-run/{injected['flow_run_id']}"
         assert page.locator('#prefect-links a[href="http://127.0.0.1:9/runs"]').count() == 1
         assert page.locator("#no-prefect-ui").count() == 0
+        runs = page.locator("#runs tr[data-run]")
+        assert runs.count() == 2
+        newest, oldest = runs.nth(0).inner_text(), runs.nth(1).inner_text()
+        assert "verify (2/4)" in newest and "failed" in newest and "3.5" in newest, newest
+        assert "hunter2" not in newest and "***" in newest
+        assert "replicate" in oldest and "completed" in oldest and "12.5" in oldest, oldest
         first_event = page.locator("#events tr[data-event]").first
         assert first_event.get_attribute("data-event") == str(want["last_event"])
         assert page.locator("#transfers tr[data-transfer]").count() == sum(want["transfers"].values())
