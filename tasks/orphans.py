@@ -173,18 +173,29 @@ def clean_up_dead_runs() -> CleanUp:
             _settle(record, done)
         except Exception as exc:  # the server is down or refuses: try again next run
             done.failed += 1
-            log.warning("could not clean up after dead run record %s: %s", path.name, exc)
+            _logger().warning("could not clean up after dead run record %s: %s", path.name, exc)
             continue
         with suppress(OSError):
             path.unlink()
     if done.released or done.crashed:
-        log.warning(
+        _logger().warning(
             "cleaned up after runs killed on this host: %d slot lease(s) released, "
             "%d flow run(s) marked Crashed",
             done.released,
             done.crashed,
         )
     return done
+
+
+def _logger() -> Any:
+    """The flow run's logger (its lines in the UI too), or a plain one outside a run."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 def _settle(record: dict[str, Any], done: CleanUp) -> None:

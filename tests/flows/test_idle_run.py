@@ -27,6 +27,9 @@ from lifecycle.states import ItemState, Phase, ReplicaState, StorageState, Tier
 from tests.factories import copies_of, ingest_payloads, payload, posix_storage, states_of
 
 pytestmark = [pytest.mark.prefect, pytest.mark.rclone]
+# what these tests check does not depend on the database (the checks' SQL runs on both in
+# test_work_of_any_kind_goes_to_the_flow)
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 @pytest.fixture
@@ -51,6 +54,7 @@ def _comparable(report: PipelineReport) -> dict[str, Any]:
     return data
 
 
+@SQLITE_ONLY
 def test_nothing_to_do_is_the_flows_report_without_a_flow_run(two_disks: Path) -> None:
     from flows.registry import FLOWS
 
@@ -65,6 +69,7 @@ def test_nothing_to_do_is_the_flows_report_without_a_flow_run(two_disks: Path) -
     assert idle_report(Pipeline.REPLICATE) is not None  # and the flows changed nothing
 
 
+@SQLITE_ONLY
 def test_a_shortfall_alone_is_nothing_to_do(two_disks: Path) -> None:
     with session_scope() as s:
         s.execute(update(Storage).where(col(Storage.name) == "warm").values(state=StorageState.OFFLINE.value))
@@ -125,6 +130,7 @@ def test_work_of_any_kind_goes_to_the_flow(two_disks: Path) -> None:
     assert idle_report(Pipeline.REPLICATE) is not None
 
 
+@SQLITE_ONLY
 def test_a_run_killed_on_this_host_is_cleaned_up_by_the_next_flow(two_disks: Path) -> None:
     """A record left by a dead process (tasks/orphans.py) is work: the next flow run marks that
     run Crashed and forgets it. A live process's record is left alone; one whose pid now
