@@ -146,7 +146,8 @@ def create_upload(who: Who, body: Annotated[dict[str, Any], Body()]) -> uploads.
     owner = values.get("owner")
     if owner is not None and owner != who.owner and not who.admin:
         raise InvalidValueError("invalid owner: only an admin token may upload for another owner")
-    values.setdefault("owner", who.owner)
+    if owner is None:  # absent or null: the token's owner (never an item nobody owns)
+        values["owner"] = who.owner
     data = uploads.UploadCreate(**values)
     with session_scope() as s:
         return uploads.begin_upload(data, session=s, actor=who.owner)

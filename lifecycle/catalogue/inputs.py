@@ -509,6 +509,17 @@ class DatasetCreate(InputModel):
     def _name(cls, value: str) -> str:
         return validate_slug(value, what="dataset name")
 
+    @field_validator("description")
+    @classmethod
+    def _storable(cls, value: str, info: ValidationInfo) -> str:
+        bad = next((c for c in value if c == "\x00" or "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            raise InvalidValueError(
+                f"invalid {info.field_name} {value[:40]!r}: contains "
+                + ("NUL (U+0000)" if bad == "\x00" else f"an unpaired surrogate U+{ord(bad):04X}")
+            )
+        return value
+
     @field_validator("where")
     @classmethod
     def _where(cls, value: str) -> str:
