@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy import and_, or_, select
 from sqlmodel import Session, col
 
+from lifecycle.catalogue.metadata import unstorable
 from lifecycle.catalogue.models import Dataset, Event, Item, Replica, Storage
 from lifecycle.catalogue.public import (
     DatasetPublic,
@@ -147,7 +148,11 @@ def datasets(*, session: Session, owner: str | None) -> list[DatasetPublic]:
 
 def visible_dataset(name: str, *, session: Session, owner: str | None) -> Dataset:
     """A dataset `owner` may see. Raises DatasetNotFoundError (also for another owner's)."""
-    ds = session.scalars(select(Dataset).where(col(Dataset.name) == name)).first()
+    ds = (
+        None
+        if unstorable(name)
+        else session.scalars(select(Dataset).where(col(Dataset.name) == name)).first()
+    )
     if ds is None or (owner is not None and ds.owner != owner):
         raise DatasetNotFoundError(f"unknown dataset {name[:140]!r}")
     return ds

@@ -37,6 +37,7 @@ from lifecycle.catalogue.metadata import (
     MAX_META_KEY_LENGTH,
     is_meta_key,
     set_meta_key,
+    unstorable,
     validate_metadata,
 )
 from lifecycle.catalogue.query_parse import parse
@@ -512,12 +513,9 @@ class DatasetCreate(InputModel):
     @field_validator("description")
     @classmethod
     def _storable(cls, value: str, info: ValidationInfo) -> str:
-        bad = next((c for c in value if c == "\x00" or "\ud800" <= c <= "\udfff"), None)
-        if bad is not None:
-            raise InvalidValueError(
-                f"invalid {info.field_name} {value[:40]!r}: contains "
-                + ("NUL (U+0000)" if bad == "\x00" else f"an unpaired surrogate U+{ord(bad):04X}")
-            )
+        why = unstorable(value)
+        if why is not None:
+            raise InvalidValueError(f"invalid {info.field_name} {value[:40]!r}: contains {why}")
         return value
 
     @field_validator("where")

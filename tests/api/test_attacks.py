@@ -3,7 +3,9 @@ changes nothing, or is scoped to the token's owner."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 
 import pytest
 from sqlalchemy import func, select
@@ -56,3 +58,25 @@ def test_dataset_text_the_catalogue_cannot_store_is_refused(
         answer = alice.post("/datasets", content=body.encode(), headers={"content-type": "application/json"})
         assert f"invalid {field}" in assert_one_line_error(answer, 400)
     assert _count(Dataset) == 0
+
+
+def test_names_the_catalogue_cannot_hold_are_not_found_not_a_500(api: Api, tokens: Tokens) -> None:
+    # on PostgreSQL a NUL (or a lone surrogate) in a name looked up, or in a crafted cursor,
+    # was a 500: no such dataset or storage can exist, and the cursor is not one we gave
+    cursors = [
+        base64.urlsafe_b64encode(json.dumps([text, 1]).encode()).decode() for text in ("a\x00", "\ud800")
+    ]
+    with api.client(tokens.alice) as alice, api.client(tokens.admin) as admin:
+        for cursor in cursors:
+            assert "invalid cursor" in assert_one_line_error(
+                alice.get("/items", params={"cursor": cursor}), 400
+            )
+            page = alice.get("/datasets/raw/items", params={"cursor": cursor})
+            assert_one_line_error(page, 404)  # no dataset raw
+        assert "unknown dataset" in assert_one_line_error(alice.get("/datasets/a%00b/items"), 404)
+        assert "unknown dataset" in assert_one_line_error(alice.delete("/datasets/a%00b"), 404)
+        change = admin.patch("/storages/a%00b", json={"tier": "cold"})
+        assert "unknown storage" in assert_one_line_error(change, 404)
+        upload = {"name": "x", "size": 1, "checksum": "0" * 32, "storage": "a\x00b"}
+        assert "unknown storage" in assert_one_line_error(alice.post("/items", json=upload), 404)
+    assert _count(Item) == 0
