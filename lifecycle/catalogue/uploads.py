@@ -4,7 +4,8 @@ presigned PUT, and the catalogue checks them before the item becomes READY.
 1. `begin_upload` registers an INITIALISED item (name, size, MD5 as declared) with one PENDING
    copy on an S3 storage, and returns a presigned PUT URL for that copy's object.
 2. The client PUTs the bytes to that URL (DLM's processes never carry them) with the
-   `Content-MD5` header it is signed for: S3 itself refuses other bytes, then and later
+   `Content-MD5` header and the Content-Length it is signed for: S3 itself refuses other
+   bytes, and a declared size that is not theirs, then and later
    (the URL stays valid a while after the item is READY, and cannot replace its bytes).
 3. `finish_upload` compares the object with what was declared: its size, and its MD5 (the
    ETag of a single-part object, rclone's md5chksum of a multipart one, else the bytes read
@@ -171,7 +172,7 @@ def begin_upload(
     )
     # never valid past the time recovery takes the PENDING copy for abandoned
     expires_s = max(1, min(expires_s, get_settings().transfer.stale_after_s))
-    url, headers = backend.upload_url(path, item.checksum or "", expires_s)
+    url, headers = backend.upload_url(path, item.checksum or "", expires_s, size=item.size)
     return UploadStarted(item=ItemPublic.of(item), upload_url=url, headers=headers, expires_in=expires_s)
 
 

@@ -7,7 +7,9 @@ import base64
 import hashlib
 import json
 
+import httpx
 import pytest
+from botocore.exceptions import ClientError
 from sqlalchemy import func, select
 
 from devrig.seaweed import SeaweedServer
@@ -80,3 +82,36 @@ def test_names_the_catalogue_cannot_hold_are_not_found_not_a_500(api: Api, token
         upload = {"name": "x", "size": 1, "checksum": "0" * 32, "storage": "a\x00b"}
         assert "unknown storage" in assert_one_line_error(alice.post("/items", json=upload), 404)
     assert _count(Item) == 0
+
+
+@pytest.mark.s3
+def test_an_upload_url_takes_only_the_declared_size(
+    api: Api, tokens: Tokens, s3_env: SeaweedServer, s3_bucket: str
+) -> None:
+    # The URL was signed for the MD5 only: a client could declare 1000 times the size of its
+    # bytes (with their MD5), PUT them, and recovery or the expire run finished the upload
+    # READY at the declared size (the storage's used bytes inflated by the lie, a download's
+    # Content-Length wrong).
+    with session_scope() as s:
+        s3_storage(s, "objects", server=s3_env, bucket=s3_bucket)
+    payload = b"tiny bytes\n" * 10
+    body = {
+        "name": "lie.dat",
+        "size": len(payload) * 1000,
+        "checksum": hashlib.md5(payload).hexdigest(),
+        "storage": "objects",
+    }
+    with api.client(tokens.alice) as alice, httpx.Client(timeout=30) as plain:
+        made = alice.post("/items", json=body)
+        assert made.status_code == 201, made.text
+        put = plain.put(made.json()["upload_url"], content=payload, headers=made.json()["headers"])
+        assert put.status_code == 403, put.text
+        # the honest PUT of the same bytes, for an honest declaration, goes through
+        honest = alice.post("/items", json={**body, "name": "true.dat", "size": len(payload)})
+        assert honest.status_code == 201, honest.text
+        ok = plain.put(honest.json()["upload_url"], content=payload, headers=honest.json()["headers"])
+        assert ok.status_code == 200, ok.text
+    with pytest.raises(ClientError):
+        s3_env.client().head_object(Bucket=s3_bucket, Key="lie.dat")
+    stored = s3_env.client().get_object(Bucket=s3_bucket, Key="true.dat")["Body"].read()
+    assert stored == payload
