@@ -150,7 +150,7 @@ def create_upload(who: Who, body: Annotated[dict[str, Any], Body()]) -> uploads.
         values["owner"] = who.owner
     data = uploads.UploadCreate(**values)
     with session_scope() as s:
-        return uploads.begin_upload(data, session=s, actor=who.owner)
+        return uploads.begin_upload(data, session=s, actor=who.owner, only_owner=scope(who))
 
 
 @router.post("/items/{oid}/ready", response_model=ItemPublic)

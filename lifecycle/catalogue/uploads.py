@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Self
 
 from pydantic import BaseModel, model_validator
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -89,14 +89,33 @@ def _s3(storage: Storage) -> S3Storage:
 
 
 def begin_upload(
-    data: UploadCreate, *, session: Session, actor: str, expires_s: int = DEFAULT_URL_LIFETIME_S
+    data: UploadCreate,
+    *,
+    session: Session,
+    actor: str,
+    expires_s: int = DEFAULT_URL_LIFETIME_S,
+    only_owner: str | None = None,
 ) -> UploadStarted:
     """Register the item INITIALISED with a PENDING copy; return a presigned PUT URL for it.
+    With `only_owner` (a token that is not an admin's), a name that has a version of another
+    owner (or of none) is refused: a new version of it would be what its name refers to.
 
     Raises StorageNotFoundError, InvalidValueError (not an S3 storage), ConflictError (the
-    storage is not online, or the object already exists), CredentialsError, StorageError."""
+    storage is not online, the object already exists, or the name is another owner's),
+    CredentialsError, StorageError."""
     storage = get_storage(data.storage, session=session)
     backend = _s3(storage)
+    if only_owner is not None:
+        others = session.execute(
+            select(col(Item.oid))
+            .where(
+                col(Item.name) == data.name,
+                or_(col(Item.owner).is_(None), col(Item.owner) != only_owner),
+            )
+            .limit(1)
+        ).first()
+        if others is not None:
+            raise ConflictError(f"the name {data.name!r} is another owner's: give another name")
     latest = session.execute(select(func.max(col(Item.version))).where(col(Item.name) == data.name)).scalar()
     version = int(latest or 0) + 1
     path = upload_path(data.name, version)

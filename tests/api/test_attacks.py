@@ -115,3 +115,31 @@ def test_an_upload_url_takes_only_the_declared_size(
         s3_env.client().head_object(Bucket=s3_bucket, Key="lie.dat")
     stored = s3_env.client().get_object(Bucket=s3_bucket, Key="true.dat")["Body"].read()
     assert stored == payload
+
+
+@pytest.mark.s3
+def test_an_owner_cannot_add_a_version_to_another_owners_item(
+    api: Api, tokens: Tokens, s3_env: SeaweedServer, s3_bucket: str
+) -> None:
+    # Names are global: alice's upload of bob's item name became its newest version, which
+    # every reference by name (dlm items show/checkout NAME, the latest version) then meant:
+    # another owner's bytes in place of bob's, and bob's item's existence told to alice.
+    with session_scope() as s:
+        s3_storage(s, "objects", server=s3_env, bucket=s3_bucket)
+    payload = b"bob's table\n"
+    body = {"size": len(payload), "checksum": hashlib.md5(payload).hexdigest(), "storage": "objects"}
+    with api.client(tokens.alice) as alice, api.client(tokens.bob) as bob, api.client(tokens.admin) as admin:
+        assert bob.post("/items", json={**body, "name": "shared/table.csv"}).status_code == 201
+        before = _count(Item)
+        taken = alice.post("/items", json={**body, "name": "shared/table.csv"})
+        assert "another owner" in assert_one_line_error(taken, 409)
+        assert "bob" not in taken.json()["error"]
+        assert _count(Item) == before
+        # an owner adds versions to its own names; an admin may add one for bob
+        second = bob.post("/items", json={**body, "name": "shared/table.csv"})
+        assert second.status_code == 201 and second.json()["item"]["version"] == 2
+        third = admin.post("/items", json={**body, "name": "shared/table.csv", "owner": "bob"})
+        assert third.status_code == 201 and third.json()["item"]["version"] == 3
+    with session_scope() as s:
+        owners = s.execute(select(Item.version, Item.owner).order_by(Item.version)).all()
+    assert [tuple(r) for r in owners] == [(1, "bob"), (2, "bob"), (3, "bob")]
