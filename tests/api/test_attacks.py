@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 
 import httpx
 import pytest
@@ -143,3 +144,27 @@ def test_an_owner_cannot_add_a_version_to_another_owners_item(
     with session_scope() as s:
         owners = s.execute(select(Item.version, Item.owner).order_by(Item.version)).all()
     assert [tuple(r) for r in owners] == [(1, "bob"), (2, "bob"), (3, "bob")]
+
+
+def test_datasets_created_at_the_same_time_under_one_name_are_one_201_and_409s(
+    api: Api, tokens: Tokens
+) -> None:
+    # two requests both found the name free, and the second insert was a 500 (IntegrityError)
+    names = [f"d{i}" for i in range(20)]
+    codes: dict[str, list[int]] = {n: [] for n in names}
+    start = threading.Barrier(4)
+
+    def create() -> None:
+        with api.client(tokens.alice) as alice:
+            start.wait()
+            for name in names:
+                answer = alice.post("/datasets", json={"name": name, "where": "size > 1"})
+                codes[name].append(answer.status_code)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {n: sorted(c) for n, c in codes.items()} == {n: [201, 409, 409, 409] for n in names}
+    assert _count(Dataset) == len(names)
