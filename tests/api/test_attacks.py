@@ -168,3 +168,25 @@ def test_datasets_created_at_the_same_time_under_one_name_are_one_201_and_409s(
         t.join()
     assert {n: sorted(c) for n, c in codes.items()} == {n: [201, 409, 409, 409] for n in names}
     assert _count(Dataset) == len(names)
+
+
+@pytest.mark.s3
+def test_a_download_url_is_never_one_s3_refuses(
+    api: Api, tokens: Tokens, s3_env: SeaweedServer, s3_bucket: str
+) -> None:
+    # expires=30d answered 200 with a URL S3 refuses (a presigned URL lives at most 7 days)
+    with session_scope() as s:
+        s3_storage(s, "objects", server=s3_env, bucket=s3_bucket)
+    payload = b"some bytes"
+    body = {"name": "f.dat", "size": len(payload), "checksum": hashlib.md5(payload).hexdigest()}
+    with api.client(tokens.alice) as alice, httpx.Client(timeout=30) as plain:
+        made = alice.post("/items", json={**body, "storage": "objects"}).json()
+        assert plain.put(made["upload_url"], content=payload, headers=made["headers"]).status_code == 200
+        oid = made["item"]["oid"]
+        assert alice.post(f"/items/{oid}/ready").status_code == 200
+        for expires in ("8d", "30d", "2w"):
+            answer = alice.get(f"/items/{oid}/download-url", params={"expires": expires})
+            assert "at most 7 days" in assert_one_line_error(answer, 400), expires
+        link = alice.get(f"/items/{oid}/download-url", params={"expires": "7d"})
+        assert link.status_code == 200 and link.json()["expires_in"] == 7 * 86400
+        assert plain.get(link.json()["url"]).content == payload
