@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 
+from lifecycle.catalogue.metadata import unstorable
 from lifecycle.errors import InvalidValueError
 
 
@@ -23,7 +24,12 @@ def decode(cursor: str | None) -> tuple[str, int] | None:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         name, version = json.loads(raw)
-        if isinstance(name, str) and type(version) is int and 0 <= version <= 2**63 - 1:
+        if (
+            isinstance(name, str)
+            and not unstorable(name)
+            and type(version) is int
+            and 0 <= version <= 2**63 - 1
+        ):
             return name, version
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
         pass

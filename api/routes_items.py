@@ -26,6 +26,7 @@ from lifecycle.storage.s3 import S3Storage
 from lifecycle.units import parse_duration
 
 router = APIRouter(tags=["items"])
+MAX_URL_LIFETIME_S = 7 * 86400  # the longest a SigV4 presigned URL may be valid
 
 Where = Annotated[
     str | None,
@@ -166,10 +167,11 @@ def create_upload(who: Who, body: Annotated[dict[str, Any], Body()]) -> uploads.
     owner = values.get("owner")
     if owner is not None and owner != who.owner and not who.admin:
         raise InvalidValueError("invalid owner: only an admin token may upload for another owner")
-    values.setdefault("owner", who.owner)
+    if owner is None:  # absent or null: the token's owner (never an item nobody owns)
+        values["owner"] = who.owner
     data = uploads.UploadCreate(**values)
     with session_scope() as s:
-        return uploads.begin_upload(data, session=s, actor=who.owner)
+        return uploads.begin_upload(data, session=s, actor=who.owner, only_owner=scope(who))
 
 
 @router.post("/items/{oid}/ready", response_model=ItemPublic)
@@ -196,11 +198,15 @@ def download_url(
     oid: Oid,
     who: Who,
     request: Request,
-    expires: Annotated[str, Query(description="how long a presigned URL is valid, e.g. 1h")] = "1h",
+    expires: Annotated[
+        str, Query(description="how long a presigned URL is valid, e.g. 1h (at most 7d)", max_length=40)
+    ] = "1h",
 ) -> DownloadLink:
     """A presigned GET URL of an intact S3 copy; for an item with no S3 copy, the URL of
     GET /items/{oid}/content, which streams it through the API (with your token)."""
     seconds = int(parse_duration(expires).total_seconds())
+    if seconds > MAX_URL_LIFETIME_S:  # S3 refuses a presigned URL signed for longer
+        raise InvalidValueError(f"invalid expires {expires[:40]!r}: at most 7 days (7d)")
     with session_scope() as s:
         item = access.visible_item(oid_of(oid), session=s, owner=scope(who))
         replica, storage = uploads.intact_copies(item, session=s)[0]

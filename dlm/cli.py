@@ -156,6 +156,10 @@ def run(
         options[option.value] = value
     if budget is not None:
         parse_size(budget)
+    if partitions is not None:
+        from lifecycle.planning.partition import check_partition
+
+        check_partition(partitions, None)
     with catalogue() as s:
         if storage:
             storages.get_storage(storage, session=s)

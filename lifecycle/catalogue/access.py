@@ -17,6 +17,7 @@ from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
+from lifecycle.catalogue.metadata import unstorable
 from lifecycle.catalogue.models import Dataset, Event, Item, Replica, Storage
 from lifecycle.catalogue.public import (
     DatasetPublic,
@@ -205,7 +206,11 @@ def datasets(*, session: Session, owner: str | None) -> list[DatasetPublic]:
 
 def visible_dataset(name: str, *, session: Session, owner: str | None) -> Dataset:
     """A dataset `owner` may see. Raises DatasetNotFoundError (also for another owner's)."""
-    ds = session.scalars(select(Dataset).where(col(Dataset.name) == name)).first()
+    ds = (
+        None
+        if unstorable(name)
+        else session.scalars(select(Dataset).where(col(Dataset.name) == name)).first()
+    )
     if ds is None or (owner is not None and ds.owner != owner):
         raise DatasetNotFoundError(f"unknown dataset {name[:140]!r}")
     return ds

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
 from lifecycle.catalogue import audit
@@ -324,7 +325,12 @@ def create_dataset(data: DatasetCreate, *, session: Session, actor: str = "user"
         raise ConflictError(f"dataset {name!r} already exists")
     ds = Dataset(name=name, where=where, description=data.description, owner=data.owner)
     session.add(ds)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as exc:  # created by another request since the check above
+        if "uq_dataset_name" not in str(exc.orig) and "dataset.name" not in str(exc.orig):
+            raise
+        raise ConflictError(f"dataset {name!r} already exists") from None
     audit.record(session, EventKind.DATASET_CREATED, actor=actor, details={"name": name, "where": where})
     return ds
 

@@ -37,6 +37,7 @@ from lifecycle.catalogue.metadata import (
     MAX_META_KEY_LENGTH,
     is_meta_key,
     set_meta_key,
+    unstorable,
     validate_metadata,
 )
 from lifecycle.catalogue.query_parse import parse
@@ -508,6 +509,14 @@ class DatasetCreate(InputModel):
     @classmethod
     def _name(cls, value: str) -> str:
         return validate_slug(value, what="dataset name")
+
+    @field_validator("description")
+    @classmethod
+    def _storable(cls, value: str, info: ValidationInfo) -> str:
+        why = unstorable(value)
+        if why is not None:
+            raise InvalidValueError(f"invalid {info.field_name} {value[:40]!r}: contains {why}")
+        return value
 
     @field_validator("where")
     @classmethod

@@ -25,6 +25,15 @@ MAX_META_DEPTH = 64
 _BAD_KEY_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn")
 
 
+def unstorable(text: str) -> str | None:
+    """Why the catalogue cannot hold `text` (PostgreSQL refuses NUL, UTF-8 a lone surrogate), or
+    None: such a name can be no catalogue row's."""
+    bad = next((c for c in text if c == "\x00" or "\ud800" <= c <= "\udfff"), None)
+    if bad is None:
+        return None
+    return "NUL (U+0000)" if bad == "\x00" else f"an unpaired surrogate U+{ord(bad):04X}"
+
+
 def validate_metadata(meta: dict[str, Any], *, where: str = "") -> dict[str, Any]:
     """The metadata as it will be stored: keys in Unicode NFC; raises InvalidMetadataError.
 
@@ -86,12 +95,9 @@ def _scalar_ok(value: Any, where: str) -> None:
             f"{where}invalid metadata value {value!r}: numbers must be finite (no NaN or Infinity)"
         )
     if isinstance(value, str):
-        bad = next((c for c in value if c == "\x00" or "\ud800" <= c <= "\udfff"), None)
-        if bad is not None:
-            raise InvalidMetadataError(
-                f"{where}invalid metadata text {value[:40]!r}: contains "
-                + ("NUL (U+0000)" if bad == "\x00" else f"an unpaired surrogate U+{ord(bad):04X}")
-            )
+        why = unstorable(value)
+        if why is not None:
+            raise InvalidMetadataError(f"{where}invalid metadata text {value[:40]!r}: contains {why}")
     elif value is not None and not isinstance(value, bool | int | float):
         raise InvalidMetadataError(f"{where}invalid metadata value of type {type(value).__name__}")
 

@@ -17,6 +17,7 @@ from sqlmodel import Session, col
 
 from lifecycle.catalogue import audit
 from lifecycle.catalogue.inputs import StorageChange
+from lifecycle.catalogue.metadata import unstorable
 from lifecycle.catalogue.models import (
     Location,
     Replica,
@@ -342,7 +343,11 @@ def add_storage(data: StorageCreate, *, session: Session, check: bool = True, ac
 
 def get_storage(name: str, *, session: Session) -> Storage:
     """The storage of that name. Raises StorageNotFoundError."""
-    storage = session.scalars(select(Storage).where(col(Storage.name) == name)).first()
+    storage = (
+        None
+        if unstorable(name)
+        else session.scalars(select(Storage).where(col(Storage.name) == name)).first()
+    )
     if storage is None:
         known = (
             ", ".join(session.execute(select(col(Storage.name)).order_by(col(Storage.name))).scalars())

@@ -4,7 +4,8 @@ presigned PUT, and the catalogue checks them before the item becomes READY.
 1. `begin_upload` registers an INITIALISED item (name, size, MD5 as declared) with one PENDING
    copy on an S3 storage, and returns a presigned PUT URL for that copy's object.
 2. The client PUTs the bytes to that URL (DLM's processes never carry them) with the
-   `Content-MD5` header it is signed for: S3 itself refuses other bytes, then and later
+   `Content-MD5` header and the Content-Length it is signed for: S3 itself refuses other
+   bytes, and a declared size that is not theirs, then and later
    (the URL stays valid a while after the item is READY, and cannot replace its bytes).
 3. `finish_upload` compares the object with what was declared: its size, and its MD5 (the
    ETag of a single-part object, rclone's md5chksum of a multipart one, else the bytes read
@@ -22,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Self
 
 from pydantic import BaseModel, model_validator
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -88,14 +89,33 @@ def _s3(storage: Storage) -> S3Storage:
 
 
 def begin_upload(
-    data: UploadCreate, *, session: Session, actor: str, expires_s: int = DEFAULT_URL_LIFETIME_S
+    data: UploadCreate,
+    *,
+    session: Session,
+    actor: str,
+    expires_s: int = DEFAULT_URL_LIFETIME_S,
+    only_owner: str | None = None,
 ) -> UploadStarted:
     """Register the item INITIALISED with a PENDING copy; return a presigned PUT URL for it.
+    With `only_owner` (a token that is not an admin's), a name that has a version of another
+    owner (or of none) is refused: a new version of it would be what its name refers to.
 
     Raises StorageNotFoundError, InvalidValueError (not an S3 storage), ConflictError (the
-    storage is not online, or the object already exists), CredentialsError, StorageError."""
+    storage is not online, the object already exists, or the name is another owner's),
+    CredentialsError, StorageError."""
     storage = get_storage(data.storage, session=session)
     backend = _s3(storage)
+    if only_owner is not None:
+        others = session.execute(
+            select(col(Item.oid))
+            .where(
+                col(Item.name) == data.name,
+                or_(col(Item.owner).is_(None), col(Item.owner) != only_owner),
+            )
+            .limit(1)
+        ).first()
+        if others is not None:
+            raise ConflictError(f"the name {data.name!r} is another owner's: give another name")
     latest = session.execute(select(func.max(col(Item.version))).where(col(Item.name) == data.name)).scalar()
     version = int(latest or 0) + 1
     path = upload_path(data.name, version)
@@ -171,7 +191,7 @@ def begin_upload(
     )
     # never valid past the time recovery takes the PENDING copy for abandoned
     expires_s = max(1, min(expires_s, get_settings().transfer.stale_after_s))
-    url, headers = backend.upload_url(path, item.checksum or "", expires_s)
+    url, headers = backend.upload_url(path, item.checksum or "", expires_s, size=item.size)
     return UploadStarted(item=ItemPublic.of(item), upload_url=url, headers=headers, expires_in=expires_s)
 
 

@@ -9,11 +9,18 @@ from uuid import UUID
 from lifecycle.errors import InvalidValueError
 from lifecycle.planning.plan import Plan
 
+# Each partition plans the whole catalogue (and is a sub-run on a deployment): far more
+# partitions than workers only multiplies that cost.
+MAX_PARTITIONS = 256
+
 
 def check_partition(partitions: int, partition: int | None) -> None:
-    """Raises InvalidValueError unless 1 <= partitions and 0 <= partition < partitions."""
+    """Raises InvalidValueError unless 1 <= partitions <= MAX_PARTITIONS and
+    0 <= partition < partitions."""
     if partitions < 1:
         raise InvalidValueError(f"partitions must be at least 1, not {partitions}")
+    if partitions > MAX_PARTITIONS:
+        raise InvalidValueError(f"partitions must be at most {MAX_PARTITIONS}, not {partitions}")
     if partition is not None and not 0 <= partition < partitions:
         raise InvalidValueError(f"partition must be in 0..{partitions - 1}, not {partition}")
 

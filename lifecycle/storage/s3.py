@@ -459,10 +459,13 @@ class S3Storage:
                 ExpiresIn=expires_s,
             )
 
-    def upload_url(self, path: str, md5: str, expires_s: int = 3600) -> tuple[str, dict[str, str]]:
+    def upload_url(
+        self, path: str, md5: str, expires_s: int = 3600, *, size: int | None = None
+    ) -> tuple[str, dict[str, str]]:
         """A presigned PUT URL for `path`, valid for `expires_s` seconds, and the headers the
-        PUT must send: the URL is signed for a Content-MD5 of `md5` (hex), so S3 stores only
-        those bytes through it (other bytes are refused, and so is a PUT without the header).
+        PUT must send: the URL is signed for a Content-MD5 of `md5` (hex), and with `size` for
+        that Content-Length, so S3 stores only those bytes through it (other bytes, or as many
+        bytes as declared, are refused, and so is a PUT without the header).
         Raises CredentialsError, InvalidValueError (not an MD5)."""
         try:
             content_md5 = base64.b64encode(bytes.fromhex(md5)).decode()
@@ -474,7 +477,12 @@ class S3Storage:
         with self._errors(path):
             url = client.generate_presigned_url(
                 "put_object",
-                Params={"Bucket": self.bucket, "Key": self._key(path), "ContentMD5": content_md5},
+                Params={
+                    "Bucket": self.bucket,
+                    "Key": self._key(path),
+                    "ContentMD5": content_md5,
+                    **({} if size is None else {"ContentLength": size}),
+                },
                 ExpiresIn=expires_s,
             )
         return url, {"Content-MD5": content_md5}

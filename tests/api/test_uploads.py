@@ -83,8 +83,10 @@ def test_presigned_upload_then_presigned_download_returns_the_same_bytes(
         assert (copy["storage"], copy["state"]) == (bucket_storage, "READY")
         assert stored_bytes(bucket_storage, copy["path"]) == payload
 
-        # the URL is still valid, but cannot replace the READY item's bytes
-        assert plain.put(url, content=b"other bytes", headers=headers).status_code == 400
+        # the URL is still valid, but cannot replace the READY item's bytes: not with other
+        # bytes of the declared size (another MD5), nor with another size
+        assert plain.put(url, content=os.urandom(len(payload)), headers=headers).status_code == 400
+        assert plain.put(url, content=b"other bytes", headers=headers).status_code == 403
         assert stored_bytes(bucket_storage, copy["path"]) == payload
 
         link = alice.get(f"/items/{oid}/download-url", params={"expires": "10m"}).json()
@@ -118,16 +120,14 @@ def test_an_upload_that_differs_from_what_was_declared_is_refused_and_nothing_is
         oid = started["item"]["oid"]
         url, headers = started["upload_url"], started["headers"]
         put = plain.put(url, content=payload, headers=headers)
-        if wrong == "size":  # the declared MD5 is the payload's: S3 takes it, ready checks the size
-            assert put.status_code == 200
-        else:
-            # S3 refuses other bytes than the declared MD5 through the URL; bytes that reach the
-            # object another way (a client with its own S3 keys) are caught when ready is called
-            assert put.status_code == 400
-            with session_scope() as s:
-                backend = backend_for(get_storage(bucket_storage, session=s))
-            assert isinstance(backend, S3Storage)
-            backend.client().put_object(Bucket=backend.bucket, Key=f"bad/{wrong}.dat", Body=payload)
+        # S3 refuses through the URL another size than declared (the URL is signed for it) and
+        # other bytes than the declared MD5; bytes that reach the object another way (a client
+        # with its own S3 keys) are caught when ready is called
+        assert put.status_code == (403 if wrong == "size" else 400)
+        with session_scope() as s:
+            backend = backend_for(get_storage(bucket_storage, session=s))
+        assert isinstance(backend, S3Storage)
+        backend.client().put_object(Bucket=backend.bucket, Key=f"bad/{wrong}.dat", Body=payload)
         msg = assert_one_line_error(bob.post(f"/items/{oid}/ready"), 409)
         assert ("MD5" if wrong == "checksum" else "bytes") in msg and "INITIALISED" in msg
         assert bob.get(f"/items/{oid}").json()["state"] == "INITIALISED"
