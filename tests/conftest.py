@@ -77,12 +77,14 @@ def postgres_url() -> Iterator[str]:
 def truncate_all(url: str) -> None:
     engine = get_engine(url)
     with engine.begin() as conn:
-        conn.execute(
+        # every table of the catalogue but the schema version (a new table needs no edit here)
+        tables = conn.execute(
             sa.text(
-                "TRUNCATE event, transfer, replica, item, dataset, storage, location, token "
-                "RESTART IDENTITY CASCADE"
+                "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                "AND tablename <> 'alembic_version'"
             )
-        )
+        ).scalars()
+        conn.execute(sa.text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
