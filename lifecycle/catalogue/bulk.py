@@ -99,7 +99,6 @@ def register_from_list(
     session.flush()  # the storage row (and anything else pending) must exist for the foreign keys
     dialect = session.get_bind().dialect.name
     writer_class = PostgresWriter if dialect == "postgresql" else SQLiteWriter
-    check_meta = MetaJson(meta or {})
     writer = writer_class(
         session,
         storage_id=storage.id,
@@ -109,22 +108,26 @@ def register_from_list(
         owner=owner,
         phase=phase_value,
         default_expiry=default_expiry,
-        meta_json=check_meta.default_json,
+        meta=meta or {},
     )
     # On a posix storage, no path that is or goes through a link, nor a file with other names.
     guard = LinkGuard(storage.root) if storage.kind == StorageKind.POSIX.value else None
     try:
         with Source(source, fmt) as (label, records, parse):
-            writer.label = check_meta.label = label
-            for batch, lines in _batches(label, records, parse, check_meta, guard, storage.name, batch_size):
+            writer.label = label
+            rows = _batches(label, records, parse, writer.check_meta, guard, storage.name, batch_size)
+            for batch, lines in rows:
                 writer.write(batch, lines)
                 if progress is not None:
                     progress(writer.count)
         writer.finish()
     except BaseException as exc:
-        earlier = writer.abort()  # the writer thread (PostgreSQL) is done with the connection
-        if earlier is not None and earlier is not exc and isinstance(exc, UserInputError):
-            raise earlier from None  # an earlier batch's refusal comes first, as its line does
+        # The writer thread (PostgreSQL) is done with the connection once abort returns; after
+        # a bad row it first writes the batches before it, whose refusal, if any, comes first.
+        bad_row = isinstance(exc, UserInputError)
+        earlier = writer.abort(drain=bad_row)
+        if bad_row and earlier is not None and earlier is not exc:
+            raise earlier from None
         raise
     finally:
         writer.close()
@@ -196,7 +199,7 @@ def _batches(
                     "nothing was registered"
                 )
         meta = row[8]
-        add(row if meta is None else (*row[:8], check_meta(meta, lineno), lineno))  # type: ignore[arg-type]
+        add(row if meta is None else (*row[:8], check_meta(meta, lineno), lineno))
         if len(batch) >= batch_size:
             yield batch, lines
             batch, lines = [], {}

@@ -34,11 +34,9 @@ PHASES = {p.value: p.value for p in Phase}
 Row = tuple[
     str, str, int, str | None, str | None, str | None, datetime | None, str | None, dict[str, Any] | None, int
 ]
-# The same once its metadata is checked and merged under the list's defaults: compact JSON
-# (None: the defaults alone), as the writers take it.
-CheckedRow = tuple[
-    str, str, int, str | None, str | None, str | None, datetime | None, str | None, bytes | None, int
-]
+# The same once its metadata is checked and merged under the list's defaults: compact JSON in
+# the writer's form (lifecycle.catalogue.bulk_writers; None: the defaults alone).
+CheckedRow = tuple[str, str, int, str | None, str | None, str | None, datetime | None, str | None, Any, int]
 
 
 class RowError(Exception):

@@ -47,17 +47,19 @@ def taken_message(label: str, line: int, path: str, storage: str, name: str, ver
 
 
 class MetaJson:
-    """A row's metadata, merged under the list's defaults, as compact JSON bytes; refused as
-    lifecycle.catalogue.metadata says (NUL, control characters in keys, over 64 KiB, nested too
-    deeply). Plain ASCII metadata with few objects and arrays skips the full walk."""
+    """A row's metadata, merged under the list's defaults, as compact JSON in the writer's
+    `form` (jsonb field bytes, text); refused as lifecycle.catalogue.metadata says (NUL,
+    control characters in keys, over 64 KiB, nested too deeply). Plain ASCII metadata with few
+    objects and arrays skips the full walk."""
 
-    def __init__(self, defaults: dict[str, Any], label: str = "<list>") -> None:
+    def __init__(self, defaults: dict[str, Any], form: Callable[[bytes], Any]) -> None:
         self.defaults = defaults
-        self.label = label
-        self.default_json = self.checked(defaults, 0)
+        self.form = form  # also makes a right-sized copy: orjson's bytes keep a 4 KiB buffer
+        self.label = "<list>"
+        self.default = form(self.checked(defaults, 0))
 
-    def __call__(self, row_meta: dict[str, Any], lineno: int) -> bytes:
-        return self.checked(merged(self.defaults, row_meta) if self.defaults else row_meta, lineno)
+    def __call__(self, row_meta: dict[str, Any], lineno: int) -> Any:
+        return self.form(self.checked(merged(self.defaults, row_meta) if self.defaults else row_meta, lineno))
 
     def checked(self, meta: dict[str, Any], lineno: int) -> bytes:
         try:
@@ -93,7 +95,7 @@ class _Writer:
         owner: str | None,
         phase: str,
         default_expiry: datetime | None,
-        meta_json: bytes,
+        meta: dict[str, Any],
     ) -> None:
         self.session = session
         self.storage_id = storage_id
@@ -103,10 +105,23 @@ class _Writer:
         self.owner = owner
         self.phase = phase
         self.default_expiry = default_expiry
-        self.meta_json = meta_json
-        self.label = "<list>"
+        self.check_meta = MetaJson(meta, self.meta_form)
+        self._label = "<list>"
         self.count = self.ready = self.bytes = self.new_versions = 0
         self.ids = TimeOrderedIds()
+
+    @staticmethod
+    def meta_form(data: bytes) -> Any:
+        """Metadata JSON as this writer's rows carry it (CheckedRow[8])."""
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @label.setter
+    def label(self, value: str) -> None:
+        self._label = self.check_meta.label = value
 
     def write(self, batch: list[CheckedRow], lines: dict[str, int]) -> None:
         """Write the batch (`lines`: each path's line number, for messages)."""
@@ -115,8 +130,10 @@ class _Writer:
     def finish(self) -> None:
         """Wait until every batch is written; raise the first error a batch met."""
 
-    def abort(self) -> BaseException | None:
-        """Stop after the batch being written; the error a batch met, if any. The caller rolls back."""
+    def abort(self, *, drain: bool) -> BaseException | None:
+        """Stop writing; with `drain`, after the batches handed over so far (they come before
+        the caller's error, so a refusal among them is the one to name), else after the batch
+        being written. The error a batch met, if any. The caller rolls back."""
         return None
 
     def close(self) -> None:
@@ -178,6 +195,15 @@ REPLICA_COLUMNS = "uid, item_oid, storage_id, path, state, expires_at, verified_
 EVENT_COLUMNS = "ts, kind, item_oid, replica_uid, storage_id, actor, details"
 
 
+CHECK_BATCH = (
+    "SELECT r.path, i.name, i.version FROM replica r JOIN item i ON i.oid = r.item_oid "
+    "WHERE r.storage_id = %s AND r.path = ANY(string_to_array(%s, E'\\n')) "
+    f"AND r.state NOT IN {_NOT_LIVE} "
+    "UNION ALL SELECT NULL, name, max(version) FROM item "
+    "WHERE name = ANY(string_to_array(%s, E'\\n')) GROUP BY name"
+)
+
+
 class PostgresWriter(_Writer):
     """Binary COPY into item, replica and event through the session's own psycopg connection,
     from a writer thread (the session is not used by the caller until finish() or abort())."""
@@ -192,7 +218,7 @@ class PostgresWriter(_Writer):
         self.item_head = struct.pack(">h", 15) + _UUID
         self.owner_blob = _NULL if self.owner is None else _text(self.owner)
         self.expiry_blob = _NULL if self.default_expiry is None else _ts(self.default_expiry)
-        self.meta_blob = _jsonb(self.meta_json)
+        self.meta_blob = self.check_meta.default
         self.algo_blobs: dict[str | None, bytes] = {None: _NULL}
         self.phase_blobs = {self.phase: _text(self.phase)}
         self.mid_blobs: dict[tuple[Any, ...], bytes] = {}
@@ -219,6 +245,10 @@ class PostgresWriter(_Writer):
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.switch = _FasterHandOver()
+
+    @staticmethod
+    def meta_form(data: bytes) -> bytes:
+        return _jsonb(data)
 
     # ------------------------------------------------------------ the caller's thread
 
@@ -266,7 +296,7 @@ class PostgresWriter(_Writer):
                         _i32i64(8, size),
                         ck,
                         mid_of(algo, phase, expires, owner),
-                        default_meta if meta is None else _jsonb(meta),
+                        default_meta if meta is None else meta,
                         item_tails[done],
                     )
                 )
@@ -321,8 +351,8 @@ class PostgresWriter(_Writer):
         if self.error is not None:
             raise self.error
 
-    def abort(self) -> BaseException | None:
-        self.stopping = True  # the thread skips the batch waiting, if any
+    def abort(self, *, drain: bool) -> BaseException | None:
+        self.stopping = not drain  # else the thread writes the batch waiting, if any
         self._stop()
         return self.error
 
@@ -353,19 +383,22 @@ class PostgresWriter(_Writer):
         import psycopg
 
         with self.conn.cursor() as cur:
-            cur.execute(
-                "SELECT r.path, i.name, i.version FROM replica r JOIN item i ON i.oid = r.item_oid "
-                f"WHERE r.storage_id = %s AND r.path = ANY(%s) AND r.state NOT IN {_NOT_LIVE}",
-                (self.storage_id, list(lines)),
-            )
-            taken = cur.fetchall()
+            # One round trip: the live copies holding one of the paths, then the highest version
+            # of each name. Names and paths never hold a newline (no control characters), so the
+            # lists go as one text each, split by the server.
+            cur.execute(CHECK_BATCH, (self.storage_id, "\n".join(lines), "\n".join(names)))
+            taken, current = [], {}
+            for path, name, version in cur:
+                if path is None:
+                    current[name] = version
+                else:
+                    taken.append((path, name, version))
             if taken:
                 path, name, version = min(taken, key=lambda t: lines[t[0]])
                 raise ConflictError(
                     taken_message(self.label, lines[path], path, self.storage_name, name, version)
                 )
-            cur.execute("SELECT name, max(version) FROM item WHERE name = ANY(%s) GROUP BY name", (names,))
-            versions, again = self.versions(names, dict(cur.fetchall()))
+            versions, again = self.versions(names, current)
             if versions:
                 pack = _i32i32
                 tails = [_V1 if v == 1 else pack(4, v) for v in versions]
@@ -436,6 +469,14 @@ def _sqlite_time(value: datetime) -> str:
     )
 
 
+SQLITE_EVENTS = (
+    "INSERT INTO event (ts, kind, item_oid, replica_uid, storage_id, actor, details) "
+    f"SELECT created_at, CASE state WHEN '{ReplicaState.READY.value}' THEN '{EventKind.ITEM_READY.value}' "
+    f"ELSE '{EventKind.ITEM_REGISTERED.value}' END, item_oid, uid, storage_id, ?, ? "
+    "FROM replica WHERE rowid > ? ORDER BY rowid"
+)
+
+
 class SQLiteWriter(_Writer):
     """executemany inserts through the session's own sqlite3 connection, in the caller's thread
     (SQLite runs in-process: a second thread would only contend for the same core and the GIL)."""
@@ -446,9 +487,13 @@ class SQLiteWriter(_Writer):
         self.now_text = _sqlite_time(self.now)
         self.sid = self.storage_id.hex
         self.expiry_text = None if self.default_expiry is None else _sqlite_time(self.default_expiry)
-        self.default_meta = self.meta_json.decode()
+        self.default_meta = self.check_meta.default
         self.details = orjson.dumps({"bulk": True}).decode()
         self.saved_cache: int | None = None
+
+    @staticmethod
+    def meta_form(data: bytes) -> str:
+        return data.decode()
 
     def _select_in(self, sql: str, values: list[str], *params: Any) -> list[Any]:
         out: list[Any] = []
@@ -486,17 +531,15 @@ class SQLiteWriter(_Writer):
         default_meta = self.default_meta
         item_rows: list[tuple[Any, ...]] = []
         replica_rows: list[tuple[Any, ...]] = []
-        event_rows: list[tuple[Any, ...]] = []
-        add_item, add_replica, add_event = item_rows.append, replica_rows.append, event_rows.append
-        actor, details = self.actor, self.details
+        add_item, add_replica = item_rows.append, replica_rows.append
         ready = nbytes = 0
         for i, (name, path, size, checksum, algo, phase, expires, owner, meta, _line) in enumerate(batch):
             oid, uid = ids[i], ids[n + i]
             nbytes += size
             if checksum is None:
-                state, rstate, kind = "INITIALISED", "PENDING", "item.registered"
+                state, rstate = "INITIALISED", "PENDING"
             else:
-                state, rstate, kind = "READY", "READY", "item.ready"
+                state, rstate = "READY", "READY"
                 ready += 1
             add_item(
                 (
@@ -509,13 +552,12 @@ class SQLiteWriter(_Writer):
                     phase or default_phase,
                     default_expiry if expires is None else _sqlite_time(expires),
                     default_owner if owner is None else owner,
-                    default_meta if meta is None else meta.decode(),
+                    default_meta if meta is None else meta,
                     state,
                     now,
                 )
             )
             add_replica((uid, oid, sid, path, rstate, now))
-            add_event((now, kind, oid, uid, sid, actor, details))
         import sqlite3
 
         try:
@@ -527,6 +569,9 @@ class SQLiteWriter(_Writer):
             )
         except sqlite3.IntegrityError as exc:
             raise ConflictError(VERSIONS_TAKEN) from exc
+        # The batch's replicas are the rows after the highest rowid now (this transaction holds
+        # SQLite's write lock: no other writer), so their events are one INSERT ... SELECT.
+        (last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM replica").fetchone()
         try:
             conn.executemany(
                 "INSERT INTO replica (uid, item_oid, storage_id, path, state, created_at, updated_at) "
@@ -535,11 +580,7 @@ class SQLiteWriter(_Writer):
             )
         except sqlite3.IntegrityError as exc:
             raise ConflictError(PATHS_TAKEN) from exc
-        conn.executemany(
-            "INSERT INTO event (ts, kind, item_oid, replica_uid, storage_id, actor, details) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            event_rows,
-        )
+        conn.execute(SQLITE_EVENTS, (self.actor, self.details, last))
         self.count += n
         self.ready += ready
         self.bytes += nbytes

@@ -16,6 +16,7 @@ from lifecycle.catalogue.bulk import register_from_list
 from lifecycle.catalogue.db import get_engine, session_scope
 from lifecycle.catalogue.models import Event, Item, Replica, Storage
 from lifecycle.errors import (
+    ConflictError,
     InvalidMetadataError,
     InvalidNameError,
     InvalidValueError,
@@ -263,3 +264,99 @@ def test_list_defaults_merge_into_each_rows_nested_metadata(db_url: str) -> None
         "a/2": {"obs": {"site": "B", "night": 4}, "kind": "raw"},
         "a/3": {"obs": 7, "kind": "raw"},
     }
+
+
+def test_every_column_reads_back_as_a_row_gave_it(db_url: str) -> None:
+    """The binary COPY (PostgreSQL) and raw inserts (SQLite) write each column as the ORM reads
+    it: a row's own owner, phase, expiry (with its zone), algorithm, non-ASCII names and metadata,
+    beside the list's defaults (owner, lifetime, metadata)."""
+    from datetime import UTC, datetime, timedelta
+
+    rows = [
+        {
+            "name": "ré/été 1.fits",
+            "path": "raw/ré/x y.fits",
+            "size": 2**40,
+            "checksum": hashlib.sha256(b"x").hexdigest().upper(),
+            "checksum_algo": "sha256",
+            "metadata": {"band": "ř", "n": [1, 2.5, None], "obs": {"night": 3}},
+            "phase": "liquid",
+            "expires_at": "2030-01-02T03:04:05.123456+02:00",
+            "owner": "bob",
+        },
+        {"name": "plain", "size": 0},
+    ]
+    src = io.StringIO("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    before = datetime.now(UTC)
+    result = register(
+        db_url, src, owner="alice", actor="tester", lifetime=timedelta(days=2), meta={"obs": {"site": "A"}}
+    )
+    assert (result.count, result.ready, result.pending) == (2, 1, 1)  # type: ignore[attr-defined]
+    with session_scope(db_url) as s:
+        items = {i.name: i for i in s.exec(select(Item)).scalars()}  # type: ignore[call-overload]
+        first, plain = items["ré/été 1.fits"], items["plain"]
+        assert (first.size, first.checksum, first.checksum_algo) == (
+            2**40,
+            hashlib.sha256(b"x").hexdigest(),
+            "sha256",
+        )
+        assert (first.state, first.target_phase, first.owner) == ("READY", "LIQUID", "bob")
+        assert first.expires_at == datetime(2030, 1, 2, 1, 4, 5, 123456, tzinfo=UTC)
+        assert first.meta == {"band": "ř", "n": [1, 2.5, None], "obs": {"site": "A", "night": 3}}
+        assert (plain.state, plain.target_phase, plain.owner, plain.checksum) == (
+            "INITIALISED",
+            "GAS",
+            "alice",
+            None,
+        )
+        assert plain.meta == {"obs": {"site": "A"}} and plain.parents == [] and plain.item_type == "file"
+        assert plain.expires_at is not None and plain.created_at is not None
+        assert timedelta(days=2) <= plain.expires_at - before < timedelta(days=2, minutes=5)
+        assert plain.created_at == first.created_at == first.updated_at
+        replicas = {r.item_oid: r for r in s.exec(select(Replica)).scalars()}  # type: ignore[call-overload]
+        assert replicas[first.oid].path == "raw/ré/x y.fits" and replicas[plain.oid].path == "plain"
+        assert (replicas[first.oid].state, replicas[plain.oid].state) == ("READY", "PENDING")
+        for r in replicas.values():
+            assert r.expires_at is None and r.verified_at is None and r.claimed_by is None
+            assert r.created_at == first.created_at
+        events = s.exec(select(Event).order_by(Event.id)).scalars().all()  # type: ignore[call-overload]
+        assert [(e.kind, e.item_oid, e.replica_uid, e.actor, e.details, e.ts) for e in events] == [
+            ("item.ready", first.oid, replicas[first.oid].uid, "tester", {"bulk": True}, first.created_at),
+            (
+                "item.registered",
+                plain.oid,
+                replicas[plain.oid].uid,
+                "tester",
+                {"bulk": True},
+                first.created_at,
+            ),
+        ]
+
+
+def test_a_refusal_in_an_earlier_batch_is_named_before_a_later_bad_row(db_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL a batch is checked and written while the next one is read: a path already
+    registered in batch 2 is still the error named (not the bad row of batch 3 read meanwhile),
+    and nothing of the list is left in the catalogue."""
+    import sys
+
+    register(db_url, io.StringIO('{"name": "old", "path": "taken.dat", "size": 1}\n'))
+    before = counts(db_url)
+    interval = sys.getswitchinterval()
+    lines = [json.dumps({"name": f"n{i}", "size": 1}) for i in range(1, 4)]
+    lines.append(json.dumps({"name": "n4", "path": "taken.dat", "size": 1}))  # line 4: batch 2
+    lines += [json.dumps({"name": f"n{i}", "size": 1}) for i in range(5, 9)]
+    lines.append('{"name": "bad", "size": -1}')  # line 9: batch 5
+    src = write_jsonl(tmp_path / "l.jsonl", [])
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ConflictError,
+        match=rf"^{src} line 4: path 'taken.dat' on storage 'disk' is already registered as old v1",
+    ):
+        register(db_url, src, batch_size=2)
+    assert counts(db_url) == before
+    # A bad row alone, with batches written before it, is named; nothing is left either.
+    src.write_text("\n".join(lines[:3] + lines[4:]) + "\n")
+    with pytest.raises(InvalidValueError, match=rf"^{src} line 8: invalid size -1"):
+        register(db_url, src, batch_size=2)
+    assert counts(db_url) == before
+    assert sys.getswitchinterval() == interval
