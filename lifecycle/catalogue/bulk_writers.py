@@ -1,11 +1,15 @@
-"""Write validated --from-list rows in bulk: binary COPY on PostgreSQL, executemany on SQLite.
+"""Write validated --from-list rows in bulk: binary COPY on PostgreSQL, one INSERT ... SELECT per
+table and batch on SQLite, from a writer thread.
 
-The rows come from lifecycle.catalogue.bulk_sources and bulk.py, already checked (names, sizes,
-checksums, metadata, the same path twice in a batch, links). What is left needs the database:
-the next version of each name, and whether a live copy already holds a path. On PostgreSQL a
-writer thread does that and the three COPYs (item, replica, event) of one batch while the
-caller's thread reads and checks the next batch, so the server is never idle while Python
-works; on SQLite (in-process, the same core) the batch is written in the caller's thread.
+The rows come from bulk.py already checked (names, sizes, checksums, metadata, the same path
+twice in a batch, links). What is left needs the database: whether a live copy already holds a
+path (a copy in the catalogue, or one of an earlier batch) and the next version of each name.
+The caller's thread turns each batch into the database's own format (COPY rows, a JSON
+document) and hands it to a writer thread, which checks and writes it on the session's
+connection while the caller's thread reads the next batch: the database and Python work at
+the same time, on two cores. The writer thread spends its time in the database driver with
+the GIL released (a COPY, or one SQLite statement for a whole batch), so the two threads do
+not contend. At most one batch waits between them: memory stays bounded.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import itertools
 import os
 import queue
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -28,12 +33,11 @@ from sqlmodel import Session
 from lifecycle.catalogue.bulk_sources import CheckedRow
 from lifecycle.catalogue.metadata import MAX_META_BYTES, MAX_META_DEPTH, merged, validate_metadata
 from lifecycle.errors import ConflictError
-from lifecycle.states import EventKind, ReplicaState
+from lifecycle.states import EventKind, ItemState, ReplicaState
 
-__all__ = ["SQLITE_IN_CHUNK", "MetaJson", "PostgresWriter", "SQLiteWriter", "TimeOrderedIds"]
+__all__ = ["MetaJson", "PostgresWriter", "SQLiteWriter", "TimeOrderedIds"]
 
-SQLITE_IN_CHUNK = 500  # values per IN list on SQLite (under its bound-parameter limit)
-_NOT_LIVE = f"('{ReplicaState.DELETED.value}', '{ReplicaState.LOST.value}')"
+_NOT_LIVE = f"('{ReplicaState.DELETED.value}', '{ReplicaState.LOST.value}')"  # copies that hold no path
 
 PATHS_TAKEN = "another registration took some of the same paths at the same time; retry"
 VERSIONS_TAKEN = "another registration added some of the same item versions at the same time; retry"
@@ -44,6 +48,12 @@ def taken_message(label: str, line: int, path: str, storage: str, name: str, ver
         f"{label} line {line}: path {path!r} on storage {storage!r} is already registered as "
         f"{name} v{version}; nothing was registered"
     )
+
+
+def first_taken(label: str, storage: str, lines: dict[str, int], taken: list[Any]) -> ConflictError:
+    """The refusal of the earliest line among `taken` (path, name, version) rows."""
+    path, name, version = min(taken, key=lambda t: lines[t[0]])
+    return ConflictError(taken_message(label, lines[path], path, storage, name, version))
 
 
 class MetaJson:
@@ -80,9 +90,14 @@ class MetaJson:
 
 
 class _Writer:
-    """Writes batches of validated rows (their metadata already JSON: Row[8] bytes or None for
-    the list's defaults); subclasses per database. count, ready and bytes are the rows handed to
-    write(); new_versions is final after finish()."""
+    """Writes batches of checked rows (CheckedRow: metadata in meta_form, or None for the list's
+    defaults) from a writer thread; subclasses per database turn a batch into a job (prepare,
+    in the caller's thread) and write it (apply, in the writer thread).
+
+    count, ready and bytes are the rows handed to write(); new_versions is final after finish().
+    The session's connection belongs to the writer thread from the first write() until finish()
+    or abort() returns.
+    """
 
     def __init__(
         self,
@@ -97,7 +112,7 @@ class _Writer:
         default_expiry: datetime | None,
         meta: dict[str, Any],
     ) -> None:
-        self.session = session
+        self.conn: Any = session.connection().connection.driver_connection
         self.storage_id = storage_id
         self.storage_name = storage_name
         self.now = now
@@ -109,6 +124,11 @@ class _Writer:
         self._label = "<list>"
         self.count = self.ready = self.bytes = self.new_versions = 0
         self.ids = TimeOrderedIds()
+        self.jobs: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.saved_interval: float | None = None
 
     @staticmethod
     def meta_form(data: bytes) -> Any:
@@ -123,29 +143,82 @@ class _Writer:
     def label(self, value: str) -> None:
         self._label = self.check_meta.label = value
 
+    # ------------------------------------------------------------ the caller's thread
+
     def write(self, batch: list[CheckedRow], lines: dict[str, int]) -> None:
-        """Write the batch (`lines`: each path's line number, for messages)."""
+        """Prepare the batch (`lines`: each path's line number, for messages) and hand it to the
+        writer thread, waiting while it still has one waiting. Raises the error an earlier
+        batch met."""
+        if self.error is not None:
+            raise self.error
+        job = self.prepare(batch, lines)
+        if self.thread is None:
+            self.start()
+        self.jobs.put(job)
+
+    def prepare(self, batch: list[CheckedRow], lines: dict[str, int]) -> tuple[Any, ...]:
+        """The batch as the writer thread's job; adds to count, ready and bytes."""
         raise NotImplementedError
+
+    def start(self) -> None:
+        # While the writer thread runs, a shorter GIL switch interval: each time the database
+        # answers, the thread must get the GIL back from the caller's (busy reading rows) to
+        # send the next statement, and at the default 5 ms the database would wait that long.
+        self.saved_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self.saved_interval, 0.0005))
+        self.thread = threading.Thread(target=self._run, name="dlm-bulk-writer", daemon=True)
+        self.thread.start()
 
     def finish(self) -> None:
         """Wait until every batch is written; raise the first error a batch met."""
+        self._stop()
+        if self.error is not None:
+            raise self.error
 
     def abort(self, *, drain: bool) -> BaseException | None:
         """Stop writing; with `drain`, after the batches handed over so far (they come before
         the caller's error, so a refusal among them is the one to name), else after the batch
         being written. The error a batch met, if any. The caller rolls back."""
-        return None
+        self.stopping = not drain
+        self._stop()
+        return self.error
+
+    def _stop(self) -> None:
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+        if self.saved_interval is not None:
+            sys.setswitchinterval(self.saved_interval)
+            self.saved_interval = None
 
     def close(self) -> None:
         """Undo per-call connection settings (after finish or abort)."""
 
-    @staticmethod
-    def versions(names: list[str], current: dict[str, int]) -> tuple[list[int], int]:
-        """The version of each row (next after the catalogue's and earlier rows'), and how many
-        are 2+; [] when every row is version 1. `current` maps the names the catalogue holds
-        to their highest version."""
+    # ------------------------------------------------------------ the writer thread
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None or self.stopping:
+                continue  # a batch failed, or the caller's thread did: skip the rest, it rolls back
+            try:
+                self.apply(*job)
+            except BaseException as exc:  # handed to the caller's thread
+                self.error = exc
+
+    def apply(self, *job: Any) -> None:
+        """Check and write one prepared batch; adds to new_versions."""
+        raise NotImplementedError
+
+    def versions(self, names: list[str], current: dict[str, int]) -> list[int]:
+        """The version of each row (next after the catalogue's and earlier rows'); [] when every
+        row is version 1. `current` maps the names the catalogue holds to their highest version.
+        Adds the rows of version 2 and more to new_versions."""
         if not current and len(set(names)) == len(names):
-            return [], 0
+            return []
         out = []
         again = 0
         get = current.get
@@ -155,7 +228,8 @@ class _Writer:
             out.append(v)
             if v > 1:
                 again += 1
-        return out, again
+        self.new_versions += again
+        return out
 
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -186,7 +260,9 @@ def _jsonb(data: bytes) -> bytes:
     return _jsonb_head(len(data) + 1, 1) + data
 
 
-# The columns of the binary rows (item's version last: it is known only in the writer thread).
+_FILE = _text("file")
+
+# The columns of the binary rows (item's version last: the writer thread adds it).
 ITEM_COLUMNS = (
     "oid, name, size, checksum, checksum_algo, item_type, target_phase, expires_at, owner, meta, "
     "parents, state, created_at, updated_at, version"
@@ -194,8 +270,10 @@ ITEM_COLUMNS = (
 REPLICA_COLUMNS = "uid, item_oid, storage_id, path, state, expires_at, verified_at, created_at, updated_at"
 EVENT_COLUMNS = "ts, kind, item_oid, replica_uid, storage_id, actor, details"
 
-
-CHECK_BATCH = (
+# One round trip per batch: the live copies holding one of its paths, then the highest version
+# of each of its names. Names and paths never hold a newline (no control characters), so each
+# list goes as one text that the server splits.
+PG_CHECK = (
     "SELECT r.path, i.name, i.version FROM replica r JOIN item i ON i.oid = r.item_oid "
     "WHERE r.storage_id = %s AND r.path = ANY(string_to_array(%s, E'\\n')) "
     f"AND r.state NOT IN {_NOT_LIVE} "
@@ -205,27 +283,25 @@ CHECK_BATCH = (
 
 
 class PostgresWriter(_Writer):
-    """Binary COPY into item, replica and event through the session's own psycopg connection,
-    from a writer thread (the session is not used by the caller until finish() or abort())."""
+    """Binary COPY into item, replica and event through the session's own psycopg connection.
+
+    Binary rows spare the server parsing uuids, timestamps and numbers from text: the server's
+    work is what bounds a load (the rows' indexes, the replica's foreign-key checks)."""
 
     def __init__(self, session: Session, **kwargs: Any) -> None:
         super().__init__(session, **kwargs)
-        self.conn: Any = session.connection().connection.driver_connection
         now = _ts(self.now)
         sid = self.storage_id.bytes
-        self.sid = sid
-        # Constant runs of fields, so a row is a few joins (see _item_rows and friends).
+        # Constant runs of fields, so a row is a few joins.
         self.item_head = struct.pack(">h", 15) + _UUID
         self.owner_blob = _NULL if self.owner is None else _text(self.owner)
         self.expiry_blob = _NULL if self.default_expiry is None else _ts(self.default_expiry)
-        self.meta_blob = self.check_meta.default
         self.algo_blobs: dict[str | None, bytes] = {None: _NULL}
-        self.phase_blobs = {self.phase: _text(self.phase)}
         self.mid_blobs: dict[tuple[Any, ...], bytes] = {}
         tail = _jsonb(b"[]")
         self.item_tails = {
-            True: tail + _text("READY") + now + now,
-            False: tail + _text("INITIALISED") + now + now,
+            True: tail + _text(ItemState.READY.value) + now + now,
+            False: tail + _text(ItemState.INITIALISED.value) + now + now,
         }
         self.replica_head = struct.pack(">h", 9) + _UUID
         self.replica_mid = _UUID + sid
@@ -238,41 +314,24 @@ class PostgresWriter(_Writer):
             False: struct.pack(">h", 7) + now + _text(EventKind.ITEM_REGISTERED.value) + _UUID,
         }
         self.event_tail = _UUID + sid + _text(self.actor) + _jsonb(orjson.dumps({"bulk": True}))
-        self.jobs: queue.Queue[tuple[list[str], dict[str, int], list[bytes], bytes, bytes] | None] = (
-            queue.Queue(maxsize=1)
-        )
-        self.error: BaseException | None = None
-        self.stopping = False
-        self.thread: threading.Thread | None = None
-        self.switch = _FasterHandOver()
 
     @staticmethod
     def meta_form(data: bytes) -> bytes:
         return _jsonb(data)
 
-    # ------------------------------------------------------------ the caller's thread
-
-    def write(self, batch: list[CheckedRow], lines: dict[str, int]) -> None:
-        """Turn the batch into COPY rows here, and hand them to the writer thread (which waits
-        for at most one batch: memory stays bounded)."""
-        if self.error is not None:
-            raise self.error
+    def prepare(self, batch: list[CheckedRow], lines: dict[str, int]) -> tuple[Any, ...]:
         n = len(batch)
         ids = self.ids.take_bytes(2 * n)
         items: list[bytes] = []
         replicas: list[bytes] = []
         events: list[bytes] = []
         names: list[str] = []
-        add_item, add_replica, add_event, add_name = (
-            items.append,
-            replicas.append,
-            events.append,
-            names.append,
-        )
+        add_item, add_replica, add_event = items.append, replicas.append, events.append
+        add_name = names.append
         item_head, item_tails = self.item_head, self.item_tails
         replica_head, replica_mid, replica_tails = self.replica_head, self.replica_mid, self.replica_tails
         event_heads, event_tail = self.event_heads, self.event_tail
-        mid_of, default_meta = self._mid, self.meta_blob
+        mid_of, default_meta = self._mid, self.check_meta.default
         ready = nbytes = 0
         for (name, path, size, checksum, algo, phase, expires, owner, meta, _line), oid, uid in zip(
             batch, ids[:n], ids[n:], strict=True
@@ -301,29 +360,15 @@ class PostgresWriter(_Writer):
                     )
                 )
             )
+            path_blob = name_blob if path is name else _text(path)
             add_replica(
-                b"".join(
-                    (
-                        replica_head,
-                        uid,
-                        _UUID,
-                        oid,
-                        replica_mid,
-                        name_blob if path is name else _text(path),
-                        replica_tails[done],
-                    )
-                )
+                b"".join((replica_head, uid, _UUID, oid, replica_mid, path_blob, replica_tails[done]))
             )
             add_event(b"".join((event_heads[done], oid, _UUID, uid, event_tail)))
         self.count += n
         self.ready += ready
         self.bytes += nbytes
-        job = (names, lines, items, b"".join(replicas), b"".join(events))
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="dlm-bulk-writer", daemon=True)
-            self.switch.__enter__()
-            self.thread.start()
-        self.jobs.put(job)
+        return (names, lines, items, b"".join(replicas), b"".join(events))
 
     def _mid(self, algo: str | None, phase: str | None, expires: datetime | None, owner: str | None) -> bytes:
         """checksum_algo, item_type, target_phase, expires_at and owner as one run of fields."""
@@ -337,56 +382,20 @@ class PostgresWriter(_Writer):
                 (
                     algo_blob,
                     _FILE,
-                    self.phase_blobs[self.phase] if phase is None else _text(phase),
+                    _text(self.phase if phase is None else phase),
                     self.expiry_blob if expires is None else _ts(expires),
                     self.owner_blob if owner is None else _text(owner),
                 )
             )
-            if len(self.mid_blobs) < 4096:  # rows with their own expiry or owner: bounded cache
+            if len(self.mid_blobs) < 4096:  # rows with their own expiry or owner: a bounded cache
                 self.mid_blobs[key] = blob
         return blob
 
-    def finish(self) -> None:
-        self._stop()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self, *, drain: bool) -> BaseException | None:
-        self.stopping = not drain  # else the thread writes the batch waiting, if any
-        self._stop()
-        return self.error
-
-    def _stop(self) -> None:
-        if self.thread is not None:
-            self.jobs.put(None)
-            self.thread.join()
-            self.thread = None
-            self.switch.__exit__()
-
-    # ------------------------------------------------------------ the writer thread
-
-    def _run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if self.error is not None or self.stopping:
-                continue  # a batch failed, or the caller's thread did: skip the rest, it rolls back
-            try:
-                self._write(*job)
-            except BaseException as exc:  # handed to the caller's thread
-                self.error = exc
-
-    def _write(
-        self, names: list[str], lines: dict[str, int], items: list[bytes], replicas: bytes, events: bytes
-    ) -> None:
+    def apply(self, names: list[str], lines: dict[str, int], items: list[bytes], *data: bytes) -> None:
         import psycopg
 
         with self.conn.cursor() as cur:
-            # One round trip: the live copies holding one of the paths, then the highest version
-            # of each name. Names and paths never hold a newline (no control characters), so the
-            # lists go as one text each, split by the server.
-            cur.execute(CHECK_BATCH, (self.storage_id, "\n".join(lines), "\n".join(names)))
+            cur.execute(PG_CHECK, (self.storage_id, "\n".join(lines), "\n".join(names)))
             taken, current = [], {}
             for path, name, version in cur:
                 if path is None:
@@ -394,65 +403,61 @@ class PostgresWriter(_Writer):
                 else:
                     taken.append((path, name, version))
             if taken:
-                path, name, version = min(taken, key=lambda t: lines[t[0]])
-                raise ConflictError(
-                    taken_message(self.label, lines[path], path, self.storage_name, name, version)
-                )
-            versions, again = self.versions(names, current)
-            if versions:
-                pack = _i32i32
-                tails = [_V1 if v == 1 else pack(4, v) for v in versions]
-            else:
-                tails = [_V1] * len(items)
+                raise first_taken(self.label, self.storage_name, lines, taken)
+            versions = self.versions(names, current)
+            tails = [_V1 if v == 1 else _i32i32(4, v) for v in versions] if versions else [_V1] * len(items)
             item_data = b"".join(itertools.chain.from_iterable(zip(items, tails, strict=True)))
             try:
-                for table, columns, data in (
+                for table, columns, rows in (
                     ("item", ITEM_COLUMNS, item_data),
-                    ("replica", REPLICA_COLUMNS, replicas),
-                    ("event", EVENT_COLUMNS, events),
+                    ("replica", REPLICA_COLUMNS, data[0]),
+                    ("event", EVENT_COLUMNS, data[1]),
                 ):
                     with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
                         copy.write(_HEADER)
-                        copy.write(data)
+                        copy.write(rows)
                         copy.write(_TRAILER)
-            except psycopg.errors.UniqueViolation as exc:
+            except psycopg.errors.UniqueViolation as exc:  # a concurrent registration, after the check
                 raise ConflictError(
                     PATHS_TAKEN if "uq_replica_storage_path_live" in str(exc) else VERSIONS_TAKEN
                 ) from exc
-        self.new_versions += again
-
-
-_FILE = _text("file")
-
-
-class _FasterHandOver:
-    """While the writer thread runs, a shorter GIL switch interval: the thread mostly waits on
-    the server, and each time the server answers it must get the GIL back from the caller's
-    thread (busy reading rows) before it can send the next statement; at the default 5 ms the
-    server would sit idle for that long a few times per batch."""
-
-    INTERVAL = 0.0005
-
-    def __init__(self) -> None:
-        self.saved: float | None = None
-
-    def __enter__(self) -> None:
-        import sys
-
-        self.saved = sys.getswitchinterval()
-        sys.setswitchinterval(min(self.saved, self.INTERVAL))
-
-    def __exit__(self, *exc: object) -> None:
-        import sys
-
-        if self.saved is not None:
-            sys.setswitchinterval(self.saved)
-            self.saved = None
 
 
 # --------------------------------------------------------------------------- SQLite
 
 SQLITE_CACHE_KIB = 64 * 1024  # page cache while a list loads (SQLite's default is 2 MiB)
+
+# Each statement reads a batch from one JSON document (json_each), so a batch is one call into
+# SQLite per table, with the GIL released, instead of a Python call per row. CROSS JOIN keeps
+# the document the outer loop (one index search per row).
+SQLITE_TAKEN = (
+    "SELECT r.path, i.name, i.version FROM json_each(?1) AS p CROSS JOIN replica AS r "
+    "CROSS JOIN item AS i WHERE r.storage_id = ?2 AND r.path = p.value AND i.oid = r.item_oid "
+    f"AND r.state NOT IN {_NOT_LIVE}"
+)
+SQLITE_VERSIONS = (
+    "SELECT i.name, max(i.version) FROM json_each(?1) AS n CROSS JOIN item AS i "
+    "WHERE i.name = n.value GROUP BY i.name"
+)
+SQLITE_ITEMS = (
+    "INSERT INTO item (oid, name, size, checksum, checksum_algo, target_phase, expires_at, owner, "
+    "meta, state, version, item_type, parents, created_at, updated_at) SELECT "
+    + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(10))
+    + ", coalesce(json_extract(value, '$[10]'), 1), 'file', '[]', ?2, ?2 FROM json_each(?1)"
+)
+SQLITE_REPLICAS = (
+    "INSERT INTO replica (uid, item_oid, path, state, storage_id, created_at, updated_at) SELECT "
+    + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(4))
+    + ", ?2, ?3, ?3 FROM json_each(?1)"
+)
+# The batch's replicas are the rows after the highest rowid before it (the transaction holds
+# SQLite's write lock: no other writer), so their events are one INSERT ... SELECT.
+SQLITE_EVENTS = (
+    "INSERT INTO event (ts, kind, item_oid, replica_uid, storage_id, actor, details) "
+    f"SELECT created_at, CASE state WHEN '{ReplicaState.READY.value}' THEN '{EventKind.ITEM_READY.value}' "
+    f"ELSE '{EventKind.ITEM_REGISTERED.value}' END, item_oid, uid, storage_id, ?1, ?2 "
+    "FROM replica WHERE rowid > ?3 ORDER BY rowid"
+)
 
 
 def _sqlite_time(value: datetime) -> str:
@@ -469,25 +474,15 @@ def _sqlite_time(value: datetime) -> str:
     )
 
 
-SQLITE_EVENTS = (
-    "INSERT INTO event (ts, kind, item_oid, replica_uid, storage_id, actor, details) "
-    f"SELECT created_at, CASE state WHEN '{ReplicaState.READY.value}' THEN '{EventKind.ITEM_READY.value}' "
-    f"ELSE '{EventKind.ITEM_REGISTERED.value}' END, item_oid, uid, storage_id, ?, ? "
-    "FROM replica WHERE rowid > ? ORDER BY rowid"
-)
-
-
 class SQLiteWriter(_Writer):
-    """executemany inserts through the session's own sqlite3 connection, in the caller's thread
-    (SQLite runs in-process: a second thread would only contend for the same core and the GIL)."""
+    """INSERT ... SELECT from a JSON document per table and batch, through the session's own
+    sqlite3 connection (which SQLAlchemy opens without sqlite3's same-thread check)."""
 
     def __init__(self, session: Session, **kwargs: Any) -> None:
         super().__init__(session, **kwargs)
-        self.conn: Any = session.connection().connection.driver_connection
         self.now_text = _sqlite_time(self.now)
         self.sid = self.storage_id.hex
         self.expiry_text = None if self.default_expiry is None else _sqlite_time(self.default_expiry)
-        self.default_meta = self.check_meta.default
         self.details = orjson.dumps({"bulk": True}).decode()
         self.saved_cache: int | None = None
 
@@ -495,57 +490,33 @@ class SQLiteWriter(_Writer):
     def meta_form(data: bytes) -> str:
         return data.decode()
 
-    def _select_in(self, sql: str, values: list[str], *params: Any) -> list[Any]:
-        out: list[Any] = []
-        execute = self.conn.execute
-        for i in range(0, len(values), SQLITE_IN_CHUNK):
-            chunk = values[i : i + SQLITE_IN_CHUNK]
-            out.extend(execute(sql.replace("(?)", f"({','.join('?' * len(chunk))})"), (*params, *chunk)))
-        return out
-
-    def write(self, batch: list[CheckedRow], lines: dict[str, int]) -> None:
-        conn = self.conn
-        if self.saved_cache is None:
-            self.saved_cache = conn.execute("PRAGMA cache_size").fetchone()[0]
-            conn.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-        taken = self._select_in(
-            "SELECT r.path, i.name, i.version FROM replica r JOIN item i ON i.oid = r.item_oid "
-            f"WHERE r.storage_id = ? AND r.state NOT IN {_NOT_LIVE} AND r.path IN (?)",
-            list(lines),
-            self.sid,
-        )
-        if taken:
-            path, name, version = min(taken, key=lambda t: lines[t[0]])
-            raise ConflictError(
-                taken_message(self.label, lines[path], path, self.storage_name, name, version)
-            )
-        names = [row[0] for row in batch]
-        current = self._select_in(
-            "SELECT name, max(version) FROM item WHERE name IN (?) GROUP BY name", list(set(names))
-        )
-        versions, again = self.versions(names, dict(current))
+    def prepare(self, batch: list[CheckedRow], lines: dict[str, int]) -> tuple[Any, ...]:
+        if self.saved_cache is None:  # before the writer thread starts
+            self.saved_cache = self.conn.execute("PRAGMA cache_size").fetchone()[0]
+            self.conn.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
         n = len(batch)
         ids = [f"{v:032x}" for v in self.ids.take(2 * n)]
-        now, sid = self.now_text, self.sid
         default_owner, default_expiry, default_phase = self.owner, self.expiry_text, self.phase
-        default_meta = self.default_meta
-        item_rows: list[tuple[Any, ...]] = []
-        replica_rows: list[tuple[Any, ...]] = []
-        add_item, add_replica = item_rows.append, replica_rows.append
+        default_meta = self.check_meta.default
+        items: list[tuple[Any, ...]] = []
+        replicas: list[tuple[Any, ...]] = []
+        names: list[str] = []
+        add_item, add_replica, add_name = items.append, replicas.append, names.append
         ready = nbytes = 0
-        for i, (name, path, size, checksum, algo, phase, expires, owner, meta, _line) in enumerate(batch):
-            oid, uid = ids[i], ids[n + i]
+        for (name, path, size, checksum, algo, phase, expires, owner, meta, _line), oid, uid in zip(
+            batch, ids[:n], ids[n:], strict=True
+        ):
             nbytes += size
+            add_name(name)
             if checksum is None:
-                state, rstate = "INITIALISED", "PENDING"
+                state, rstate = ItemState.INITIALISED.value, ReplicaState.PENDING.value
             else:
-                state, rstate = "READY", "READY"
+                state, rstate = ItemState.READY.value, ReplicaState.READY.value
                 ready += 1
             add_item(
                 (
                     oid,
                     name,
-                    versions[i] if versions else 1,
                     size,
                     checksum,
                     algo,
@@ -554,37 +525,42 @@ class SQLiteWriter(_Writer):
                     default_owner if owner is None else owner,
                     default_meta if meta is None else meta,
                     state,
-                    now,
                 )
             )
-            add_replica((uid, oid, sid, path, rstate, now))
-        import sqlite3
-
-        try:
-            conn.executemany(
-                "INSERT INTO item (oid, name, version, size, checksum, checksum_algo, item_type, "
-                "target_phase, expires_at, owner, meta, parents, state, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'file', ?, ?, ?, ?, '[]', ?, ?12, ?12)",
-                item_rows,
-            )
-        except sqlite3.IntegrityError as exc:
-            raise ConflictError(VERSIONS_TAKEN) from exc
-        # The batch's replicas are the rows after the highest rowid now (this transaction holds
-        # SQLite's write lock: no other writer), so their events are one INSERT ... SELECT.
-        (last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM replica").fetchone()
-        try:
-            conn.executemany(
-                "INSERT INTO replica (uid, item_oid, storage_id, path, state, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?6, ?6)",
-                replica_rows,
-            )
-        except sqlite3.IntegrityError as exc:
-            raise ConflictError(PATHS_TAKEN) from exc
-        conn.execute(SQLITE_EVENTS, (self.actor, self.details, last))
+            add_replica((uid, oid, path, rstate))
         self.count += n
         self.ready += ready
         self.bytes += nbytes
-        self.new_versions += again
+        dumps = orjson.dumps
+        return (names, lines, items, dumps(items), dumps(replicas))
+
+    def apply(
+        self,
+        names: list[str],
+        lines: dict[str, int],
+        items: list[tuple[Any, ...]],
+        item_doc: bytes,
+        replica_doc: bytes,
+    ) -> None:
+        import sqlite3
+
+        conn, dumps = self.conn, orjson.dumps
+        taken = conn.execute(SQLITE_TAKEN, (dumps(list(lines)), self.sid)).fetchall()
+        if taken:
+            raise first_taken(self.label, self.storage_name, lines, taken)
+        versions = self.versions(names, dict(conn.execute(SQLITE_VERSIONS, (dumps(names),))))
+        if versions:  # names the catalogue or the list already holds: each row with its version
+            item_doc = dumps([(*row, v) for row, v in zip(items, versions, strict=True)])
+        try:
+            conn.execute(SQLITE_ITEMS, (item_doc, self.now_text))
+        except sqlite3.IntegrityError as exc:  # cannot happen while the transaction holds the write lock
+            raise ConflictError(VERSIONS_TAKEN) from exc
+        (last,) = conn.execute("SELECT coalesce(max(rowid), 0) FROM replica").fetchone()
+        try:
+            conn.execute(SQLITE_REPLICAS, (replica_doc, self.sid, self.now_text))
+        except sqlite3.IntegrityError as exc:
+            raise ConflictError(PATHS_TAKEN) from exc
+        conn.execute(SQLITE_EVENTS, (self.actor, self.details, last))
 
     def close(self) -> None:
         import sqlite3
