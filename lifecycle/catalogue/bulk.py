@@ -25,6 +25,7 @@ from lifecycle.errors import (
 )
 from lifecycle.links import LinkGuard
 from lifecycle.states import Phase, StorageKind, StorageState
+from lifecycle.units import MAX_BYTES
 
 __all__ = ["BulkResult", "register_from_list"]
 
@@ -70,12 +71,14 @@ def register_from_list(
     version. `meta` is merged under each row's metadata; `owner`, `phase` and `lifetime`
     are defaults that a row's own owner, phase and expires_at override.
 
-    The file is streamed in batches of `batch_size` rows (memory stays bounded); rows go in
-    with COPY on PostgreSQL and executemany inserts on SQLite, with one Event per item
-    (written directly: bulk events are not handed to audit publishers). Everything happens
-    in the caller's transaction and nothing is committed here, so an error leaves the
-    catalogue as it was once the caller rolls back. `progress` is called with the running
-    count after each batch.
+    The file is streamed in batches of `batch_size` rows (memory stays bounded: at most one
+    batch waits to be written while the next is read); rows go in with binary COPY on
+    PostgreSQL and one INSERT ... SELECT per table and batch on SQLite, written by a thread of
+    their own while this one reads and checks the next batch (lifecycle.catalogue.bulk_writers),
+    with one Event per item (written directly: bulk events are not handed to audit
+    publishers). Everything happens in the caller's transaction and nothing is committed here,
+    so an error leaves the catalogue as it was once the caller rolls back. `progress` is called
+    with the running count after each batch is handed over.
 
     Raises SourceNotFoundError if the file does not exist; InvalidNameError,
     InvalidMetadataError or InvalidValueError (all UserInputError) naming the file and line
@@ -122,8 +125,8 @@ def register_from_list(
                     progress(writer.count)
         writer.finish()
     except BaseException as exc:
-        # The writer thread (PostgreSQL) is done with the connection once abort returns; after
-        # a bad row it first writes the batches before it, whose refusal, if any, comes first.
+        # The writer thread is done with the connection once abort returns; after a bad row it
+        # first writes the batches before it, whose refusal, if any, comes first (its line does).
         bad_row = isinstance(exc, UserInputError)
         earlier = writer.abort(drain=bad_row)
         if bad_row and earlier is not None and earlier is not exc:
@@ -173,10 +176,12 @@ def _batches(
     a file with other names (a hard link; one lstat per path, directories cached), and the
     metadata merged under the list's defaults.
 
-    Raises InvalidValueError (bad row, the same path twice), InvalidNameError (bad name, a
+    Raises InvalidValueError (bad row, the same path twice, sizes adding up past 2**63-1 bytes:
+    the storage's used bytes could not count them), InvalidNameError (bad name, a
     link), InvalidMetadataError, each naming the line."""
     batch: list[CheckedRow] = []
     lines: dict[str, int] = {}
+    total = 0
     add = batch.append
     first_line = lines.setdefault
     for lineno, record in records:
@@ -184,6 +189,12 @@ def _batches(
             row = parse(record, lineno)
         except RowError as exc:
             raise exc.cls(f"{label} line {lineno}: {exc.message}") from None
+        total += row[2]
+        if total > MAX_BYTES:
+            raise InvalidValueError(
+                f"{label} line {lineno}: the sizes listed up to here add up to more than "
+                f"{MAX_BYTES} bytes, more than any storage holds"
+            )
         path = row[1]
         first = first_line(path, lineno)
         if first != lineno:

@@ -460,6 +460,11 @@ SQLITE_EVENTS = (
 )
 
 
+def _json_text(value: Any) -> str:
+    """A JSON document for json_each, bound as text (SQLite 3.45+ reads a BLOB as its binary JSONB)."""
+    return orjson.dumps(value).decode()
+
+
 def _sqlite_time(value: datetime) -> str:
     """A timestamp as SQLAlchemy stores UTCDateTime on SQLite (naive UTC, microseconds)."""
     v = value.astimezone(UTC)
@@ -531,26 +536,25 @@ class SQLiteWriter(_Writer):
         self.count += n
         self.ready += ready
         self.bytes += nbytes
-        dumps = orjson.dumps
-        return (names, lines, items, dumps(items), dumps(replicas))
+        return (names, lines, items, _json_text(items), _json_text(replicas))
 
     def apply(
         self,
         names: list[str],
         lines: dict[str, int],
         items: list[tuple[Any, ...]],
-        item_doc: bytes,
-        replica_doc: bytes,
+        item_doc: str,
+        replica_doc: str,
     ) -> None:
         import sqlite3
 
-        conn, dumps = self.conn, orjson.dumps
-        taken = conn.execute(SQLITE_TAKEN, (dumps(list(lines)), self.sid)).fetchall()
+        conn = self.conn
+        taken = conn.execute(SQLITE_TAKEN, (_json_text(list(lines)), self.sid)).fetchall()
         if taken:
             raise first_taken(self.label, self.storage_name, lines, taken)
-        versions = self.versions(names, dict(conn.execute(SQLITE_VERSIONS, (dumps(names),))))
+        versions = self.versions(names, dict(conn.execute(SQLITE_VERSIONS, (_json_text(names),))))
         if versions:  # names the catalogue or the list already holds: each row with its version
-            item_doc = dumps([(*row, v) for row, v in zip(items, versions, strict=True)])
+            item_doc = _json_text([(*row, v) for row, v in zip(items, versions, strict=True)])
         try:
             conn.execute(SQLITE_ITEMS, (item_doc, self.now_text))
         except sqlite3.IntegrityError as exc:  # cannot happen while the transaction holds the write lock
