@@ -89,6 +89,36 @@ class MetaJson:
         return data
 
 
+class _FastHandOver:
+    """A shorter GIL switch interval while any writer thread runs: each time the database answers,
+    the writer thread must get the GIL back from the caller's thread (busy reading rows) to send
+    the next statement, and at Python's default 5 ms the database would wait that long each time.
+    Counted, so registrations in several threads at once restore the process's own interval."""
+
+    INTERVAL = 0.0005
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.saved = 0.0
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.users == 0:
+                self.saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self.saved, self.INTERVAL))
+            self.users += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                sys.setswitchinterval(self.saved)
+
+
+_HANDOVER = _FastHandOver()
+
+
 class _Writer:
     """Writes batches of checked rows (CheckedRow: metadata in meta_form, or None for the list's
     defaults) from a writer thread; subclasses per database turn a batch into a job (prepare,
@@ -128,7 +158,6 @@ class _Writer:
         self.error: BaseException | None = None
         self.stopping = False
         self.thread: threading.Thread | None = None
-        self.saved_interval: float | None = None
 
     @staticmethod
     def meta_form(data: bytes) -> Any:
@@ -161,13 +190,14 @@ class _Writer:
         raise NotImplementedError
 
     def start(self) -> None:
-        # While the writer thread runs, a shorter GIL switch interval: each time the database
-        # answers, the thread must get the GIL back from the caller's (busy reading rows) to
-        # send the next statement, and at the default 5 ms the database would wait that long.
-        self.saved_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self.saved_interval, 0.0005))
-        self.thread = threading.Thread(target=self._run, name="dlm-bulk-writer", daemon=True)
-        self.thread.start()
+        thread = threading.Thread(target=self._run, name="dlm-bulk-writer", daemon=True)
+        _HANDOVER.enter()
+        try:
+            thread.start()
+        except BaseException:
+            _HANDOVER.leave()
+            raise
+        self.thread = thread
 
     def finish(self) -> None:
         """Wait until every batch is written; raise the first error a batch met."""
@@ -188,9 +218,7 @@ class _Writer:
             self.jobs.put(None)
             self.thread.join()
             self.thread = None
-        if self.saved_interval is not None:
-            sys.setswitchinterval(self.saved_interval)
-            self.saved_interval = None
+            _HANDOVER.leave()
 
     def close(self) -> None:
         """Undo per-call connection settings (after finish or abort)."""

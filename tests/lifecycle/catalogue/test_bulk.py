@@ -366,3 +366,43 @@ def test_a_refusal_in_an_earlier_batch_is_named_before_a_later_bad_row(db_url: s
         register(db_url, src, batch_size=2)
     assert counts(db_url) == before
     assert sys.getswitchinterval() == interval
+
+
+def test_two_registrations_at_once_in_one_process(db_url: str, tmp_path: Path) -> None:
+    """Two lists registered at the same time from two threads (as two reconcile tasks may):
+    each is written whole, a path both lists hold goes to one item only (the later one is refused
+    and leaves nothing), and the process's GIL switch interval is its own again afterwards."""
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    register(db_url, io.StringIO(""))  # the storage
+    lists = []
+    for k in range(2):
+        rows = [{"name": f"t{k}/f{i}", "size": 1} for i in range(3000)]
+        lists.append(write_jsonl(tmp_path / f"l{k}.jsonl", rows))
+    both = write_jsonl(tmp_path / "both.jsonl", [{"name": "x", "path": "shared.dat", "size": 1}])
+    shared = write_jsonl(tmp_path / "shared.jsonl", [{"name": "y", "path": "shared.dat", "size": 1}])
+    errors: list[BaseException] = []
+
+    def run(src: Path) -> None:
+        try:
+            register(db_url, src, batch_size=500)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(src,)) for src in (*lists, both, shared)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # the later one's check sees the path taken, or (PostgreSQL) its COPY meets the other's
+    assert len(errors) == 1 and isinstance(errors[0], ConflictError)
+    assert "'shared.dat'" in str(errors[0]) or "took some of the same paths at the same time" in str(
+        errors[0]
+    )
+    assert counts(db_url)[:3] == (6001, 6001, 6001)
+    with session_scope(db_url) as s:
+        holders = s.exec(select(Item.name).join(Replica).where(Replica.path == "shared.dat")).all()  # type: ignore[call-overload]
+        assert len(holders) == 1
+    assert sys.getswitchinterval() == interval
