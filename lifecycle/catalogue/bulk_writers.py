@@ -396,7 +396,18 @@ class PostgresWriter(_Writer):
         self.count += n
         self.ready += ready
         self.bytes += nbytes
-        return (names, lines, items, b"".join(replicas), b"".join(events))
+        # Everything the writer thread can be spared is done here: it needs the GIL for each
+        # step between statements, and this thread holds it most of the time.
+        return (
+            names,
+            lines,
+            "\n".join(lines),
+            "\n".join(names),
+            items,
+            b"".join((_HEADER, _V1.join(items), _V1, _TRAILER)),  # every row version 1, the usual case
+            b"".join((_HEADER, *replicas, _TRAILER)),
+            b"".join((_HEADER, *events, _TRAILER)),
+        )
 
     def _mid(self, algo: str | None, phase: str | None, expires: datetime | None, owner: str | None) -> bytes:
         """checksum_algo, item_type, target_phase, expires_at and owner as one run of fields."""
@@ -419,11 +430,19 @@ class PostgresWriter(_Writer):
                 self.mid_blobs[key] = blob
         return blob
 
-    def apply(self, names: list[str], lines: dict[str, int], items: list[bytes], *data: bytes) -> None:
+    def apply(
+        self,
+        names: list[str],
+        lines: dict[str, int],
+        paths_text: str,
+        names_text: str,
+        items: list[bytes],
+        *data: bytes,
+    ) -> None:
         import psycopg
 
         with self.conn.cursor() as cur:
-            cur.execute(PG_CHECK, (self.storage_id, "\n".join(lines), "\n".join(names)))
+            cur.execute(PG_CHECK, (self.storage_id, paths_text, names_text))
             taken, current = [], {}
             for path, name, version in cur:
                 if path is None:
@@ -433,18 +452,20 @@ class PostgresWriter(_Writer):
             if taken:
                 raise first_taken(self.label, self.storage_name, lines, taken)
             versions = self.versions(names, current)
-            tails = [_V1 if v == 1 else _i32i32(4, v) for v in versions] if versions else [_V1] * len(items)
-            item_data = b"".join(itertools.chain.from_iterable(zip(items, tails, strict=True)))
+            if versions:  # names the catalogue or the list already holds: each row with its version
+                tails = [_i32i32(4, v) for v in versions]
+                data = (
+                    b"".join((_HEADER, *itertools.chain(*zip(items, tails, strict=True)), _TRAILER)),
+                    *data[1:],
+                )
             try:
-                for table, columns, rows in (
-                    ("item", ITEM_COLUMNS, item_data),
-                    ("replica", REPLICA_COLUMNS, data[0]),
-                    ("event", EVENT_COLUMNS, data[1]),
+                for (table, columns), rows in zip(
+                    (("item", ITEM_COLUMNS), ("replica", REPLICA_COLUMNS), ("event", EVENT_COLUMNS)),
+                    data,
+                    strict=True,
                 ):
                     with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
-                        copy.write(_HEADER)
                         copy.write(rows)
-                        copy.write(_TRAILER)
             except psycopg.errors.UniqueViolation as exc:  # a concurrent registration, after the check
                 raise ConflictError(
                     PATHS_TAKEN if "uq_replica_storage_path_live" in str(exc) else VERSIONS_TAKEN
@@ -564,12 +585,22 @@ class SQLiteWriter(_Writer):
         self.count += n
         self.ready += ready
         self.bytes += nbytes
-        return (names, lines, items, _json_text(items), _json_text(replicas))
+        return (
+            names,
+            lines,
+            _json_text(list(lines)),
+            _json_text(names),
+            items,
+            _json_text(items),
+            _json_text(replicas),
+        )
 
     def apply(
         self,
         names: list[str],
         lines: dict[str, int],
+        paths_doc: str,
+        names_doc: str,
         items: list[tuple[Any, ...]],
         item_doc: str,
         replica_doc: str,
@@ -577,10 +608,10 @@ class SQLiteWriter(_Writer):
         import sqlite3
 
         conn = self.conn
-        taken = conn.execute(SQLITE_TAKEN, (_json_text(list(lines)), self.sid)).fetchall()
+        taken = conn.execute(SQLITE_TAKEN, (paths_doc, self.sid)).fetchall()
         if taken:
             raise first_taken(self.label, self.storage_name, lines, taken)
-        versions = self.versions(names, dict(conn.execute(SQLITE_VERSIONS, (_json_text(names),))))
+        versions = self.versions(names, dict(conn.execute(SQLITE_VERSIONS, (names_doc,))))
         if versions:  # names the catalogue or the list already holds: each row with its version
             item_doc = _json_text([(*row, v) for row, v in zip(items, versions, strict=True)])
         try:
