@@ -17,6 +17,7 @@ import stat
 from collections.abc import Iterable
 
 _DIR, _ABSENT, _LINK = "dir", "absent", "link"
+_NOT_PLAIN = frozenset(("", ".", ".."))  # path segments that are not a plain name
 
 
 class LinkGuard:
@@ -48,7 +49,7 @@ class LinkGuard:
         in a message ("is a symbolic link", "goes through a symbolic link ('run')"). With
         `one_name`, a file with other names (a hard link: not a copy of its own) is refused too."""
         parts = path.split("/")
-        if path.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        if path.startswith("/") or not _NOT_PLAIN.isdisjoint(parts):
             return "is not a plain path inside the root"
         prefix = ""
         for part in parts[:-1]:

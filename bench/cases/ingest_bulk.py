@@ -1,5 +1,6 @@
 """Bulk registration of a generated list (1,000,000 items at scale 1) on PostgreSQL and SQLite,
-against the raw PostgreSQL COPY rate of the same item rows measured in the same run."""
+against the raw PostgreSQL COPY rate of the same item rows measured in the same run (before and
+after the registration, the mean), and the raw COPY of all three tables registration writes."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import Any
 
 import orjson
 
-TARGET_RATE = 50_000  # items/s on PostgreSQL
-TARGET_RATIO = 0.2  # of the raw COPY rate
+TARGET_RATE = 60_000  # items/s, on PostgreSQL and on SQLite (issue 12)
+TARGET_RATIO = 0.35  # of the raw COPY rate of the item rows alone
 TARGET_RSS_MB = 500
 
 
@@ -41,18 +42,44 @@ def generate(path: Path, n: int) -> None:
 
 
 def _child(url: str, path: str) -> None:
-    """Register the list in this process and print seconds, count and this process's peak RSS."""
+    """Register the list in this process and print seconds, count, this process's peak RSS and,
+    on PostgreSQL, the CPU seconds of its server process over the same span (when this host
+    runs the server and may read its /proc entry)."""
+    from sqlalchemy import text
+
     from lifecycle.catalogue.bulk import register_from_list
     from lifecycle.catalogue.db import session_scope
     from lifecycle.catalogue.models import Storage
 
+    server: float | None = None
     started = time.perf_counter()
     with session_scope(url) as session:
+        pid = None
+        if url.startswith("postgresql"):
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar()
+            server = _cpu_seconds(pid)
         storage = Storage(name="bench", kind="posix", root="/data/bench")
         session.add(storage)
         result = register_from_list(session, storage=storage, source=Path(path))
     seconds = time.perf_counter() - started  # including the commit
-    print(json.dumps({"count": result.count, "seconds": seconds, "rss_mb": peak_rss_mb()}))
+    if server is not None:
+        after = _cpu_seconds(pid)
+        server = None if after is None else after - server
+    print(
+        json.dumps(
+            {"count": result.count, "seconds": seconds, "rss_mb": peak_rss_mb(), "server_cpu_s": server}
+        )
+    )
+
+
+def _cpu_seconds(pid: Any) -> float | None:
+    """User and system CPU seconds of a process on this host, or None if it cannot be read."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_rss_mb() -> float:
@@ -81,58 +108,83 @@ def _register_in_child(url: str, path: Path) -> dict[str, Any]:
     return result
 
 
-def _item_copy_rows(path: Path) -> bytes:
-    """The list's item rows in COPY text format, with the columns bulk registration writes (untimed)."""
+ITEM_COLUMNS = (
+    "oid, name, version, size, checksum, checksum_algo, item_type, target_phase, expires_at, "
+    "owner, meta, parents, state, created_at, updated_at"
+)
+REPLICA_COLUMNS = "uid, item_oid, storage_id, path, state, created_at, updated_at"
+EVENT_COLUMNS = "ts, kind, item_oid, replica_uid, storage_id, actor, details"
+STORAGE_ID = "00000000000070008000000000000001"
+
+
+def _copy_rows(path: Path, out: Path) -> dict[str, Path]:
+    """The list's item rows, and the replica and event rows registration writes beside them, in
+    COPY text format: one file per table in `out` (untimed)."""
     from lifecycle.catalogue.bulk_writers import TimeOrderedIds
 
     now = "2026-01-01T00:00:00+00:00"
     ids = TimeOrderedIds()
-    out = []
-    with open(path, "rb") as f:
+    files = {table: out / f"{table}.copy" for table in ("item", "replica", "event")}
+    with (
+        open(path, "rb") as f,
+        open(files["item"], "w") as items,
+        open(files["replica"], "w") as replicas,
+        open(files["event"], "w") as events,
+    ):
         for line in f:
             o = orjson.loads(line)
             meta = orjson.dumps(o["metadata"]).decode()
-            out.append(
-                f"{ids.take(1)[0]:032x}\t{o['name']}\t1\t{o['size']}\t{o['checksum']}\tmd5\tfile\tGAS\t"
+            oid, uid = (f"{v:032x}" for v in ids.take(2))
+            items.write(
+                f"{oid}\t{o['name']}\t1\t{o['size']}\t{o['checksum']}\tmd5\tfile\tGAS\t"
                 f"\\N\t\\N\t{meta}\t[]\tREADY\t{now}\t{now}\n"
             )
-    return "".join(out).encode()
+            replicas.write(f"{uid}\t{oid}\t{STORAGE_ID}\t{o['name']}\tREADY\t{now}\t{now}\n")
+            events.write(f'{now}\titem.ready\t{oid}\t{uid}\t{STORAGE_ID}\tuser\t{{"bulk": true}}\n')
+    return files
 
 
-def _raw_copy_rate(data: bytes, n: int, *, plain: bool) -> float:
-    """Items/s of one COPY of the rows (and its commit) into a fresh database's item table, or
-    into a plain table of the same columns without indexes or constraints."""
+def _raw_copy_rate(rows: dict[str, Path], n: int, *, tables: str) -> float:
+    """Items/s of COPY (one stream per table, and the commit) into a fresh catalogue: "item"
+    its item table alone, "all" its item, replica and event tables (what registration writes),
+    "plain" a table of the item columns without indexes or constraints."""
     import psycopg
 
     from devrig.postgres import fresh_postgres_database
-    from lifecycle.catalogue.db import init_db
+    from lifecycle.catalogue.db import get_engine, init_db
 
-    columns = (
-        "oid, name, version, size, checksum, checksum_algo, item_type, target_phase, expires_at, "
-        "owner, meta, parents, state, created_at, updated_at"
-    )
     with fresh_postgres_database("dlm_bench") as url:
         init_db(url)
-        from lifecycle.catalogue.db import get_engine
-
         get_engine(url).dispose()
         dsn = url.replace("postgresql+psycopg://", "postgresql://")
         with psycopg.connect(dsn) as conn:
-            table = "item"
-            if plain:
-                table = "item_plain"
+            streams = [("item", ITEM_COLUMNS, rows["item"])]
+            if tables == "plain":
                 conn.execute(
                     "CREATE TABLE item_plain (oid uuid, name text, version int, size bigint, checksum text, "
                     "checksum_algo text, item_type text, target_phase text, expires_at timestamptz, "
                     "owner text, meta jsonb, parents jsonb, state text, created_at timestamptz, "
                     "updated_at timestamptz)"
                 )
-                conn.commit()
+                streams = [("item_plain", ITEM_COLUMNS, rows["item"])]
+            elif tables == "all":
+                conn.execute(
+                    "INSERT INTO storage (id, name, kind, root, tier, used_bytes, state, created_at, "
+                    "trust_stored_checksums) VALUES (%s, 'bench', 'posix', '/data/bench', 'hot', 0, "
+                    "'online', now(), false)",
+                    (STORAGE_ID,),
+                )
+                streams += [
+                    ("replica", REPLICA_COLUMNS, rows["replica"]),
+                    ("event", EVENT_COLUMNS, rows["event"]),
+                ]
+            conn.commit()
             started = time.perf_counter()
-            with conn.cursor() as cur, cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-                view = memoryview(data)
-                for i in range(0, len(data), 1 << 20):
-                    copy.write(view[i : i + (1 << 20)])
+            with conn.cursor() as cur:
+                for table, columns, data in streams:
+                    with cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy, open(data, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            copy.write(chunk)
             conn.commit()
             return n / (time.perf_counter() - started)
 
@@ -146,16 +198,19 @@ def run(scale: float) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="dlm-bench-") as tmp:
         path = Path(tmp) / "list.jsonl"
         generate(path, n)
-        data = _item_copy_rows(path)
-        copy_indexed = _raw_copy_rate(data, n, plain=False)
-        copy_plain = _raw_copy_rate(data, n, plain=True)
-        del data
+        rows_data = _copy_rows(path, Path(tmp))
+        copy_before = _raw_copy_rate(rows_data, n, tables="item")
+        copy_plain = _raw_copy_rate(rows_data, n, tables="plain")
+        copy_all = _raw_copy_rate(rows_data, n, tables="all")
 
         with fresh_postgres_database("dlm_bench") as url:
             init_db(url)
             get_engine(url).dispose()
             pg = _register_in_child(url, path)
+        copy_after = _raw_copy_rate(rows_data, n, tables="item")
+        copy_indexed = (copy_before + copy_after) / 2
         rate = pg["count"] / pg["seconds"]
+        server = pg.get("server_cpu_s")
         rows.append(
             {
                 "case": "ingest_bulk",
@@ -165,13 +220,19 @@ def run(scale: float) -> list[dict[str, Any]]:
                     "seconds": pg["seconds"],
                     "items_per_s": rate,
                     "peak_rss_mb": pg["rss_mb"],
+                    "server_busy": None if server is None else server / pg["seconds"],
+                    "copy_all_items_per_s": copy_all,
                     "copy_plain_items_per_s": copy_plain,
                 },
                 "reference": (
                     "raw COPY of the same item rows (all item columns, one stream, commit included) into "
-                    "the real, indexed item table of another fresh database, in items/s; the stricter "
-                    f"plain-table COPY (no indexes or constraints) is shown as copy_plain_items_per_s "
-                    f"(ratio to it {rate / copy_plain:.2f})"
+                    "the real, indexed item table of another fresh database, in items/s, the mean of one "
+                    f"COPY before the registration and one after ({copy_before:,.0f} and {copy_after:,.0f}); "
+                    "copy_all_items_per_s is the raw COPY of everything registration writes (the item, "
+                    "replica and event rows into a fresh catalogue: the database's own floor, ratio to it "
+                    f"{rate / copy_all:.2f}); copy_plain_items_per_s the item rows into a plain table "
+                    f"without indexes or constraints (ratio to it {rate / copy_plain:.2f}); server_busy "
+                    "the CPU seconds of the registration's PostgreSQL server process per second of it"
                 ),
                 "reference_value": copy_indexed,
                 "ratio": rate / copy_indexed,
@@ -198,7 +259,10 @@ def run(scale: float) -> list[dict[str, Any]]:
                     "items_per_s": lite["count"] / lite["seconds"],
                     "peak_rss_mb": lite["rss_mb"],
                 },
-                "targets": {f"peak RSS < {TARGET_RSS_MB} MB": lite["rss_mb"] < TARGET_RSS_MB},
+                "targets": {
+                    f">= {TARGET_RATE:,} items/s": lite["count"] / lite["seconds"] >= TARGET_RATE,
+                    f"peak RSS < {TARGET_RSS_MB} MB": lite["rss_mb"] < TARGET_RSS_MB,
+                },
             }
         )
     return rows

@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy import select, text, update
+from sqlalchemy import text, update
 from sqlmodel import Session
 
-from lifecycle.catalogue.bulk_sources import Row, RowError, Source
-from lifecycle.catalogue.bulk_writers import SQLITE_IN_CHUNK, PostgresWriter, SQLiteWriter
-from lifecycle.catalogue.db import one_of
+from lifecycle.catalogue.bulk_sources import CheckedRow, Row, RowError, Source
+from lifecycle.catalogue.bulk_writers import MetaJson, PostgresWriter, SQLiteWriter
 from lifecycle.catalogue.inputs import ItemOptions
 from lifecycle.catalogue.models import Storage, utcnow
-from lifecycle.catalogue.sql import chunks, core_table
+from lifecycle.catalogue.sql import core_table
 from lifecycle.errors import (
     ConflictError,
     InvalidNameError,
     InvalidValueError,
+    UserInputError,
 )
 from lifecycle.links import LinkGuard
-from lifecycle.states import Phase, ReplicaState, StorageKind, StorageState
+from lifecycle.states import Phase, StorageKind, StorageState
+from lifecycle.units import MAX_BYTES
 
 __all__ = ["BulkResult", "register_from_list"]
 
@@ -70,12 +71,14 @@ def register_from_list(
     version. `meta` is merged under each row's metadata; `owner`, `phase` and `lifetime`
     are defaults that a row's own owner, phase and expires_at override.
 
-    The file is streamed in batches of `batch_size` rows (memory stays bounded); rows go in
-    with COPY on PostgreSQL and executemany inserts on SQLite, with one Event per item
-    (written directly: bulk events are not handed to audit publishers). Everything happens
-    in the caller's transaction and nothing is committed here, so an error leaves the
-    catalogue as it was once the caller rolls back. `progress` is called with the running
-    count after each batch.
+    The file is streamed in batches of `batch_size` rows (memory stays bounded: at most one
+    batch waits to be written while the next is read); rows go in with binary COPY on
+    PostgreSQL and one INSERT ... SELECT per table and batch on SQLite, written by a thread of
+    their own while this one reads and checks the next batch (lifecycle.catalogue.bulk_writers),
+    with one Event per item (written directly: bulk events are not handed to audit
+    publishers). Everything happens in the caller's transaction and nothing is committed here,
+    so an error leaves the catalogue as it was once the caller rolls back. `progress` is called
+    with the running count after each batch is handed over.
 
     Raises SourceNotFoundError if the file does not exist; InvalidNameError,
     InvalidMetadataError or InvalidValueError (all UserInputError) naming the file and line
@@ -102,6 +105,7 @@ def register_from_list(
     writer = writer_class(
         session,
         storage_id=storage.id,
+        storage_name=storage.name,
         now=now,
         actor=actor,
         owner=owner,
@@ -111,25 +115,25 @@ def register_from_list(
     )
     # On a posix storage, no path that is or goes through a link, nor a file with other names.
     guard = LinkGuard(storage.root) if storage.kind == StorageKind.POSIX.value else None
-    with Source(source, fmt) as (label, records, parse):
-        writer.label = label
-        batch: list[Row] = []
-        for lineno, record in records:
-            try:
-                batch.append(parse(record, lineno))
-            except RowError as exc:
-                raise exc.cls(f"{label} line {lineno}: {exc.message}") from None
-            if len(batch) >= batch_size:
-                _check_paths(session, storage, batch, label, guard)
-                writer.write(batch)
-                batch = []
+    try:
+        with Source(source, fmt) as (label, records, parse):
+            writer.label = label
+            rows = _batches(label, records, parse, writer.check_meta, guard, storage.name, batch_size)
+            for batch, lines in rows:
+                writer.write(batch, lines)
                 if progress is not None:
                     progress(writer.count)
-        if batch:
-            _check_paths(session, storage, batch, label, guard)
-            writer.write(batch)
-            if progress is not None:
-                progress(writer.count)
+        writer.finish()
+    except BaseException as exc:
+        # The writer thread is done with the connection once abort returns; after a bad row it
+        # first writes the batches before it, whose refusal, if any, comes first (its line does).
+        bad_row = isinstance(exc, UserInputError)
+        earlier = writer.abort(drain=bad_row)
+        if bad_row and earlier is not None and earlier is not exc:
+            raise earlier from None
+        raise
+    finally:
+        writer.close()
     nbytes = writer.bytes
 
     if nbytes:
@@ -154,50 +158,62 @@ def register_from_list(
     )
 
 
-def _check_paths(
-    session: Session, storage: Storage, batch: list[Row], label: str, guard: LinkGuard | None = None
-) -> None:
-    """Refuse a row whose path another row of the list, or a live copy in the catalogue, holds
-    on the storage: two items on one file would delete each other's bytes. One query per
-    batch (earlier batches are already in the transaction, so they count too). With `guard`
-    (a posix storage), also a path that is or goes through a symbolic link, or a file with
-    other names (a hard link): one lstat per path, directories cached.
+def _batches(
+    label: str,
+    records: Iterator[tuple[int, Any]],
+    parse: Callable[[Any, int], Row],
+    check_meta: MetaJson,
+    guard: LinkGuard | None,
+    storage: str,
+    batch_size: int,
+) -> Iterator[tuple[list[CheckedRow], dict[str, int]]]:
+    """The list's rows checked one by one in line order, in batches with each path's line.
 
-    Raises InvalidValueError (the same path twice in the list), ConflictError (a path already
-    registered), InvalidNameError (a link), each naming the line."""
+    Everything that needs no database is checked here, so the first bad line is the one named:
+    the row itself (bulk_sources), a path an earlier row of the batch holds (a path held by
+    an earlier batch, or by a live copy in the catalogue, the writer refuses: one query per
+    batch), with `guard` (a posix storage) a path that is or goes through a symbolic link or
+    a file with other names (a hard link; one lstat per path, directories cached), and the
+    metadata merged under the list's defaults.
 
+    Raises InvalidValueError (bad row, the same path twice, sizes adding up past 2**63-1 bytes:
+    the storage's used bytes could not count them), InvalidNameError (bad name, a
+    link), InvalidMetadataError, each naming the line."""
+    batch: list[CheckedRow] = []
     lines: dict[str, int] = {}
-    for row in batch:
-        first = lines.setdefault(row[1], row[9])
-        if first != row[9]:
+    total = 0
+    add = batch.append
+    first_line = lines.setdefault
+    for lineno, record in records:
+        try:
+            row = parse(record, lineno)
+        except RowError as exc:
+            raise exc.cls(f"{label} line {lineno}: {exc.message}") from None
+        total += row[2]
+        if total > MAX_BYTES:
             raise InvalidValueError(
-                f"{label} line {row[9]}: path {row[1]!r} is already listed on line {first}: "
+                f"{label} line {lineno}: the sizes listed up to here add up to more than "
+                f"{MAX_BYTES} bytes, more than any storage holds"
+            )
+        path = row[1]
+        first = first_line(path, lineno)
+        if first != lineno:
+            raise InvalidValueError(
+                f"{label} line {lineno}: path {path!r} is already listed on line {first}: "
                 "one file can belong to one item only"
             )
-        why = guard.why_refused(row[1], one_name=True) if guard is not None else None
-        if why is not None:
-            raise InvalidNameError(
-                f"{label} line {row[9]}: path {row[1]!r} on storage {storage.name!r} {why}; "
-                "nothing was registered"
-            )
-    t = core_table("replica")
-    items = core_table("item")
-    dialect = session.get_bind().dialect.name
-    paths = list(lines)
-    step = len(paths) if dialect == "postgresql" else SQLITE_IN_CHUNK
-    for chunk in chunks(paths, step):
-        taken = session.execute(
-            select(t.c.path, items.c.name, items.c.version)
-            .join(items, items.c.oid == t.c.item_oid)
-            .where(
-                t.c.storage_id == storage.id,
-                one_of(dialect, t.c.path, chunk),
-                t.c.state.notin_([ReplicaState.DELETED.value, ReplicaState.LOST.value]),
-            )
-            .limit(1)
-        ).first()
-        if taken is not None:
-            raise ConflictError(
-                f"{label} line {lines[taken[0]]}: path {taken[0]!r} on storage {storage.name!r} is "
-                f"already registered as {taken[1]} v{taken[2]}; nothing was registered"
-            )
+        if guard is not None:
+            why = guard.why_refused(path, one_name=True)
+            if why is not None:
+                raise InvalidNameError(
+                    f"{label} line {lineno}: path {path!r} on storage {storage!r} {why}; "
+                    "nothing was registered"
+                )
+        meta = row[8]
+        add(row if meta is None else (*row[:8], check_meta(meta, lineno), lineno))
+        if len(batch) >= batch_size:
+            yield batch, lines
+            batch, lines = [], {}
+            add, first_line = batch.append, lines.setdefault
+    if batch:
+        yield batch, lines

@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from lifecycle.catalogue.inputs import valid_algo, valid_checksum, valid_size
+from lifecycle.catalogue.inputs import DEFAULT_ALGO, HEX_DIGITS, valid_algo, valid_checksum, valid_size
 from lifecycle.errors import (
     DLMError,
     InvalidMetadataError,
@@ -28,12 +28,17 @@ FIELDS = frozenset(
     ("name", "path", "size", "checksum", "checksum_algo", "metadata", "meta", "phase", "expires_at", "owner")
 )
 PHASES = {p.value: p.value for p in Phase}
+_HEX = frozenset("0123456789abcdef")
+_DEFAULT_DIGITS = HEX_DIGITS[DEFAULT_ALGO]
 
 # One validated list row: name, path, size, checksum, checksum_algo, phase (None: the default),
 # expires_at (None: the default), owner (None: the default), metadata, line number.
 Row = tuple[
     str, str, int, str | None, str | None, str | None, datetime | None, str | None, dict[str, Any] | None, int
 ]
+# The same once its metadata is checked and merged under the list's defaults: compact JSON in
+# the writer's form (lifecycle.catalogue.bulk_writers; None: the defaults alone).
+CheckedRow = tuple[str, str, int, str | None, str | None, str | None, datetime | None, str | None, Any, int]
 
 
 class RowError(Exception):
@@ -257,13 +262,21 @@ def _validated(
 ) -> Row:
     name = _valid_name(name, "item name")
     path = name if path == name else _valid_name(path, "path")
-    try:  # the rules of lifecycle.catalogue.inputs.ItemCreate
-        if algo is not None:
-            valid_algo(algo)
-        if checksum is not None:
-            checksum, algo = valid_checksum(checksum, algo)
-    except InvalidValueError as exc:
-        raise RowError(InvalidValueError, str(exc)) from None
+    if (
+        algo is None
+        and checksum is not None
+        and len(checksum) == _DEFAULT_DIGITS
+        and _HEX.issuperset(checksum)
+    ):
+        algo = DEFAULT_ALGO  # what valid_checksum answers for a lower-case digest of the default algorithm
+    else:
+        try:  # the rules of lifecycle.catalogue.inputs.ItemCreate
+            if algo is not None:
+                valid_algo(algo)
+            if checksum is not None:
+                checksum, algo = valid_checksum(checksum, algo)
+        except InvalidValueError as exc:
+            raise RowError(InvalidValueError, str(exc)) from None
     if phase is not None:
         phase = PHASES.get(phase.upper()) if type(phase) is str else None
         if phase is None:

@@ -16,6 +16,7 @@ from lifecycle.catalogue.bulk import register_from_list
 from lifecycle.catalogue.db import get_engine, session_scope
 from lifecycle.catalogue.models import Event, Item, Replica, Storage
 from lifecycle.errors import (
+    ConflictError,
     InvalidMetadataError,
     InvalidNameError,
     InvalidValueError,
@@ -189,6 +190,7 @@ BAD_JSONL = [
     ('{"name": "a", "size": 1, "colour": "red"}', InvalidValueError, "unknown field 'colour'"),
     ('{"name": "a", "size": 1, "meta": {"k": "\\u0000"}}', InvalidMetadataError, "NUL"),
     ("[1, 2]", InvalidValueError, "JSON object"),
+    ('{"name": "a", "size": 9223372036854775807}', InvalidValueError, "add up to more than"),
 ]
 
 
@@ -263,3 +265,144 @@ def test_list_defaults_merge_into_each_rows_nested_metadata(db_url: str) -> None
         "a/2": {"obs": {"site": "B", "night": 4}, "kind": "raw"},
         "a/3": {"obs": 7, "kind": "raw"},
     }
+
+
+def test_every_column_reads_back_as_a_row_gave_it(db_url: str) -> None:
+    """The binary COPY (PostgreSQL) and raw inserts (SQLite) write each column as the ORM reads
+    it: a row's own owner, phase, expiry (with its zone), algorithm, non-ASCII names and metadata,
+    beside the list's defaults (owner, lifetime, metadata)."""
+    from datetime import UTC, datetime, timedelta
+
+    rows = [
+        {
+            "name": "ré/été 1.fits",
+            "path": "raw/ré/x y.fits",
+            "size": 2**40,
+            "checksum": hashlib.sha256(b"x").hexdigest().upper(),
+            "checksum_algo": "sha256",
+            "metadata": {"band": "ř", "n": [1, 2.5, None], "obs": {"night": 3}},
+            "phase": "liquid",
+            "expires_at": "2030-01-02T03:04:05.123456+02:00",
+            "owner": "bob",
+        },
+        {"name": "plain", "size": 0},
+        {"name": "q\"uote's 😀", "size": 2**63 - 1 - 2**40, "metadata": {"k": 'a "b" \\ \t'}},
+    ]
+    src = io.StringIO("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    before = datetime.now(UTC)
+    result = register(
+        db_url, src, owner="alice", actor="tester", lifetime=timedelta(days=2), meta={"obs": {"site": "A"}}
+    )
+    assert (result.count, result.ready, result.pending) == (3, 1, 2)  # type: ignore[attr-defined]
+    with session_scope(db_url) as s:
+        items = {i.name: i for i in s.exec(select(Item)).scalars()}  # type: ignore[call-overload]
+        first, plain = items["ré/été 1.fits"], items["plain"]
+        assert (first.size, first.checksum, first.checksum_algo) == (
+            2**40,
+            hashlib.sha256(b"x").hexdigest(),
+            "sha256",
+        )
+        assert (first.state, first.target_phase, first.owner) == ("READY", "LIQUID", "bob")
+        assert first.expires_at == datetime(2030, 1, 2, 1, 4, 5, 123456, tzinfo=UTC)
+        assert first.meta == {"band": "ř", "n": [1, 2.5, None], "obs": {"site": "A", "night": 3}}
+        assert (plain.state, plain.target_phase, plain.owner, plain.checksum) == (
+            "INITIALISED",
+            "GAS",
+            "alice",
+            None,
+        )
+        assert plain.meta == {"obs": {"site": "A"}} and plain.parents == [] and plain.item_type == "file"
+        assert plain.expires_at is not None and plain.created_at is not None
+        assert timedelta(days=2) <= plain.expires_at - before < timedelta(days=2, minutes=5)
+        assert plain.created_at == first.created_at == first.updated_at
+        odd = items["q\"uote's 😀"]
+        assert (odd.size, odd.meta) == (2**63 - 1 - 2**40, {"obs": {"site": "A"}, "k": 'a "b" \\ \t'})
+        replicas = {r.item_oid: r for r in s.exec(select(Replica)).scalars()}  # type: ignore[call-overload]
+        assert replicas[odd.oid].path == "q\"uote's 😀"
+        del replicas[odd.oid]
+        assert replicas[first.oid].path == "raw/ré/x y.fits" and replicas[plain.oid].path == "plain"
+        assert (replicas[first.oid].state, replicas[plain.oid].state) == ("READY", "PENDING")
+        for r in replicas.values():
+            assert r.expires_at is None and r.verified_at is None and r.claimed_by is None
+            assert r.created_at == first.created_at
+        events = s.exec(select(Event).order_by(Event.id)).scalars().all()[:2]  # type: ignore[call-overload]
+        assert [(e.kind, e.item_oid, e.replica_uid, e.actor, e.details, e.ts) for e in events] == [
+            ("item.ready", first.oid, replicas[first.oid].uid, "tester", {"bulk": True}, first.created_at),
+            (
+                "item.registered",
+                plain.oid,
+                replicas[plain.oid].uid,
+                "tester",
+                {"bulk": True},
+                first.created_at,
+            ),
+        ]
+
+
+def test_a_refusal_in_an_earlier_batch_is_named_before_a_later_bad_row(db_url: str, tmp_path: Path) -> None:
+    """On PostgreSQL a batch is checked and written while the next one is read: a path already
+    registered in batch 2 is still the error named (not the bad row of batch 3 read meanwhile),
+    and nothing of the list is left in the catalogue."""
+    import sys
+
+    register(db_url, io.StringIO('{"name": "old", "path": "taken.dat", "size": 1}\n'))
+    before = counts(db_url)
+    interval = sys.getswitchinterval()
+    lines = [json.dumps({"name": f"n{i}", "size": 1}) for i in range(1, 4)]
+    lines.append(json.dumps({"name": "n4", "path": "taken.dat", "size": 1}))  # line 4: batch 2
+    lines += [json.dumps({"name": f"n{i}", "size": 1}) for i in range(5, 9)]
+    lines.append('{"name": "bad", "size": -1}')  # line 9: batch 5
+    src = write_jsonl(tmp_path / "l.jsonl", [])
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ConflictError,
+        match=rf"^{src} line 4: path 'taken.dat' on storage 'disk' is already registered as old v1",
+    ):
+        register(db_url, src, batch_size=2)
+    assert counts(db_url) == before
+    # A bad row alone, with batches written before it, is named; nothing is left either.
+    src.write_text("\n".join(lines[:3] + lines[4:]) + "\n")
+    with pytest.raises(InvalidValueError, match=rf"^{src} line 8: invalid size -1"):
+        register(db_url, src, batch_size=2)
+    assert counts(db_url) == before
+    assert sys.getswitchinterval() == interval
+
+
+def test_two_registrations_at_once_in_one_process(db_url: str, tmp_path: Path) -> None:
+    """Two lists registered at the same time from two threads (as two reconcile tasks may):
+    each is written whole, a path both lists hold goes to one item only (the later one is refused
+    and leaves nothing), and the process's GIL switch interval is its own again afterwards."""
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    register(db_url, io.StringIO(""))  # the storage
+    lists = []
+    for k in range(2):
+        rows = [{"name": f"t{k}/f{i}", "size": 1} for i in range(3000)]
+        lists.append(write_jsonl(tmp_path / f"l{k}.jsonl", rows))
+    both = write_jsonl(tmp_path / "both.jsonl", [{"name": "x", "path": "shared.dat", "size": 1}])
+    shared = write_jsonl(tmp_path / "shared.jsonl", [{"name": "y", "path": "shared.dat", "size": 1}])
+    errors: list[BaseException] = []
+
+    def run(src: Path) -> None:
+        try:
+            register(db_url, src, batch_size=500)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(src,)) for src in (*lists, both, shared)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # the later one's check sees the path taken, or (PostgreSQL) its COPY meets the other's
+    assert len(errors) == 1 and isinstance(errors[0], ConflictError)
+    assert "'shared.dat'" in str(errors[0]) or "took some of the same paths at the same time" in str(
+        errors[0]
+    )
+    assert counts(db_url)[:3] == (6001, 6001, 6001)
+    with session_scope(db_url) as s:
+        holders = s.exec(select(Item.name).join(Replica).where(Replica.path == "shared.dat")).all()  # type: ignore[call-overload]
+        assert len(holders) == 1
+    assert sys.getswitchinterval() == interval
