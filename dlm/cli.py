@@ -133,7 +133,7 @@ def run(
         int | None,
         typer.Option(
             min=1,
-            help=f"{_accepted_by(RunOption.PARTITIONS)}: split the run by item into K parts (run "
+            help=f"{_accepted_by(RunOption.PARTITIONS)}: split the run by item into this many parts (run "
             "here one after another; a deployment run fans out to workers)",
         ),
     ] = None,
