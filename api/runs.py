@@ -20,6 +20,7 @@ from api.auth import Admin
 from lifecycle.catalogue import storages
 from lifecycle.catalogue.db import session_scope
 from lifecycle.errors import ConflictError, InvalidValueError, TransientError
+from lifecycle.planning.partition import check_partition
 from lifecycle.redact import redact
 from lifecycle.runs import PIPELINES, RunOption, accepting, parse_pipeline
 from lifecycle.units import parse_size
@@ -28,13 +29,15 @@ router = APIRouter(tags=["runs"])
 
 
 class RunRequest(BaseModel):
-    """A run's options: `dry_run` for every pipeline; `storage`, `budget`, `adopt` where it takes them."""
+    """A run's options: `dry_run` for every pipeline; `storage`, `budget`, `adopt`, `partitions`
+    where it takes them (`partitions` K > 1: K sub-runs of the deployment that workers share)."""
 
     model_config = ConfigDict(extra="forbid")
     dry_run: bool = False
     storage: str | None = None
     budget: str | None = None
     adopt: bool | None = None
+    partitions: int | None = None
 
 
 class RunStarted(BaseModel):
@@ -65,6 +68,7 @@ def _parameters(pipeline: str, request: RunRequest) -> dict[str, Any]:
         RunOption.STORAGE: request.storage,
         RunOption.BUDGET: request.budget,
         RunOption.ADOPT: request.adopt,
+        RunOption.PARTITIONS: request.partitions,
     }
     for option, value in given.items():
         if value is None:
@@ -75,6 +79,8 @@ def _parameters(pipeline: str, request: RunRequest) -> dict[str, Any]:
         params[option.value] = value
     if request.budget is not None:
         parse_size(request.budget)
+    if request.partitions is not None:
+        check_partition(request.partitions, None)
     if request.storage is not None:
         with session_scope() as s:
             storages.get_storage(request.storage, session=s)
