@@ -189,8 +189,9 @@ def begin_upload(
             "path": path,
         },
     )
-    # never valid past the time recovery takes the PENDING copy for abandoned
-    expires_s = max(1, min(expires_s, get_settings().transfer.stale_after_s))
+    # valid for at most half the time after which recovery takes the PENDING copy for
+    # abandoned, so a PUT started at the URL's last second still has that half to finish
+    expires_s = max(1, min(expires_s, get_settings().transfer.stale_after_s // 2))
     url, headers = backend.upload_url(path, item.checksum or "", expires_s, size=item.size)
     return UploadStarted(item=ItemPublic.of(item), upload_url=url, headers=headers, expires_in=expires_s)
 

@@ -67,6 +67,8 @@ def test_presigned_upload_then_presigned_download_returns_the_same_bytes(
         assert "nothing uploaded" in assert_one_line_error(alice.post(f"/items/{oid}/ready"), 409)
 
         url, headers = started.json()["upload_url"], started.json()["headers"]
+        # half of the 1 h after which recovery would take the copy for a dead upload's
+        assert started.json()["expires_in"] == 1800
         assert headers == {"Content-MD5": base64.b64encode(hashlib.md5(payload).digest()).decode()}
         # the URL is signed for the declared MD5: S3 refuses a PUT without it, or other bytes
         assert plain.put(url, content=payload).status_code == 403
