@@ -27,6 +27,7 @@ from lifecycle.integrity.recovery import remove_dead_temp_files, rows_in_flight
 from lifecycle.planning.pipelines import make_plan
 from lifecycle.planning.plan import Plan
 from lifecycle.reports import (
+    AbandonedUploads,
     ActionRow,
     PipelineReport,
     PlannedAction,
@@ -146,6 +147,8 @@ def idle_report(pipeline: Pipeline | str) -> PipelineReport | None:
         counters=dict(plan.counters),
         actions=plan_rows(plan, storage_names()),
         recovered=Recovered(temp_kept_live=temp.temp_kept_live),
+        # as the flow's: an expire run settles unfinished uploads (none were due)
+        uploads=AbandonedUploads() if chosen is Pipeline.EXPIRE else None,
         stages=laps,
         settled=Settled(),
         copied=0,
