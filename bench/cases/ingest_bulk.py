@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from bench.helpers import cpu_seconds, peak_rss_mb, run_child
 
 TARGET_RATE = 60_000  # items/s, on PostgreSQL and on SQLite (issue 12)
 TARGET_RATIO = 0.35  # of the raw COPY rate of the item rows alone
@@ -57,13 +56,13 @@ def _child(url: str, path: str) -> None:
         pid = None
         if url.startswith("postgresql"):
             pid = session.execute(text("SELECT pg_backend_pid()")).scalar()
-            server = _cpu_seconds(pid)
+            server = cpu_seconds(pid)
         storage = Storage(name="bench", kind="posix", root="/data/bench")
         session.add(storage)
         result = register_from_list(session, storage=storage, source=Path(path))
     seconds = time.perf_counter() - started  # including the commit
     if server is not None:
-        after = _cpu_seconds(pid)
+        after = cpu_seconds(pid)
         server = None if after is None else after - server
     print(
         json.dumps(
@@ -72,40 +71,8 @@ def _child(url: str, path: str) -> None:
     )
 
 
-def _cpu_seconds(pid: Any) -> float | None:
-    """User and system CPU seconds of a process on this host, or None if it cannot be read."""
-    try:
-        with open(f"/proc/{int(pid)}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS since exec. ru_maxrss is not used: Linux carries the forking
-    parent's RSS over into it, so it would count the benchmark's own memory."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _register_in_child(url: str, path: Path) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.cases.ingest_bulk", "--child", url, str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"registration child failed:\n{proc.stderr}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_child("bench.cases.ingest_bulk", url, str(path), what="registration child")
 
 
 ITEM_COLUMNS = (

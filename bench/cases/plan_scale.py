@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
+
+from bench.helpers import peak_rss_mb, run_child
 
 ITEMS = 1_000_000
 TARGET_S = 5.0
@@ -60,15 +61,16 @@ def _uuid(base: int, n: int) -> str:
     return f"{base + n:032x}"
 
 
-def _rows(n: int, storage_ids: list[str], now: datetime) -> tuple[list[bytes], list[bytes], dict[int, int]]:
-    """COPY text for n items and their replicas (chunks of bytes), and bytes per storage index."""
+def _rows(
+    n: int, storage_ids: list[str], now: datetime, items: Callable[[bytes], Any], reps: Callable[[bytes], Any]
+) -> dict[int, int]:
+    """COPY text for n items and their replicas, handed in chunks of bytes to `items` and `reps`
+    as it is made (memory stays bounded at any n); returns the bytes per storage index."""
     item_base = 0x0193_0000_0000_7000_8000_0000_0000_0000
     rep_base = 0x0193_0000_0001_7000_8000_0000_0000_0000
     past = (now - timedelta(days=3)).isoformat()
     future = (now + timedelta(days=300)).isoformat()
     used: dict[int, int] = dict.fromkeys(range(len(STORAGES)), 0)
-    items: list[bytes] = []
-    reps: list[bytes] = []
     ibuf: list[str] = []
     rbuf: list[str] = []
     r = 0
@@ -118,14 +120,14 @@ def _rows(n: int, storage_ids: list[str], now: datetime) -> tuple[list[bytes], l
             if state == "READY":
                 used[s] += size
         if len(ibuf) >= _ROWS_PER_WRITE:
-            items.append("".join(ibuf).encode())
+            items("".join(ibuf).encode())
             ibuf = []
         if len(rbuf) >= _ROWS_PER_WRITE:
-            reps.append("".join(rbuf).encode())
+            reps("".join(rbuf).encode())
             rbuf = []
-    items.append("".join(ibuf).encode())
-    reps.append("".join(rbuf).encode())
-    return items, reps, used
+    items("".join(ibuf).encode())
+    reps("".join(rbuf).encode())
+    return used
 
 
 def load(url: str, n: int) -> dict[str, Any]:
@@ -153,26 +155,24 @@ def load(url: str, n: int) -> dict[str, Any]:
                 set_storage_state(name, StorageState(state), session=s)
     get_engine(url).dispose()
     now = datetime.now(UTC)
-    started = time.perf_counter()
-    items, reps, used = _rows(n, ids, now)
-    generate_s = time.perf_counter() - started
     dsn = url.replace("postgresql+psycopg://", "postgresql://")
     started = time.perf_counter()
-    with psycopg.connect(dsn) as conn:
-        # Foreign-key triggers off for the load (the rows are consistent by construction).
+    with psycopg.connect(dsn) as conn, tempfile.TemporaryFile() as spill:
+        # Foreign-key triggers off for the load (the rows are consistent by construction). The
+        # item rows stream into their COPY as they are made; the replica rows wait in a file.
         conn.execute("SET session_replication_role = replica")
         with conn.cursor() as cur:
             with cur.copy(
                 "COPY item (oid, name, version, size, checksum, checksum_algo, item_type, target_phase, "
                 "expires_at, owner, meta, parents, state, created_at, updated_at) FROM STDIN"
             ) as copy:
-                for chunk in items:
-                    copy.write(chunk)
+                used = _rows(n, ids, now, copy.write, spill.write)
+            spill.seek(0)
             with cur.copy(
                 "COPY replica (uid, item_oid, storage_id, path, state, expires_at, verified_at, "
                 "created_at, updated_at) FROM STDIN"
             ) as copy:
-                for chunk in reps:
+                while chunk := spill.read(1 << 20):
                     copy.write(chunk)
         conn.execute("SET session_replication_role = origin")
         over = next(i for i, st in enumerate(STORAGES) if st[0] == "over")
@@ -193,21 +193,9 @@ def load(url: str, n: int) -> dict[str, Any]:
     return {
         "items": n_items,
         "replicas": n_reps,
-        "generate_s": generate_s,
         "load_s": load_s,
         "analyze_s": analyze_s,
     }
-
-
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS: VmHWM (ru_maxrss would include the parent's RSS at fork)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _child(url: str, pipeline: str) -> None:
@@ -220,12 +208,12 @@ def _child(url: str, pipeline: str) -> None:
     reset_settings()
     with get_engine(url).connect() as conn:  # connect (and load the dialect) outside the clock
         conn.exec_driver_sql("SELECT 1")
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     started = time.perf_counter()
     with session_scope(url) as s:
         plan = make_plan(s, pipeline)
     seconds = time.perf_counter() - started
-    rss = _peak_rss_mb()
+    rss = peak_rss_mb()
     out = {
         "seconds": seconds,
         "rss_mb": rss,
@@ -237,19 +225,7 @@ def _child(url: str, pipeline: str) -> None:
 
 
 def _plan_in_child(url: str, pipeline: str) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.cases.plan_scale", "--child", url, pipeline],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"planning child ({pipeline}) failed:\n{proc.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    return run_child("bench.cases.plan_scale", url, pipeline, what=f"planning child ({pipeline})")
 
 
 def _work(pipeline: str, summary: dict[str, int]) -> int:
@@ -287,8 +263,9 @@ def run(scale: float) -> list[dict[str, Any]]:
                     },
                     "reference": (
                         f"make_plan('{pipeline}') in a child process (peak RSS is the child's own VmHWM, "
-                        f"imports included; rss_before_mb is before planning). Catalogue loaded by COPY "
-                        f"in {loaded['load_s']:.1f} s + ANALYZE {loaded['analyze_s']:.1f} s; mix: {mix}. "
+                        f"imports included; rss_before_mb is before planning). Catalogue generated and "
+                        f"loaded by COPY in {loaded['load_s']:.1f} s + ANALYZE {loaded['analyze_s']:.1f} s; "
+                        f"mix: {mix}. "
                         f"Plan: {summary}"
                     )
                     if pipeline == "replicate"

@@ -1,0 +1,68 @@
+"""Helpers the benchmark cases share: a child process per measured step, its peak RSS, a server
+process's CPU time, and a PostgreSQL catalogue's size on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS since exec (VmHWM). ru_maxrss is not used: Linux carries the
+    forking parent's RSS over into it, so it would count the benchmark's own memory."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds(pid: Any) -> float | None:
+    """User and system CPU seconds of a process on this host, or None if it cannot be read."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_child(module: str, *args: str, what: str = "child") -> dict[str, Any]:
+    """Run `python -m module --child args...` (this tree first on the path) and return the JSON
+    object its last line of output prints. Raises RuntimeError with its stderr if it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--child", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def pg_sizes(url: str, tables: tuple[str, ...] = ("item", "replica", "event")) -> dict[str, int]:
+    """Bytes on disk of the database (pg_database_size) and of each table with its indexes and
+    TOAST (pg_total_relation_size), keyed "database" and the table names."""
+    import psycopg
+
+    dsn = url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")  # dirty buffers to disk, so the files hold what was written
+        out = {"database": conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]}  # type: ignore[index]
+        for table in tables:
+            out[table] = conn.execute("SELECT pg_total_relation_size(%s)", (table,)).fetchone()[0]  # type: ignore[index]
+    return out
