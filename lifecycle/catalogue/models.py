@@ -252,7 +252,9 @@ class Replica(SQLModel, table=True):
             sqlite_where=Column("expires_at").isnot(None),
             postgresql_where=Column("expires_at").isnot(None),
         ),
-        Index("ix_replica_verified", "verified_at"),
+        # verify's order (verified_at ASC NULLS FIRST, uid): SQLite walks this index for it; on
+        # PostgreSQL an ascending index puts NULLs last and cannot serve it (migration 0007)
+        Index("ix_replica_verified", "verified_at").ddl_if(dialect="sqlite"),
         # Every copy at a path, LOST and DELETED ones included (reconcile loads those too).
         Index("ix_replica_storage_path", "storage_id", "path"),
         # One owner per byte: a path on a storage is held by at most one live copy.
@@ -327,7 +329,7 @@ class Event(SQLModel, table=True):
     __table_args__ = (
         CheckConstraint(check_constraint("kind", EventKind), name="ck_event_kind"),
         Index("ix_event_item", "item_oid"),
-        Index("ix_event_ts", "ts"),
+        # no index on ts: events are read by item, storage or id, never by time (migration 0007)
         # storage-level events only (item events carry an item_oid), for "last state change"
         Index(
             "ix_event_storage",
