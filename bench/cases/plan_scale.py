@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 ITEMS = 1_000_000
-TARGET_S = 5.0
+# seconds per pipeline (issue 12)
+TARGET_S = {"replicate": 4.0, "migrate": 3.0, "expire": 3.0, "rebalance": 3.0}
 TARGET_RSS_MB = 500
 PIPELINES = ("replicate", "migrate", "expire", "rebalance")
 _ROWS_PER_WRITE = 50_000
@@ -329,7 +330,7 @@ def run(scale: float) -> list[dict[str, Any]]:
                     if pipeline == "replicate"
                     else f"make_plan('{pipeline}') in a child process. Plan: {summary}",
                     "targets": {
-                        f"<= {TARGET_S:g} s": got["seconds"] <= TARGET_S,
+                        f"<= {TARGET_S[pipeline]:g} s": got["seconds"] <= TARGET_S[pipeline],
                         f"peak RSS <= {TARGET_RSS_MB} MB": got["rss_mb"] <= TARGET_RSS_MB,
                     },
                 }

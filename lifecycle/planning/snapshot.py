@@ -107,7 +107,7 @@ class PathIndex:
         return self.owners.get((storage_id, path))
 
 
-_UTC_ZONES = frozenset({ZoneInfo("UTC"), ZoneInfo("Etc/UTC")})  # as psycopg reads a UTC session's
+_ETC_UTC, _ZONE_UTC = ZoneInfo("Etc/UTC"), ZoneInfo("UTC")  # ZoneInfo instances are cached: one each
 _PHASES = {p.value: p for p in Phase}
 _ITEM_STATES = {s.value: s for s in ItemState}
 _REPLICA_STATES = {s.value: s for s in ReplicaState}
@@ -240,13 +240,14 @@ def _plain_datetime(column: Any) -> Any:
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    """An aware datetime in UTC, as UTCDateTime reads it (a no-op for the usual UTC session)."""
+    """An aware datetime at UTC, as UTCDateTime reads it. Values psycopg reads in a UTC session
+    (tzinfo ZoneInfo('Etc/UTC') or 'UTC') are the same instants at offset 0: kept as they are."""
     if value is None:
         return None
     tz = value.tzinfo
-    if tz is UTC:
+    if tz is UTC or tz is _ETC_UTC or tz is _ZONE_UTC:
         return value
-    if tz is None or tz in _UTC_ZONES:
+    if tz is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
 
