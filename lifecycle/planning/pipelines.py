@@ -77,8 +77,11 @@ def make_plan(
         planner = ExpirePlanner(policy, now=now)
         groups = expire_groups(session, now=now)
     else:  # Pipeline.REBALANCE
+        shedding = shedding_storages(storages, policy)
+        # a shedding storage is never a destination: its paths need no lookup
+        paths.storages = [sid for sid in paths.storages if sid not in shedding]
         planner = RebalancePlanner(policy, now=now, path_owner=paths)
-        groups = rebalance_groups(session, shedding_storages(storages, policy), path_index=paths)
+        groups = rebalance_groups(session, shedding, path_index=paths)
     plan = Plan.collect(
         pipeline.value, planner.plan(storages, groups), max_items=max_items, max_bytes=max_bytes
     )

@@ -11,15 +11,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, case, exists, func, literal, or_, select, text
+from sqlalchemy import DateTime as SADateTime
+from sqlalchemy import and_, case, exists, func, literal, or_, select, text, true, type_coerce
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col
 
 from lifecycle.catalogue.db import none_of, one_of
-from lifecycle.catalogue.models import Item, Location, Replica, Storage
+from lifecycle.catalogue.models import Item, Location, Replica, Storage, UTCDateTime
 from lifecycle.planning.actions import ItemGroup
 from lifecycle.planning.policy import COLD_TIERS, ItemView, Policy, ReplicaView, StorageIndex, StorageView
 from lifecycle.states import (
@@ -91,7 +93,11 @@ def item_view(row: Any) -> ItemView:
 
 @dataclass
 class PathIndex:
-    """(storage_id, path) -> oid of another item's live replica there, for the chunk being planned."""
+    """(storage_id, path) -> oid of another item's live replica there, for the chunk being planned.
+
+    Filled by the stream before it yields each chunk: the live replicas (PENDING, COPYING,
+    READY, DELETING) on `storages`, at any path of the chunk's replicas, of items not in the chunk.
+    """
 
     owners: dict[tuple[uuid.UUID, str], uuid.UUID] = field(default_factory=dict)
     # the storages a copy may go to (only their paths can collide)
@@ -101,60 +107,187 @@ class PathIndex:
         return self.owners.get((storage_id, path))
 
 
+_ETC_UTC, _ZONE_UTC = ZoneInfo("Etc/UTC"), ZoneInfo("UTC")  # ZoneInfo instances are cached: one each
+_PHASES = {p.value: p for p in Phase}
+_ITEM_STATES = {s.value: s for s in ItemState}
+_REPLICA_STATES = {s.value: s for s in ReplicaState}
+
+
 def stream_groups(
     session: Session,
     where: ColumnElement[bool] | None,
     *,
-    order_by: Sequence[Any] = (),
+    sort_keys: Sequence[tuple[Any, bool]] = (),
     limit: int | None = None,
     rule_matchers: Sequence[ColumnElement[bool]] = (),
     path_index: PathIndex | None = None,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
+    source: Any = None,
 ) -> Iterator[ItemGroup]:
     """Item groups (item, its non-deleted replicas, matched rule indexes) for items matching `where`.
 
-    With `path_index`, the live replicas of other items that use any of the chunk's paths
-    are loaded into it before the chunk is yielded (the planners ask it for collisions).
+    One statement, streamed: the candidate items (`where` over `source`, default the item
+    table), each with its replica rows (a LEFT JOIN: an item without any comes alone), ordered
+    by `sort_keys` (column, descending), oid, then replica uid, so an item's rows come together.
+    On PostgreSQL the replicas are one probe of ix_replica_item per candidate (LATERAL), and
+    the candidates, selected in oid order, need no sort (no per-chunk query by oid list).
+
+    With `path_index`, the live replicas on `path_index.storages` at any path of a chunk's
+    items are loaded into it before the chunk is yielded (the planners ask it for
+    collisions), leaving out the rows of the chunk's own items.
     """
-    rule_cols = [case((m, literal(True)), else_=literal(False)) for m in rule_matchers]
-    stmt = select(*ITEM_COLUMNS, *rule_cols)
-    if where is not None:
-        stmt = stmt.where(where)
-    stmt = stmt.order_by(*order_by, col(Item.oid))
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    # Core rows (session.connection()): the ORM's per-row processing costs more than the planning
+    chunk = chunk or CHUNK
     conn = session.connection()
-    result = conn.execute(stmt.execution_options(yield_per=chunk))
+    dialect = conn.dialect.name
+    item_cols: list[Any] = list(ITEM_COLUMNS)
+    r = sa_table(Replica).alias("r")
+    rep_cols: list[Any] = [r.c.uid, r.c.storage_id, r.c.path, r.c.state, r.c.expires_at, r.c.created_at]
+    if dialect == "postgresql":
+        # psycopg returns aware datetimes already: no per-value conversion (UTCDateTime's
+        # result processing is 0.9 s of the expire plan); made UTC below only if not UTC
+        item_cols = [_plain_datetime(c) for c in item_cols]
+        rep_cols = [_plain_datetime(c) for c in rep_cols]
+    rule_cols = [case((m, literal(True)), else_=literal(False)) for m in rule_matchers]
+    key_cols = [c.label(f"key_{i}") for i, (c, _) in enumerate(sort_keys)]
+    cand_stmt = select(*item_cols, *rule_cols, *key_cols)
+    if source is not None:
+        cand_stmt = cand_stmt.select_from(source)
+    if where is not None:
+        cand_stmt = cand_stmt.where(where)
+    if limit is not None:
+        cand_stmt = cand_stmt.order_by(*_ordering(sort_keys, key_cols), col(Item.oid)).limit(limit)
+    cand = cand_stmt.subquery("cand")
+    n_item = len(item_cols)
     n_rules = len(rule_cols)
+    cand_cols = list(cand.c)[: n_item + n_rules]
+    keys = [cand.c[f"key_{i}"] for i in range(len(key_cols))]
+    alive = r.c.state != ReplicaState.DELETED.value
+    if dialect == "postgresql":
+        # A probe of ix_replica_item per candidate, whatever the candidates' estimate (that of
+        # a filter on an aggregate is far off: 300,000 for 50,000): a join the planner may turn
+        # into a merge reads the whole replica index. OFFSET 0 keeps the subquery a subquery.
+        per_item = select(*rep_cols).where(r.c.item_oid == cand.c.oid, alive).offset(0).lateral("x")
+        joined = cand.outerjoin(per_item, true())
+        rep_out = list(per_item.c)
+    else:
+        joined = cand.outerjoin(r, and_(r.c.item_oid == cand.c.oid, alive))
+        rep_out = rep_cols
+    stmt = (
+        select(*cand_cols, *rep_out)
+        .select_from(joined)
+        .order_by(*_ordering(sort_keys, keys), cand.c.oid, rep_out[0])
+    )
+    if dialect == "postgresql":
+        _tune_planning_transaction(session)
+    result = conn.execute(stmt.execution_options(yield_per=chunk))
+    o_rep = n_item + n_rules
+    phases, item_states, replica_states = _PHASES, _ITEM_STATES, _REPLICA_STATES
+    utc = _utc
+    groups: list[ItemGroup] = []
+    item: ItemView | None = None
+    matched: frozenset[int] = frozenset()
+    replicas: list[ReplicaView] = []
+    no_rules: frozenset[int] = frozenset()
     for rows in result.partitions():
-        items = [(item_view(r), frozenset(i for i in range(n_rules) if r[9 + i])) for r in rows]
-        oids = [iv.oid for iv, _ in items]
-        reps: dict[uuid.UUID, list[ReplicaView]] = {o: [] for o in oids}
-        paths: set[str] = set()
-        for r in conn.execute(
-            select(*REPLICA_COLUMNS, col(Replica.expires_at), col(Replica.created_at)).where(
-                one_of(conn.dialect.name, col(Replica.item_oid), oids),
-                col(Replica.state).notin_([ReplicaState.DELETED.value]),
-            )
-        ).all():
-            reps[r[1]].append(ReplicaView(r[0], r[1], r[2], r[3], ReplicaState(r[4]), r[5], r[6]))
-            paths.add(r[3])
-        if path_index is not None:
-            path_index.owners.clear()
-            for sid, path, oid in conn.execute(
-                select(col(Replica.storage_id), col(Replica.path), col(Replica.item_oid)).where(
-                    # (storage_id, path) leads the index ix_replica_storage_path
-                    col(Replica.storage_id).in_(path_index.storages),
-                    one_of(conn.dialect.name, col(Replica.path), list(paths)),
-                    col(Replica.state).in_(LIVE_REPLICA_STATES),
-                    # an item's own copies never block it: only other items' rows matter
-                    none_of(conn.dialect.name, col(Replica.item_oid), oids),
+        for row in rows:
+            oid = row[0]
+            if item is None or oid != item.oid:
+                if item is not None:
+                    groups.append(ItemGroup(item, tuple(replicas), matched))
+                    replicas = []
+                    if len(groups) >= chunk:
+                        yield from _with_paths(conn, groups, path_index)
+                        groups = []
+                item = ItemView(
+                    oid,
+                    row[1],
+                    row[2],
+                    int(row[3]),
+                    phases[row[4]],
+                    item_states[row[5]],
+                    utc(row[6]),
+                    cast(datetime, utc(row[7])),
+                    row[8],
                 )
-            ).all():
-                path_index.owners[(sid, path)] = oid
-        for iv, matched in items:
-            yield ItemGroup(iv, tuple(reps[iv.oid]), matched)
+                matched = frozenset(i for i in range(n_rules) if row[9 + i]) if n_rules else no_rules
+            uid = row[o_rep]
+            if uid is not None:
+                replicas.append(
+                    ReplicaView(
+                        uid,
+                        oid,
+                        row[o_rep + 1],
+                        row[o_rep + 2],
+                        replica_states[row[o_rep + 3]],
+                        utc(row[o_rep + 4]),
+                        utc(row[o_rep + 5]),
+                    )
+                )
+    if item is not None:
+        groups.append(ItemGroup(item, tuple(replicas), matched))
+    yield from _with_paths(conn, groups, path_index)
+
+
+def _ordering(sort_keys: Sequence[tuple[Any, bool]], cols: Sequence[Any]) -> list[Any]:
+    return [c.desc() if desc else c for c, (_, desc) in zip(cols, sort_keys, strict=True)]
+
+
+def _plain_datetime(column: Any) -> Any:
+    """The column read as the driver returns it, if it is a UTCDateTime (no result processing)."""
+    if isinstance(column.type, UTCDateTime):
+        return type_coerce(column, SADateTime(timezone=True)).label(column.key)
+    return column
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """An aware datetime at UTC, as UTCDateTime reads it. Values psycopg reads in a UTC session
+    (tzinfo ZoneInfo('Etc/UTC') or 'UTC') are the same instants at offset 0: kept as they are."""
+    if value is None:
+        return None
+    tz = value.tzinfo
+    if tz is UTC or tz is _ETC_UTC or tz is _ZONE_UTC:
+        return value
+    if tz is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _with_paths(conn: Any, groups: list[ItemGroup], path_index: PathIndex | None) -> list[ItemGroup]:
+    """The groups, after loading into `path_index` the live rows on its storages at their paths."""
+    if path_index is None or not groups:
+        return groups
+    path_index.owners.clear()
+    if not path_index.storages:
+        return groups
+    paths = {r.path for g in groups for r in g.replicas}
+    if not paths:
+        return groups
+    dialect = conn.dialect.name
+    for sid, path, oid in conn.execute(
+        select(col(Replica.storage_id), col(Replica.path), col(Replica.item_oid)).where(
+            # (storage_id, path) leads the index uq_replica_storage_path_live
+            one_of(dialect, col(Replica.storage_id), path_index.storages),
+            one_of(dialect, col(Replica.path), sorted(paths)),
+            col(Replica.state).in_(LIVE_REPLICA_STATES),
+            # the chunk's own items' rows are left out (as the planners skip owner == item)
+            none_of(dialect, col(Replica.item_oid), [g.item.oid for g in groups]),
+        )
+    ).all():
+        path_index.owners[(sid, path)] = oid
+    return groups
+
+
+def _tune_planning_transaction(session: Session) -> None:
+    """Settings for this planning transaction only (SET LOCAL), on PostgreSQL.
+
+    No JIT: its compilation cost (up to 0.6 s at 1M items, for the expire query whose cost
+    estimate is high) is never won back by a stream this short. No parallel workers: a
+    parallel plan recomputes the per-item aggregate in every worker (EXPLAIN: loops=3,
+    2.9 s over 2M replicas), while the serial plan merges item and replica by oid in one
+    stream (1.6 s).
+    """
+    session.execute(text("SET LOCAL jit = off"))
+    session.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
 
 
 def _required(policy: Policy) -> Any:
@@ -212,6 +345,11 @@ def _copy_stats(storages: Sequence[StorageView]) -> Any:
     )
 
 
+def sa_table(model: Any) -> Any:
+    """The Core table of a table model."""
+    return model.__table__
+
+
 def intact_views(storages: Sequence[StorageView]) -> list[StorageView]:
     return [s for s in storages if s.state in (StorageState.ONLINE, StorageState.DRAINING)]
 
@@ -245,18 +383,10 @@ def replicate_groups(
     )
     if only is not None:
         where = and_(where, col(Item.oid).in_(list(only)))
-    subq_oids = (
-        select(col(Item.oid))
-        .outerjoin(stats, stats.c.item_oid == col(Item.oid))
-        .where(where)
-        .scalar_subquery()
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        # A parallel plan recomputes the per-item aggregate in every worker (EXPLAIN: loops=3,
-        # 2.9 s over 2M replicas); the serial plan merges item and replica by oid in one
-        # stream (1.6 s). For this planning transaction only.
-        session.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
-    return stream_groups(session, col(Item.oid).in_(subq_oids), limit=limit, path_index=path_index)
+    # the item table joined with the per-item aggregate directly (PostgreSQL merges the two in
+    # oid order): not `oid IN (subquery)`, which scans the item table a second time
+    source = sa_table(Item).outerjoin(stats, stats.c.item_oid == col(Item.oid))
+    return stream_groups(session, where, source=source, limit=limit, path_index=path_index)
 
 
 def expire_groups(session: Session, *, now: datetime, limit: int | None = None) -> Iterator[ItemGroup]:
@@ -302,14 +432,13 @@ def migrate_groups(
         .group_by(col(Replica.item_oid))
         .subquery()
     )
-    surplus = col(Item.oid).in_(
-        select(ready.c.item_oid)
-        .join(Item, col(Item.oid) == ready.c.item_oid)
-        .where(ready.c.n > _required(policy))
+    # surplus: more READY copies than the phase needs (an item without READY copies has none)
+    surplus = func.coalesce(ready.c.n, 0) > _required(policy)
+    where = and_(col(Item.state) == ItemState.READY.value, or_(surplus, *matchers))
+    source = sa_table(Item).outerjoin(ready, ready.c.item_oid == col(Item.oid))
+    return stream_groups(
+        session, where, source=source, rule_matchers=matchers, limit=limit, path_index=path_index
     )
-    candidates = [surplus, *matchers]
-    where = and_(col(Item.state) == ItemState.READY.value, or_(*candidates))
-    return stream_groups(session, where, rule_matchers=matchers, limit=limit, path_index=path_index)
 
 
 def rebalance_groups(
@@ -330,7 +459,7 @@ def rebalance_groups(
     return stream_groups(
         session,
         on_shedding,
-        order_by=[col(Item.size).desc()],
+        sort_keys=[(col(Item.size), True)],
         limit=limit,
         path_index=path_index,
     )
