@@ -234,14 +234,3 @@ def one_of(dialect: str, column: Any, values: Sequence[Any]) -> ColumnElement[bo
     else:
         result = column.in_(values)
     return result
-
-
-def none_of(dialect: str, column: Any, values: Sequence[Any]) -> ColumnElement[bool]:
-    """`column NOT IN values`; on PostgreSQL `column <> ALL(array)` (not `~one_of`, which
-    SQLAlchemy renders as `<> ANY`)."""
-    result: ColumnElement[bool]
-    if dialect == "postgresql":
-        result = column != func.all(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
-    else:
-        result = column.notin_(values)
-    return result

@@ -20,7 +20,7 @@ from sqlalchemy import and_, case, exists, func, literal, or_, select, text, tru
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col
 
-from lifecycle.catalogue.db import none_of, one_of
+from lifecycle.catalogue.db import one_of
 from lifecycle.catalogue.models import Item, Location, Replica, Storage, UTCDateTime
 from lifecycle.planning.actions import ItemGroup
 from lifecycle.planning.policy import COLD_TIERS, ItemView, Policy, ReplicaView, StorageIndex, StorageView
@@ -96,7 +96,8 @@ class PathIndex:
     """(storage_id, path) -> oid of another item's live replica there, for the chunk being planned.
 
     Filled by the stream before it yields each chunk: the live replicas (PENDING, COPYING,
-    READY, DELETING) on `storages`, at any path of the chunk's replicas, of items not in the chunk.
+    READY, DELETING) on `storages`, at any path of the chunk's replicas, of any item (the chunk's
+    own items included: one of them may hold the path another's copy would take).
     """
 
     owners: dict[tuple[uuid.UUID, str], uuid.UUID] = field(default_factory=dict)
@@ -269,8 +270,8 @@ def _with_paths(conn: Any, groups: list[ItemGroup], path_index: PathIndex | None
             one_of(dialect, col(Replica.storage_id), path_index.storages),
             one_of(dialect, col(Replica.path), sorted(paths)),
             col(Replica.state).in_(LIVE_REPLICA_STATES),
-            # the chunk's own items' rows are left out (as the planners skip owner == item)
-            none_of(dialect, col(Replica.item_oid), [g.item.oid for g in groups]),
+            # every item's rows, the chunk's own included: another item of the same chunk may
+            # hold the path a copy would take (the planners skip only owner == the item itself)
         )
     ).all():
         path_index.owners[(sid, path)] = oid

@@ -211,6 +211,16 @@ def catalogue(db_url: str) -> Iterator[dict[str, uuid.UUID]]:
             s.add(holder)
             s.flush()
             s.add(Replica(item_oid=holder.oid, storage_id=ids[where], path=target, state=R))
+        # A holder that itself needs a copy, so it is planned in the same chunk as the item
+        # whose path it holds: its row must still count against that item.
+        for rep in (1, 2):
+            target = f"run/obs{2 + rep * len(CASES):04d}.fits"
+            holder = Item(
+                name=f"holder-candidate-{rep}", size=10, target_phase=Phase.LIQUID, state=ItemState.READY
+            )
+            s.add(holder)
+            s.flush()
+            s.add(Replica(item_oid=holder.oid, storage_id=ids["warm-b"], path=target, state=R))
         s.flush()
         used = dict.fromkeys(ids.values(), 0)
         for sid, size in s.execute(
