@@ -20,7 +20,7 @@ import orjson
 FILES = 10_000
 FILE_SIZE = 4 * 1024
 PER_FILE_SUBSET = 500
-TARGET_VS_RCLONE = 1.5  # DLM / bare rclone, at most
+TARGET_VS_RCLONE = 1.3  # DLM / bare rclone, at most
 TARGET_PER_FILE = 20.0  # per-file rclone / DLM, at least
 TARGET_TASK_RUNS = 100  # per 10,000 items, at most
 SAMPLE = 50  # objects compared byte for byte at the end
