@@ -4,17 +4,18 @@ PostgreSQL: a copy is READY only when the bytes at its destination are the item'
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 from sqlmodel import Session, col
 
-from lifecycle.apply.copy import _claim_copies, apply_copy_batch
+from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.apply.result import BatchResult
-from lifecycle.catalogue.db import get_engine, session_scope
+from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, Transfer
-from lifecycle.states import TransferKind
 from tests.factories import (
     Estate,
     copy_batch,
@@ -147,27 +148,45 @@ def test_two_different_failures_in_one_batch_each_keep_their_own_reason(
 def test_a_copy_another_run_is_claiming_is_left_to_it_without_waiting(
     estate: Estate, tmp_path: Path, db_url: str
 ) -> None:
-    """PostgreSQL: while another run's transaction has claimed item a but not committed yet,
-    this batch copies the others at once and skips a (no wait on the other's claim); once that
-    transaction is rolled back, the next batch copies a."""
+    """PostgreSQL: while another run's claim of item a is not committed yet, this batch copies
+    the others at once and skips a (no wait on the other's claim); the other run then copies a.
+    Nothing is copied twice."""
     if not db_url.startswith("postgresql"):
         pytest.skip("concurrent claims are PostgreSQL's (SQLite runs take the writer lock)")
     ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
-    batch = copy_batch(NAMES, "hot", "warm")
-    with Session(get_engine(db_url)) as other:
-        theirs = _claim_copies(
-            other, copy_batch(["run1/a.dat"], "hot", "warm"), kind=TransferKind.COPY, run_id=None
+    claimed, release = threading.Event(), threading.Event()
+
+    @contextmanager
+    def held_open() -> Iterator[Session]:
+        """The other run's sessions: its claim stays uncommitted until `release`."""
+        with session_scope() as s:
+            yield s
+            claimed.set()
+            release.wait(120)
+
+    theirs: list[BatchResult] = []
+    other = threading.Thread(
+        target=lambda: theirs.append(
+            apply_copy_batch(copy_batch(["run1/a.dat"], "hot", "warm"), sessions=held_open)
+        ),
+        daemon=True,
+    )
+    other.start()
+    try:
+        assert claimed.wait(120)
+        ours: list[BatchResult] = []
+        mine = threading.Thread(
+            target=lambda: ours.append(apply_copy_batch(copy_batch(NAMES, "hot", "warm"))), daemon=True
         )
-        assert [c.path for c in theirs] == ["run1/a.dat"]
-        done: list[BatchResult] = []
-        worker = threading.Thread(target=lambda: done.append(apply_copy_batch(batch)), daemon=True)
-        worker.start()
-        worker.join(120)
-        assert done, "the batch waited for the other run's claim"
-        assert (done[0].done, done[0].skipped) == (2, 1)
-        assert estate.read("warm", "run1/a.dat") is None
-        other.rollback()
-    assert states_of("run1/a.dat") == [("hot", "READY")]
-    again = apply_copy_batch(batch)
-    assert (again.done, again.skipped) == (1, 2)
-    assert states_of("run1/a.dat") == [("hot", "READY"), ("warm", "READY")]
+        mine.start()
+        mine.join(120)
+        assert ours, "the batch waited for the other run's claim"
+        assert (ours[0].done, ours[0].skipped) == (2, 1)
+    finally:
+        release.set()
+        other.join(120)
+    assert theirs and theirs[0].done == 1
+    for name in NAMES:
+        assert states_of(name) == [("hot", "READY"), ("warm", "READY")]
+        assert estate.read("warm", name) == payload(name)
+    assert transfer_states() == ["DONE"] * 3
