@@ -168,16 +168,21 @@ def run(
         # the plan, or a run with nothing to do, without importing Prefect nor starting a flow run
         from flows.plan_report import dry_run_report, idle_report
 
-        report = dry_run_report(chosen) if dry_run else idle_report(chosen)
+        # (a plan with work in it is kept for the flow run started below: it need not plan again)
+        report = dry_run_report(chosen) if dry_run else idle_report(chosen, keep_plan=not options)
     if report is None:
-        _use_running_server()
-        from flows.registry import FLOWS
+        from flows.plan_report import drop_planned
 
         try:
+            _use_running_server()
+            from flows.registry import FLOWS
+
             report = FLOWS[chosen](dry_run=dry_run, **options)
         except RunFailedError as exc:  # show what the run did, then the error (exit 1)
             _show_report(exc.report, json_)
             raise
+        finally:
+            drop_planned()
     _show_report(report, json_)
     if report.has_failures:
         raise SystemExit(1)  # some transfers, deletions or reads failed: the next run retries them

@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from flows.events import enable_publishing
 from flows.partitions import fan_out, wait_for_window
-from flows.plan_report import plan_rows, storage_names
+from flows.plan_report import plan_rows, storage_names, take_planned
 from flows.run_record import recorded_run
 from lifecycle.apply.records import SettleStage
 from lifecycle.apply.result import BatchResult
@@ -217,7 +217,16 @@ def _plan_and_apply(
     if pipeline is Pipeline.EXPIRE and not dry_run and part is None:
         uploads = settle_abandoned_uploads(actor)
         clock.lap("uploads")
-    plan: Plan = plan_pipeline(pipeline, items, part)
+    # recovery changed nothing since `dlm run` planned: its plan is still this run's
+    settled_nothing = (
+        recovered is not None
+        and not (recovered.completed or recovered.rolled_back or recovered.deleted or recovered.restored)
+        and not (uploads and (uploads.aborted or uploads.finished or uploads.removed))
+    )
+    planned = take_planned(pipeline) if items is None and part is None and settled_nothing else None
+    if planned is not None:
+        logger.info("%s: applying the plan `dlm run` made moments ago", pipeline)
+    plan: Plan = planned if planned is not None else plan_pipeline(pipeline, items, part)
     clock.lap("plan")
     names = storage_names()
     summary = PlanSummary.model_validate(plan.summary())

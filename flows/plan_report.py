@@ -6,7 +6,8 @@ publishes nothing, so it need not import Prefect (about half of what a run costs
 flow run; the flows build their reports from the same rows. `dlm run PIPELINE` first calls
 `idle_report`: when recovery, the plan and the catalogue's settling all have nothing to do,
 that is the run's report and no flow run starts (a steady-state run costs what a dry run
-does); otherwise the flow runs and does it all again, under the catalogue's writer lock.
+does); otherwise the flow runs and does it all again, under the catalogue's writer lock, but
+for the plan just made (`take_planned`).
 """
 
 from __future__ import annotations
@@ -110,12 +111,35 @@ def dry_run_report(pipeline: Pipeline | str) -> PipelineReport:
     )
 
 
-def idle_report(pipeline: Pipeline | str) -> PipelineReport | None:
+# The plan idle_report made and found work in, for the flow run `dlm run` then starts in the same
+# process (flows.pipelines): planning again a second later would find the same. Taken once, and
+# only while fresh: a run that first waited for the catalogue's writer lock plans again. (Any
+# plan may be stale by the time it is applied: every batch re-checks what it acts on.)
+_planned: dict[Pipeline, tuple[float, Plan]] = {}
+PLAN_REUSE_S = 10.0
+
+
+def take_planned(pipeline: Pipeline) -> Plan | None:
+    """The whole-catalogue plan idle_report made for `pipeline` in this process less than
+    PLAN_REUSE_S ago, once; else None."""
+    made = _planned.pop(pipeline, None)
+    if made is None or time.monotonic() - made[0] > PLAN_REUSE_S:
+        return None
+    return made[1]
+
+
+def drop_planned() -> None:
+    """Forget any plan idle_report kept (once the run that was to use it has ended)."""
+    _planned.clear()
+
+
+def idle_report(pipeline: Pipeline | str, *, keep_plan: bool = False) -> PipelineReport | None:
     """The report of a run of `pipeline` that has nothing to do, or None when it has something:
     a run killed on this host to clean up after (tasks/orphans.py), a row in flight or a dead
     run's temporary file (recovery), an action in the plan (a shortfall is only reported), or
     an expired item to tombstone. Reads only; the cheap
-    checks come first, the walk of posix storages for temporary files last."""
+    checks come first, the walk of posix storages for temporary files last. With `keep_plan`
+    (`dlm run`, which starts the flow next), a plan with work in it is kept for take_planned."""
     chosen = parse_pipeline(pipeline)
     stale_after = timedelta(seconds=get_settings().transfer.stale_after_s)
     laps: dict[str, float] = {}
@@ -131,6 +155,8 @@ def idle_report(pipeline: Pipeline | str) -> PipelineReport | None:
         plan = make_plan(s, chosen, only=None)
         laps["plan"] = round(time.monotonic() - started - recover_s, 3)
         if not plan.empty:
+            if keep_plan:  # the flow this process starts next applies it
+                _planned[chosen] = (time.monotonic(), plan)
             return None
         mark = time.monotonic()
         temp = remove_dead_temp_files(s, stale_after=stale_after, dry_run=True)

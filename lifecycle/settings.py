@@ -30,7 +30,9 @@ class PolicySettings(BaseModel):
 class TransferSettings(BaseModel):
     transfers: int = 8  # rclone --transfers
     checkers: int = 8  # rclone --checkers
-    batch_files: int = 2000  # files per batch (one task, one rclone process)
+    # files per batch (one task, one rclone process): few enough batches that a batch's fixed
+    # costs (its task run, storage slots, rclone start and listing) stay small beside its files
+    batch_files: int = 5000
     batch_bytes: int = 8 * 1024**3
     # copy batches running at once in one run (each is one rclone process with `transfers`
     # transfers): two keep rclone busy while the other batch claims, verifies and settles

@@ -16,6 +16,7 @@ on the same host: the next DLM run there releases the leases of dead holders as 
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -27,6 +28,7 @@ from tasks import orphans
 
 PREFIX = "storage:"
 _known: set[tuple[str, str]] = set()  # (API URL, limit) this process saw exist
+_ensuring = threading.Lock()
 
 
 def limit_name(storage: str) -> str:
@@ -37,15 +39,22 @@ def limit_name(storage: str) -> str:
 def ensure_limits(names: Sequence[str], *, default: int | None = None) -> None:
     """Create each global concurrency limit that does not exist yet, with `default` slots
     (DLM_TRANSFER__STORAGE_SLOTS); an existing one is left as the operator set it."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
     api = str(PREFECT_API_URL.value() or "")
-    missing = [n for n in names if (api, n) not in _known]
-    if not missing:
+    if all((api, n) in _known for n in names):
         return
+    with _ensuring:  # the batches of one run start together: one of them looks the limits up
+        missing = [n for n in names if (api, n) not in _known]
+        if missing:
+            _ensure(api, missing, default)
+
+
+def _ensure(api: str, missing: Sequence[str], default: int | None) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
     slots = default if default is not None else get_settings().transfer.storage_slots
     with get_client(sync_client=True) as client:
         for name in missing:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, cast, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlmodel import Session, col
 
 from lifecycle.apply.result import BatchResult
@@ -73,6 +73,8 @@ def _claim_copies(
 ) -> list[_Claim]:
     """Insert COPYING rows for the copies whose source is still READY and that no other run
     has claimed; returns the claims that are ours."""
+    if is_postgres(session):
+        return _claim_copies_pg(session, batch, kind=kind, run_id=run_id)
     copies = {c.item_oid: c for c in batch.copies}
     claims: list[_Claim] = []
     oids = list(copies)
@@ -80,24 +82,7 @@ def _claim_copies(
     me = worker_id()
     dialect = session.get_bind().dialect.name
     conn = session.connection()
-    step = 2000 if dialect == "postgresql" else 500  # arrays on PostgreSQL, IN lists on SQLite
-    for chunk in chunks(oids, step):
-        if dialect == "postgresql":
-            # A copy another run is claiming right now is left to it: a transaction-scoped
-            # advisory lock per (item, destination) is taken without waiting (skip-locked
-            # semantics for a row that does not exist yet); the unique index settles the rest.
-            key = func.hashtextextended(
-                func.concat(cast(col(Item.oid), String), str(batch.dst_storage_id)), 0
-            )
-            chunk = list(
-                conn.execute(
-                    select(col(Item.oid)).where(
-                        one_of(dialect, col(Item.oid), chunk), func.pg_try_advisory_xact_lock(key)
-                    )
-                ).scalars()
-            )
-            if not chunk:
-                continue
+    for chunk in chunks(oids, 500):  # IN lists on SQLite (one writer at a time: no locks to take)
         ok = conn.execute(
             select(col(Item.oid), col(Item.checksum), col(Item.checksum_algo), col(Replica.path))
             .join(Replica, col(Replica.item_oid) == col(Item.oid))
@@ -158,30 +143,87 @@ def _claim_copies(
     return claims
 
 
+# One statement claims a chunk of copies on PostgreSQL. A copy another run is claiming right
+# now is left to it: a transaction-scoped advisory lock per (item, destination) is taken
+# without waiting (skip-locked semantics for a row that does not exist yet), so the INSERT never
+# waits on another run's uncommitted claim; the partial unique indexes (one live copy of an
+# item per storage, one live copy per path) settle the rest (ON CONFLICT DO NOTHING). Only
+# copies whose item is READY and whose source copy is still READY at the planned path are
+# claimed; each claim gets its RUNNING transfer in the same statement. (The CTEs are joined
+# only to tables, by primary key: a join of two CTEs is planned as a nested loop over both.)
+_CLAIM_SQL = """
+WITH want AS (
+    SELECT * FROM unnest(%(oids)s::uuid[], %(src_paths)s::text[], %(dst_paths)s::text[],
+                         %(sizes)s::bigint[]) AS w(oid, src_path, dst_path, size)
+), ok AS (
+    SELECT w.oid, w.dst_path
+    FROM want w
+    JOIN item i ON i.oid = w.oid
+    JOIN replica r ON r.item_oid = w.oid
+    WHERE pg_try_advisory_xact_lock(hashtextextended(concat(w.oid::text, %(dst_text)s::text), 0))
+      AND i.state = %(item_ready)s::text
+      AND r.storage_id = %(src)s::uuid AND r.state = %(replica_ready)s::text AND r.path = w.src_path
+), ins AS (
+    INSERT INTO replica (uid, item_oid, storage_id, path, state, claimed_by, created_at, updated_at)
+    SELECT gen_random_uuid(), oid, %(dst)s::uuid, dst_path, %(copying)s::text, %(me)s::text,
+           %(now)s::timestamptz, %(now)s::timestamptz
+    FROM ok
+    ON CONFLICT DO NOTHING
+    RETURNING uid, item_oid
+), tr AS (
+    INSERT INTO transfer (id, item_oid, replica_uid, kind, src_storage_id, dst_storage_id, state,
+                          bytes, duration_s, attempts, flow_run_id, started_at)
+    SELECT gen_random_uuid(), ins.item_oid, ins.uid, %(kind)s::text, %(src)s::uuid, %(dst)s::uuid,
+           %(running)s::text, i.size, 0, 1, %(run)s::text, %(now)s::timestamptz
+    FROM ins JOIN item i ON i.oid = ins.item_oid
+    RETURNING id, item_oid, replica_uid
+)
+SELECT tr.replica_uid, tr.id, tr.item_oid, i.checksum, i.checksum_algo
+FROM tr JOIN item i ON i.oid = tr.item_oid
+"""
+
+
+def _claim_copies_pg(
+    session: Session, batch: CopyBatch, *, kind: TransferKind, run_id: str | None
+) -> list[_Claim]:
+    """_claim_copies on PostgreSQL: one statement per chunk of copies (_CLAIM_SQL)."""
+    copies = list({c.item_oid: c for c in batch.copies}.values())
+    now = utcnow()
+    conn = session.connection()
+    claims: list[_Claim] = []
+    for chunk in chunks(copies, 10_000):
+        result = conn.exec_driver_sql(
+            _CLAIM_SQL,
+            {
+                "oids": [c.item_oid for c in chunk],
+                "src_paths": [c.src_path for c in chunk],
+                "dst_paths": [c.dst_path for c in chunk],
+                "sizes": [c.size for c in chunk],
+                "dst_text": str(batch.dst_storage_id),
+                "src": batch.src_storage_id,
+                "dst": batch.dst_storage_id,
+                "item_ready": ItemState.READY.value,
+                "replica_ready": ReplicaState.READY.value,
+                "copying": ReplicaState.COPYING.value,
+                "running": TransferState.RUNNING.value,
+                "kind": kind.value,
+                "me": worker_id(),
+                "now": now,
+                "run": run_id,
+            },
+        )
+        by_oid = {c.item_oid: c for c in chunk}
+        for uid, tid, oid, checksum, algo in result:
+            c = by_oid[oid]
+            claims.append(_Claim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
+    return claims
+
+
 def _insert_claims(
     session: Session, rows: list[dict[str, Any]], *, storage_id: uuid.UUID, me: str, now: datetime
 ) -> list[tuple[uuid.UUID, uuid.UUID]]:
-    """Insert COPYING replica rows, skipping any (storage, path) already taken; returns the
-    (uid, item_oid) of the rows inserted."""
-    if is_postgres(session):
-        # one statement over arrays: no per-row parameters to render or convert
-        result = session.connection().exec_driver_sql(
-            "INSERT INTO replica "
-            "(uid, item_oid, storage_id, path, state, claimed_by, created_at, updated_at) "
-            "SELECT u, o, %(sid)s, p, %(state)s, %(me)s, %(now)s, %(now)s "
-            "FROM unnest(%(uids)s::uuid[], %(oids)s::uuid[], %(paths)s::text[]) AS t(u, o, p) "
-            "ON CONFLICT DO NOTHING RETURNING uid, item_oid",
-            {
-                "sid": storage_id,
-                "state": ReplicaState.COPYING.value,
-                "me": me,
-                "now": now,
-                "uids": [r["uid"] for r in rows],
-                "oids": [r["item_oid"] for r in rows],
-                "paths": [r["path"] for r in rows],
-            },
-        )
-        return [(uid, oid) for uid, oid in result]
+    """Insert COPYING replica rows (SQLite), skipping any (storage, path) already taken;
+    returns the (uid, item_oid) of the rows inserted."""
     # Core executemany (insertmanyvalues): one cached statement, pages of VALUES
     replica = Replica.__table__  # type: ignore[attr-defined]
     stmt = insert_ignore(session, replica).returning(replica.c.uid, replica.c.item_oid)
@@ -189,29 +231,7 @@ def _insert_claims(
 
 
 def _insert_transfers(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Insert RUNNING Transfer rows of one batch (same kind, storages, run and start)."""
-    if is_postgres(session):
-        first = rows[0]
-        session.connection().exec_driver_sql(
-            "INSERT INTO transfer (id, item_oid, replica_uid, kind, src_storage_id, dst_storage_id, "
-            "state, bytes, duration_s, attempts, flow_run_id, started_at) "
-            "SELECT i, o, r, %(kind)s, %(src)s, %(dst)s, %(state)s, b, 0, 1, %(run)s, %(now)s "
-            "FROM unnest(%(ids)s::uuid[], %(oids)s::uuid[], %(rids)s::uuid[], %(bytes)s::bigint[]) "
-            "AS t(i, o, r, b)",
-            {
-                "kind": first["kind"],
-                "src": first["src_storage_id"],
-                "dst": first["dst_storage_id"],
-                "state": first["state"],
-                "run": first["flow_run_id"],
-                "now": first["started_at"],
-                "ids": [r["id"] for r in rows],
-                "oids": [r["item_oid"] for r in rows],
-                "rids": [r["replica_uid"] for r in rows],
-                "bytes": [r["bytes"] for r in rows],
-            },
-        )
-        return
+    """Insert RUNNING Transfer rows of one batch (SQLite)."""
     session.connection().execute(insert(Transfer.__table__), rows)  # type: ignore[attr-defined]
 
 
@@ -379,17 +399,32 @@ def _settle_copies(
         for chunk in chunks(bad, step):
             uids = [c.replica_uid for c in chunk]
             conn.execute(delete(Replica).where(one_of(dialect, col(Replica.uid), uids)))
-        for c in bad:
-            s.execute(
+        if bad and dialect == "postgresql":
+            # one statement: each failed transfer gets its own error
+            conn.exec_driver_sql(
+                "UPDATE transfer SET state = %(state)s, error = f.error, duration_s = %(duration)s, "
+                "finished_at = %(now)s, replica_uid = NULL "
+                "FROM unnest(%(ids)s::uuid[], %(errors)s::text[]) AS f(id, error) WHERE transfer.id = f.id",
+                {
+                    "state": TransferState.FAILED.value,
+                    "duration": duration,
+                    "now": now,
+                    "ids": [c.transfer_id for c in bad],
+                    "errors": [failed[c.path][:1000] for c in bad],
+                },
+            )
+        elif bad:
+            conn.execute(
                 update(Transfer)
-                .where(col(Transfer.id) == c.transfer_id)
+                .where(col(Transfer.id) == bindparam("tid"))
                 .values(
                     state=TransferState.FAILED.value,
-                    error=failed[c.path][:1000],
+                    error=bindparam("error"),
                     duration_s=duration,
                     finished_at=now,
                     replica_uid=None,
-                )
+                ),
+                [{"tid": c.transfer_id, "error": failed[c.path][:1000]} for c in bad],
             )
         moved = sum(c.size for c in good)
         if moved:

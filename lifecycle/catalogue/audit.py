@@ -3,6 +3,7 @@ then handed to registered publishers (e.g. Prefect events) once that transaction
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -108,8 +109,27 @@ def record_many(session: Session, rows: Iterable[EventRow]) -> int:
     ]
     if not batch:
         return 0
-    # Core executemany: pages of VALUES, no per-row ORM bookkeeping
-    session.connection().execute(insert(Event.__table__), batch)  # type: ignore[attr-defined]
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        # one statement over arrays: no per-row parameters to render or convert
+        conn.exec_driver_sql(
+            "INSERT INTO event (ts, kind, item_oid, replica_uid, storage_id, actor, details) "
+            "SELECT %(ts)s, k, i, r, s, a, d::jsonb FROM unnest(%(kinds)s::text[], %(items)s::uuid[], "
+            "%(replicas)s::uuid[], %(storages)s::uuid[], %(actors)s::text[], %(details)s::text[]) "
+            "AS t(k, i, r, s, a, d)",
+            {
+                "ts": now,
+                "kinds": [b["kind"] for b in batch],
+                "items": [b["item_oid"] for b in batch],
+                "replicas": [b["replica_uid"] for b in batch],
+                "storages": [b["storage_id"] for b in batch],
+                "actors": [b["actor"] for b in batch],
+                "details": [json.dumps(b["details"]) for b in batch],
+            },
+        )
+    else:
+        # Core executemany: pages of VALUES, no per-row ORM bookkeeping
+        conn.execute(insert(Event.__table__), batch)  # type: ignore[attr-defined]
     if _publishers:
         pending = session.info.setdefault(_PENDING, [])
         pending.extend(b for b in batch if b["kind"] in PUBLISHED_KINDS)

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from lifecycle.errors import (
     CredentialsError,
@@ -91,36 +94,45 @@ class _Log:
 _ATTEMPT = re.compile(r"^Attempt \d+/\d+ failed with \d+ errors? and: ")
 
 
-def parse_log(stderr: bytes, listed: set[str]) -> _Log:
-    log = _Log()
-    text = stderr.decode("utf-8", "replace")
-    kept: list[str] = []  # what the tail shows: everything but DEBUG chatter
-    for line in text.splitlines():
-        line = line.strip()
-        if '"level":"debug"' in line:
-            if ' OK","' in line:  # a '"msg":"<hash> = <hex> OK",' line
-                with contextlib.suppress(json.JSONDecodeError):
-                    entry = json.loads(line)
+class LogReader:
+    """Reads rclone's JSON log line by line, as it comes (one parse per line, orjson): per
+    file, what was copied, deleted or failed and which hashes rclone found equal; `finish()`
+    gives the _Log."""
+
+    def __init__(self, listed: set[str]) -> None:
+        self.listed = listed
+        self.log = _Log()
+        self._kept: list[str] = []  # what the tail shows: everything but DEBUG chatter
+
+    def feed(self, raw: bytes) -> dict[str, Any] | None:
+        """Take one line of the log; returns its JSON object unless it is DEBUG chatter or not
+        JSON."""
+        log = self.log
+        if b'"level":"debug"' in raw:
+            if b' OK","' in raw:  # a '"msg":"<hash> = <hex> OK",' line
+                with contextlib.suppress(ValueError):
+                    entry = orjson.loads(raw)
                     obj = entry.get("object") if isinstance(entry, dict) else None
                     found = _HASH_OK.match(str(entry.get("msg", ""))) if isinstance(obj, str) else None
-                    if found and obj in listed:
+                    if found and obj in self.listed:
                         log.hashes[obj] = (found.group(1), found.group(2))
-            continue
-        kept.append(line)
+            return None
+        line = raw.decode("utf-8", "replace").strip()
+        self._kept.append(line)
         if not line.startswith("{"):
             if "ERROR" in line or "CRITICAL" in line:
                 log.global_errors.append(one_line(line))
-            continue
+            return None
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+            entry = orjson.loads(line)
+        except ValueError:
+            return None
         if not isinstance(entry, dict):
-            continue
+            return None
         msg = str(entry.get("msg", "")).strip()
         obj = entry.get("object")
         level = entry.get("level", "")
-        if isinstance(obj, str) and obj in listed:
+        if isinstance(obj, str) and obj in self.listed:
             if level in ("error", "critical"):
                 log.errors.setdefault(obj, one_line(msg))
             elif DONE.match(msg):
@@ -130,8 +142,19 @@ def parse_log(stderr: bytes, listed: set[str]) -> _Log:
                 log.deleted.add(obj)
         elif level in ("error", "critical"):
             log.global_errors.append(one_line(_ATTEMPT.sub("", msg)))
-    log.tail = "\n".join(kept)[-_TAIL_CHARS:]
-    return log
+        return entry
+
+    def finish(self) -> _Log:
+        self.log.tail = "\n".join(self._kept)[-_TAIL_CHARS:]
+        return self.log
+
+
+def parse_log(stderr: bytes, listed: set[str]) -> _Log:
+    """What a whole rclone JSON log says (LogReader over its lines)."""
+    reader = LogReader(listed)
+    for raw in stderr.splitlines():
+        reader.feed(raw)
+    return reader.finish()
 
 
 def parse_combined(path: Path) -> dict[str, str]:

@@ -27,12 +27,12 @@ from lifecycle.errors import (
 from lifecycle.links import refused_paths as refused_paths_under
 from lifecycle.transfer.log import (
     HASHES,
+    LogReader,
     explain,
     is_not_found,
     object_info,
     one_line,
     parse_combined,
-    parse_log,
     raise_for,
     stderr_message,
 )
@@ -169,12 +169,12 @@ def copy_files(
             *_COMMON_FLAGS,
             *_LOG_DEBUG,  # for the "<hash> = <hex> OK" lines
         ]
-        outcome = run_batch(args, env=_merged_env(src, dst), timeout=timeout)
+        reader = LogReader(set(listed))
+        outcome = run_batch(args, env=_merged_env(src, dst), timeout=timeout, reader=reader)
         marks = parse_combined(combined)
     report.duration_s = time.monotonic() - started
     report.returncode = outcome.returncode
-    wanted = set(listed)
-    log = parse_log(outcome.stderr, wanted)
+    log = reader.finish()
     report.stderr_tail = log.tail
     report.bytes = sum(log.done.values())
     report.hashes = {p: h for p, h in log.hashes.items() if p in log.done}
@@ -280,10 +280,11 @@ def delete_files(
             *_COMMON_FLAGS,
             *_LOG_INFO,
         ]
-        outcome = run_batch(args, env=target.env, timeout=timeout)
+        reader = LogReader(set(listed))
+        outcome = run_batch(args, env=target.env, timeout=timeout, reader=reader)
     report.duration_s = time.monotonic() - started
     report.returncode = outcome.returncode
-    log = parse_log(outcome.stderr, set(listed))
+    log = reader.finish()
     report.stderr_tail = log.tail
     if outcome.timed_out:
         reason = (

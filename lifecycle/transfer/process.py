@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import json
 import os
 import re
 import signal
@@ -19,12 +18,14 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from lifecycle.errors import (
     StorageUnavailableError,
 )
 from lifecycle.settings import get_settings
 from lifecycle.transfer.binary import rclone_binary, user_config
-from lifecycle.transfer.log import DONE, RcloneError, error_class, explain, one_line
+from lifecycle.transfer.log import DONE, LogReader, RcloneError, error_class, explain, one_line
 from lifecycle.units import format_size
 
 # rclone's local backend must never follow symbolic links (-L) nor copy them as .rclonelink
@@ -188,9 +189,17 @@ _DEAD_HINTS = re.compile(
 )
 
 
-def run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: float | None) -> _Outcome:
-    """Run an rclone batch command, reading its JSON log as it comes; kill its process group
-    at the deadline or when the circuit breaker trips, keeping what it printed so far."""
+def run_batch(
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    timeout: float | None,
+    reader: LogReader | None = None,
+) -> _Outcome:
+    """Run an rclone batch command, reading its JSON log as it comes (each line parsed once,
+    by `reader` when given: what it says per file is then in reader.finish()); kill its
+    process group at the deadline or when the circuit breaker trips, keeping what it printed
+    so far."""
     lines: list[bytes] = []
     timed_out = False
     aborted: str | None = None
@@ -214,14 +223,19 @@ def run_batch(args: Sequence[str], *, env: Mapping[str, str] | None, timeout: fl
         try:
             for raw in proc.stderr:
                 lines.append(raw)
-                if aborted is not None or not raw.startswith(b"{") or b'"level":"debug"' in raw:
-                    continue
-                try:
-                    entry = json.loads(raw)
-                except json.JSONDecodeError:
-                    continue
-                if not isinstance(entry, dict) or "object" not in entry:
-                    continue
+                if reader is not None:
+                    entry = reader.feed(raw)
+                    if aborted is not None or entry is None or "object" not in entry:
+                        continue
+                else:
+                    if aborted is not None or not raw.startswith(b"{") or b'"level":"debug"' in raw:
+                        continue
+                    try:
+                        entry = orjson.loads(raw)
+                    except ValueError:
+                        continue
+                    if not isinstance(entry, dict) or "object" not in entry:
+                        continue
                 msg = str(entry.get("msg", ""))
                 if DONE.match(msg) or msg.startswith("Deleted"):
                     successes += 1

@@ -175,3 +175,33 @@ def test_a_run_killed_on_this_host_is_cleaned_up_by_the_next_flow(two_disks: Pat
     alive.unlink()
     elsewhere.unlink()
     assert idle_report(Pipeline.REPLICATE) is not None
+
+
+@SQLITE_ONLY
+def test_the_flow_dlm_run_starts_applies_the_plan_it_just_made(
+    two_disks: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dlm run` plans once: the flow it starts right after finding work applies that plan
+    (here: an item registered in between waits for the next run, which copies it). Only
+    `dlm run` keeps its plan, only once, and only while fresh."""
+    from flows import plan_report
+    from flows.pipelines import replicate
+
+    ingest_payloads("hot", {"c.dat": payload("c.dat")}, staging=two_disks / "in2", phase=Phase.LIQUID)
+    assert idle_report(Pipeline.REPLICATE, keep_plan=True) is None
+    ingest_payloads("hot", {"d.dat": payload("d.dat")}, staging=two_disks / "in3", phase=Phase.LIQUID)
+    first = replicate()
+    assert isinstance(first, PipelineReport) and first.copied == 1
+    assert states_of("c.dat") == [("hot", "READY"), ("warm", "READY")]
+    assert states_of("d.dat") == [("hot", "READY")]
+    again = replicate()  # the kept plan was taken: this run plans for itself
+    assert isinstance(again, PipelineReport) and again.copied == 1
+    assert states_of("d.dat") == [("hot", "READY"), ("warm", "READY")]
+
+    ingest_payloads("hot", {"e.dat": payload("e.dat")}, staging=two_disks / "in4", phase=Phase.LIQUID)
+    assert idle_report(Pipeline.REPLICATE) is None  # not kept: another caller's look
+    ingest_payloads("hot", {"f.dat": payload("f.dat")}, staging=two_disks / "in5", phase=Phase.LIQUID)
+    monkeypatch.setattr(plan_report, "PLAN_REUSE_S", 0.0)
+    assert idle_report(Pipeline.REPLICATE, keep_plan=True) is None  # kept, but stale at once
+    fresh = replicate()
+    assert isinstance(fresh, PipelineReport) and fresh.copied == 2

@@ -3,16 +3,29 @@ PostgreSQL: a copy is READY only when the bytes at its destination are the item'
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from sqlmodel import col
+from sqlmodel import Session, col
 
 from lifecycle.apply.copy import apply_copy_batch
+from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, Transfer
-from tests.factories import Estate, copy_batch, event_kinds, ingest_payloads, payload, states_of
+from tests.factories import (
+    Estate,
+    copy_batch,
+    copy_on,
+    event_kinds,
+    events_of,
+    ingest_payloads,
+    payload,
+    states_of,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -90,3 +103,90 @@ def test_a_copy_over_other_bytes_at_the_destination_fails_and_leaves_them(
     assert estate.read(dst, "run1/a.dat") == theirs
     assert states_of("run1/a.dat") == [("hot", "READY")]
     assert estate.read(dst, "run1/b.dat") == payload("run1/b.dat")
+
+
+@pytest.mark.parametrize("dst", ["warm", "cold"])
+def test_two_different_failures_in_one_batch_each_keep_their_own_reason(
+    estate: Estate, tmp_path: Path, dst: str
+) -> None:
+    """A batch with a rotten source and someone else's file at a destination path: each failed
+    transfer and transfer.failed event says why *that* file failed, and only those two items
+    stay without a second copy (the failures are settled in bulk, not one row at a time)."""
+    names = (*NAMES, "d.dat", "e.dat")
+    ingest_payloads("hot", {n: payload(n) for n in names}, staging=tmp_path / "staging")
+    estate.flip_byte("hot", "c.dat")
+    theirs = b"not DLM's" * 400
+    estate.write(dst, "run1/a.dat", theirs)
+    result = apply_copy_batch(copy_batch(names, "hot", dst))
+    assert (result.done, result.failed) == (3, 2)
+    assert "checksum mismatch" in result.errors["c.dat"]
+    assert "already exists" in result.errors["run1/a.dat"]
+    with session_scope() as s:
+        errors = dict(
+            s.execute(
+                select(col(Transfer.item_oid), col(Transfer.error)).where(col(Transfer.state) == "FAILED")
+            ).all()
+        )
+    oid_of = {n: copy_on(n, "hot").item_oid for n in names}
+    assert "checksum mismatch" in (errors[oid_of["c.dat"]] or "")
+    assert "already exists" in (errors[oid_of["run1/a.dat"]] or "")
+    assert set(errors) == {oid_of["c.dat"], oid_of["run1/a.dat"]}
+    assert events_of("c.dat")[-1][0] == "transfer.failed"
+    assert "checksum mismatch" in events_of("c.dat")[-1][1]["error"]
+    assert "already exists" in events_of("run1/a.dat")[-1][1]["error"]
+    assert estate.read(dst, "run1/a.dat") == theirs
+    assert estate.read(dst, "c.dat") is None
+    for name in ("run1/b.dat", "d.dat", "e.dat"):
+        assert estate.read(dst, name) == payload(name)
+        assert states_of(name) == sorted([("hot", "READY"), (dst, "READY")])
+        kind, details = events_of(name)[-1]
+        assert kind == "replica.created"
+        assert (details["from"], details["to"], details["path"]) == ("hot", dst, name)
+    assert sorted(transfer_states()) == ["DONE", "DONE", "DONE", "FAILED", "FAILED"]
+
+
+def test_a_copy_another_run_is_claiming_is_left_to_it_without_waiting(
+    estate: Estate, tmp_path: Path, db_url: str
+) -> None:
+    """PostgreSQL: while another run's claim of item a is not committed yet, this batch copies
+    the others at once and skips a (no wait on the other's claim); the other run then copies a.
+    Nothing is copied twice."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("concurrent claims are PostgreSQL's (SQLite runs take the writer lock)")
+    ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
+    claimed, release = threading.Event(), threading.Event()
+
+    @contextmanager
+    def held_open() -> Iterator[Session]:
+        """The other run's sessions: its claim stays uncommitted until `release`."""
+        with session_scope() as s:
+            yield s
+            claimed.set()
+            release.wait(120)
+
+    theirs: list[BatchResult] = []
+    other = threading.Thread(
+        target=lambda: theirs.append(
+            apply_copy_batch(copy_batch(["run1/a.dat"], "hot", "warm"), sessions=held_open)
+        ),
+        daemon=True,
+    )
+    other.start()
+    try:
+        assert claimed.wait(120)
+        ours: list[BatchResult] = []
+        mine = threading.Thread(
+            target=lambda: ours.append(apply_copy_batch(copy_batch(NAMES, "hot", "warm"))), daemon=True
+        )
+        mine.start()
+        mine.join(120)
+        assert ours, "the batch waited for the other run's claim"
+        assert (ours[0].done, ours[0].skipped) == (2, 1)
+    finally:
+        release.set()
+        other.join(120)
+    assert theirs and theirs[0].done == 1
+    for name in NAMES:
+        assert states_of(name) == [("hot", "READY"), ("warm", "READY")]
+        assert estate.read("warm", name) == payload(name)
+    assert transfer_states() == ["DONE"] * 3
