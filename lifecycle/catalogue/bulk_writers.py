@@ -10,6 +10,10 @@ connection while the caller's thread reads the next batch: the database and Pyth
 the same time, on two cores. The writer thread spends its time in the database driver with
 the GIL released (a COPY, or one SQLite statement for a whole batch), so the two threads do
 not contend. At most one batch waits between them: memory stays bounded.
+
+Long because the two databases' writers (COPY payloads and their check on PostgreSQL, JSON
+documents and INSERT ... SELECT on SQLite) share the batch, thread and error handling here,
+and splitting them would put the one-transaction contract in two places.
 """
 
 from __future__ import annotations
