@@ -145,14 +145,14 @@ def test_two_different_failures_in_one_batch_each_keep_their_own_reason(
     assert sorted(transfer_states()) == ["DONE", "DONE", "DONE", "FAILED", "FAILED"]
 
 
+# concurrent claims are PostgreSQL's (SQLite runs take the writer lock)
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_a_copy_another_run_is_claiming_is_left_to_it_without_waiting(
     estate: Estate, tmp_path: Path, db_url: str
 ) -> None:
     """PostgreSQL: while another run's claim of item a is not committed yet, this batch copies
     the others at once and skips a (no wait on the other's claim); the other run then copies a.
     Nothing is copied twice."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("concurrent claims are PostgreSQL's (SQLite runs take the writer lock)")
     ingest_payloads("hot", {n: payload(n) for n in NAMES}, staging=tmp_path / "staging")
     claimed, release = threading.Event(), threading.Event()
 
