@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import func, select, text, tuple_
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col
 
@@ -82,9 +82,9 @@ def items_page(
         stmt = stmt.where(compile_filter(where))
     if after is not None:
         name, version = after
-        stmt = stmt.where(
-            or_(col(Item.name) > name, and_(col(Item.name) == name, col(Item.version) > version))
-        )
+        # a row comparison, which the (name, version) index answers as a range: a late page
+        # starts at its cursor instead of reading every earlier row
+        stmt = stmt.where(tuple_(col(Item.name), col(Item.version)) > tuple_(name, version))
     rows = _from_index(session, stmt, where, limit + 1)
     if rows is None:
         ordered = stmt.order_by(col(Item.name), col(Item.version)).limit(limit + 1)
