@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,26 @@ def test_the_flow_dlm_run_starts_applies_the_plan_it_just_made(
     assert idle_report(Pipeline.REPLICATE, keep_plan=True) is None  # kept, but stale at once
     fresh = replicate()
     assert isinstance(fresh, PipelineReport) and fresh.copied == 2
+
+
+def test_an_expiry_cleared_after_dlm_run_planned_keeps_the_item(two_disks: Path) -> None:
+    """The expire plan `dlm run` keeps from its idle check may be seconds old when the flow
+    applies it: an item whose expiry the user cleared in between is not expired, and none of
+    its copies is deleted (the bytes stay on both storages)."""
+    from flows.pipelines import expire
+    from lifecycle.catalogue.catalog import get_item, set_expiry
+    from lifecycle.catalogue.models import utcnow
+
+    with session_scope() as s:
+        set_expiry("a.dat", utcnow() - timedelta(hours=1), session=s)
+    assert idle_report(Pipeline.EXPIRE, keep_plan=True) is None  # the plan expires a.dat
+    with session_scope() as s:
+        set_expiry("a.dat", None, session=s)  # the user keeps it after all
+    report = expire()
+    assert isinstance(report, PipelineReport)
+    assert report.settled is not None and (report.settled.expired, report.deleted) == (0, 0)
+    with session_scope() as s:
+        assert get_item("a.dat", session=s).state == ItemState.READY
+    assert states_of("a.dat") == [("hot", "READY"), ("warm", "READY")]
+    for storage in ("hot", "warm"):
+        assert (two_disks / storage / "a.dat").read_bytes() == payload("a.dat")
