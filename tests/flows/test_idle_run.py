@@ -229,3 +229,22 @@ def test_an_expiry_cleared_after_dlm_run_planned_keeps_the_item(two_disks: Path)
     assert states_of("a.dat") == [("hot", "READY"), ("warm", "READY")]
     for storage in ("hot", "warm"):
         assert (two_disks / storage / "a.dat").read_bytes() == payload("a.dat")
+
+
+@pytest.mark.parametrize("state", [StorageState.OFFLINE, StorageState.DRAINING])
+def test_a_storage_taken_offline_after_dlm_run_planned_gets_no_copy(
+    two_disks: Path, state: StorageState
+) -> None:
+    """The operator takes 'warm' offline (or drains it) between `dlm run`'s idle check and the
+    flow that applies its plan: the copy planned onto it is not made, neither file nor row."""
+    from flows.pipelines import replicate
+    from lifecycle.catalogue.storages import set_storage_state
+
+    ingest_payloads("hot", {"c.dat": payload("c.dat")}, staging=two_disks / "in2", phase=Phase.LIQUID)
+    assert idle_report(Pipeline.REPLICATE, keep_plan=True) is None  # the plan copies c.dat to warm
+    with session_scope() as s:
+        set_storage_state("warm", state, session=s)
+    report = replicate()
+    assert isinstance(report, PipelineReport) and report.copied == 0
+    assert not (two_disks / "warm" / "c.dat").exists()
+    assert states_of("c.dat") == [("hot", "READY")]
