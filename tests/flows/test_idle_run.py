@@ -248,3 +248,25 @@ def test_a_storage_taken_offline_after_dlm_run_planned_gets_no_copy(
     assert isinstance(report, PipelineReport) and report.copied == 0
     assert not (two_disks / "warm" / "c.dat").exists()
     assert states_of("c.dat") == [("hot", "READY")]
+
+
+def test_a_copy_expiry_cleared_after_dlm_run_planned_keeps_the_copy(two_disks: Path) -> None:
+    """The user clears the expiry of an item's copy on 'warm' between `dlm run`'s idle check
+    (whose plan deletes that copy) and the flow that applies the plan: the copy stays."""
+    from flows.pipelines import expire
+    from lifecycle.catalogue.catalog import set_replica_expiry
+    from lifecycle.catalogue.inputs import ExpiryChange
+    from lifecycle.catalogue.models import utcnow
+    from tests.factories import on_hot_and
+
+    on_hot_and("warm", ["g.dat"], staging=two_disks / "in2")  # GAS: one copy is enough
+    with session_scope() as s:
+        set_replica_expiry("g.dat", "warm", ExpiryChange(at=utcnow() - timedelta(hours=1)), session=s)
+    assert idle_report(Pipeline.EXPIRE, keep_plan=True) is None  # the plan deletes g.dat on warm
+    with session_scope() as s:
+        set_replica_expiry("g.dat", "warm", ExpiryChange(never=True), session=s)
+    report = expire()
+    assert isinstance(report, PipelineReport) and report.deleted == 0
+    assert states_of("g.dat") == [("hot", "READY"), ("warm", "READY")]
+    for storage in ("hot", "warm"):
+        assert (two_disks / storage / "g.dat").read_bytes() == payload("g.dat")
