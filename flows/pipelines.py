@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from flows.events import enable_publishing
 from flows.partitions import fan_out, wait_for_window
-from flows.plan_report import plan_rows, storage_names, take_planned
+from flows.plan_report import drop_planned, plan_rows, storage_names, take_planned
 from flows.run_record import recorded_run
 from lifecycle.apply.records import SettleStage, expired_among
 from lifecycle.apply.result import BatchResult
@@ -147,6 +147,8 @@ def catalogue_writer(pipeline: str = "?") -> Iterator[None]:
                         "(or raise DLM_WRITER_LOCK_TIMEOUT_S)"
                     ) from None
                 time.sleep(min(_LOCK_POLL_S, max(0.0, limit - (now - waited_since))))
+        if waited_since is not None:  # another run applied meanwhile: a plan kept from before
+            drop_planned()  # it is not this run's (take_planned)
         try:
             info = {
                 "host": socket.gethostname(),

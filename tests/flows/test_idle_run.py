@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -270,3 +271,40 @@ def test_a_copy_expiry_cleared_after_dlm_run_planned_keeps_the_copy(two_disks: P
     assert states_of("g.dat") == [("hot", "READY"), ("warm", "READY")]
     for storage in ("hot", "warm"):
         assert (two_disks / storage / "g.dat").read_bytes() == payload("g.dat")
+
+
+@SQLITE_ONLY
+def test_a_run_that_waited_for_the_writer_lock_plans_again(db_url: str, two_disks: Path) -> None:
+    """Another run held the catalogue's writer lock when the flow `dlm run` started began: it
+    applied meanwhile, so the plan kept from the idle check is dropped and the flow plans
+    again (here: an item registered in between is copied by this run)."""
+    import fcntl
+    import threading
+
+    from flows.pipelines import replicate
+    from lifecycle.settings import get_settings
+
+    ingest_payloads("hot", {"c.dat": payload("c.dat")}, staging=two_disks / "in2", phase=Phase.LIQUID)
+    assert idle_report(Pipeline.REPLICATE, keep_plan=True) is None
+    ingest_payloads("hot", {"d.dat": payload("d.dat")}, staging=two_disks / "in3", phase=Phase.LIQUID)
+    database = get_settings().db_url.removeprefix("sqlite:///")
+    held = threading.Event()
+
+    def another_run() -> None:
+        with open(f"{database}.writer", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.set()
+            time.sleep(1.5)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    other = threading.Thread(target=another_run)
+    other.start()
+    assert held.wait(10)
+    try:
+        report = replicate()
+    finally:
+        other.join()
+    assert isinstance(report, PipelineReport) and report.copied == 2
+    for name in ("c.dat", "d.dat"):
+        assert states_of(name) == [("hot", "READY"), ("warm", "READY")]
+        assert (two_disks / "warm" / name).read_bytes() == payload(name)
