@@ -190,3 +190,38 @@ def test_a_copy_another_run_is_claiming_is_left_to_it_without_waiting(
         assert states_of(name) == [("hot", "READY"), ("warm", "READY")]
         assert estate.read("warm", name) == payload(name)
     assert transfer_states() == ["DONE"] * 3
+
+
+# Names rclone's JSON log must carry back intact: unicode, spaces, quotes, braces, names
+# that look like the log's own JSON (a debug line, a hash "OK" line), a very long one.
+ODD_NAMES = (
+    "odd/é ü 名前 ☃.dat",
+    "odd/with \"double\" and 'single' quotes.dat",
+    "odd/{braces} [brackets] #hash%percent.dat",
+    'odd/{"level":"debug","msg":"md5 = 0 OK","object":"x"}.dat',
+    'odd/x OK",".dat',
+    "odd/" + "long-" * 48 + ".dat",
+    "odd/rotten ü.dat",
+)
+
+
+@pytest.mark.parametrize("dst", ["warm", "cold"])
+def test_odd_names_in_one_batch_land_and_a_rotten_one_fails_alone(
+    estate: Estate, tmp_path: Path, dst: str
+) -> None:
+    """A batch of files whose names are awkward in a JSON log: each lands with its bytes and a
+    READY copy, except the one whose source rotted, which leaves nothing at the destination
+    and fails with its own reason."""
+    ingest_payloads("hot", {n: payload(n) for n in ODD_NAMES}, staging=tmp_path / "staging")
+    estate.flip_byte("hot", "odd/rotten ü.dat")
+    result = apply_copy_batch(copy_batch(ODD_NAMES, "hot", dst))
+    assert (result.done, result.failed) == (len(ODD_NAMES) - 1, 1), result.errors
+    assert set(result.errors) == {"odd/rotten ü.dat"}
+    assert "checksum mismatch" in result.errors["odd/rotten ü.dat"]
+    assert estate.read(dst, "odd/rotten ü.dat") is None
+    assert states_of("odd/rotten ü.dat") == [("hot", "READY")]
+    for name in ODD_NAMES[:-1]:
+        assert estate.read(dst, name) == payload(name), name
+        assert states_of(name) == sorted([("hot", "READY"), (dst, "READY")]), name
+        assert events_of(name)[-1][1]["path"] == name
+    assert used_bytes(dst) == (len(ODD_NAMES) - 1) * 3000
