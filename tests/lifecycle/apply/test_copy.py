@@ -3,6 +3,9 @@ PostgreSQL: a copy is READY only when the bytes at its destination are the item'
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -225,3 +228,51 @@ def test_odd_names_in_one_batch_land_and_a_rotten_one_fails_alone(
         assert states_of(name) == sorted([("hot", "READY"), (dst, "READY")]), name
         assert events_of(name)[-1][1]["path"] == name
     assert used_bytes(dst) == (len(ODD_NAMES) - 1) * 3000
+
+
+_APPLY_IN_ANOTHER_PROCESS = """
+import sys
+from lifecycle.apply.copy import apply_copy_batch
+from tests.factories import copy_batch
+names = sys.stdin.read().split("\\n")
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin = open("/dev/null")
+r = apply_copy_batch(copy_batch(names, "hot", "warm"))
+print(r.done, r.skipped, r.failed)
+"""
+
+
+def test_two_processes_applying_the_same_batch_copy_each_file_once(
+    estate: Estate, tmp_path: Path, db_url: str
+) -> None:
+    """PostgreSQL: two runs (two processes) apply the same copy batch at the same moment:
+    every file lands once, each item has one READY copy on the destination and one DONE
+    transfer, none FAILED."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("concurrent runs are PostgreSQL's (SQLite runs take the writer lock)")
+    names = [f"many/f{i:03d}.dat" for i in range(150)]
+    ingest_payloads("hot", {n: payload(n) for n in names}, staging=tmp_path / "staging")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _APPLY_IN_ANOTHER_PROCESS],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate("\n".join(names), timeout=120)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    done = [int(o[1]) for o in outs]
+    failed = [int(o[3]) for o in outs]
+    assert sum(done) == len(names) and failed == [0, 0], outs
+    with session_scope() as s:
+        rows = s.execute(select(col(Transfer.item_oid), col(Transfer.state))).all()
+    assert sorted(str(state) for _, state in rows) == ["DONE"] * len(names)
+    assert len({oid for oid, _ in rows}) == len(names)
+    for name in names:
+        assert estate.read("warm", name) == payload(name)
+    assert all(states_of(n) == [("hot", "READY"), ("warm", "READY")] for n in names)
+    assert used_bytes("warm") == len(names) * 3000
