@@ -25,9 +25,9 @@ from sqlalchemy.engine import make_url
 
 from flows.events import enable_publishing
 from flows.partitions import fan_out, wait_for_window
-from flows.plan_report import plan_rows, storage_names, take_planned
+from flows.plan_report import drop_planned, plan_rows, storage_names, take_planned
 from flows.run_record import recorded_run
-from lifecycle.apply.records import SettleStage
+from lifecycle.apply.records import SettleStage, expired_among
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
@@ -147,6 +147,8 @@ def catalogue_writer(pipeline: str = "?") -> Iterator[None]:
                         "(or raise DLM_WRITER_LOCK_TIMEOUT_S)"
                     ) from None
                 time.sleep(min(_LOCK_POLL_S, max(0.0, limit - (now - waited_since))))
+        if waited_since is not None:  # another run applied meanwhile: a plan kept from before
+            drop_planned()  # it is not this run's (take_planned)
         try:
             info = {
                 "host": socket.gethostname(),
@@ -265,10 +267,15 @@ def _plan_and_apply(
         )
     results: list[BatchResult] = [f.result() for f in copy_futures]
     clock.lap("copy")
-    expiring = [e.item_oid for e in plan.expires]
-    # An item EXPIRED by an earlier, killed run still gets all its copies deleted.
-    expiring += [d.item_oid for d in plan.deletes if d.reason == "item expired"]
-    delete_batches = batch_deletes(plan.deletes, max_files=t.batch_files, expiring=expiring)
+    # An item's copies go for its expiry only if the catalogue has it EXPIRED now: one EXPIRED
+    # by an earlier, killed run still gets all its copies deleted, while one whose expiry was
+    # cleared after the plan was made (a plan `dlm run` reused) keeps them all.
+    due = {e.item_oid for e in plan.expires}
+    due |= {d.item_oid for d in plan.deletes if d.reason == "item expired"}
+    with session_scope() as s:
+        expiring = expired_among(s, due)
+    deletes = [d for d in plan.deletes if d.reason != "item expired" or d.item_oid in expiring]
+    delete_batches = batch_deletes(deletes, max_files=t.batch_files, expiring=sorted(expiring))
     delete_futures = [
         delete_batch.submit(quote(b), names.get(b.storage_id, "?"), actor) for b in delete_batches
     ]

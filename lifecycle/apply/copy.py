@@ -40,11 +40,13 @@ from lifecycle.catalogue.sql import (
 )
 from lifecycle.errors import DLMError
 from lifecycle.planning.plan import CopyBatch
+from lifecycle.planning.policy import INTACT_STORAGE_STATES
 from lifecycle.states import (
     LIVE_REPLICA_STATES,
     EventKind,
     ItemState,
     ReplicaState,
+    StorageState,
     TransferKind,
     TransferState,
 )
@@ -319,7 +321,10 @@ def apply_copy_batch(
     with sessions() as s:
         src = s.get_one(Storage, batch.src_storage_id)
         dst = s.get_one(Storage, batch.dst_storage_id)
-        claims = _claim_copies(s, batch, kind=kind, run_id=run_id)
+        # the plan may be seconds old (`dlm run` reuses its idle check's): a destination
+        # taken offline, drained or retired since, or a source no longer intact, gets nothing
+        usable = dst.state == StorageState.ONLINE and src.state in INTACT_STORAGE_STATES
+        claims = _claim_copies(s, batch, kind=kind, run_id=run_id) if usable else []
         traverse = bool(claims) and _small_destination(s, batch.dst_storage_id, len(claims))
     result = BatchResult("copy", src.name, dst.name, planned=len(batch.copies))
     result.stages["claim"] = time.monotonic() - t0

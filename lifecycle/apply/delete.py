@@ -37,6 +37,7 @@ from lifecycle.catalogue.models import Item, Replica, Storage, utcnow
 from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions, is_postgres, worker_id
 from lifecycle.errors import DLMError
 from lifecycle.planning.actions import (
+    REPLICA_EXPIRED,
     DeleteReplica,
 )
 from lifecycle.planning.plan import DeleteBatch
@@ -284,7 +285,13 @@ def apply_delete_batch(
         storage = s.get_one(Storage, batch.storage_id)
         # Replicas another run is deleting right now are skipped (FOR UPDATE SKIP LOCKED), then
         # the items of the rest are locked so the safety check below sees a settled catalogue.
-        stmt = select(col(Replica.uid), col(Replica.item_oid), col(Replica.state), col(Replica.path)).where(
+        stmt = select(
+            col(Replica.uid),
+            col(Replica.item_oid),
+            col(Replica.state),
+            col(Replica.path),
+            col(Replica.expires_at),
+        ).where(
             col(Replica.uid).in_(list(want)),
             # not DELETING: another run holds those (a dead run's are settled by lifecycle.recovery)
             col(Replica.state).in_([ReplicaState.READY.value, ReplicaState.CORRUPTED.value]),
@@ -292,11 +299,19 @@ def apply_delete_batch(
         if is_postgres(s):
             stmt = stmt.with_for_update(skip_locked=True)
         rows = s.execute(stmt).all()
+        # a copy deleted for its own expiry goes only if that expiry, as the catalogue has it
+        # now, has come: the plan may be seconds old (`dlm run` reuses its idle check's)
+        now = utcnow()
+        not_due = {
+            r[0] for r in rows if want[r[0]].reason == REPLICA_EXPIRED and (r[4] is None or r[4] > now)
+        }
+        rows = [r for r in rows if r[0] not in not_due]
         _lock_items(s, sorted({r[1] for r in rows}))
         index = StorageIndex(tuple(storage_views(s)))
         allowed, refused, relying = _safe_to_delete(
             s, policy, index, [(r[0], r[1]) for r in rows], batch.expiring
         )
+        refused.update(dict.fromkeys(not_due, "the copy's expiry was cleared or moved on"))
         claim = _Claimed({r[0]: (r[1], r[2], r[3]) for r in rows if r[0] in allowed}, relying)
         if claim.rows:
             s.execute(

@@ -5,7 +5,8 @@ drained storages, and deleting an item now.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import ColumnElement, and_, select, update
@@ -15,7 +16,7 @@ from lifecycle.apply.delete import apply_delete_batch
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue import audit
 from lifecycle.catalogue.models import Event, Item, Replica, Storage, utcnow
-from lifecycle.catalogue.sql import SessionFactory, default_sessions
+from lifecycle.catalogue.sql import SessionFactory, chunks, default_sessions
 from lifecycle.errors import ItemNotFoundError, PolicyViolationError
 from lifecycle.planning.actions import (
     DeleteReplica,
@@ -52,7 +53,9 @@ def settle_plan(plan: Plan, stage: SettleStage, *, session: Session, actor: str)
     """Apply the plan's catalogue-only actions of `stage`; the other stage's counts stay 0."""
     if stage is SettleStage.BEFORE:
         return Settled(
-            expired=mark_expired(session, plan.expires, actor=actor),
+            # the plan may be seconds old (`dlm run` reuses its idle check's): an item whose
+            # expiry was cleared or moved on since is not expired
+            expired=mark_expired(session, plan.expires, actor=actor, due=utcnow()),
             phase_changes=apply_phase_changes(session, plan.phases, actor=actor),
         )
     return Settled(
@@ -62,14 +65,23 @@ def settle_plan(plan: Plan, stage: SettleStage, *, session: Session, actor: str)
     )
 
 
-def mark_expired(session: Session, expires: Sequence[ExpireItem], *, actor: str) -> int:
-    """Live items whose expiry came go EXPIRED (their copies are deleted next)."""
+def mark_expired(
+    session: Session, expires: Sequence[ExpireItem], *, actor: str, due: datetime | None = None
+) -> int:
+    """Live items whose expiry came go EXPIRED (their copies are deleted next). With `due`,
+    only those whose expiry time, as the catalogue has it now, is at or before `due`."""
     oids = [e.item_oid for e in expires]
     if not oids:
         return 0
+    where: list[ColumnElement[bool]] = [
+        col(Item.oid).in_(oids),
+        col(Item.state).in_([s.value for s in LIVE_ITEM_STATES]),
+    ]
+    if due is not None:
+        where += [col(Item.expires_at).is_not(None), col(Item.expires_at) <= due]
     done = session.execute(
         update(Item)
-        .where(col(Item.oid).in_(oids), col(Item.state).in_([s.value for s in LIVE_ITEM_STATES]))
+        .where(*where)
         .values(state=ItemState.EXPIRED.value, updated_at=utcnow())
         .returning(col(Item.oid))
     ).all()
@@ -87,6 +99,19 @@ def mark_expired(session: Session, expires: Sequence[ExpireItem], *, actor: str)
         ],
     )
     return len(done)
+
+
+def expired_among(session: Session, oids: Collection[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of `oids` the catalogue has EXPIRED or DELETED now (bulk, by chunks)."""
+    gone = [ItemState.EXPIRED.value, ItemState.DELETED.value]
+    found: set[uuid.UUID] = set()
+    for chunk in chunks(sorted(oids), 5000):
+        found.update(
+            session.execute(
+                select(col(Item.oid)).where(col(Item.oid).in_(chunk), col(Item.state).in_(gone))
+            ).scalars()
+        )
+    return found
 
 
 def _expired_without_copies() -> ColumnElement[bool]:

@@ -42,6 +42,10 @@ class Copy:
     reason: str
 
 
+# DeleteReplica.reason of a copy deleted because its own expiry came (re-checked when applied)
+REPLICA_EXPIRED = "replica expired"
+
+
 @dataclass(frozen=True, slots=True)
 class DeleteReplica:
     """Delete one physical copy."""

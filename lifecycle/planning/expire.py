@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from lifecycle.planning.actions import Action, DeleteReplica, ExpireItem, ItemGroup, Refusal
+from lifecycle.planning.actions import REPLICA_EXPIRED, Action, DeleteReplica, ExpireItem, ItemGroup, Refusal
 from lifecycle.planning.planner import GONE, NO_ACTIONS, Planner, due
 from lifecycle.planning.policy import Policy
 from lifecycle.states import (
@@ -75,7 +75,7 @@ class ExpirePlanner(Planner):
             if intact:
                 remaining.discard(p)
             self.counters["deletes"] += 1
-            actions.append(DeleteReplica(r.uid, item.oid, r.storage_id, r.path, item.size, "replica expired"))
+            actions.append(DeleteReplica(r.uid, item.oid, r.storage_id, r.path, item.size, REPLICA_EXPIRED))
         return actions
 
     def _expire_item(self, group: ItemGroup) -> list[Action]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +207,104 @@ def test_the_flow_dlm_run_starts_applies_the_plan_it_just_made(
     assert idle_report(Pipeline.REPLICATE, keep_plan=True) is None  # kept, but stale at once
     fresh = replicate()
     assert isinstance(fresh, PipelineReport) and fresh.copied == 2
+
+
+def test_an_expiry_cleared_after_dlm_run_planned_keeps_the_item(two_disks: Path) -> None:
+    """The expire plan `dlm run` keeps from its idle check may be seconds old when the flow
+    applies it: an item whose expiry the user cleared in between is not expired, and none of
+    its copies is deleted (the bytes stay on both storages)."""
+    from flows.pipelines import expire
+    from lifecycle.catalogue.catalog import get_item, set_expiry
+    from lifecycle.catalogue.models import utcnow
+
+    with session_scope() as s:
+        set_expiry("a.dat", utcnow() - timedelta(hours=1), session=s)
+    assert idle_report(Pipeline.EXPIRE, keep_plan=True) is None  # the plan expires a.dat
+    with session_scope() as s:
+        set_expiry("a.dat", None, session=s)  # the user keeps it after all
+    report = expire()
+    assert isinstance(report, PipelineReport)
+    assert report.settled is not None and (report.settled.expired, report.deleted) == (0, 0)
+    with session_scope() as s:
+        assert get_item("a.dat", session=s).state == ItemState.READY
+    assert states_of("a.dat") == [("hot", "READY"), ("warm", "READY")]
+    for storage in ("hot", "warm"):
+        assert (two_disks / storage / "a.dat").read_bytes() == payload("a.dat")
+
+
+@pytest.mark.parametrize("state", [StorageState.OFFLINE, StorageState.DRAINING])
+def test_a_storage_taken_offline_after_dlm_run_planned_gets_no_copy(
+    two_disks: Path, state: StorageState
+) -> None:
+    """The operator takes 'warm' offline (or drains it) between `dlm run`'s idle check and the
+    flow that applies its plan: the copy planned onto it is not made, neither file nor row."""
+    from flows.pipelines import replicate
+    from lifecycle.catalogue.storages import set_storage_state
+
+    ingest_payloads("hot", {"c.dat": payload("c.dat")}, staging=two_disks / "in2", phase=Phase.LIQUID)
+    assert idle_report(Pipeline.REPLICATE, keep_plan=True) is None  # the plan copies c.dat to warm
+    with session_scope() as s:
+        set_storage_state("warm", state, session=s)
+    report = replicate()
+    assert isinstance(report, PipelineReport) and report.copied == 0
+    assert not (two_disks / "warm" / "c.dat").exists()
+    assert states_of("c.dat") == [("hot", "READY")]
+
+
+def test_a_copy_expiry_cleared_after_dlm_run_planned_keeps_the_copy(two_disks: Path) -> None:
+    """The user clears the expiry of an item's copy on 'warm' between `dlm run`'s idle check
+    (whose plan deletes that copy) and the flow that applies the plan: the copy stays."""
+    from flows.pipelines import expire
+    from lifecycle.catalogue.catalog import set_replica_expiry
+    from lifecycle.catalogue.inputs import ExpiryChange
+    from lifecycle.catalogue.models import utcnow
+    from tests.factories import on_hot_and
+
+    on_hot_and("warm", ["g.dat"], staging=two_disks / "in2")  # GAS: one copy is enough
+    with session_scope() as s:
+        set_replica_expiry("g.dat", "warm", ExpiryChange(at=utcnow() - timedelta(hours=1)), session=s)
+    assert idle_report(Pipeline.EXPIRE, keep_plan=True) is None  # the plan deletes g.dat on warm
+    with session_scope() as s:
+        set_replica_expiry("g.dat", "warm", ExpiryChange(never=True), session=s)
+    report = expire()
+    assert isinstance(report, PipelineReport) and report.deleted == 0
+    assert states_of("g.dat") == [("hot", "READY"), ("warm", "READY")]
+    for storage in ("hot", "warm"):
+        assert (two_disks / storage / "g.dat").read_bytes() == payload("g.dat")
+
+
+@SQLITE_ONLY
+def test_a_run_that_waited_for_the_writer_lock_plans_again(db_url: str, two_disks: Path) -> None:
+    """Another run held the catalogue's writer lock when the flow `dlm run` started began: it
+    applied meanwhile, so the plan kept from the idle check is dropped and the flow plans
+    again (here: an item registered in between is copied by this run)."""
+    import fcntl
+    import threading
+
+    from flows.pipelines import replicate
+    from lifecycle.settings import get_settings
+
+    ingest_payloads("hot", {"c.dat": payload("c.dat")}, staging=two_disks / "in2", phase=Phase.LIQUID)
+    assert idle_report(Pipeline.REPLICATE, keep_plan=True) is None
+    ingest_payloads("hot", {"d.dat": payload("d.dat")}, staging=two_disks / "in3", phase=Phase.LIQUID)
+    database = get_settings().db_url.removeprefix("sqlite:///")
+    held = threading.Event()
+
+    def another_run() -> None:
+        with open(f"{database}.writer", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held.set()
+            time.sleep(1.5)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    other = threading.Thread(target=another_run)
+    other.start()
+    assert held.wait(10)
+    try:
+        report = replicate()
+    finally:
+        other.join()
+    assert isinstance(report, PipelineReport) and report.copied == 2
+    for name in ("c.dat", "d.dat"):
+        assert states_of(name) == [("hot", "READY"), ("warm", "READY")]
+        assert (two_disks / "warm" / name).read_bytes() == payload(name)

@@ -3,6 +3,9 @@ PostgreSQL: a copy is READY only when the bytes at its destination are the item'
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,3 +193,86 @@ def test_a_copy_another_run_is_claiming_is_left_to_it_without_waiting(
         assert states_of(name) == [("hot", "READY"), ("warm", "READY")]
         assert estate.read("warm", name) == payload(name)
     assert transfer_states() == ["DONE"] * 3
+
+
+# Names rclone's JSON log must carry back intact: unicode, spaces, quotes, braces, names
+# that look like the log's own JSON (a debug line, a hash "OK" line), a very long one.
+ODD_NAMES = (
+    "odd/é ü 名前 ☃.dat",
+    "odd/with \"double\" and 'single' quotes.dat",
+    "odd/{braces} [brackets] #hash%percent.dat",
+    'odd/{"level":"debug","msg":"md5 = 0 OK","object":"x"}.dat',
+    'odd/x OK",".dat',
+    "odd/" + "long-" * 48 + ".dat",
+    "odd/rotten ü.dat",
+)
+
+
+@pytest.mark.parametrize("dst", ["warm", "cold"])
+def test_odd_names_in_one_batch_land_and_a_rotten_one_fails_alone(
+    estate: Estate, tmp_path: Path, dst: str
+) -> None:
+    """A batch of files whose names are awkward in a JSON log: each lands with its bytes and a
+    READY copy, except the one whose source rotted, which leaves nothing at the destination
+    and fails with its own reason."""
+    ingest_payloads("hot", {n: payload(n) for n in ODD_NAMES}, staging=tmp_path / "staging")
+    estate.flip_byte("hot", "odd/rotten ü.dat")
+    result = apply_copy_batch(copy_batch(ODD_NAMES, "hot", dst))
+    assert (result.done, result.failed) == (len(ODD_NAMES) - 1, 1), result.errors
+    assert set(result.errors) == {"odd/rotten ü.dat"}
+    assert "checksum mismatch" in result.errors["odd/rotten ü.dat"]
+    assert estate.read(dst, "odd/rotten ü.dat") is None
+    assert states_of("odd/rotten ü.dat") == [("hot", "READY")]
+    for name in ODD_NAMES[:-1]:
+        assert estate.read(dst, name) == payload(name), name
+        assert states_of(name) == sorted([("hot", "READY"), (dst, "READY")]), name
+        assert events_of(name)[-1][1]["path"] == name
+    assert used_bytes(dst) == (len(ODD_NAMES) - 1) * 3000
+
+
+_APPLY_IN_ANOTHER_PROCESS = """
+import sys
+from lifecycle.apply.copy import apply_copy_batch
+from tests.factories import copy_batch
+names = sys.stdin.read().split("\\n")
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin = open("/dev/null")
+r = apply_copy_batch(copy_batch(names, "hot", "warm"))
+print(r.done, r.skipped, r.failed)
+"""
+
+
+def test_two_processes_applying_the_same_batch_copy_each_file_once(
+    estate: Estate, tmp_path: Path, db_url: str
+) -> None:
+    """PostgreSQL: two runs (two processes) apply the same copy batch at the same moment:
+    every file lands once, each item has one READY copy on the destination and one DONE
+    transfer, none FAILED."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("concurrent runs are PostgreSQL's (SQLite runs take the writer lock)")
+    names = [f"many/f{i:03d}.dat" for i in range(150)]
+    ingest_payloads("hot", {n: payload(n) for n in names}, staging=tmp_path / "staging")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _APPLY_IN_ANOTHER_PROCESS],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate("\n".join(names), timeout=120)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    done = [int(o[1]) for o in outs]
+    failed = [int(o[3]) for o in outs]
+    assert sum(done) == len(names) and failed == [0, 0], outs
+    with session_scope() as s:
+        rows = s.execute(select(col(Transfer.item_oid), col(Transfer.state))).all()
+    assert sorted(str(state) for _, state in rows) == ["DONE"] * len(names)
+    assert len({oid for oid, _ in rows}) == len(names)
+    for name in names:
+        assert estate.read("warm", name) == payload(name)
+    assert all(states_of(n) == [("hot", "READY"), ("warm", "READY")] for n in names)
+    assert used_bytes("warm") == len(names) * 3000
