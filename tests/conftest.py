@@ -22,7 +22,8 @@ from lifecycle import settings as settings_mod
 from lifecycle.catalogue.db import dispose_engines, get_engine, init_db
 
 
-def _unavailable(what: str, why: str) -> None:
+def unavailable(what: str, why: str) -> None:
+    """A part the test needs is missing: a failure in CI, a skip elsewhere."""
     if in_ci():
         pytest.fail(f"{what} is required in CI but unavailable: {why}", pytrace=False)
     pytest.skip(f"{what} unavailable: {why}")
@@ -71,7 +72,7 @@ def postgres_url() -> Iterator[str]:
             init_db(url)
             yield url
     except RuntimeError as exc:
-        _unavailable("PostgreSQL", str(exc))
+        unavailable("PostgreSQL", str(exc))
 
 
 def truncate_all(url: str) -> None:
@@ -126,7 +127,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         server.start()
     except SeaweedError as exc:
         server.stop()
-        _unavailable("SeaweedFS S3 server", str(exc))
+        unavailable("SeaweedFS S3 server", str(exc))
     yield server
     server.stop()
 
@@ -168,7 +169,7 @@ def rclone_path() -> str:
     try:
         return rclone_binary()
     except RcloneNotFoundError as exc:
-        _unavailable("rclone", str(exc))
+        unavailable("rclone", str(exc))
         raise
 
 
@@ -200,7 +201,7 @@ def chromium() -> str:
     """Debian's `chromium` (or DLM_TEST_CHROMIUM): no browser download."""
     path = os.environ.get("DLM_TEST_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        _unavailable("chromium", "apt-get install -y chromium")
+        unavailable("chromium", "apt-get install -y chromium")
     assert path
     return path
 
@@ -211,7 +212,7 @@ def browser(chromium: str) -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("the playwright package", "pip install 'dlm[test]'")
+        unavailable("the playwright package", "pip install 'dlm[test]'")
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, headless=True)
         try:

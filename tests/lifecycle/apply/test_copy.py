@@ -242,14 +242,14 @@ print(r.done, r.skipped, r.failed)
 """
 
 
+# concurrent runs are PostgreSQL's (SQLite runs take the writer lock)
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
 def test_two_processes_applying_the_same_batch_copy_each_file_once(
     estate: Estate, tmp_path: Path, db_url: str
 ) -> None:
     """PostgreSQL: two runs (two processes) apply the same copy batch at the same moment:
     every file lands once, each item has one READY copy on the destination and one DONE
     transfer, none FAILED."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("concurrent runs are PostgreSQL's (SQLite runs take the writer lock)")
     names = [f"many/f{i:03d}.dat" for i in range(150)]
     ingest_payloads("hot", {n: payload(n) for n in names}, staging=tmp_path / "staging")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlmodel import SQLModel
 
 from lifecycle.catalogue import models, run_log, tokens
+from tests.conftest import unavailable
 
 TABLE_MODULES = (models, run_log, tokens)  # every table, on SQLModel.metadata
 
@@ -29,7 +30,7 @@ def _catalogue(backend: str, tmp_path: Path) -> Iterator[str]:
         with fresh_postgres_database("dlm_ix") as url:
             yield url
     except RuntimeError as exc:
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
+        unavailable("PostgreSQL", str(exc))  # a failure in CI
 
 
 def _declared(dialect: str) -> dict[str, tuple[str, tuple[str, ...]]]:
