@@ -66,3 +66,21 @@ def pg_sizes(url: str, tables: tuple[str, ...] = ("item", "replica", "event")) -
         for table in tables:
             out[table] = conn.execute("SELECT pg_total_relation_size(%s)", (table,)).fetchone()[0]  # type: ignore[index]
     return out
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dlm_env(base: Path, url: str) -> dict[str, str]:
+    """The environment of a `dlm` process a case runs as a user: a DLM home and Prefect client
+    home under `base`, catalogue `url`, this checkout importable; no DLM_/PREFECT_ leaks in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "PREFECT_"))}
+    env.update(
+        DLM_HOME=str(base / "home"),
+        DLM_DATABASE_URL=url,
+        DLM_OWNER="bench",
+        PREFECT_HOME=str(base / "client-prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    return env

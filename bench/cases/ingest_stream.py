@@ -29,26 +29,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from bench.helpers import REPO, dlm_env
+
 DLM = [sys.executable, "-m", "dlm.cli"]
 FILE_SIZE = 1024
 SAMPLE = 50  # second copies compared byte for byte
 READY_WINDOW_S = 10  # deployments.serve.READY_WINDOW_S: one on-ready run per burst window
 DEPLOYMENTS = ("replicate-on-ready", "replicate")
 CHILD = "from bench.cases.ingest_stream import _stream_child; _stream_child"
-
-
-def _env(base: Path, url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "PREFECT_"))}
-    env.update(
-        DLM_HOME=str(base / "home"),
-        DLM_DATABASE_URL=url,
-        DLM_OWNER="bench",
-        PREFECT_HOME=str(base / "client-prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    )
-    return env
 
 
 def _dlm(env: dict[str, str], *args: str, timeout: float = 900) -> str:
@@ -62,7 +50,7 @@ def _dlm(env: dict[str, str], *args: str, timeout: float = 900) -> str:
 
 def _estate(base: Path, url: str, items: int) -> tuple[dict[str, str], list[str]]:
     """A DLM home on `url` with posix storages a and b, and `items` files of FILE_SIZE on a."""
-    env = _env(base, url)
+    env = dlm_env(base, url)
     _dlm(env, "init")
     for name in ("a", "b"):
         (base / name).mkdir()

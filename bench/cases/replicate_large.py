@@ -12,10 +12,7 @@ guarantee by reading every byte back)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,23 +39,8 @@ TARGET_VS_RCLONE = 1.2
 
 
 def check_download(src_root: Path, target: Any, names: Sequence[str], checkers: int) -> float:
-    """Seconds of one `rclone check SRC DST --download --files-from LIST --checkers N`."""
-    from bench.cases.replicate_small import rclone_env
-    from lifecycle.transfer.binary import rclone_binary
-
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write("".join(n + "\n" for n in names))
-    try:
-        argv = [rclone_binary(), "check", str(src_root), target.spec, "--download", "--files-from", f.name,
-                "--checkers", str(checkers)]  # fmt: skip
-        started = time.perf_counter()
-        proc = subprocess.run(argv, env=rclone_env(target), capture_output=True, check=False)
-        seconds = time.perf_counter() - started
-    finally:
-        os.unlink(f.name)
-    if proc.returncode != 0:
-        raise RuntimeError(f"rclone check failed: {proc.stderr.decode()[-2000:]}")
-    return seconds
+    """Seconds of one `rclone check SRC DST --files-from LIST --download --checkers N`."""
+    return bare_rclone(src_root, target, names, ["--download", "--checkers", str(checkers)], verb="check")
 
 
 def run(scale: float) -> list[dict[str, Any]]:

@@ -29,26 +29,14 @@ from typing import Any
 
 import orjson
 
-REPO = Path(__file__).resolve().parents[2]
+from bench.helpers import REPO, dlm_env
+
 DLM = [sys.executable, "-m", "dlm.cli"]
 FILES = 5_000
 FILE_SIZE = 4 * 1024
 TARGET_VS_RCLONE = 1.3
 IDLE_REPEAT = 3
 SAMPLE = 50
-
-
-def _env(base: Path, url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLM_", "PREFECT_"))}
-    env.update(
-        DLM_HOME=str(base / "home"),
-        DLM_DATABASE_URL=url,
-        DLM_OWNER="bench",
-        PREFECT_HOME=str(base / "client-prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    )
-    return env
 
 
 def _dlm(env: dict[str, str], *args: str, timeout: float = 1800) -> tuple[str, float]:
@@ -107,7 +95,7 @@ def run(scale: float) -> list[dict[str, Any]]:
         fresh_postgres_database("dlm_bench_rposix") as url,
     ):
         base = Path(tmp)
-        env = _env(base, url)
+        env = dlm_env(base, url)
         _dlm(env, "init")
         for name in ("a", "b"):
             (base / name).mkdir()

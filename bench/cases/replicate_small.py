@@ -201,21 +201,23 @@ def rclone_env(target: Any) -> dict[str, str]:
     return {**os.environ, "RCLONE_CONFIG": "", **target.env}
 
 
-def bare_rclone(src_root: Path, target: Any, names: Sequence[str], flags: Sequence[str]) -> float:
-    """Seconds of one `rclone copy SRC DST --files-from LIST *flags` of the names."""
+def bare_rclone(
+    src_root: Path, target: Any, names: Sequence[str], flags: Sequence[str], verb: str = "copy"
+) -> float:
+    """Seconds of one `rclone VERB SRC DST --files-from LIST *flags` of the names (copy by default)."""
     from lifecycle.transfer.binary import rclone_binary
 
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("".join(n + "\n" for n in names))
     try:
-        argv = [rclone_binary(), "copy", str(src_root), target.spec, "--files-from", f.name, *flags]
+        argv = [rclone_binary(), verb, str(src_root), target.spec, "--files-from", f.name, *flags]
         started = time.perf_counter()
         proc = subprocess.run(argv, env=rclone_env(target), capture_output=True, check=False)
         seconds = time.perf_counter() - started
     finally:
         os.unlink(f.name)
     if proc.returncode != 0:
-        raise RuntimeError(f"bare rclone failed: {proc.stderr.decode()[-2000:]}")
+        raise RuntimeError(f"bare rclone {verb} failed: {proc.stderr.decode()[-2000:]}")
     return seconds
 
 
