@@ -3,11 +3,15 @@ process's CPU time, and a PostgreSQL catalogue's size on disk."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +88,40 @@ def dlm_env(base: Path, url: str) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     )
     return env
+
+
+def _spy(out: str, name: str) -> list[str]:
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    return [spy, "record", "--rate", "250", "--idle", "--format", "raw", "-o", f"{out}/{name}.txt"]
+
+
+def profiled(argv: list[str], name: str) -> list[str]:
+    """`argv` as is, or, when DLM_BENCH_PROFILE names a directory, run under py-spy (sampling
+    at 250 Hz, idle threads included) writing collapsed stacks to <dir>/<name>.txt, for
+    `python -m bench.profile_top` to summarise. Profiling slows the run: its figures are not
+    the benchmark's."""
+    out = os.environ.get("DLM_BENCH_PROFILE")
+    if not out:
+        return argv
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return [*_spy(out, name), "--", *argv]
+
+
+@contextlib.contextmanager
+def profiling(name: str) -> Iterator[None]:
+    """Profile this process for the duration of the block (py-spy attached to it, idle threads
+    included) when DLM_BENCH_PROFILE names a directory: collapsed stacks to <dir>/<name>.txt,
+    as profiled() writes them."""
+    out = os.environ.get("DLM_BENCH_PROFILE")
+    if not out:
+        yield
+        return
+    Path(out).mkdir(parents=True, exist_ok=True)
+    argv = [*_spy(out, name), "--pid", str(os.getpid())]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the block starts
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file as it stops
+        proc.wait(timeout=60)

@@ -6,6 +6,7 @@ TransientError, and never caches (its inputs are large and its effects are not p
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -68,10 +69,14 @@ def copy_batch(
 ) -> BatchResult:
     """One batch, one rclone process: claim, copy, verify, settle (holding a slot of both
     storages' limits, tasks/slots.py)."""
+    asked = time.monotonic()
     with storage_slots(names):
-        return apply_copy_batch(
+        waited = time.monotonic() - asked
+        result = apply_copy_batch(
             batch, actor=actor, run_id=run_id, transfers=transfers, checkers=checkers, kind=TransferKind(kind)
         )
+    result.stages = {"slots": waited, **result.stages}
+    return result
 
 
 @dlm_task("delete-batch", task_run_name="delete-on-{name}")

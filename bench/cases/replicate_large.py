@@ -78,7 +78,7 @@ def run(scale: float) -> list[dict[str, Any]]:
             bare_rclone(src_root, s3_target(server, "bench-ref", "warmup"), names[:1], flags)
             bare_before = bare_rclone(src_root, s3_target(server, "bench-ref", "bare1"), names, flags)
             with prefect_server() as startup_s:
-                dlm_s, _, report = run_replicate()
+                dlm_s, _, report = run_replicate("replicate_large")
             bare_after = bare_rclone(src_root, s3_target(server, "bench-ref", "bare2"), names, flags)
             plain_target = s3_target(server, "bench-ref", "plain")
             plain_s = bare_rclone(src_root, plain_target, names, common)

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from bench.helpers import REPO, dlm_env
+from bench.helpers import REPO, dlm_env, profiled
 
 DLM = [sys.executable, "-m", "dlm.cli"]
 FILES = 5_000
@@ -39,11 +39,14 @@ IDLE_REPEAT = 3
 SAMPLE = 50
 
 
-def _dlm(env: dict[str, str], *args: str, timeout: float = 1800) -> tuple[str, float]:
-    """(stdout, wall seconds) of one `dlm` process."""
+def _dlm(
+    env: dict[str, str], *args: str, timeout: float = 1800, profile: str | None = None
+) -> tuple[str, float]:
+    """(stdout, wall seconds) of one `dlm` process (under py-spy as `profile`, see profiled)."""
+    argv = profiled([*DLM, *args], profile) if profile else [*DLM, *args]
     started = time.perf_counter()
     res = subprocess.run(
-        [*DLM, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+        argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
     )
     seconds = time.perf_counter() - started
     if res.returncode != 0:
@@ -108,7 +111,7 @@ def run(scale: float) -> list[dict[str, Any]]:
             _dlm(env, "server", "start", timeout=300)
             _bare(base / "a", base / "warmup", transfers)
             bare_before = _bare(base / "a", base / "bare1", transfers)
-            out, dlm_s = _dlm(env, "run", "replicate", "--json")
+            out, dlm_s = _dlm(env, "run", "replicate", "--json", profile="replicate_posix")
             report = orjson.loads(out)
             idle = []
             for _ in range(IDLE_REPEAT):

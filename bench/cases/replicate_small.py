@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from bench.helpers import profiling
+
 FILES = 10_000
 FILE_SIZE = 4 * 1024
 PER_FILE_SUBSET = 500
@@ -130,26 +132,36 @@ def s3_server(workdir: Path) -> Iterator[Any]:
 
 @contextmanager
 def prefect_server() -> Iterator[float]:
-    """One Prefect test harness (a temporary API server); yields its start-up seconds."""
+    """A Prefect server as `dlm run` uses one: a DLM home's own (`dlm server start`: its SQLite
+    database and slot leases on disk), in a temporary home, that this process's flows talk to;
+    yields its start-up seconds. (Prefect's test harness, used before, answered a slot request
+    in 2.4 s at times where this server answers in milliseconds.)"""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    started = time.perf_counter()
-    with prefect_test_harness(server_startup_timeout=120):
-        yield time.perf_counter() - started
+    from deployments.server import start_home_server, stop_home_server
+
+    with tempfile.TemporaryDirectory(prefix="dlm-bench-prefect-") as home:
+        started = time.perf_counter()
+        server, _ = start_home_server(Path(home), timeout=120)
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: server.url}):
+                yield time.perf_counter() - started
+        finally:
+            stop_home_server(Path(home))
 
 
-def run_replicate() -> tuple[float, uuid.UUID, dict[str, Any]]:
+def run_replicate(profile: str = "replicate") -> tuple[float, uuid.UUID, dict[str, Any]]:
     """Run the real replicate flow as `dlm run` runs it (in this process, flow run heartbeats
     off: dlm.server_cli.use_prefect_server); returns (wall seconds, flow run id, its report,
-    failures included)."""
+    failures included). Profiled as `profile` under DLM_BENCH_PROFILE (bench/helpers.profiling)."""
     from prefect.settings import temporary_settings
 
     from flows.pipelines import replicate
 
     started = time.perf_counter()
-    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}), profiling(profile):
         state = replicate(return_state=True)
     seconds = time.perf_counter() - started
     report = state.result().as_json()
@@ -317,7 +329,7 @@ def run(scale: float) -> list[dict[str, Any]]:
             bare_rclone(src_root, s3_target(server, "bench-ref", "warmup"), names[: min(n, 200)], flags)
             bare_before = bare_rclone(src_root, s3_target(server, "bench-ref", "bare1"), names, flags)
             with prefect_server() as startup_s:
-                dlm_s, flow_run_id, report = run_replicate()
+                dlm_s, flow_run_id, report = run_replicate("replicate_small")
                 task_runs = count_task_runs(flow_run_id)
             bare_after = bare_rclone(src_root, s3_target(server, "bench-ref", "bare2"), names, flags)
             per_file_subset_s = _per_file(src_root, s3_target(server, "bench-ref", "perfile"), names[:subset])

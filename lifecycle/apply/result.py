@@ -23,7 +23,8 @@ class BatchResult:
     skipped: int = 0
     bytes: int = 0
     duration_s: float = 0.0
-    # seconds spent per stage (claim, rclone, verify, settle) for copies; confirm for deletes
+    # seconds spent per stage (slots: waiting for storage slots; claim, rclone, verify, settle)
+    # for copies; confirm for deletes
     stages: dict[str, float] = field(default_factory=dict)
     read_bytes: int = 0  # deletes: bytes of surviving copies re-hashed by the pre-delete check
     errors: dict[str, str] = field(default_factory=dict)
