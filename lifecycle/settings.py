@@ -34,8 +34,9 @@ class TransferSettings(BaseModel):
     # costs (its task run, storage slots, rclone start and listing) stay small beside its files
     batch_files: int = 5000
     batch_bytes: int = 8 * 1024**3
-    # copy batches running at once in one run (each is one rclone process with `transfers`
-    # transfers): two keep rclone busy while the other batch claims, verifies and settles
+    # copy batches in flight at once in one run (each is one rclone process with `transfers`
+    # transfers); the rclone processes of batches between the same two storages take turns,
+    # so two keep rclone busy while the other batch claims, verifies and settles
     parallel_batches: int = Field(default=2, ge=1)
     max_items_per_run: int = 100_000
     max_bytes_per_run: int = 1024**4

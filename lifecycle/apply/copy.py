@@ -15,6 +15,7 @@ Delete batches are in lifecycle.apply.delete, the catalogue-only actions in reco
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -302,6 +303,20 @@ def _small_destination(session: Session, storage_id: uuid.UUID, files: int) -> b
     return int(held) < limit
 
 
+# One rclone process at a time moves a run's files between the same two storages: a second one
+# at once only splits the same link and costs more than it brings (10,000 small files to S3
+# here: 1.11x bare rclone's time in one process, 1.5x in two). The other batches in flight
+# (parallel_batches) claim, verify and settle meanwhile. Per process: partitions and workers
+# run side by side on purpose.
+_pair_locks: dict[tuple[uuid.UUID, uuid.UUID], threading.Lock] = {}
+_pair_locks_guard = threading.Lock()
+
+
+def _pair_lock(src: uuid.UUID, dst: uuid.UUID) -> threading.Lock:
+    with _pair_locks_guard:
+        return _pair_locks.setdefault((src, dst), threading.Lock())
+
+
 def apply_copy_batch(
     batch: CopyBatch,
     *,
@@ -331,23 +346,26 @@ def apply_copy_batch(
     result.skipped = len(batch.copies) - len(claims)
     if not claims:
         return result
-    started = time.monotonic()
     src_target = backend_for(src).rclone_target()
     dst_target = backend_for(dst).rclone_target()
-    refused = identity.refusal(src, dst)  # both roots are still the storages' own
-    report = (
-        copy_files(
-            src_target,
-            dst_target,
-            [c.path for c in claims],
-            transfers=transfers,
-            checkers=checkers,
-            traverse=traverse,
-            nbytes=sum(c.size for c in claims),
+    queued = time.monotonic()
+    with _pair_lock(batch.src_storage_id, batch.dst_storage_id):
+        started = time.monotonic()
+        result.stages["queue"] = started - queued
+        refused = identity.refusal(src, dst)  # both roots are still the storages' own
+        report = (
+            copy_files(
+                src_target,
+                dst_target,
+                [c.path for c in claims],
+                transfers=transfers,
+                checkers=checkers,
+                traverse=traverse,
+                nbytes=sum(c.size for c in claims),
+            )
+            if refused is None
+            else CopyReport(failed=dict.fromkeys((c.path for c in claims), refused))
         )
-        if refused is None
-        else CopyReport(failed=dict.fromkeys((c.path for c in claims), refused))
-    )
     report.failed.update(identity.shared_files(dst, sorted(report.ok - set(report.failed))))
     report.ok -= set(report.failed)
     t1 = time.monotonic()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -276,3 +277,59 @@ def test_two_processes_applying_the_same_batch_copy_each_file_once(
         assert estate.read("warm", name) == payload(name)
     assert all(states_of(n) == [("hot", "READY"), ("warm", "READY")] for n in names)
     assert used_bytes("warm") == len(names) * 3000
+
+
+def test_batches_between_the_same_storages_take_turns_at_rclone(
+    estate: Estate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches hot -> warm and one hot -> cold, applied at the same moment from three
+    threads (a run's batches in flight): the two rclone processes of hot -> warm never run at
+    once (a second one only splits the same link), and every file of all three lands."""
+    import lifecycle.apply.copy as copy_module
+
+    firsts = [f"turns/a{i:02d}.dat" for i in range(40)]
+    seconds = [f"turns/b{i:02d}.dat" for i in range(40)]
+    others = [f"turns/c{i:02d}.dat" for i in range(10)]
+    every = firsts + seconds + others
+    ingest_payloads("hot", {n: payload(n) for n in every}, staging=tmp_path / "staging")
+    batches = [
+        copy_batch(firsts, "hot", "warm"),
+        copy_batch(seconds, "hot", "warm"),
+        copy_batch(others, "hot", "cold"),
+    ]
+    spans: list[tuple[tuple[object, object], float, float]] = []
+    real_copy = copy_module.copy_files
+
+    def timed_copy(src, dst, files, **kwargs):  # type: ignore[no-untyped-def]
+        began = time.monotonic()
+        try:
+            return real_copy(src, dst, files, **kwargs)
+        finally:
+            spans.append(((src.spec, dst.spec), began, time.monotonic()))
+
+    monkeypatch.setattr(copy_module, "copy_files", timed_copy)
+    start = threading.Barrier(len(batches))
+    results: list[BatchResult] = []
+
+    def apply(batch: object) -> None:
+        start.wait()
+        results.append(apply_copy_batch(batch))  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=apply, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted((r.dst, r.done, r.failed) for r in results) == [
+        ("cold", 10, 0),
+        ("warm", 40, 0),
+        ("warm", 40, 0),
+    ]
+    by_pair: dict[tuple[object, object], list[tuple[float, float]]] = {}
+    for pair, began, ended in spans:
+        by_pair.setdefault(pair, []).append((began, ended))
+    assert sorted(len(v) for v in by_pair.values()) == [1, 2], by_pair
+    first, second = sorted(next(v for v in by_pair.values() if len(v) == 2))
+    assert second[0] >= first[1], f"the two hot -> warm rclone processes overlapped: {first}, {second}"
+    for name in every:
+        assert estate.read("cold" if name in others else "warm", name) == payload(name)
