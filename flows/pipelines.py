@@ -33,6 +33,7 @@ from lifecycle.catalogue.catalog import status
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import utcnow
 from lifecycle.errors import ConflictError, DLMError
+from lifecycle.planning.actions import ITEM_EXPIRED
 from lifecycle.planning.partition import check_partition
 from lifecycle.planning.plan import Plan, batch_copies, batch_deletes
 from lifecycle.reports import PartitionedReport, PipelineReport, PlanSummary, Settled
@@ -271,10 +272,10 @@ def _plan_and_apply(
     # by an earlier, killed run still gets all its copies deleted, while one whose expiry was
     # cleared after the plan was made (a plan `dlm run` reused) keeps them all.
     due = {e.item_oid for e in plan.expires}
-    due |= {d.item_oid for d in plan.deletes if d.reason == "item expired"}
+    due |= {d.item_oid for d in plan.deletes if d.reason == ITEM_EXPIRED}
     with session_scope() as s:
         expiring = expired_among(s, due)
-    deletes = [d for d in plan.deletes if d.reason != "item expired" or d.item_oid in expiring]
+    deletes = [d for d in plan.deletes if d.reason != ITEM_EXPIRED or d.item_oid in expiring]
     delete_batches = batch_deletes(deletes, max_files=t.batch_files, expiring=sorted(expiring))
     delete_futures = [
         delete_batch.submit(quote(b), names.get(b.storage_id, "?"), actor) for b in delete_batches

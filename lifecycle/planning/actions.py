@@ -44,6 +44,9 @@ class Copy:
 
 # DeleteReplica.reason of a copy deleted because its own expiry came (re-checked when applied)
 REPLICA_EXPIRED = "replica expired"
+# The reason of the deletions of an expired item's copies: applied only while the catalogue
+# still has the item EXPIRED (an expiry cleared after planning keeps them all).
+ITEM_EXPIRED = "item expired"
 
 
 @dataclass(frozen=True, slots=True)

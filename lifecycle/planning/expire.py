@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from lifecycle.planning.actions import REPLICA_EXPIRED, Action, DeleteReplica, ExpireItem, ItemGroup, Refusal
+from lifecycle.planning.actions import (
+    ITEM_EXPIRED,
+    REPLICA_EXPIRED,
+    Action,
+    DeleteReplica,
+    ExpireItem,
+    ItemGroup,
+    Refusal,
+)
 from lifecycle.planning.planner import GONE, NO_ACTIONS, Planner, due
 from lifecycle.planning.policy import Policy
 from lifecycle.states import (
@@ -89,5 +97,5 @@ class ExpirePlanner(Planner):
             if r.state in GONE or r.state == ReplicaState.DELETING:
                 continue
             self.counters["deletes"] += 1
-            actions.append(DeleteReplica(r.uid, item.oid, r.storage_id, r.path, item.size, "item expired"))
+            actions.append(DeleteReplica(r.uid, item.oid, r.storage_id, r.path, item.size, ITEM_EXPIRED))
         return actions
