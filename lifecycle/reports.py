@@ -148,7 +148,9 @@ class PlanSummary(ReportModel):
     refusals: int = 0
     shortfalls: int = 0
     drained: int = 0
-    deferred: int = 0  # copies beyond the run's bounds, left for the next run
+    # actions beyond the run's bounds (copies; deletions, expiries and phase changes of items
+    # past max_items_per_run), left for the next run
+    deferred: int = 0
 
 
 class Recovered(ReportModel):

@@ -231,7 +231,8 @@ def _plan_in_child(url: str, pipeline: str) -> dict[str, Any]:
     return run_child("bench.cases.plan_scale", url, pipeline, what=f"planning child ({pipeline})")
 
 
-def _work(pipeline: str, summary: dict[str, int]) -> int:
+def work(pipeline: str, summary: dict[str, int]) -> int:
+    """The actions of a plan (its summary): what the plan holds in memory."""
     if pipeline == "replicate" or pipeline == "rebalance":
         return summary["copies"] + summary["deletes"]
     if pipeline == "expire":
@@ -293,7 +294,7 @@ def run(scale: float) -> list[dict[str, Any]]:
                         "seconds": got["seconds"],
                         "peak_rss_mb": got["rss_mb"],
                         "rss_before_mb": got["rss_before_mb"],
-                        "actions": _work(pipeline, summary),
+                        "actions": work(pipeline, summary),
                         "shortfalls": summary["shortfalls"],
                         "deferred": summary["deferred"],
                     },

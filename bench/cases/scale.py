@@ -85,7 +85,13 @@ def run(scale: float) -> list[dict[str, Any]]:
             server = reg.get("server_cpu_s")
             per["register"]["server_busy"] = None if server is None else server / reg["seconds"]
             for p, got in plans["plans"].items():
-                per[p] = {"items": plans["items"], "seconds": got["seconds"], "rss": got["rss_mb"]}
+                per[p] = {
+                    "items": plans["items"],
+                    "seconds": got["seconds"],
+                    "rss": got["rss_mb"],
+                    "rss_before": got["rss_before_mb"],
+                    "actions": plan_scale.work(p, got["summary"]),
+                }
             for measured in per.values():
                 measured["per_m"] = measured["seconds"] / measured["items"] * 1e6
             steps[n] = per
@@ -102,6 +108,9 @@ def run(scale: float) -> list[dict[str, Any]]:
                 "s_per_1M_items": got["per_m"],
                 "peak_rss_mb": got["rss"],
             }
+            if "actions" in got:  # the plan held in memory: what a planner's RSS grows with
+                metrics["actions"] = got["actions"]
+                metrics["rss_before_mb"] = got["rss_before"]
             if step == "register":
                 metrics["items_per_s"] = got["items"] / got["seconds"]
                 metrics["server_busy"] = got["server_busy"]

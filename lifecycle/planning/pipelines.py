@@ -83,7 +83,11 @@ def make_plan(
         planner = RebalancePlanner(policy, now=now, path_owner=paths)
         groups = rebalance_groups(session, shedding, path_index=paths)
     plan = Plan.collect(
-        pipeline.value, planner.plan(storages, groups), max_items=max_items, max_bytes=max_bytes
+        pipeline.value,
+        planner.plan(storages, groups),
+        max_items=max_items,
+        max_bytes=max_bytes,
+        on_deferred=planner.unplan,
     )
     plan.counters.update({k: int(v) for k, v in planner.counters.items()})
     return plan

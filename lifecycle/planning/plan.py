@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +45,16 @@ class Plan:
         *,
         max_items: int | None = None,
         max_bytes: int | None = None,
+        on_deferred: Callable[[Copy], None] | None = None,
     ) -> Plan:
-        """Sort actions by kind; copies beyond the run's item or byte bound are left for later."""
+        """Sort actions by kind; what lies beyond the run's bounds is left for a later run (and
+        counted as deferred): copies beyond `max_items` copies or `max_bytes`, and the
+        deletions, expiries and phase changes of items beyond the first `max_items` items
+        that have any (an item's are kept or left together). A plan, and the memory its
+        planning takes, so stays bounded however large the catalogue; reports (refusals,
+        shortfalls, drained storages) are all kept."""
         plan = cls(pipeline)
+        acting: set[uuid.UUID] = set()  # items with deletions, expiries or phase changes kept
         by_kind: dict[type, list[Any]] = {
             DeleteReplica: plan.deletes,
             ExpireItem: plan.expires,
@@ -58,12 +65,20 @@ class Plan:
         }
         copied_bytes = 0
         for a in actions:
-            if not isinstance(a, Copy):
+            if isinstance(a, DeleteReplica | ExpireItem | SetPhase):
+                if max_items is not None and a.item_oid not in acting and len(acting) >= max_items:
+                    plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
+                    continue
+                acting.add(a.item_oid)
+                by_kind[type(a)].append(a)
+            elif not isinstance(a, Copy):
                 by_kind[type(a)].append(a)
             elif (max_items is not None and len(plan.copies) >= max_items) or (
                 max_bytes is not None and copied_bytes + a.size > max_bytes and plan.copies
             ):
                 plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
+                if on_deferred is not None:  # the planner forgets it (Planner.unplan)
+                    on_deferred(a)
             else:
                 copied_bytes += a.size
                 plan.copies.append(a)

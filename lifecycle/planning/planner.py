@@ -87,6 +87,15 @@ class Planner:
                 yield from actions
         yield from self._finish()
 
+    def unplan(self, copy: Copy) -> None:
+        """Forget a copy this plan made but the run leaves for later (beyond its bounds): its
+        bytes no longer count against the destination, nor its path as taken, and the plan's
+        memory stays bounded by the run's bounds, not by the catalogue."""
+        p = self.index.pos[copy.dst_storage_id]
+        self._planned[p] -= copy.size
+        if self._planned_paths.get((p, copy.dst_path)) == copy.item_oid:
+            del self._planned_paths[(p, copy.dst_path)]
+
     @property
     def planned_bytes(self) -> dict[UUID, int]:
         """Bytes this plan copies to each storage (so far)."""

@@ -24,6 +24,7 @@ from lifecycle.planning.actions import (
     Shortfall,
 )
 from lifecycle.planning.expire import ExpirePlanner
+from lifecycle.planning.plan import Plan
 from lifecycle.planning.planner import MigratePlanner, ReplicatePlanner
 from lifecycle.planning.policy import (
     AgingRule,
@@ -180,6 +181,22 @@ def test_replicate_respects_capacity_across_many_items() -> None:
     assert planner.planned_bytes == {small.id: 900}
     assert planner.counters["shortfalls"] == 11
     assert "1 of 2 copies possible" in of(Shortfall, plan)[0].reason  # type: ignore[attr-defined]
+
+
+def test_a_copy_left_for_a_later_run_takes_no_room_in_this_one() -> None:
+    """A copy beyond the run's byte bound is deferred, and the planner forgets it: its bytes
+    do not fill the destination for the items after it, which still get their copies."""
+    src = storage("src")
+    dst = storage("dst", capacity=130)
+    a, b, c = (item(n, size=size, phase=Phase.LIQUID) for n, size in (("a", 60), ("b", 60), ("c", 30)))
+    m = Model([src, dst], [a, b, c], [replica(i, src) for i in (a, b, c)])
+    planner = ReplicatePlanner(DEFAULT, now=NOW, path_owner=m.path_owner())
+    plan = Plan.collect(
+        "replicate", planner.plan(m.storages, m.groups()), max_bytes=90, on_deferred=planner.unplan
+    )
+    assert sorted(m.item(cp.item_oid).name for cp in plan.copies) == ["a", "c"]
+    assert plan.summary()["deferred"] == 1 and plan.shortfalls == []
+    assert planner.planned_bytes == {dst.id: 90}
 
 
 def test_replicate_reports_items_whose_only_copies_are_offline() -> None:

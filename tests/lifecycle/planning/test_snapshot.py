@@ -370,3 +370,27 @@ def test_small_stream_chunks_give_the_same_plan(
             assert (
                 _actions(make_plan(s, p, now=NOW, policy=POLICY, max_items=None, max_bytes=None)) == actions
             ), p
+
+
+@pytest.mark.parametrize("pipeline", ["migrate", "expire"])
+def test_a_bounded_run_acts_on_whole_items_and_leaves_the_rest_for_later(
+    catalogue: dict[str, uuid.UUID], pipeline: str
+) -> None:
+    """DLM_TRANSFER__MAX_ITEMS_PER_RUN bounds a run's deletions, expiries and phase changes as
+    well as its copies (so a plan's memory stays bounded at any catalogue size): with a bound
+    of one, the plan holds every such action of one item and none of another's, and counts
+    the rest as deferred."""
+
+    def acting(plan: Plan) -> list[Action]:
+        return [*plan.deletes, *plan.expires, *plan.phases]
+
+    with session_scope() as s:
+        whole = make_plan(s, pipeline, now=NOW, policy=POLICY, max_items=None, max_bytes=None)
+        bounded = make_plan(s, pipeline, now=NOW, policy=POLICY, max_items=1, max_bytes=None)
+    assert len({a.item_oid for a in acting(whole)}) >= 2, "the case acts on more items than the bound"
+    kept = {a.item_oid for a in acting(bounded)}
+    assert len(kept) == 1
+    assert sorted(map(repr, acting(bounded))) == sorted(repr(a) for a in acting(whole) if a.item_oid in kept)
+    left = len(acting(whole)) - len(acting(bounded)) + len(whole.copies) - len(bounded.copies)
+    assert bounded.summary()["deferred"] == left > 0
+    assert bounded.refusals == whole.refusals and bounded.shortfalls == whole.shortfalls
