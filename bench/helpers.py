@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def peak_rss_mb() -> float:
     """This process's own peak RSS since exec (VmHWM). ru_maxrss is not used: Linux carries the
@@ -44,7 +42,7 @@ def cpu_seconds(pid: Any) -> float | None:
 def run_child(module: str, *args: str, what: str = "child") -> dict[str, Any]:
     """Run `python -m module --child args...` (this tree first on the path) and return the JSON
     object its last line of output prints. Raises RuntimeError with its stderr if it fails."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", module, "--child", *args],
         capture_output=True,

@@ -3,7 +3,7 @@
 
 Prints, for one thread (main, unless --thread "other threads"), the functions that hold the most
 wall-clock samples inclusively (idle waits counted: a wait on a subprocess or a server is where
-the time goes), as a share of the thread's samples, with file:line."""
+the time goes), and those that hold them themselves, as shares of the thread's samples."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::\d+)?\)$")
+_REPO = str(Path(__file__).resolve().parents[1]) + "/"
 
 
 def _short(frame: str) -> str:
@@ -20,7 +21,7 @@ def _short(frame: str) -> str:
     if not m:
         return frame
     path = m["file"]
-    for marker in ("/site-packages/", "/work/main/", "/lib/python3"):
+    for marker in ("/site-packages/", _REPO, "/lib/python3"):
         if marker in path:
             path = path.split(marker, 1)[1]
             break
@@ -44,18 +45,13 @@ def summarise(path: Path, top: int = 30, thread: str | None = None) -> str:
         if name != (thread or "main"):
             continue
         total += n
-        seen = set()
-        body = frames
-        for f in body:
-            s = _short(f)
-            if s not in seen:
-                inclusive[s] += n
-                seen.add(s)
-        if body:
-            own[_short(body[-1])] += n
+        names = [_short(f) for f in frames]
+        for s in set(names):  # a recursive function counts once per sample
+            inclusive[s] += n
+        own[names[-1]] += n
     lines = [
         f"{path.name}: {total} samples in thread {thread or 'main'}; threads: "
-        + ", ".join(f"{t or '?'} {c}" for t, c in threads.most_common(6))
+        + ", ".join(f"{t} {c}" for t, c in threads.most_common())
     ]
     lines.append("inclusive:")
     lines += [f"  {100 * c / max(total, 1):5.1f}%  {f}" for f, c in inclusive.most_common(top)]

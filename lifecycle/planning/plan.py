@@ -63,11 +63,11 @@ class Plan:
             Shortfall: plan.shortfalls,
             Drained: plan.drained,
         }
-        copied_bytes = 0
+        copied_bytes = deferred = 0
         for a in actions:
             if isinstance(a, DeleteReplica | ExpireItem | SetPhase):
                 if max_items is not None and a.item_oid not in acting and len(acting) >= max_items:
-                    plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
+                    deferred += 1
                     continue
                 acting.add(a.item_oid)
                 by_kind[type(a)].append(a)
@@ -76,12 +76,14 @@ class Plan:
             elif (max_items is not None and len(plan.copies) >= max_items) or (
                 max_bytes is not None and copied_bytes + a.size > max_bytes and plan.copies
             ):
-                plan.counters["deferred"] = plan.counters.get("deferred", 0) + 1
+                deferred += 1
                 if on_deferred is not None:  # the planner forgets it (Planner.unplan)
                     on_deferred(a)
             else:
                 copied_bytes += a.size
                 plan.copies.append(a)
+        if deferred:
+            plan.counters["deferred"] = deferred
         return plan
 
     @property

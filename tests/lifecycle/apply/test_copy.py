@@ -20,6 +20,7 @@ from lifecycle.apply.copy import apply_copy_batch
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, Transfer
+from lifecycle.planning.plan import CopyBatch
 from tests.factories import (
     Estate,
     copy_batch,
@@ -311,9 +312,9 @@ def test_batches_between_the_same_storages_take_turns_at_rclone(
     start = threading.Barrier(len(batches))
     results: list[BatchResult] = []
 
-    def apply(batch: object) -> None:
+    def apply(batch: CopyBatch) -> None:
         start.wait()
-        results.append(apply_copy_batch(batch))  # type: ignore[arg-type]
+        results.append(apply_copy_batch(batch))
 
     threads = [threading.Thread(target=apply, args=(b,)) for b in batches]
     for t in threads:
