@@ -6,16 +6,18 @@ batches never deadlock); a delete batch its storage's. A limit that does not exi
 created with DLM_TRANSFER__STORAGE_SLOTS slots; an operator changes it afterwards from the
 Prefect UI or `prefect gcl update storage:NAME --limit N` (`--disable` lifts it).
 
-Slots are leased: the holder renews its lease while the batch runs (Prefect's lease renewal
-thread, every 3/4 of DLM_TRANSFER__SLOT_LEASE_S), and a holder that dies without releasing
-(kill -9, a lost machine) stops renewing, so the server's repossessor frees its slot at most
-slot_lease_s + PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS after the last renewal. Sooner
-on the same host: the next DLM run there releases the leases of dead holders as it starts
-(tasks/orphans.py).
+Slots are leased: the holder renews its lease while the batch runs (a thread, every 3/4 of
+DLM_TRANSFER__SLOT_LEASE_S, the first time 3/4 of a lease after acquiring), and a holder
+that dies without releasing (kill -9, a lost machine) stops renewing, so the server's
+repossessor frees its slot at most slot_lease_s + PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS
+after the last renewal. Sooner on the same host: the next DLM run there releases the leases of
+dead holders as it starts (tasks/orphans.py).
 """
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -26,7 +28,10 @@ from lifecycle.errors import TransientError
 from lifecycle.settings import get_settings
 from tasks import orphans
 
+log = logging.getLogger("dlm.slots")
+
 PREFIX = "storage:"
+RENEW_AT = 0.75  # of a lease: when the holder renews it
 _known: set[tuple[str, str]] = set()  # (API URL, limit) this process saw exist
 _ensuring = threading.Lock()
 
@@ -81,11 +86,45 @@ def _holder() -> Any:
 
 
 @contextmanager
+def _kept(lease_id: uuid.UUID, lease_s: float) -> Iterator[None]:
+    """Renew the lease every RENEW_AT of lease_s while the block runs, from a thread that makes
+    its first request only when the first renewal is due: leaving the block (a batch of a second
+    or two) never waits for a client to start or a renewal to answer, as Prefect's own
+    maintain_concurrency_lease makes it wait (it renews at once). A renewal that fails is logged
+    and tried again at the next turn (a server restart must not kill a transfer)."""
+    stop = threading.Event()
+    ctx = contextvars.copy_context()  # the caller's Prefect settings (API URL) and run context
+
+    def renew() -> None:
+        if stop.wait(lease_s * RENEW_AT):  # no client until a renewal is due
+            return
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            while True:
+                try:
+                    client.renew_concurrency_lease(lease_id=lease_id, lease_duration=lease_s)
+                except Exception as exc:  # logged; the next turn tries again
+                    if not stop.is_set():
+                        log.warning("renewing the slot lease %s failed (%s); trying again", lease_id, exc)
+                if stop.wait(lease_s * RENEW_AT):
+                    return
+
+    thread = threading.Thread(target=ctx.run, args=(renew,), name=f"dlm-slot-lease-{lease_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+@contextmanager
 def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     """Hold one slot of each storage's limit for the duration of the block.
 
     What Prefect's `concurrency()` does (acquire with a lease, renew it while the block runs,
-    release), with the lease recorded under `$DLM_HOME/runs/` while held (tasks/orphans.py), so
+    release; _kept renews), with the lease recorded under `$DLM_HOME/runs/` while held (tasks/orphans.py), so
     that the next run on this host releases it at once if this process is killed.
 
     Raises TransientError when the slots are not free within DLM_TRANSFER__SLOT_WAIT_S (the
@@ -96,7 +135,6 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
         emit_concurrency_acquisition_events,
         emit_concurrency_release_events,
     )
-    from prefect.concurrency._leases import maintain_concurrency_lease
     from prefect.concurrency._sync import (
         acquire_concurrency_slots_with_lease,
         release_concurrency_slots_with_lease,
@@ -124,10 +162,7 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     record = orphans.record_lease(acquired.lease_id, names, str(PREFECT_API_URL.value() or ""))
     emitted = emit_concurrency_acquisition_events(acquired.limits, 1)
     try:
-        # a renewal that fails once (a server restart) must not kill a transfer
-        with maintain_concurrency_lease(
-            acquired.lease_id, t.slot_lease_s, raise_on_lease_renewal_failure=False
-        ):
+        with _kept(acquired.lease_id, t.slot_lease_s):
             yield
     finally:
         release_concurrency_slots_with_lease(acquired.lease_id)
