@@ -41,6 +41,10 @@ STOP_TIMEOUT_S = 15.0
 # at the address it was started on (set from --host/--port unless PREFECT_UI_API_URL is set).
 QUIET_SERVER_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+# How long the server keeps an idle connection open: longer than Prefect's clients keep one in
+# their pool (25 s). At the server's default, 5 s, a client that reuses a connection idle for
+# 5-25 s (a slot request after a batch of a few seconds) finds it closed and retries after 2 s.
+KEEPALIVE_S = 65
 
 
 class ServerError(DLMError):
@@ -136,6 +140,7 @@ def server_env(prefect_home: Path, host: str, port: int) -> dict[str, str]:
     # Concurrency-slot leases (`storage:NAME`) kept on disk, not in memory: a restarted server
     # still knows, and repossesses, the slots of batches that died with the old one.
     env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
+    env.setdefault("PREFECT_SERVER_API_KEEPALIVE_TIMEOUT", str(KEEPALIVE_S))
     return env
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -32,6 +33,14 @@ log = logging.getLogger("dlm.slots")
 
 PREFIX = "storage:"
 RENEW_AT = 0.75  # of a lease: when the holder renews it
+# A slot request or release the server could not answer (503: Prefect's SQLite database was busy;
+# or a dropped connection) is tried again after FIRST_RETRY_S, doubling up to MAX_RETRY_S, for
+# RETRY_FOR_S at most. Prefect's own client waits 2 s before its first retry, and Prefect 3.9 on
+# SQLite answers a slot request 503 whenever another write commits while it runs (its transaction
+# reads, then writes): a batch waited 2 s for its slots in most runs.
+FIRST_RETRY_S = 0.05
+MAX_RETRY_S = 2.0
+RETRY_FOR_S = 60.0
 _known: set[tuple[str, str]] = set()  # (API URL, limit) this process saw exist
 _ensuring = threading.Lock()
 
@@ -85,6 +94,84 @@ def _holder() -> Any:
     return None
 
 
+def _send_once(client: Any, path: str, body: dict[str, Any]) -> Any:
+    """POST body to the API path through a sync Prefect client's connection, headers and auth,
+    once: not through its own retrying send, which waits 2 s before retrying a 503 (and, with
+    retries turned off, before giving up). Raises httpx.HTTPStatusError for an error status."""
+    import httpx
+
+    http = client._client  # the client's httpx.Client (Prefect's subclass: retries in send)
+    request = http.build_request("POST", path, json=body)
+    if getattr(http, "enable_csrf_support", False):  # a server with CSRF protection on
+        http._add_csrf_headers(request)
+    response = httpx.Client.send(http, request)
+    response.raise_for_status()
+    return response
+
+
+def _answered(request: Callable[[], Any]) -> Any:
+    """request()'s response, tried again while the server answers 503 or the connection drops
+    (see FIRST_RETRY_S). Raises TransientError once RETRY_FOR_S have passed, and any other
+    HTTP error as is."""
+    import httpx
+
+    give_up = time.monotonic() + RETRY_FOR_S
+    delay = FIRST_RETRY_S
+    while True:
+        try:
+            return request()
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 503:
+                raise
+            why = "the Prefect server was busy (503)"
+        except httpx.TransportError as exc:
+            why = f"the Prefect server did not answer ({type(exc).__name__})"
+        if time.monotonic() + delay > give_up:
+            raise TransientError(f"{why} for {RETRY_FOR_S:g}s: the storage slots were not requested")
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_RETRY_S)
+
+
+def _acquire(names: list[str], *, wait_s: float, lease_s: float) -> Any:
+    """One slot of each limit in `names`, leased for lease_s (a ConcurrencyLimitWithLeaseResponse:
+    no limits when none of them exists or is active). Waits while they are all taken, as long as
+    the server's Retry-After says, up to wait_s; then raises TimeoutError."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+
+    holder = _holder()
+    body: dict[str, Any] = {"names": names, "slots": 1, "mode": "concurrency", "lease_duration": lease_s}
+    if holder is not None:
+        body["holder"] = holder.model_dump(mode="json")
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                response = _answered(
+                    lambda: _send_once(client, "/v2/concurrency_limits/increment-with-lease", body)
+                )
+                return ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:  # 423: every slot is taken
+                    raise
+                retry = float(exc.response.headers.get("Retry-After") or 1)
+            if time.monotonic() + retry > deadline:
+                raise TimeoutError
+            time.sleep(retry)
+
+
+def _release(lease_id: uuid.UUID) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        _answered(
+            lambda: _send_once(
+                client, "/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease_id)}
+            )
+        )
+
+
 @contextmanager
 def _kept(lease_id: uuid.UUID, lease_s: float) -> Iterator[None]:
     """Renew the lease every RENEW_AT of lease_s while the block runs, from a thread that makes
@@ -130,14 +217,10 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     Raises TransientError when the slots are not free within DLM_TRANSFER__SLOT_WAIT_S (the
     batch task is then retried like any transient failure).
     """
-    # Prefect 3.9's own pieces of `concurrency()`: it keeps the lease id to itself
+    # the events Prefect's own `concurrency()` emits (it keeps the lease id to itself, so not it)
     from prefect.concurrency._events import (
         emit_concurrency_acquisition_events,
         emit_concurrency_release_events,
-    )
-    from prefect.concurrency._sync import (
-        acquire_concurrency_slots_with_lease,
-        release_concurrency_slots_with_lease,
     )
     from prefect.settings import PREFECT_API_URL
 
@@ -148,9 +231,7 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     t = get_settings().transfer
     ensure_limits(names)
     try:
-        acquired = acquire_concurrency_slots_with_lease(
-            names, 1, timeout_seconds=t.slot_wait_s, lease_duration=t.slot_lease_s, holder=_holder()
-        )
+        acquired = _acquire(names, wait_s=t.slot_wait_s, lease_s=t.slot_lease_s)
     except TimeoutError:
         raise TransientError(
             f"waited {t.slot_wait_s:g}s for a slot of {', '.join(names)}: other batches hold "
@@ -165,6 +246,6 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
         with _kept(acquired.lease_id, t.slot_lease_s):
             yield
     finally:
-        release_concurrency_slots_with_lease(acquired.lease_id)
+        _release(acquired.lease_id)
         record.unlink(missing_ok=True)  # (kept when the release failed: the next run retries it)
         emit_concurrency_release_events(acquired.limits, 1, emitted)

@@ -34,7 +34,7 @@ def _cli_runs(url: str, flow: str = "replicate") -> list[dict[str, Any]]:
     return list(api(url, "/flow_runs/filter", body))
 
 
-def _work_for_replicate(env: dict[str, str], root: Path, name: str) -> None:
+def _work_for_replicate(env: dict[str, str], root: Path, name: str, size: int = 2048) -> None:
     """One more LIQUID item on posix storage 'a' (storages 'a' and 'b' under `root`, added on
     first use): a `dlm run replicate` then has a copy to make, so it starts a flow run (with
     nothing to do it starts none)."""
@@ -42,7 +42,7 @@ def _work_for_replicate(env: dict[str, str], root: Path, name: str) -> None:
         if not (root / storage).exists():
             (root / storage).mkdir(parents=True)
             run(env, "storage", "add", storage, "--kind", "posix", "--root", str(root / storage))
-    (root / "a" / name).write_bytes(os.urandom(2048))
+    (root / "a" / name).write_bytes(os.urandom(size))
     run(env, "ingest", "--storage", "a", str(root / "a" / name), "--phase", "LIQUID")
 
 
@@ -249,8 +249,8 @@ def test_a_run_killed_holding_slots_blocks_no_later_run_and_ends_crashed(
     the server's repossessor cannot be what frees them): the next run releases them and copies
     everything at once, and the killed run shows Crashed, not Running."""
     env = {**dlm_env, "DLM_TRANSFER__STORAGE_SLOTS": "1", "DLM_TRANSFER__SLOT_LEASE_S": "600"}
-    for i in range(12):
-        _work_for_replicate(env, tmp_path, f"k{i:02d}.bin")
+    for i in range(12):  # a batch of 4 takes about 13 s at RCLONE_BWLIMIT below
+        _work_for_replicate(env, tmp_path, f"k{i:02d}.bin", size=64 * 1024)
     run(env, "server", "start")
     url = _status(env)["url"]
     slow = {**env, "RCLONE_BWLIMIT": "20k", "DLM_TRANSFER__BATCH_FILES": "4", "DLM_TRANSFER__TRANSFERS": "1"}
@@ -269,6 +269,17 @@ def test_a_run_killed_holding_slots_blocks_no_later_run_and_ends_crashed(
         )
         (victim,) = _cli_runs(url)
         assert victim["state_type"] == "RUNNING"
+        # and the server to have recorded its running copy task (task runs arrive as events,
+        # sent in the background: a process killed too soon leaves no task run to clean up)
+        running = {
+            "flow_runs": {"id": {"any_": [victim["id"]]}},
+            "task_runs": {"state": {"type": {"any_": ["RUNNING"]}}},
+        }
+        poll(
+            "the server to record the batch's task run",
+            lambda: bool(api(url, "/task_runs/filter", running)),
+            60,
+        )
     finally:
         os.killpg(killed.pid, signal.SIGKILL)
         killed.communicate(timeout=30)
