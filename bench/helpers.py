@@ -39,6 +39,52 @@ def cpu_seconds(pid: Any) -> float | None:
         return None
 
 
+def _host_busy_s() -> float:
+    """CPU seconds this host's cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _programs_cpu_s(names: tuple[str, ...]) -> dict[str, float]:
+    """CPU seconds of the live processes of this host per program name (/proc/PID/comm)."""
+    out = dict.fromkeys(names, 0.0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm in out:
+            out[comm] += cpu_seconds(entry.name) or 0.0
+    return out
+
+
+@contextlib.contextmanager
+def cpu_meter(programs: tuple[str, ...] = ("postgres", "weed")) -> Iterator[dict[str, float]]:
+    """CPU seconds spent during the block, filled in at its end: `self` (this process),
+    `children` (its child processes that ended, e.g. rclone), each of `programs` (its live
+    processes, e.g. the database and S3 servers), `host` (every core of the host busy) and
+    `cores` (the host's); so a run whose host was busy all along (host close to cores x wall)
+    shows whose work filled it."""
+    out: dict[str, float] = {}
+    me0, kids0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    progs0, host0 = _programs_cpu_s(programs), _host_busy_s()
+    try:
+        yield out
+    finally:
+        me1, kids1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        progs1, host1 = _programs_cpu_s(programs), _host_busy_s()
+        out["self"] = me1.ru_utime + me1.ru_stime - me0.ru_utime - me0.ru_stime
+        out["children"] = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
+        out.update({p: progs1[p] - progs0[p] for p in programs})
+        out["host"] = host1 - host0
+        out["cores"] = float(os.cpu_count() or 1)
+
+
 def run_child(module: str, *args: str, what: str = "child") -> dict[str, Any]:
     """Run `python -m module --child args...` (this tree first on the path) and return the JSON
     object its last line of output prints. Raises RuntimeError with its stderr if it fails."""
