@@ -42,8 +42,8 @@ STOP_TIMEOUT_S = 15.0
 QUIET_SERVER_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 # How long the server keeps an idle connection open: longer than Prefect's clients keep one in
-# their pool (25 s). At the server's default, 5 s, a client that reuses a connection idle for
-# 5-25 s (a slot request after a batch of a few seconds) finds it closed and retries after 2 s.
+# their pool (25 s). At the server's default, 5 s, a request sent on a connection idle for about
+# 5 s can cross the server closing it; Prefect's client then retries it after 2 s.
 KEEPALIVE_S = 65
 
 

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 from lifecycle.errors import TransientError
@@ -109,33 +110,43 @@ def _send_once(client: Any, path: str, body: dict[str, Any]) -> Any:
     return response
 
 
-def _answered(request: Callable[[], Any]) -> Any:
-    """request()'s response, tried again while the server answers 503 or the connection drops
-    (see FIRST_RETRY_S). Raises TransientError once RETRY_FOR_S have passed, and any other
-    HTTP error as is."""
+# Answers worth another try, as Prefect's client retries them (503: busy; 502: a proxy in front
+# of a restarting server; 429: rate-limited; 408: request timeout).
+RETRY_STATUSES = frozenset({408, 429, 502, 503})
+
+
+def _answered(request: Callable[[], Any], what: str) -> Any:
+    """request()'s response, tried again while the server answers a RETRY_STATUSES status or
+    the connection drops (see FIRST_RETRY_S; a Retry-After it sends is waited for at least).
+    Raises TransientError naming `what` once RETRY_FOR_S have passed, any other HTTP error as is."""
     import httpx
 
     give_up = time.monotonic() + RETRY_FOR_S
     delay = FIRST_RETRY_S
     while True:
+        wait = delay
         try:
             return request()
         except httpx.HTTPStatusError as exc:
-            if exc.response.status_code != 503:
+            code = exc.response.status_code
+            if code not in RETRY_STATUSES:
                 raise
-            why = "the Prefect server was busy (503)"
+            why = f"the Prefect server answered {code}"
+            with suppress(ValueError):
+                wait = max(wait, float(exc.response.headers.get("Retry-After") or 0))
         except httpx.TransportError as exc:
             why = f"the Prefect server did not answer ({type(exc).__name__})"
-        if time.monotonic() + delay > give_up:
-            raise TransientError(f"{why} for {RETRY_FOR_S:g}s: the storage slots were not requested")
-        time.sleep(delay)
+        if time.monotonic() + wait > give_up:
+            raise TransientError(f"{why} for {RETRY_FOR_S:g}s: could not {what}")
+        time.sleep(wait)
         delay = min(delay * 2, MAX_RETRY_S)
 
 
 def _acquire(names: list[str], *, wait_s: float, lease_s: float) -> Any:
     """One slot of each limit in `names`, leased for lease_s (a ConcurrencyLimitWithLeaseResponse:
-    no limits when none of them exists or is active). Waits while they are all taken, as long as
-    the server's Retry-After says, up to wait_s; then raises TimeoutError."""
+    no limits when none of them exists, and a lease all the same when they are inactive). Waits
+    while the slots are all taken, as the server's Retry-After says, up to wait_s; then raises
+    TimeoutError."""
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
@@ -149,16 +160,18 @@ def _acquire(names: list[str], *, wait_s: float, lease_s: float) -> Any:
         while True:
             try:
                 response = _answered(
-                    lambda: _send_once(client, "/v2/concurrency_limits/increment-with-lease", body)
+                    lambda: _send_once(client, "/v2/concurrency_limits/increment-with-lease", body),
+                    f"request a slot of {', '.join(names)}",
                 )
                 return ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:  # 423: every slot is taken
                     raise
                 retry = float(exc.response.headers.get("Retry-After") or 1)
-            if time.monotonic() + retry > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError
-            time.sleep(retry)
+            time.sleep(min(retry, left))  # then one more request, however little time was left
 
 
 def _release(lease_id: uuid.UUID) -> None:
@@ -168,7 +181,8 @@ def _release(lease_id: uuid.UUID) -> None:
         _answered(
             lambda: _send_once(
                 client, "/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease_id)}
-            )
+            ),
+            f"release the slot lease {lease_id}",
         )
 
 
@@ -178,24 +192,39 @@ def _kept(lease_id: uuid.UUID, lease_s: float) -> Iterator[None]:
     its first request only when the first renewal is due: leaving the block (a batch of a second
     or two) never waits for a client to start or a renewal to answer, as Prefect's own
     maintain_concurrency_lease makes it wait (it renews at once). A renewal that fails is logged
-    and tried again at the next turn (a server restart must not kill a transfer)."""
+    and tried again after 1 s, doubling up to 10 s, until one succeeds (a server restart must not
+    kill a transfer; past the lease, the slots may have been given to others meanwhile)."""
     stop = threading.Event()
     ctx = contextvars.copy_context()  # the caller's Prefect settings (API URL) and run context
 
     def renew() -> None:
-        if stop.wait(lease_s * RENEW_AT):  # no client until a renewal is due
+        due = lease_s * RENEW_AT
+        if stop.wait(due):  # no client until a renewal is due
             return
         from prefect.client.orchestration import get_client
 
-        with get_client(sync_client=True) as client:
-            while True:
-                try:
+        renewed = time.monotonic() - due  # when the lease was last granted or renewed (about)
+        retry = 1.0
+        while True:
+            try:
+                with get_client(sync_client=True) as client:
                     client.renew_concurrency_lease(lease_id=lease_id, lease_duration=lease_s)
-                except Exception as exc:  # logged; the next turn tries again
-                    if not stop.is_set():
-                        log.warning("renewing the slot lease %s failed (%s); trying again", lease_id, exc)
-                if stop.wait(lease_s * RENEW_AT):
+                renewed, retry, wait = time.monotonic(), 1.0, due
+            except Exception as exc:  # logged; tried again before the lease runs out
+                if stop.is_set():
                     return
+                left = renewed + lease_s - time.monotonic()
+                log.warning(
+                    "renewing the slot lease %s failed (%s); %s",
+                    lease_id,
+                    exc,
+                    f"trying again, {left:.0f}s of it left"
+                    if left > 0
+                    else "the slots may be free for others now",
+                )
+                wait, retry = retry, min(retry * 2, 10.0)
+            if stop.wait(wait):
+                return
 
     thread = threading.Thread(target=ctx.run, args=(renew,), name=f"dlm-slot-lease-{lease_id}", daemon=True)
     thread.start()
@@ -240,12 +269,23 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     if not acquired.limits:  # the limits are gone or inactive (`prefect gcl update --disable`)
         yield
         return
-    record = orphans.record_lease(acquired.lease_id, names, str(PREFECT_API_URL.value() or ""))
-    emitted = emit_concurrency_acquisition_events(acquired.limits, 1)
+    record: Path | None = None
+    emitted: Any = None
     try:
+        record = orphans.record_lease(acquired.lease_id, names, str(PREFECT_API_URL.value() or ""))
+        emitted = emit_concurrency_acquisition_events(acquired.limits, 1)
         with _kept(acquired.lease_id, t.slot_lease_s):
             yield
     finally:
-        _release(acquired.lease_id)
-        record.unlink(missing_ok=True)  # (kept when the release failed: the next run retries it)
-        emit_concurrency_release_events(acquired.limits, 1, emitted)
+        # never raises: the batch's own outcome (or error) is what the caller must see
+        try:
+            _release(acquired.lease_id)
+        except Exception as exc:
+            # renewals have stopped: the server frees the slots at most a lease later; the record
+            # stays, so the next run on this host releases them at once
+            log.warning("releasing the slots of %s failed: %s", ", ".join(names), exc)
+        else:
+            if record is not None:
+                record.unlink(missing_ok=True)
+            if emitted is not None:
+                emit_concurrency_release_events(acquired.limits, 1, emitted)
