@@ -142,7 +142,7 @@ def _answered(request: Callable[[], Any], what: str) -> Any:
         delay = min(delay * 2, MAX_RETRY_S)
 
 
-def _acquire(names: list[str], *, wait_s: float, lease_s: float) -> Any:
+def acquire_slots(names: list[str], *, wait_s: float, lease_s: float) -> Any:
     """One slot of each limit in `names`, leased for lease_s (a ConcurrencyLimitWithLeaseResponse:
     no limits when none of them exists, and a lease all the same when they are inactive). Waits
     while the slots are all taken, as the server's Retry-After says, up to wait_s; then raises
@@ -174,7 +174,7 @@ def _acquire(names: list[str], *, wait_s: float, lease_s: float) -> Any:
             time.sleep(min(retry, left))  # then one more request, however little time was left
 
 
-def _release(lease_id: uuid.UUID) -> None:
+def release_slots(lease_id: uuid.UUID) -> None:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -260,7 +260,7 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     t = get_settings().transfer
     ensure_limits(names)
     try:
-        acquired = _acquire(names, wait_s=t.slot_wait_s, lease_s=t.slot_lease_s)
+        acquired = acquire_slots(names, wait_s=t.slot_wait_s, lease_s=t.slot_lease_s)
     except TimeoutError:
         raise TransientError(
             f"waited {t.slot_wait_s:g}s for a slot of {', '.join(names)}: other batches hold "
@@ -279,7 +279,7 @@ def storage_slots(storages: Sequence[str]) -> Iterator[None]:
     finally:
         # never raises: the batch's own outcome (or error) is what the caller must see
         try:
-            _release(acquired.lease_id)
+            release_slots(acquired.lease_id)
         except Exception as exc:
             # renewals have stopped: the server frees the slots at most a lease later; the record
             # stays, so the next run on this host releases them at once

@@ -81,7 +81,7 @@ def scripted() -> Iterator[_Scripted]:
 def test_a_busy_answer_is_retried_at_once_and_the_slot_is_granted(scripted: _Scripted) -> None:
     scripted.statuses[:] = [503, 503, 200]
     started = time.monotonic()
-    acquired = slots._acquire(["storage:hot"], wait_s=30, lease_s=60)
+    acquired = slots.acquire_slots(["storage:hot"], wait_s=30, lease_s=60)
     took = time.monotonic() - started
     assert [limit.name for limit in acquired.limits] == ["storage:hot"]
     paths = [path for path, _ in scripted.posts]
@@ -99,7 +99,7 @@ def test_a_busy_answer_is_retried_at_once_and_the_slot_is_granted(scripted: _Scr
 def test_a_release_the_server_is_too_busy_for_is_retried(scripted: _Scripted) -> None:
     scripted.statuses[:] = [503, 502, 204]  # 502: a proxy in front of a restarting server
     lease = uuid.uuid4()
-    slots._release(lease)
+    slots.release_slots(lease)
     assert (
         scripted.posts == [("/api/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease)})] * 3
     )
@@ -113,12 +113,12 @@ def test_a_server_busy_for_too_long_fails_the_request_as_transient(
     with pytest.raises(
         TransientError, match=r"answered 503 for 0.5s: could not request a slot of storage:hot"
     ):
-        slots._acquire(["storage:hot"], wait_s=30, lease_s=60)
+        slots.acquire_slots(["storage:hot"], wait_s=30, lease_s=60)
     assert len(scripted.posts) >= 3  # it did try again meanwhile
 
 
 def test_other_errors_are_not_retried(scripted: _Scripted) -> None:
     scripted.statuses[:] = [422]
     with pytest.raises(httpx.HTTPStatusError):
-        slots._acquire(["storage:hot"], wait_s=30, lease_s=60)
+        slots.acquire_slots(["storage:hot"], wait_s=30, lease_s=60)
     assert len(scripted.posts) == 1
