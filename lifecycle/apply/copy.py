@@ -52,7 +52,7 @@ from lifecycle.states import (
     TransferState,
 )
 from lifecycle.storage import identity
-from lifecycle.storage.backends import backend_for
+from lifecycle.storage.backends import backend_for, upload_target
 from lifecycle.transfer.log import HASHES
 from lifecycle.transfer.operations import CopyReport, copy_files, delete_files, hashsum
 from lifecycle.transfer.target import RcloneTarget
@@ -353,6 +353,8 @@ def apply_copy_batch(
         started = time.monotonic()
         result.stages["queue"] = started - queued
         refused = identity.refusal(src, dst)  # both roots are still the storages' own
+        if refused is None:  # may ask the service whether it checks upload digests: after the check
+            dst_target = upload_target(dst)
         report = (
             copy_files(
                 src_target,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lifecycle.catalogue.models import Storage
 from lifecycle.storage.base import StorageBackend
+from lifecycle.transfer.target import RcloneTarget
 
 
 def backend_for(storage: Storage) -> StorageBackend:
@@ -38,3 +39,15 @@ def backend_for(storage: Storage) -> StorageBackend:
 
         return MemoryStorage.named(storage.name)
     raise InvalidValueError(f"unknown storage kind {storage.kind!r}")
+
+
+def upload_target(storage: Storage) -> RcloneTarget:
+    """How rclone reaches `storage` as the destination of a copy: its rclone_target(), and on
+    an S3 service that checks upload digests, without a HEAD after each upload
+    (S3Storage.upload_target)."""
+    from lifecycle.storage.s3 import S3Storage
+
+    backend = backend_for(storage)
+    if isinstance(backend, S3Storage):
+        return backend.upload_target()
+    return backend.rclone_target()
