@@ -18,15 +18,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlmodel import Session, col
 
+from lifecycle.apply.copy_check import CopyClaim, read_back_paths, verify_destination
 from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue import audit
 from lifecycle.catalogue.db import one_of
@@ -39,7 +38,6 @@ from lifecycle.catalogue.sql import (
     is_postgres,
     worker_id,
 )
-from lifecycle.errors import DLMError
 from lifecycle.planning.plan import CopyBatch
 from lifecycle.planning.policy import INTACT_STORAGE_STATES
 from lifecycle.states import (
@@ -53,33 +51,20 @@ from lifecycle.states import (
 )
 from lifecycle.storage import identity
 from lifecycle.storage.backends import backend_for, upload_target
-from lifecycle.transfer.log import HASHES
-from lifecycle.transfer.operations import CopyReport, copy_files, delete_files, hashsum
-from lifecycle.transfer.target import RcloneTarget
+from lifecycle.transfer.operations import CopyReport, copy_files, delete_files
 
 # --------------------------------------------------------------------------- copies
 
 
-@dataclass(frozen=True)
-class _Claim:
-    replica_uid: uuid.UUID
-    transfer_id: uuid.UUID
-    item_oid: uuid.UUID
-    path: str
-    size: int
-    checksum: str | None
-    algo: str | None
-
-
 def _claim_copies(
     session: Session, batch: CopyBatch, *, kind: TransferKind, run_id: str | None
-) -> list[_Claim]:
+) -> list[CopyClaim]:
     """Insert COPYING rows for the copies whose source is still READY and that no other run
     has claimed; returns the claims that are ours."""
     if is_postgres(session):
         return _claim_copies_pg(session, batch, kind=kind, run_id=run_id)
     copies = {c.item_oid: c for c in batch.copies}
-    claims: list[_Claim] = []
+    claims: list[CopyClaim] = []
     oids = list(copies)
     now = utcnow()
     me = worker_id()
@@ -140,7 +125,7 @@ def _claim_copies(
                 }
             )
             checksum, algo = meta[oid]
-            claims.append(_Claim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
+            claims.append(CopyClaim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
         if transfers:
             _insert_transfers(session, transfers)
     return claims
@@ -188,12 +173,12 @@ FROM tr JOIN item i ON i.oid = tr.item_oid
 
 def _claim_copies_pg(
     session: Session, batch: CopyBatch, *, kind: TransferKind, run_id: str | None
-) -> list[_Claim]:
+) -> list[CopyClaim]:
     """_claim_copies on PostgreSQL: one statement per chunk of copies (_CLAIM_SQL)."""
     copies = list({c.item_oid: c for c in batch.copies}.values())
     now = utcnow()
     conn = session.connection()
-    claims: list[_Claim] = []
+    claims: list[CopyClaim] = []
     for chunk in chunks(copies, 10_000):
         result = conn.exec_driver_sql(
             _CLAIM_SQL,
@@ -218,7 +203,7 @@ def _claim_copies_pg(
         by_oid = {c.item_oid: c for c in chunk}
         for uid, tid, oid, checksum, algo in result:
             c = by_oid[oid]
-            claims.append(_Claim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
+            claims.append(CopyClaim(uid, tid, oid, c.dst_path, c.size, checksum, algo))
     return claims
 
 
@@ -236,51 +221,6 @@ def _insert_claims(
 def _insert_transfers(session: Session, rows: list[dict[str, Any]]) -> None:
     """Insert RUNNING Transfer rows of one batch (SQLite)."""
     session.connection().execute(insert(Transfer.__table__), rows)  # type: ignore[attr-defined]
-
-
-def _verify_destination(
-    target: RcloneTarget,
-    claims: Sequence[_Claim],
-    paths_ok: set[str],
-    checked: Mapping[str, tuple[str, str]] | None = None,
-) -> dict[str, str]:
-    """Compare destination checksums with the catalogue's; returns path -> error for mismatches.
-
-    `checked` holds the digests rclone itself found equal at both ends right after copying
-    (path -> (hash, hex)): where that hash is the catalogue's, comparing it with the catalogue
-    settles the copy without reading the destination again. The others are hashed at the
-    destination (one `rclone hashsum` per algorithm)."""
-    errors: dict[str, str] = {}
-    checked = checked or {}
-    by_algo: dict[str, list[_Claim]] = defaultdict(list)
-    for c in claims:
-        if c.path not in paths_ok or not c.checksum or not c.algo:
-            continue
-        seen = checked.get(c.path)
-        if seen is not None and seen[0] == c.algo:
-            if seen[1].lower() != c.checksum.lower():
-                errors[c.path] = (
-                    f"checksum mismatch: the copy's {c.algo} {seen[1]} != catalogue {c.checksum} "
-                    "(the source no longer holds the item's bytes)"
-                )
-            continue
-        by_algo[c.algo].append(c)
-    for algo, group in by_algo.items():
-        if algo not in HASHES:
-            continue  # e.g. blake2b: rclone cannot hash it; the size check and verify cover it
-        try:
-            found = hashsum(target, [c.path for c in group], algo, nbytes=sum(c.size for c in group))
-        except DLMError as exc:
-            for c in group:
-                errors[c.path] = f"cannot read back the copy: {exc}"
-            continue
-        for c in group:
-            got = found.get(c.path)
-            if got is None:
-                errors[c.path] = "copy not found at the destination after transfer"
-            elif got.lower() != (c.checksum or "").lower():
-                errors[c.path] = f"checksum mismatch at destination ({algo} {got} != catalogue {c.checksum})"
-    return errors
 
 
 # Listing a destination costs about one request per 1000 objects, looking files up one by
@@ -354,7 +294,7 @@ def apply_copy_batch(
         result.stages["queue"] = started - queued
         refused = identity.refusal(src, dst)  # both roots are still the storages' own
         if refused is None:  # may ask the service whether it checks upload digests: after the check
-            dst_target = upload_target(dst)
+            dst_target = upload_target(dst, max(c.size for c in claims))
         report = (
             copy_files(
                 src_target,
@@ -372,7 +312,9 @@ def apply_copy_batch(
     report.ok -= set(report.failed)
     t1 = time.monotonic()
     result.stages["rclone"] = t1 - started
-    mismatches = _verify_destination(dst_target, claims, report.ok, report.hashes)
+    read_back = read_back_paths(src, dst, claims)
+    checked = {p: h for p, h in report.hashes.items() if p not in read_back}
+    mismatches = verify_destination(dst_target, claims, report.ok, checked, read_back=read_back)
     result.stages["verify"] = time.monotonic() - t1
     failed = dict(report.failed)
     failed.update(mismatches)
@@ -392,7 +334,7 @@ def apply_copy_batch(
 def _settle_copies(
     s_factory: SessionFactory,
     batch: CopyBatch,
-    claims: Sequence[_Claim],
+    claims: Sequence[CopyClaim],
     failed: dict[str, str],
     *,
     duration: float,

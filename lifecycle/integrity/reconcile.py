@@ -64,7 +64,8 @@ __all__ = [
     "user_metadata",
 ]
 
-_TEMPORARY = re.compile(r"(^|/)\.dlm-(tmp|checkout)-|\.partial$")
+# DLM's temporary files, its upload-digest probe (S3Storage.checks_upload_digests), rclone's partials
+_TEMPORARY = re.compile(r"(^|/)\.dlm-(tmp|checkout)-|(^|/)\.dlm-digest-check$|\.partial$")
 _JUDGED = (ReplicaState.READY.value, ReplicaState.CORRUPTED.value)
 _TRACKED = (
     ReplicaState.PENDING.value,

@@ -41,13 +41,13 @@ def backend_for(storage: Storage) -> StorageBackend:
     raise InvalidValueError(f"unknown storage kind {storage.kind!r}")
 
 
-def upload_target(storage: Storage) -> RcloneTarget:
-    """How rclone reaches `storage` as the destination of a copy: its rclone_target(), and on
-    an S3 service that checks upload digests, without a HEAD after each upload
-    (S3Storage.upload_target)."""
+def upload_target(storage: Storage, largest: int) -> RcloneTarget:
+    """How rclone reaches `storage` as the destination of a copy of files of at most `largest`
+    bytes: its rclone_target(), and on an S3 service that checks upload digests, for files
+    uploaded in one PUT, without a HEAD after each upload (S3Storage.upload_target)."""
     from lifecycle.storage.s3 import S3Storage
 
     backend = backend_for(storage)
     if isinstance(backend, S3Storage):
-        return backend.upload_target()
+        return backend.upload_target(largest)
     return backend.rclone_target()

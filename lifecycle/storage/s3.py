@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NoReturn, cast
@@ -22,6 +21,7 @@ from lifecycle.checksum import checksum_file, checksum_stream
 from lifecycle.errors import (
     ConflictError,
     CredentialsError,
+    DLMError,
     InvalidNameError,
     InvalidValueError,
     RootNotFoundError,
@@ -428,8 +428,8 @@ class S3Storage:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=key_prefix):
                 for obj in page.get("Contents", []):
                     key = obj.get("Key", "")
-                    if key.endswith("/") or key.rpartition("/")[2] == ".dlm-storage":  # the marker
-                        continue
+                    if key.endswith("/") or key.rpartition("/")[2] in (".dlm-storage", DIGEST_CHECK):
+                        continue  # the marker, the upload-digest probe
                     name = self._name_of(key)
                     if name is None:
                         continue
@@ -506,20 +506,23 @@ class S3Storage:
             var + "FORCE_PATH_STYLE": "true",
             # DLM checks buckets itself (check()); rclone must not try to create them.
             var + "NO_CHECK_BUCKET": "true",
+            var + "UPLOAD_CUTOFF": f"{RCLONE_UPLOAD_CUTOFF}B",  # bytes: a bare number is KiB
         }
         if self.endpoint:
             env[var + "ENDPOINT"] = self.endpoint
         path = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
         return RcloneTarget(spec=f"{remote}:{path}", env=env, upload_flags=S3_UPLOAD_FLAGS)
 
-    def upload_target(self) -> RcloneTarget:
-        """rclone_target() for copies INTO this storage. Where the service refuses an upload
-        whose body is not its Content-MD5 (checks_upload_digests), rclone does not HEAD each
-        object after its PUT: the service has then checked the bytes it stored against the
-        MD5 rclone computed from the source, which rclone compares with the source's and DLM
-        with the catalogue's. That HEAD is a quarter of the time of a copy of small files."""
+    def upload_target(self, largest: int) -> RcloneTarget:
+        """rclone_target() for copying files of at most `largest` bytes INTO this storage.
+        Where every one is uploaded in a single PUT (below RCLONE_UPLOAD_CUTOFF) and the service
+        refuses a body that is not its Content-MD5 (checks_upload_digests), rclone does not
+        HEAD each object after its PUT: the service has then checked the bytes it stored
+        against the MD5 rclone sent (the source's), and rclone's digest is the PUT's ETag. That
+        HEAD is a quarter of the time of a copy of small files. Parts of a larger file carry
+        an MD5 each, the whole object none: such batches keep the HEAD."""
         target = self.rclone_target()
-        if not self.checks_upload_digests():
+        if largest >= RCLONE_UPLOAD_CUTOFF or not self.checks_upload_digests():
             return target
         remote = target.spec.split(":", 1)[0]
         env = {**target.env, "RCLONE_CONFIG_" + remote.upper() + "_NO_HEAD": "true"}
@@ -527,11 +530,11 @@ class S3Storage:
 
     def checks_upload_digests(self) -> bool:
         """Whether the service refuses a PUT whose body does not match its Content-MD5 (as S3
-        does, with BadDigest). Asked once per process and (endpoint, bucket): a PUT of a
-        reserved `.dlm-digest-check-*` name whose Content-MD5 is not its body's. A service that
-        stores it anyway does not check: the object is deleted and the answer is no. An answer
-        that is neither (the service unreachable, access denied) is no, and asked again next
-        time."""
+        does, with BadDigest), asked as rclone uploads (a payload the signature does not cover):
+        a presigned PUT of the reserved name `.dlm-digest-check` at the storage's root, signed
+        for the MD5 of other bytes. Asked once per process and (endpoint, bucket). A service
+        that stores it does not check: the object is deleted and the answer is no. An answer
+        that is neither (unreachable, access denied) is no, and asked again next time."""
         key = (self.endpoint, self.bucket)
         with _DIGEST_CHECKS_LOCK:
             known = _DIGEST_CHECKS.get(key)
@@ -544,19 +547,25 @@ class S3Storage:
         return bool(answer)
 
     def _probe_upload_digests(self) -> bool | None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        import urllib.error
+        import urllib.request
 
-        name = self._key(f"{DIGEST_CHECK_PREFIX}{uuid.uuid4().hex}")
-        wrong = base64.b64encode(hashlib.md5(b"not the body").digest()).decode()
+        from lifecycle.settings import get_settings
+
+        body = b"the body"
         try:
-            self.client().put_object(Bucket=self.bucket, Key=name, Body=b"the body", ContentMD5=wrong)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("BadDigest", "InvalidDigest"):
+            url, headers = self.upload_url(DIGEST_CHECK, hashlib.md5(b"not the body").hexdigest(), 300)
+            request = urllib.request.Request(url, data=body, headers=headers, method="PUT")
+            timeout = get_settings().transfer.stall_timeout_s
+            with urllib.request.urlopen(request, timeout=timeout):
+                pass
+        except urllib.error.HTTPError as exc:
+            answer = exc.read(4096).decode("utf-8", "replace")
+            if exc.code == 400 and ("<Code>BadDigest<" in answer or "<Code>InvalidDigest<" in answer):
                 return True
-            log.info("storage %r: cannot tell whether S3 checks upload digests (%s)", self.name, code)
+            log.info("storage %r: cannot tell whether S3 checks upload digests (%s)", self.name, exc.code)
             return None
-        except (BotoCoreError, StorageError) as exc:
+        except (OSError, DLMError) as exc:
             log.info("storage %r: cannot tell whether S3 checks upload digests (%s)", self.name, exc)
             return None
         log.warning(
@@ -565,8 +574,10 @@ class S3Storage:
             self.name,
             self._where(),
         )
-        with contextlib.suppress(BotoCoreError, ClientError):
-            self.client().delete_object(Bucket=self.bucket, Key=name)
+        try:
+            self.delete(DIGEST_CHECK)
+        except DLMError as exc:
+            log.warning("storage %r: could not delete the probe %s (%s)", self.name, DIGEST_CHECK, exc)
         return False
 
 
@@ -578,8 +589,12 @@ class S3Storage:
 # downloading. It is 10-20% slower here than the multi-thread upload, less than a read-back.
 S3_UPLOAD_FLAGS = ("--multi-thread-streams", "0")
 
-# The name of the object checks_upload_digests() tries to upload (the service should refuse it).
-DIGEST_CHECK_PREFIX = ".dlm-digest-check-"
+# The name of the object checks_upload_digests() tries to upload at the storage's root (a
+# service that checks digests refuses it; one that stores it has it deleted at once).
+DIGEST_CHECK = ".dlm-digest-check"
+# rclone's S3 backend uploads a file of this size or more in parts (pinned in rclone_target's
+# remote): no one Content-MD5 covers such an object.
+RCLONE_UPLOAD_CUTOFF = 200 * 1024**2
 # (endpoint, bucket) -> whether that S3 service refuses an upload whose body is not its Content-MD5
 _DIGEST_CHECKS: dict[tuple[str | None, str], bool] = {}
 _DIGEST_CHECKS_LOCK = threading.Lock()

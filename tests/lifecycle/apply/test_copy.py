@@ -3,11 +3,15 @@ PostgreSQL: a copy is READY only when the bytes at its destination are the item'
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +25,7 @@ from lifecycle.apply.result import BatchResult
 from lifecycle.catalogue.db import session_scope
 from lifecycle.catalogue.models import Storage, Transfer
 from lifecycle.planning.plan import CopyBatch
+from lifecycle.storage import s3 as s3_module
 from tests.factories import (
     Estate,
     copy_batch,
@@ -29,6 +34,7 @@ from tests.factories import (
     events_of,
     ingest_payloads,
     payload,
+    s3_storage,
     states_of,
 )
 
@@ -334,3 +340,54 @@ def test_batches_between_the_same_storages_take_turns_at_rclone(
     assert second[0] >= first[1], f"the two hot -> warm rclone processes overlapped: {first}, {second}"
     for name in every:
         assert estate.read("cold" if name in others else "warm", name) == payload(name)
+
+
+def _rot_behind_its_md5(estate: Estate, bucket: str, name: str, data: bytes) -> None:
+    """Rewrite NAME on BUCKET as a two-part object holding DATA with one byte flipped, whose
+    md5chksum metadata (where rclone reads a multipart object's MD5) still says DATA's MD5: a
+    source object that rotted behind a stale stored digest."""
+    client = estate.s3.client()
+    rotten = bytearray(data)
+    rotten[len(data) // 2] ^= 0xFF
+    meta = {"md5chksum": base64.b64encode(hashlib.md5(data).digest()).decode()}
+    upload = client.create_multipart_upload(Bucket=bucket, Key=name, Metadata=meta)["UploadId"]
+    cut = 5 * 1024**2
+    parts = []
+    for n, chunk in enumerate((bytes(rotten[:cut]), bytes(rotten[cut:])), start=1):
+        etag = client.upload_part(Bucket=bucket, Key=name, UploadId=upload, PartNumber=n, Body=chunk)["ETag"]
+        parts.append({"ETag": etag, "PartNumber": n})
+    done = {"Parts": parts}
+    client.complete_multipart_upload(Bucket=bucket, Key=name, UploadId=upload, MultipartUpload=done)
+
+
+@pytest.mark.parametrize("rotten", [False, True])
+def test_an_s3_to_s3_copy_in_parts_is_read_back_before_it_is_ready(
+    estate: Estate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotten: bool
+) -> None:
+    """S3 to S3, a file rclone uploads in parts (the cutoff lowered to 5 MiB to keep the test
+    small): rclone's digest for it is the source's stored MD5, not one of the bytes it read.
+    A source object whose bytes rotted behind that digest must not give a READY copy: the
+    copy is read back and compared with the catalogue."""
+    monkeypatch.setattr(s3_module, "RCLONE_UPLOAD_CUTOFF", 5 * 1024**2)
+    other = f"t-{uuid.uuid4().hex[:12]}"
+    estate.s3.create_bucket(other)
+    try:
+        with session_scope() as s:
+            s3_storage(s, "cold2", server=estate.s3, bucket=other)
+        data = payload("big.dat", 6 * 1024**2)
+        ingest_payloads("cold2", {"big.dat": data}, staging=tmp_path / "staging")
+        if rotten:
+            _rot_behind_its_md5(estate, other, "big.dat", data)
+        result = apply_copy_batch(copy_batch(["big.dat"], "cold2", "cold"))
+        if rotten:
+            assert (result.done, result.failed) == (0, 1)
+            assert "checksum mismatch" in result.errors["big.dat"]
+            assert estate.read("cold", "big.dat") is None  # the wrong bytes were removed again
+            assert states_of("big.dat") == [("cold2", "READY")]
+        else:
+            assert (result.done, result.failed) == (1, 0), result.errors
+            assert estate.read("cold", "big.dat") == data
+            assert states_of("big.dat") == [("cold", "READY"), ("cold2", "READY")]
+    finally:
+        with contextlib.suppress(Exception):
+            estate.s3.delete_bucket(other)

@@ -1,8 +1,8 @@
-"""rclone skips the HEAD after each upload only to an S3 service that refuses a body which is not
-its Content-MD5 (S3Storage.checks_upload_digests): then the service itself has checked the
-bytes it stored against the MD5 rclone took of the source. SeaweedFS (real) checks; a stand-in
-service that stores whatever it is sent does not, and one that refuses the question cannot
-tell: both keep the HEAD."""
+"""rclone skips the HEAD after each upload only of files it sends in one PUT, and only to an S3
+service that refuses a body which is not its Content-MD5 (S3Storage.checks_upload_digests):
+then the service itself has checked the bytes it stored against the MD5 rclone took of the
+source. SeaweedFS (real) checks; a stand-in service that stores whatever it is sent does not,
+and one that refuses the question cannot tell: both keep the HEAD."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from devrig.seaweed import SeaweedServer
-from lifecycle.storage.s3 import DIGEST_CHECK_PREFIX, S3Storage
+from lifecycle.integrity.reconcile import is_temporary
+from lifecycle.storage.s3 import DIGEST_CHECK, RCLONE_UPLOAD_CUTOFF, S3Storage
 
 NO_HEAD = "RCLONE_CONFIG_DLM_OBJ_STORE_NO_HEAD"
 
@@ -26,7 +27,8 @@ def test_an_s3_service_that_checks_digests_gets_uploads_without_a_head_and_keeps
     storage = S3Storage("obj-store", f"{s3_bucket}/runs", endpoint=s3_env.endpoint)
     try:
         assert storage.checks_upload_digests()
-        assert dict(storage.upload_target().env)[NO_HEAD] == "true"
+        assert dict(storage.upload_target(RCLONE_UPLOAD_CUTOFF - 1).env)[NO_HEAD] == "true"
+        assert NO_HEAD not in storage.upload_target(RCLONE_UPLOAD_CUTOFF).env  # uploaded in parts
         assert NO_HEAD not in storage.rclone_target().env  # listings, deletes, sources: unchanged
         # the refused upload left nothing in the bucket
         listed = s3_env.client().list_objects_v2(Bucket=s3_bucket)
@@ -101,10 +103,12 @@ def test_a_service_that_stores_a_body_against_its_digest_keeps_the_head_and_lose
 ) -> None:
     server: _StandIn = stand_in.server  # type: ignore[attr-defined]
     assert not stand_in.checks_upload_digests()
-    assert NO_HEAD not in stand_in.upload_target().env
+    assert NO_HEAD not in stand_in.upload_target(4096).env
     (put, key), (delete, deleted) = server.requests
     assert (put, delete) == ("PUT", "DELETE")
-    assert key.startswith(f"/bucket/runs/{DIGEST_CHECK_PREFIX}") and deleted == key  # stored, then removed
+    # a presigned PUT (its payload unsigned, as rclone sends it), stored, then removed
+    assert key.startswith(f"/bucket/runs/{DIGEST_CHECK}?") and "X-Amz-Signature=" in key
+    assert deleted == f"/bucket/runs/{DIGEST_CHECK}"
     # the answer is kept for the process: no second probe
     assert not stand_in.checks_upload_digests()
     assert len(server.requests) == 2
@@ -114,5 +118,22 @@ def test_a_service_that_stores_a_body_against_its_digest_keeps_the_head_and_lose
 def test_a_service_that_refuses_the_question_keeps_the_head_and_is_asked_again(stand_in: S3Storage) -> None:
     server: _StandIn = stand_in.server  # type: ignore[attr-defined]
     assert not stand_in.checks_upload_digests()
-    assert NO_HEAD not in stand_in.upload_target().env
+    assert NO_HEAD not in stand_in.upload_target(4096).env
     assert [m for m, _ in server.requests] == ["PUT", "PUT"]  # no answer is kept: asked each time
+
+
+@pytest.mark.s3
+def test_a_probe_left_behind_is_not_listed_nor_taken_for_an_unknown_object(
+    s3_env: SeaweedServer, s3_bucket: str
+) -> None:
+    """A service that stored the probe and then failed to delete it leaves `.dlm-digest-check`
+    at the root: DLM's listing skips it and reconcile counts it among temporary objects."""
+    storage = S3Storage("obj-store", f"{s3_bucket}/runs", endpoint=s3_env.endpoint)
+    try:
+        s3_env.client().put_object(Bucket=s3_bucket, Key=f"runs/{DIGEST_CHECK}", Body=b"x")
+        s3_env.client().put_object(Bucket=s3_bucket, Key="runs/data.bin", Body=b"y")
+        assert [o.path for o in storage.list()] == ["data.bin"]
+    finally:
+        storage.close()
+    assert is_temporary(DIGEST_CHECK) and is_temporary(f"a/{DIGEST_CHECK}")
+    assert not is_temporary(f"{DIGEST_CHECK}ed") and not is_temporary(f"x{DIGEST_CHECK}")
