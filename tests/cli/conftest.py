@@ -19,9 +19,13 @@ class Result:
 @pytest.fixture
 def dlm(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Run `dlm ARGS...` in-process: returns exit code, stdout and stderr."""
+    from dlm import render
     from dlm.cli import main
 
     monkeypatch.setenv("COLUMNS", "250")
+    # the consoles read COLUMNS when dlm.render is first imported, perhaps by an earlier test
+    for console in (render.out, render.err):
+        monkeypatch.setattr(console, "width", 250)
     monkeypatch.setenv("DLM_OWNER", "tester")
 
     def run(*args: str) -> Result:
