@@ -77,9 +77,7 @@ def run(scale: float) -> list[dict[str, Any]]:
             # whose copies carry an MD5 that rclone compares with the source's after the copy.
             common = ["--no-traverse", "--checksum", "--transfers", str(t.transfers)]
             common += ["--checkers", str(t.checkers)]
-            # --s3-no-head: DLM's copies skip the HEAD after each upload on a service that checks
-            # Content-MD5, as SeaweedFS does (S3Storage.upload_target)
-            flags = [*common, *S3_UPLOAD_FLAGS, "--s3-no-head"]
+            flags = [*common, *S3_UPLOAD_FLAGS]
             bare_rclone(src_root, s3_target(server, "bench-ref", "warmup"), names[:1], flags)
             bare_before = bare_rclone(src_root, s3_target(server, "bench-ref", "bare1"), names, flags)
             with prefect_server() as startup_s:
