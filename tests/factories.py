@@ -7,6 +7,7 @@ is made once, and a test reads `estate.root` rather than an untyped dict.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
@@ -289,3 +290,23 @@ def verify_copies(*storages: str) -> list[VerifyResult]:
     with session_scope() as s:
         sel = select_checks(s, budget_bytes=10**12, storages=storages or None)
     return [verify_batch(b) for b in batch_checks(sel.checks, max_files=1000, max_bytes=10**12)]
+
+
+def rot_behind_stored_md5(estate: Estate, bucket: str, key: str, data: bytes) -> None:
+    """Rewrite KEY on BUCKET as an object uploaded in parts (5 MiB each, the last shorter; one
+    part for less) holding DATA with one byte flipped, whose md5chksum metadata (where rclone
+    reads such an object's MD5) still says DATA's MD5: an object that rotted behind a stale
+    stored digest."""
+    client = estate.s3.client()
+    rotten = bytearray(data)
+    rotten[len(data) // 2] ^= 0xFF
+    meta = {"md5chksum": base64.b64encode(hashlib.md5(data).digest()).decode()}
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=meta)["UploadId"]
+    cut = 5 * 1024**2
+    parts = []
+    for n, at in enumerate(range(0, len(rotten), cut), start=1):
+        chunk = bytes(rotten[at : at + cut])
+        etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=n, Body=chunk)["ETag"]
+        parts.append({"ETag": etag, "PartNumber": n})
+    done = {"Parts": parts}
+    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload=done)

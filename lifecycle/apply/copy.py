@@ -314,7 +314,9 @@ def apply_copy_batch(
     result.stages["rclone"] = t1 - started
     read_back = read_back_paths(src, dst, claims)
     checked = {p: h for p, h in report.hashes.items() if p not in read_back}
-    mismatches = verify_destination(dst_target, claims, report.ok, checked, read_back=read_back)
+    mismatches = verify_destination(
+        dst_target, claims, report.ok, checked, read_back=read_back, hash_bytes=backend_for(dst).checksum
+    )
     result.stages["verify"] = time.monotonic() - t1
     failed = dict(report.failed)
     failed.update(mismatches)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from lifecycle.catalogue.models import Storage
 from lifecycle.errors import DLMError
-from lifecycle.states import StorageKind
-from lifecycle.storage import s3 as s3_storage
+from lifecycle.storage.backends import copy_needs_read_back
 from lifecycle.transfer.log import HASHES
 from lifecycle.transfer.operations import hashsum
 from lifecycle.transfer.target import RcloneTarget
@@ -34,14 +33,10 @@ class CopyClaim:
 
 
 def read_back_paths(src: Storage, dst: Storage, claims: Sequence[CopyClaim]) -> set[str]:
-    """The paths whose copy must be verified by reading it back: files rclone uploads in parts
-    (s3.RCLONE_UPLOAD_CUTOFF or more) from a source that is not a local directory to one that is
-    not either. rclone's digest of such a copy is the MD5 metadata it sent, taken from the
-    source's stored MD5, not from the bytes it read: a download that went wrong would pass."""
-    local = StorageKind.POSIX.value
-    if src.kind == local or dst.kind == local:
-        return set()
-    return {c.path for c in claims if c.size >= s3_storage.RCLONE_UPLOAD_CUTOFF}
+    """The paths whose copy must be verified by reading it back (copy_needs_read_back): rclone's
+    digest of them may be the source's stored hash, not one of the bytes it read, so a
+    download that went wrong would pass."""
+    return {c.path for c in claims if copy_needs_read_back(src.kind, dst.kind, c.size)}
 
 
 def verify_destination(
@@ -51,13 +46,16 @@ def verify_destination(
     checked: Mapping[str, tuple[str, str]] | None = None,
     *,
     read_back: AbstractSet[str] = frozenset(),
+    hash_bytes: Callable[[str, str], str] | None = None,
 ) -> dict[str, str]:
     """Compare destination checksums with the catalogue's; returns path -> error for mismatches.
 
     `checked` holds the digests rclone itself found equal at both ends right after copying
     (path -> (hash, hex)): where that hash is the catalogue's, comparing it with the catalogue
     settles the copy without reading the destination again. The others are hashed at the
-    destination (one `rclone hashsum` per algorithm), those in `read_back` from their bytes."""
+    destination (one `rclone hashsum` per algorithm), those in `read_back` from their bytes:
+    with `hash_bytes(path, algo)` (the destination backend's checksum) where rclone lacks the
+    algorithm, else they fail."""
     errors: dict[str, str] = {}
     checked = checked or {}
     by_algo: dict[tuple[str, bool], list[CopyClaim]] = defaultdict(list)
@@ -74,6 +72,9 @@ def verify_destination(
             continue
         by_algo[(c.algo, c.path in read_back)].append(c)
     for (algo, download), group in by_algo.items():
+        if algo not in HASHES and download:
+            errors.update(_hash_in_python(group, algo, hash_bytes))
+            continue
         if algo not in HASHES:
             continue  # e.g. blake2b: rclone cannot hash it; the size check and verify cover it
         try:
@@ -94,4 +95,24 @@ def verify_destination(
                 errors[c.path] = "copy not found at the destination after transfer"
             elif got.lower() != (c.checksum or "").lower():
                 errors[c.path] = f"checksum mismatch at destination ({algo} {got} != catalogue {c.checksum})"
+    return errors
+
+
+def _hash_in_python(
+    group: Sequence[CopyClaim], algo: str, hash_bytes: Callable[[str, str], str] | None
+) -> dict[str, str]:
+    """path -> error for the copies of `group` whose bytes, hashed by `hash_bytes`, are not the
+    catalogue's (all of them without `hash_bytes`)."""
+    errors: dict[str, str] = {}
+    for c in group:
+        if hash_bytes is None:
+            errors[c.path] = f"cannot read back the copy: rclone cannot compute {algo}"
+            continue
+        try:
+            got = hash_bytes(c.path, algo)
+        except DLMError as exc:
+            errors[c.path] = f"cannot read back the copy: {exc}"
+            continue
+        if got.lower() != (c.checksum or "").lower():
+            errors[c.path] = f"checksum mismatch at destination ({algo} {got} != catalogue {c.checksum})"
     return errors

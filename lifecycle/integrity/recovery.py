@@ -39,7 +39,7 @@ from lifecycle.catalogue.sql import chunks
 from lifecycle.errors import DLMError
 from lifecycle.planning.snapshot import REPLICA_COLUMNS
 from lifecycle.states import EventKind, ItemState, ReplicaState, StorageKind, StorageState, TransferState
-from lifecycle.storage.backends import backend_for
+from lifecycle.storage.backends import backend_for, copy_needs_read_back
 from lifecycle.storage.posix import TEMP_PREFIX
 from lifecycle.transfer.log import HASHES
 from lifecycle.transfer.operations import delete_files, hashsum
@@ -257,16 +257,20 @@ def settle_in_flight(session: Session, *, stale_after: timedelta, actor: str = "
         target = backend_for(storage).rclone_target()
         try:
             present: dict[str, str] = {}
-            by_algo: dict[str, list[str]] = defaultdict(list)
+            # a copy whose digest rclone may take from its source's stored hash is hashed from
+            # its bytes (its source is not known here: taken as remote)
+            by_algo: dict[tuple[str, bool], list[str]] = defaultdict(list)
             for r in group:
-                by_algo[r[8] or "md5"].append(r[3])
+                read_back = copy_needs_read_back(None, storage.kind, int(r[10]))
+                by_algo[(r[8] or "md5", read_back)].append(r[3])
             sizes = {r[3]: int(r[10]) for r in group}
-            for algo, paths in by_algo.items():
+            for (algo, read_back), paths in by_algo.items():
                 present.update(
                     hashsum(
                         target,
                         paths,
                         algo if algo in HASHES else "md5",
+                        download=True if read_back else None,
                         nbytes=sum(sizes[p] for p in paths),
                     )
                 )

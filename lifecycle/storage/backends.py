@@ -51,3 +51,19 @@ def upload_target(storage: Storage, largest: int) -> RcloneTarget:
     if isinstance(backend, S3Storage):
         return backend.upload_target(largest)
     return backend.rclone_target()
+
+
+def copy_needs_read_back(src_kind: str | None, dst_kind: str, size: int) -> bool:
+    """Whether rclone's own digest of a copy of `size` bytes into a storage of `dst_kind` may
+    be the source's *stored* hash rather than one of the bytes it read, so that the copy must
+    be hashed from its bytes at the destination. rclone takes the digest of a file it uploads
+    to S3 in parts (s3.RCLONE_UPLOAD_CUTOFF or more) from the source's stored MD5 when the
+    source is not a local directory; an rclone-kind destination may do the same at any size
+    (its backend and part size are the user's). `src_kind` None: not known (recovery), taken
+    as not local."""
+    from lifecycle.states import StorageKind
+    from lifecycle.storage import s3
+
+    if dst_kind == StorageKind.POSIX.value or src_kind == StorageKind.POSIX.value:
+        return False
+    return dst_kind == StorageKind.RCLONE.value or size >= s3.RCLONE_UPLOAD_CUTOFF

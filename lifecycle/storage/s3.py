@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, NoReturn, cast
@@ -534,16 +535,21 @@ class S3Storage:
         a presigned PUT of the reserved name `.dlm-digest-check` at the storage's root, signed
         for the MD5 of other bytes. Asked once per process and (endpoint, bucket). A service
         that stores it does not check: the object is deleted and the answer is no. An answer
-        that is neither (unreachable, access denied) is no, and asked again next time."""
+        that is neither (unreachable, access denied, anything else) is no, and asked again
+        after DIGEST_CHECK_RETRY_S."""
         key = (self.endpoint, self.bucket)
+        now = time.monotonic()
         with _DIGEST_CHECKS_LOCK:
             known = _DIGEST_CHECKS.get(key)
-        if known is not None:
-            return known
-        answer = self._probe_upload_digests()
-        if answer is not None:
-            with _DIGEST_CHECKS_LOCK:
-                _DIGEST_CHECKS[key] = answer
+        if known is not None and (known[0] is not None or now < known[1]):
+            return bool(known[0])
+        try:
+            answer = self._probe_upload_digests()
+        except Exception as exc:  # whatever the service answered: no answer, never a failed batch
+            log.info("storage %r: cannot tell whether S3 checks upload digests (%s)", self.name, exc)
+            answer = None
+        with _DIGEST_CHECKS_LOCK:
+            _DIGEST_CHECKS[key] = (answer, now + DIGEST_CHECK_RETRY_S)
         return bool(answer)
 
     def _probe_upload_digests(self) -> bool | None:
@@ -552,21 +558,19 @@ class S3Storage:
 
         from lifecycle.settings import get_settings
 
-        body = b"the body"
+        url, headers = self.upload_url(DIGEST_CHECK, hashlib.md5(b"not the body").hexdigest(), 300)
+        request = urllib.request.Request(url, data=b"the body", headers=headers, method="PUT")
         try:
-            url, headers = self.upload_url(DIGEST_CHECK, hashlib.md5(b"not the body").hexdigest(), 300)
-            request = urllib.request.Request(url, data=body, headers=headers, method="PUT")
-            timeout = get_settings().transfer.stall_timeout_s
-            with urllib.request.urlopen(request, timeout=timeout):
+            with urllib.request.urlopen(request, timeout=get_settings().transfer.contimeout_s):
                 pass
         except urllib.error.HTTPError as exc:
-            answer = exc.read(4096).decode("utf-8", "replace")
+            try:
+                answer = exc.read(4096).decode("utf-8", "replace")
+            except Exception:  # a body that stalls or breaks: no answer
+                answer = ""
             if exc.code == 400 and ("<Code>BadDigest<" in answer or "<Code>InvalidDigest<" in answer):
                 return True
             log.info("storage %r: cannot tell whether S3 checks upload digests (%s)", self.name, exc.code)
-            return None
-        except (OSError, DLMError) as exc:
-            log.info("storage %r: cannot tell whether S3 checks upload digests (%s)", self.name, exc)
             return None
         log.warning(
             "storage %r: S3 at %s stored an upload whose Content-MD5 was not its body's; "
@@ -595,8 +599,10 @@ DIGEST_CHECK = ".dlm-digest-check"
 # rclone's S3 backend uploads a file of this size or more in parts (pinned in rclone_target's
 # remote): no one Content-MD5 covers such an object.
 RCLONE_UPLOAD_CUTOFF = 200 * 1024**2
-# (endpoint, bucket) -> whether that S3 service refuses an upload whose body is not its Content-MD5
-_DIGEST_CHECKS: dict[tuple[str | None, str], bool] = {}
+# (endpoint, bucket) -> whether that S3 service refuses an upload whose body is not its
+# Content-MD5 (None: it gave no answer), and until when (monotonic) a None stands
+_DIGEST_CHECKS: dict[tuple[str | None, str], tuple[bool | None, float]] = {}
+DIGEST_CHECK_RETRY_S = 300.0
 _DIGEST_CHECKS_LOCK = threading.Lock()
 
 

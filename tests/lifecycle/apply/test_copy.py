@@ -3,9 +3,7 @@ PostgreSQL: a copy is READY only when the bytes at its destination are the item'
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from tests.factories import (
     events_of,
     ingest_payloads,
     payload,
+    rot_behind_stored_md5,
     s3_storage,
     states_of,
 )
@@ -342,24 +341,6 @@ def test_batches_between_the_same_storages_take_turns_at_rclone(
         assert estate.read("cold" if name in others else "warm", name) == payload(name)
 
 
-def _rot_behind_its_md5(estate: Estate, bucket: str, name: str, data: bytes) -> None:
-    """Rewrite NAME on BUCKET as a two-part object holding DATA with one byte flipped, whose
-    md5chksum metadata (where rclone reads a multipart object's MD5) still says DATA's MD5: a
-    source object that rotted behind a stale stored digest."""
-    client = estate.s3.client()
-    rotten = bytearray(data)
-    rotten[len(data) // 2] ^= 0xFF
-    meta = {"md5chksum": base64.b64encode(hashlib.md5(data).digest()).decode()}
-    upload = client.create_multipart_upload(Bucket=bucket, Key=name, Metadata=meta)["UploadId"]
-    cut = 5 * 1024**2
-    parts = []
-    for n, chunk in enumerate((bytes(rotten[:cut]), bytes(rotten[cut:])), start=1):
-        etag = client.upload_part(Bucket=bucket, Key=name, UploadId=upload, PartNumber=n, Body=chunk)["ETag"]
-        parts.append({"ETag": etag, "PartNumber": n})
-    done = {"Parts": parts}
-    client.complete_multipart_upload(Bucket=bucket, Key=name, UploadId=upload, MultipartUpload=done)
-
-
 @pytest.mark.parametrize("rotten", [False, True])
 def test_an_s3_to_s3_copy_in_parts_is_read_back_before_it_is_ready(
     estate: Estate, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotten: bool
@@ -377,7 +358,7 @@ def test_an_s3_to_s3_copy_in_parts_is_read_back_before_it_is_ready(
         data = payload("big.dat", 6 * 1024**2)
         ingest_payloads("cold2", {"big.dat": data}, staging=tmp_path / "staging")
         if rotten:
-            _rot_behind_its_md5(estate, other, "big.dat", data)
+            rot_behind_stored_md5(estate, other, "big.dat", data)
         result = apply_copy_batch(copy_batch(["big.dat"], "cold2", "cold"))
         if rotten:
             assert (result.done, result.failed) == (0, 1)

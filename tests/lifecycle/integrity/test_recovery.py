@@ -20,8 +20,17 @@ from lifecycle.catalogue.models import Event, Replica, Storage, utcnow
 from lifecycle.catalogue.storages import get_storage
 from lifecycle.integrity.recovery import remove_dead_temp_files, settle_in_flight
 from lifecycle.states import ReplicaState
+from lifecycle.storage import s3 as s3_module
 from lifecycle.storage.posix import TEMP_PREFIX
-from tests.factories import Estate, copy_on, event_kinds, on_hot_and, payload, states_of
+from tests.factories import (
+    Estate,
+    copy_on,
+    event_kinds,
+    on_hot_and,
+    payload,
+    rot_behind_stored_md5,
+    states_of,
+)
 
 pytestmark = [pytest.mark.s3, pytest.mark.rclone]
 
@@ -125,3 +134,26 @@ def test_a_bulk_listed_file_awaiting_its_checksum_is_never_judged_by_recovery(
     assert (report.completed, report.rolled_back) == (0, 0)
     assert estate.read("hot", "listed/f.dat") == payload("listed/f.dat")
     assert states_of("listed/f.dat") == [("hot", "PENDING")]
+
+
+def test_a_dead_runs_copy_in_parts_on_s3_is_judged_by_its_bytes(
+    estate: Estate, tmp_path: Path, dead_pid: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead run's copy that went up to S3 in parts (the cutoff lowered so 3000 bytes are
+    one) and whose bytes rotted behind the MD5 stored with it: rclone would report the stored
+    MD5, the catalogue's; recovery reads the bytes, so the copy is not taken as landed."""
+    monkeypatch.setattr(s3_module, "RCLONE_UPLOAD_CUTOFF", 1000)
+    on_hot_and("cold", ("rotten.dat", "whole.dat"), staging=tmp_path / "staging")
+    dead = f"{socket.gethostname()}:{dead_pid}"
+    for name in ("rotten.dat", "whole.dat"):
+        put_in_flight(name, "cold", ReplicaState.COPYING, dead)
+    rot_behind_stored_md5(estate, estate.bucket, "rotten.dat", payload("rotten.dat"))
+    with session_scope() as s:
+        report = settle_in_flight(s, stale_after=HOUR)
+    assert report.errors == {}
+    assert (report.completed, report.rolled_back) == (1, 1)
+    assert states_of("rotten.dat") == [("hot", "READY")]
+    assert estate.read("cold", "rotten.dat") is None  # the wrong bytes are gone
+    assert estate.read("hot", "rotten.dat") == payload("rotten.dat")
+    assert states_of("whole.dat") == sorted([("cold", "READY"), ("hot", "READY")])
+    assert estate.read("cold", "whole.dat") == payload("whole.dat")

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import pytest
 
 from devrig.seaweed import SeaweedServer
 from lifecycle.integrity.reconcile import is_temporary
+from lifecycle.storage import s3 as s3_module
+from lifecycle.storage.backends import copy_needs_read_back
 from lifecycle.storage.s3 import DIGEST_CHECK, RCLONE_UPLOAD_CUTOFF, S3Storage
 
 NO_HEAD = "RCLONE_CONFIG_DLM_OBJ_STORE_NO_HEAD"
@@ -41,7 +45,7 @@ class _StandIn(ThreadingHTTPServer):
     """An S3 service that answers every PUT with `put_status` (200: stored, whatever its
     Content-MD5) and records the requests."""
 
-    def __init__(self, put_status: int) -> None:
+    def __init__(self, put_status: int | str) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.put_status = put_status
         self.requests: list[tuple[str, str]] = []
@@ -66,7 +70,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.server.requests.append(("PUT", self.path))
-        if self.server.put_status == 200:
+        if self.server.put_status == "garbage":
+            self.wfile.write(b"this is not HTTP\r\n\r\n")
+            self.close_connection = True
+        elif self.server.put_status == 200:
             self._reply(200, headers={"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
         else:
             error = b"<Error><Code>AccessDenied</Code><Message>not here</Message></Error>"
@@ -115,11 +122,18 @@ def test_a_service_that_stores_a_body_against_its_digest_keeps_the_head_and_lose
 
 
 @pytest.mark.parametrize("stand_in", [403], indirect=True)
-def test_a_service_that_refuses_the_question_keeps_the_head_and_is_asked_again(stand_in: S3Storage) -> None:
+def test_a_service_that_refuses_the_question_keeps_the_head_and_is_asked_again_later(
+    stand_in: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server: _StandIn = stand_in.server  # type: ignore[attr-defined]
     assert not stand_in.checks_upload_digests()
     assert NO_HEAD not in stand_in.upload_target(4096).env
-    assert [m for m, _ in server.requests] == ["PUT", "PUT"]  # no answer is kept: asked each time
+    assert not stand_in.checks_upload_digests()
+    assert [m for m, _ in server.requests] == ["PUT"]  # "no answer" stands for a while...
+    later = time.monotonic() + s3_module.DIGEST_CHECK_RETRY_S + 1
+    monkeypatch.setattr(s3_module, "time", SimpleNamespace(monotonic=lambda: later))
+    assert not stand_in.checks_upload_digests()
+    assert [m for m, _ in server.requests] == ["PUT", "PUT"]  # ...then it is asked again
 
 
 @pytest.mark.s3
@@ -137,3 +151,25 @@ def test_a_probe_left_behind_is_not_listed_nor_taken_for_an_unknown_object(
         storage.close()
     assert is_temporary(DIGEST_CHECK) and is_temporary(f"a/{DIGEST_CHECK}")
     assert not is_temporary(f"{DIGEST_CHECK}ed") and not is_temporary(f"x{DIGEST_CHECK}")
+
+
+@pytest.mark.parametrize("stand_in", ["garbage"], indirect=True)
+def test_a_service_that_answers_nonsense_keeps_the_head_and_fails_no_batch(stand_in: S3Storage) -> None:
+    assert not stand_in.checks_upload_digests()  # no exception out of the question
+    assert NO_HEAD not in stand_in.upload_target(4096).env
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "size", "read_back"),
+    [
+        ("posix", "s3", RCLONE_UPLOAD_CUTOFF, False),  # rclone hashed the bytes it read
+        ("s3", "posix", RCLONE_UPLOAD_CUTOFF, False),  # rclone hashes the local file it wrote
+        ("s3", "s3", RCLONE_UPLOAD_CUTOFF - 1, False),  # one PUT: its Content-MD5 is checked
+        ("s3", "s3", RCLONE_UPLOAD_CUTOFF, True),  # in parts: the digest is the source's stored one
+        (None, "s3", RCLONE_UPLOAD_CUTOFF, True),  # recovery: the source is not known
+        ("s3", "rclone", 10, True),  # a remote of the user's: its part size is not known
+        ("posix", "rclone", 10, False),
+    ],
+)
+def test_which_copies_are_read_back(src: str | None, dst: str, size: int, read_back: bool) -> None:
+    assert copy_needs_read_back(src, dst, size) is read_back
