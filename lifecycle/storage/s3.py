@@ -495,8 +495,7 @@ class S3Storage:
         """Remote `dlm_<name>:<bucket>/<prefix>` defined by RCLONE_CONFIG_DLM_<NAME>_* variables
         (credentials copied from the environment now). Raises CredentialsError."""
         access, secret = self._credentials()
-        remote = "dlm_" + self.name.replace("-", "_")
-        var = "RCLONE_CONFIG_" + remote.upper() + "_"
+        remote, var = self._remote()
         env = {
             var + "TYPE": "s3",
             var + "PROVIDER": "Other",
@@ -514,6 +513,11 @@ class S3Storage:
         path = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
         return RcloneTarget(spec=f"{remote}:{path}", env=env, upload_flags=S3_UPLOAD_FLAGS)
 
+    def _remote(self) -> tuple[str, str]:
+        """The rclone remote's name, and the prefix of the RCLONE_CONFIG_* variables defining it."""
+        remote = "dlm_" + self.name.replace("-", "_")
+        return remote, "RCLONE_CONFIG_" + remote.upper() + "_"
+
     def upload_target(self, largest: int) -> RcloneTarget:
         """rclone_target() for copying files of at most `largest` bytes INTO this storage.
         Where every one is uploaded in a single PUT (below RCLONE_UPLOAD_CUTOFF) and the service
@@ -525,8 +529,7 @@ class S3Storage:
         target = self.rclone_target()
         if largest >= RCLONE_UPLOAD_CUTOFF or not self.checks_upload_digests():
             return target
-        remote = target.spec.split(":", 1)[0]
-        env = {**target.env, "RCLONE_CONFIG_" + remote.upper() + "_NO_HEAD": "true"}
+        env = {**target.env, self._remote()[1] + "NO_HEAD": "true"}
         return RcloneTarget(spec=target.spec, env=env, upload_flags=target.upload_flags)
 
     def checks_upload_digests(self) -> bool:
